@@ -1,0 +1,288 @@
+"""Memory-bound kernel benchmarks against the device-to-device copy ceiling (Hopper GPU).
+
+    python -m bench.kernels [--only quantize_rows,quantize_weight] [--shapes seed,...] [--out PATH]
+
+Writes bench/results/kernels.json: {"commit", "gpu", "torch", "triton", "copy_gbps", "rows": [
+{"kernel", "shape", "experts", "ms", "gbps", "frac_of_copy", "torchao_ms", "peak_gib"}]} and prints
+a table last. gbps counts each input byte read once and each output byte written once, so a
+kernel that must read its input twice (rowwise amax pass) cannot reach 1.0 of copy.
+torchao_ms: torchao's counterpart (torchao.prototype kernels) where one exists and is installed.
+
+To add kernels: write `bench_<name>(ctx) -> list[dict]` (rows via `ctx.measure`) and list it in
+BENCHES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from bench.common import REPO, copy_gbps, peak_gib, print_table, run_info, time_ms, write_json
+
+
+@dataclass(frozen=True)
+class Shape:
+    """An experts block: M routed rows, hidden H, ffn F, E experts, activation."""
+
+    M: int
+    H: int
+    F: int
+    E: int
+    act: str
+
+    @property
+    def F1(self) -> int:
+        """Rows of w1 per expert: gate and up for SwiGLU."""
+        return 2 * self.F if self.act == "swiglu" else self.F
+
+
+SHAPES = {  # DESIGN.md's four measured shapes
+    "seed": Shape(32768, 4096, 6400, 16, "gelu"),
+    "mixtral_8x7b": Shape(16384, 4096, 14336, 8, "swiglu"),
+    "deepseek_v3_ep8": Shape(32768, 7168, 2048, 32, "swiglu"),
+    "qwen3_30b_a3b": Shape(65536, 2048, 768, 128, "swiglu"),
+}
+WEIGHT_SWEEP_E = (1, 4, 16, 64, 128)
+WEIGHT_SWEEP_SHAPES = ("qwen3_30b_a3b", "deepseek_v3_ep8")  # per-expert w1 sizes for the E sweep
+
+
+@dataclass
+class Context:
+    copy_gbps: float
+    shapes: dict[str, Shape]
+    torchao: bool
+    rows: list[dict] = field(default_factory=list)
+
+    def measure(
+        self,
+        kernel: str,
+        shape: str,
+        experts: int,
+        fn: Callable[[], object],
+        nbytes: int,
+        torchao_fn: Callable[[], object] | None = None,
+    ) -> dict:
+        ms = time_ms(fn)
+        gbps = nbytes / ms / 1e6
+        row = {
+            "kernel": kernel,
+            "shape": shape,
+            "experts": experts,
+            "ms": ms,
+            "gbps": gbps,
+            "frac_of_copy": gbps / self.copy_gbps,
+            "torchao_ms": self._torchao_ms(kernel, torchao_fn),
+            "peak_gib": peak_gib(fn),
+        }
+        self.rows.append(row)
+        print(f"  {kernel:44s} {shape:24s} E={experts:<4d} {ms:8.3f} ms {gbps:7.0f} GB/s", flush=True)
+        return row
+
+    def _torchao_ms(self, kernel, torchao_fn):
+        if not (self.torchao and torchao_fn):
+            return None
+        try:
+            return time_ms(torchao_fn)
+        except Exception as exc:  # a counterpart with other layout rules: report, keep going
+            print(f"  torchao counterpart of {kernel} failed: {type(exc).__name__}: {str(exc)[:200]}")
+            return None
+
+
+def _group_ends(M: int, E: int, seed: int = 0) -> torch.Tensor:
+    """Cumulative group ends of M tokens routed uniformly at random to E experts (int32, cuda)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    counts = torch.bincount(torch.randint(0, E, (M,), device="cuda", generator=g), minlength=E)
+    return counts.cumsum(0).int()
+
+
+def _x(*shape) -> torch.Tensor:
+    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+
+
+def _torchao():
+    """torchao's moe/blockwise kernels as a namespace, or None."""
+    try:
+        from torchao.prototype.blockwise_fp8_training import grouped_kernels, kernels as blockwise
+        from torchao.prototype.moe_training import kernels as moe
+    except Exception:
+        return None
+    return {"moe": moe, "blockwise": blockwise, "grouped": grouped_kernels}
+
+
+def _scale_bytes(n: int) -> int:
+    return 4 * n
+
+
+# ---- quantization kernels (kernels/quantize*.py) -----------------------------------------------
+
+
+def bench_quantize_rows(ctx: Context) -> list[dict]:
+    from kernels.quantize import quantize_rows
+
+    ao = _torchao()
+    f8 = torch.float8_e4m3fn
+    for name, s in ctx.shapes.items():
+        x = _x(s.M, s.H)
+        perm = torch.randperm(s.M, device="cuda")
+        base = s.M * s.H * 3
+        ctx.measure(
+            "quantize_rows[rowwise]", name, s.E, lambda: quantize_rows(x, 0), base + _scale_bytes(s.M),
+            ao and (lambda: ao["moe"].triton_fp8_rowwise_2d_scale_and_cast(x, f8, False)),
+        )  # fmt: skip
+        ctx.measure(
+            "quantize_rows[rowwise,gather]", name, s.E, lambda: quantize_rows(x, 0, False, perm),
+            base + _scale_bytes(s.M) + 8 * s.M,
+        )  # fmt: skip
+        ctx.measure(
+            "quantize_rows[1x128]", name, s.E, lambda: quantize_rows(x, 128), base + _scale_bytes(s.M * s.H // 128),
+            ao and (lambda: ao["blockwise"].triton_fp8_blockwise_act_quant_lhs(x, 128)),
+        )  # fmt: skip
+    return ctx.rows
+
+
+def bench_quantize_cols_grouped(ctx: Context) -> list[dict]:
+    from kernels.quantize_grouped import quantize_cols_grouped
+
+    ao = _torchao()
+    f8 = torch.float8_e4m3fn
+    for name, s in ctx.shapes.items():
+        ends = _group_ends(s.M, s.E)
+        for K in (s.H, s.F1):  # x (M, H) for the w1 gradient, the w1 output grad (M, F1) likewise
+            x = _x(s.M, K)
+            for block, align, label in [(0, 16, "rowwise"), (128, 128, "128x1")]:
+                P = s.M + s.E * align
+                nbytes = s.M * K * 2 + K * P + _scale_bytes(K * (P // 128 if block else s.E))
+                if block:
+                    ao_fn = ao and (lambda: ao["blockwise"].triton_fp8_blockwise_act_quant_transposed_lhs(x, 128))
+                else:
+                    ao_fn = ao and (lambda: ao["moe"].triton_fp8_per_group_colwise_scales(x, ends, f8, False))
+                ctx.measure(
+                    f"quantize_cols_grouped[{label},K={K}]", name, s.E,
+                    lambda: quantize_cols_grouped(x, ends, align, block), nbytes, ao_fn,
+                )  # fmt: skip
+            del x
+    return ctx.rows
+
+
+def bench_quantize_rows_and_cols_grouped(ctx: Context) -> list[dict]:
+    from kernels.quantize_grouped import quantize_rows_and_cols_grouped
+
+    ao = _torchao()
+    f8 = torch.float8_e4m3fn
+    for name, s in ctx.shapes.items():
+        ends = _group_ends(s.M, s.E)
+        x = _x(s.M, s.H)
+        for block, align, label in [(0, 16, "rowwise"), (128, 128, "blockwise")]:
+            P = s.M + s.E * align
+            n_scales = s.M * s.H // 128 + s.H * P // 128 if block else s.M + s.H * s.E
+            nbytes = s.M * s.H * 3 + s.H * P + _scale_bytes(n_scales)
+            if block:
+                ao_fn = ao and (
+                    lambda: (
+                        ao["blockwise"].triton_fp8_blockwise_act_quant_lhs(x, 128),
+                        ao["blockwise"].triton_fp8_blockwise_act_quant_transposed_lhs(x, 128),
+                    )
+                )
+            else:
+                ao_fn = ao and (
+                    lambda: (
+                        ao["moe"].triton_fp8_rowwise_2d_scale_and_cast(x, f8, False),
+                        ao["moe"].triton_fp8_per_group_colwise_scales(x, ends, f8, False),
+                    )
+                )
+            ctx.measure(
+                f"quantize_rows_and_cols_grouped[{label}]", name, s.E,
+                lambda: quantize_rows_and_cols_grouped(x, ends, align, block), nbytes, ao_fn,
+            )  # fmt: skip
+    return ctx.rows
+
+
+def _weight_rows(ctx: Context, kernel: str, shape: str, w_ENK: torch.Tensor) -> None:
+    from kernels.quantize_weight import quantize_weight
+
+    ao = _torchao()
+    f8 = torch.float8_e4m3fn
+    E, N, K = w_ENK.shape
+    w_EKN = w_ENK.transpose(-2, -1)  # torchao's B_t layout: (E, K, N), column-major per expert
+    for mode in ("rowwise", "blockwise", "tensorwise"):
+        n_scales = {"rowwise": E * (N + K), "blockwise": 2 * E * (N // 128) * (K // 128), "tensorwise": 2 * E}[mode]
+        ao_fn = None
+        if ao and mode == "rowwise":
+            ao_fn = lambda: (  # noqa: E731
+                ao["moe"].triton_fp8_colwise_3d_scale_and_cast(w_EKN, f8, False),
+                ao["moe"].triton_fp8_rowwise_3d_transpose_rhs(w_EKN, f8, False),
+            )
+        elif ao and mode == "blockwise":
+            ao_fn = lambda: (  # noqa: E731
+                ao["grouped"].triton_fp8_blockwise_weight_quant_grouped_transposed_rhs(w_EKN, 128),
+                ao["grouped"].triton_fp8_blockwise_weight_quant_grouped_rhs(w_EKN, 128),
+            )
+        ctx.measure(
+            f"{kernel}[{mode}]", shape, E, lambda: quantize_weight(w_ENK, mode),
+            E * N * K * 4 + _scale_bytes(n_scales), ao_fn,
+        )  # fmt: skip
+
+
+def bench_quantize_weight(ctx: Context) -> list[dict]:
+    for name, s in ctx.shapes.items():
+        _weight_rows(ctx, f"quantize_weight_w1[N={s.F1},K={s.H}]", name, _x(s.E, s.F1, s.H))
+        _weight_rows(ctx, f"quantize_weight_w2[N={s.H},K={s.F}]", name, _x(s.E, s.H, s.F))
+        gc.collect()
+        torch.cuda.empty_cache()
+    return ctx.rows
+
+
+def bench_quantize_weight_experts(ctx: Context) -> list[dict]:
+    """Time against E at a fixed per-expert size: should grow linearly (no per-expert loop)."""
+    for name in WEIGHT_SWEEP_SHAPES:
+        s = SHAPES[name]
+        for E in WEIGHT_SWEEP_E:
+            _weight_rows(ctx, f"quantize_weight_w1[N={s.F1},K={s.H}]", f"{name}:E_sweep", _x(E, s.F1, s.H))
+            gc.collect()
+            torch.cuda.empty_cache()
+    return ctx.rows
+
+
+BENCHES: dict[str, Callable[[Context], list[dict]]] = {
+    "quantize_rows": bench_quantize_rows,
+    "quantize_cols_grouped": bench_quantize_cols_grouped,
+    "quantize_rows_and_cols_grouped": bench_quantize_rows_and_cols_grouped,
+    "quantize_weight": bench_quantize_weight,
+    "quantize_weight_experts": bench_quantize_weight_experts,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(BENCHES), help=f"comma list from: {', '.join(BENCHES)}")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list from: {', '.join(SHAPES)}")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "kernels.json"))
+    parser.add_argument("--no-torchao", action="store_true", help="skip torchao's counterparts")
+    args = parser.parse_args(argv)
+    names, shapes = args.only.split(","), args.shapes.split(",")
+    for n, known in [(n, BENCHES) for n in names] + [(s, SHAPES) for s in shapes]:
+        if n not in known:
+            parser.error(f"unknown name {n!r}; choose from {', '.join(known)}")
+    if not torch.cuda.is_available():
+        sys.exit("bench.kernels needs a CUDA GPU (Hopper: H100/H200)")
+
+    torchao = not args.no_torchao and _torchao() is not None
+    ctx = Context(copy_gbps=copy_gbps(), shapes={s: SHAPES[s] for s in shapes}, torchao=torchao)
+    print(f"device-to-device copy: {ctx.copy_gbps:.0f} GB/s; torchao counterparts: {torchao}")
+    for n in names:
+        print(f"{n}:")
+        BENCHES[n](ctx)
+        gc.collect()
+        torch.cuda.empty_cache()
+    path = write_json(args.out, {**run_info(), "copy_gbps": ctx.copy_gbps, "rows": ctx.rows})
+    print(f"wrote {path}")
+    print_table(ctx.rows, ["kernel", "shape", "experts", "ms", "gbps", "frac_of_copy", "torchao_ms", "peak_gib"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Unpermute + weighted combine of the expert outputs in one pass, and its backward.
+
+Legend: T tokens, K top-k, M = T*K permuted rows, H hidden.
+
+    unpermute_combine(y_MH, row_of_TK, weights_TK, kept_TK) -> out_TH (y's dtype)
+        out[t] = sum over kept k (k = 0..K-1, in that order) of w[t, k] * y[row_of_TK[t, k]], in fp32
+    unpermute_combine_bwd(dout_TH, y_MH, row_of_TK, weights_TK, kept_TK) -> (dy_MH, dweights_TK)
+        dy[row(t, k)] = w[t, k] * dout[t] (0 for a dropped (t, k)); dweights[t, k] = <dout[t], y[row(t, k)]>
+
+A gather formulation: one program per tile of tokens reads the K rows of each token, so there are
+no atomics and the result is deterministic. Dropped assignments are masked before any load, so
+their rows (which may hold garbage or NaN) and their row indices are never read.
+Layout contract (moe/permute.py): when M == T*K, row_of_TK is a permutation of 0..M-1 (a dropped
+assignment keeps its own row), so the backward writes every row of dy exactly once; for any other
+M, dy starts from zeros.
+`UnpermuteCombine` is the autograd Function the MoE layer uses.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.common import tl_round_to_bf16_grid, triton_interpret, use_triton
+from kernels.reference import torch_unpermute_combine, torch_unpermute_combine_bwd
+
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton.jit
+def _assignment(t, t_ok, k, row_ptr, w_ptr, kept_ptr, K: tl.constexpr):
+    """(kept, row, weight) of assignment (t, k); row and weight read only where kept."""
+    kept = tl.load(kept_ptr + t * K + k, mask=t_ok, other=0) != 0
+    row = tl.load(row_ptr + t * K + k, mask=kept, other=0).to(tl.int64)
+    w = tl.load(w_ptr + t * K + k, mask=kept, other=0.0).to(tl.float32)
+    return kept, row, w
+
+
+@triton.jit
+def _to_out(x, ROUND_BF16: tl.constexpr):
+    """Under Triton's interpreter its fp32 -> bf16 cast truncates: round to the grid first."""
+    if ROUND_BF16:
+        x = tl_round_to_bf16_grid(x)
+    return x
+
+
+@triton.jit
+def _combine_fwd_kernel(
+    y_ptr, row_ptr, w_ptr, kept_ptr, out_ptr, T, H, stride_y,
+    K: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    t_ok, h_ok = t < T, h < H
+    acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+    for k in tl.static_range(K):
+        kept, row, w = _assignment(t, t_ok, k, row_ptr, w_ptr, kept_ptr, K)
+        y = tl.load(y_ptr + row[:, None] * stride_y + h[None, :], mask=kept[:, None] & h_ok[None, :], other=0.0)
+        acc = acc + tl.where(kept[:, None], w[:, None] * y.to(tl.float32), 0.0)
+    out = _to_out(acc, ROUND_BF16).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + t.to(tl.int64)[:, None] * H + h[None, :], out, mask=t_ok[:, None] & h_ok[None, :])
+
+
+@triton.jit
+def _combine_bwd_kernel(
+    dout_ptr, y_ptr, row_ptr, w_ptr, kept_ptr, dy_ptr, dw_ptr, T, H, M, stride_dout, stride_y,
+    K: tl.constexpr, K_POW2: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """A program owns BLOCK_T tokens and walks H: dout is read once, y and dy once per row."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    slots = tl.arange(0, K_POW2)
+    dw = tl.zeros([BLOCK_T, K_POW2], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        h_ok = h < H
+        g = tl.load(dout_ptr + t.to(tl.int64)[:, None] * stride_dout + h[None, :],
+                    mask=t_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        for k in tl.static_range(K):
+            kept, row, w = _assignment(t, t_ok, k, row_ptr, w_ptr, kept_ptr, K)
+            y = tl.load(y_ptr + row[:, None] * stride_y + h[None, :], mask=kept[:, None] & h_ok[None, :], other=0.0)
+            dw += tl.where(slots[None, :] == k, tl.sum(g * y.to(tl.float32), axis=1)[:, None], 0.0)
+            # Every assignment writes its row, a dropped one zeros (its row index is still valid).
+            dst = tl.load(row_ptr + t * K + k, mask=t_ok, other=-1).to(tl.int64)
+            dst_ok = (dst >= 0) & (dst < M)
+            dy = _to_out(tl.where(kept[:, None], w[:, None] * g, 0.0), ROUND_BF16)
+            tl.store(dy_ptr + dst[:, None] * H + h[None, :], dy.to(dy_ptr.dtype.element_ty),
+                     mask=dst_ok[:, None] & h_ok[None, :])  # fmt: skip
+    kept_all = tl.load(kept_ptr + t[:, None] * K + slots[None, :], mask=t_ok[:, None] & (slots[None, :] < K), other=0)
+    dw = tl.where(kept_all != 0, dw, 0.0)
+    tl.store(dw_ptr + t[:, None] * K + slots[None, :], dw.to(dw_ptr.dtype.element_ty),
+             mask=t_ok[:, None] & (slots[None, :] < K))  # fmt: skip
+
+
+def _check(y_MH: torch.Tensor, row_of_TK: torch.Tensor, weights_TK: torch.Tensor, kept_TK: torch.Tensor) -> None:
+    T, K = row_of_TK.shape
+    if y_MH.ndim != 2:
+        raise ValueError(f"y_MH must be 2-D (M, H), got shape {tuple(y_MH.shape)}")
+    if weights_TK.shape != (T, K) or kept_TK.shape != (T, K):
+        raise ValueError(
+            f"weights_TK {tuple(weights_TK.shape)} and kept_TK {tuple(kept_TK.shape)} must match row_of_TK {(T, K)}"
+        )
+    if kept_TK.dtype != torch.bool or row_of_TK.is_floating_point():
+        raise ValueError(f"kept_TK must be bool and row_of_TK integer, got {kept_TK.dtype}, {row_of_TK.dtype}")
+
+
+# Launch shapes, (BLOCK_T, BLOCK_H, num_warps).
+_FWD_TILE = (32, 128, 4)
+_BWD_TILE = (16, 256, 4)
+
+
+def _round_bf16(t: torch.Tensor) -> bool:
+    return triton_interpret() and t.dtype == torch.bfloat16
+
+
+def _combine_fwd_impl(
+    y_MH: torch.Tensor, row_of_TK: torch.Tensor, weights_TK: torch.Tensor, kept_TK: torch.Tensor
+) -> torch.Tensor:
+    _check(y_MH, row_of_TK, weights_TK, kept_TK)
+    y_MH, row_of_TK, weights_TK, kept_TK = (x.contiguous() for x in (y_MH, row_of_TK, weights_TK, kept_TK))
+    T, K = row_of_TK.shape
+    H = y_MH.shape[1]
+    out_TH = y_MH.new_empty(T, H)
+    if T == 0 or H == 0:
+        return out_TH
+    BLOCK_T, BLOCK_H, num_warps = _FWD_TILE
+    _combine_fwd_kernel[(triton.cdiv(T, BLOCK_T), triton.cdiv(H, BLOCK_H))](
+        y_MH, row_of_TK, weights_TK, kept_TK, out_TH, T, H, y_MH.stride(0),
+        K=K, ROUND_BF16=_round_bf16(y_MH), BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, num_warps=num_warps,
+        enable_fp_fusion=False,
+    )  # fmt: skip
+    return out_TH
+
+
+def _combine_bwd_impl(
+    dout_TH: torch.Tensor,
+    y_MH: torch.Tensor,
+    row_of_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    kept_TK: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(y_MH, row_of_TK, weights_TK, kept_TK)
+    dout_TH, y_MH, row_of_TK, weights_TK, kept_TK = (
+        x.contiguous() for x in (dout_TH, y_MH, row_of_TK, weights_TK, kept_TK)
+    )
+    T, K = row_of_TK.shape
+    M, H = y_MH.shape
+    dy_MH = torch.empty_like(y_MH) if M == T * K else torch.zeros_like(y_MH)
+    dw_TK = torch.empty_like(weights_TK)
+    if T == 0:
+        return dy_MH, dw_TK
+    BLOCK_T, BLOCK_H, num_warps = _BWD_TILE
+    _combine_bwd_kernel[(triton.cdiv(T, BLOCK_T),)](
+        dout_TH, y_MH, row_of_TK, weights_TK, kept_TK, dy_MH, dw_TK, T, H, M, dout_TH.stride(0), y_MH.stride(0),
+        K=K, K_POW2=triton.next_power_of_2(K), ROUND_BF16=_round_bf16(dy_MH), BLOCK_T=BLOCK_T,
+        BLOCK_H=BLOCK_H, num_warps=num_warps, enable_fp_fusion=False,
+    )  # fmt: skip
+    return dy_MH, dw_TK
+
+
+triton_unpermute_combine = torch.library.custom_op("fp8moe::unpermute_combine", mutates_args=())(_combine_fwd_impl)
+triton_unpermute_combine_bwd = torch.library.custom_op("fp8moe::unpermute_combine_bwd", mutates_args=())(
+    _combine_bwd_impl
+)
+
+
+@triton_unpermute_combine.register_fake
+def _(y_MH, row_of_TK, weights_TK, kept_TK):
+    _check(y_MH, row_of_TK, weights_TK, kept_TK)
+    return y_MH.new_empty(row_of_TK.shape[0], y_MH.shape[1])
+
+
+@triton_unpermute_combine_bwd.register_fake
+def _(dout_TH, y_MH, row_of_TK, weights_TK, kept_TK):
+    _check(y_MH, row_of_TK, weights_TK, kept_TK)
+    return torch.empty_like(y_MH), torch.empty_like(weights_TK)
+
+
+def _kernel_ok(y_MH: torch.Tensor, weights_TK: torch.Tensor) -> bool:
+    """Triton for 16/32-bit floats on GPU (or the interpreter); fp64 (gradcheck) takes the reference."""
+    return use_triton(y_MH) and y_MH.dtype in _KERNEL_DTYPES and weights_TK.dtype in _KERNEL_DTYPES
+
+
+def unpermute_combine(
+    y_MH: torch.Tensor, row_of_TK: torch.Tensor, weights_TK: torch.Tensor, kept_TK: torch.Tensor
+) -> torch.Tensor:
+    """Forward only (no autograd); `UnpermuteCombine.apply` for the differentiable version."""
+    if not _kernel_ok(y_MH, weights_TK):
+        return torch_unpermute_combine(y_MH, row_of_TK, weights_TK, kept_TK)
+    if torch.compiler.is_compiling():
+        return triton_unpermute_combine(y_MH, row_of_TK, weights_TK, kept_TK)
+    return _combine_fwd_impl(y_MH, row_of_TK, weights_TK, kept_TK)
+
+
+def unpermute_combine_bwd(
+    dout_TH: torch.Tensor,
+    y_MH: torch.Tensor,
+    row_of_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    kept_TK: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (dout_TH, y_MH, row_of_TK, weights_TK, kept_TK)
+    if not _kernel_ok(y_MH, weights_TK):
+        return torch_unpermute_combine_bwd(*args)
+    if torch.compiler.is_compiling():
+        return triton_unpermute_combine_bwd(*args)
+    return _combine_bwd_impl(*args)
+
+
+class UnpermuteCombine(torch.autograd.Function):
+    """out_TH = sum_k kept * w_TK * y_MH[row_of_TK], differentiable w.r.t. y_MH and weights_TK.
+
+    Saves y_MH in its own dtype (bf16) for the weight gradient; no fp32 copy.
+    Usage: UnpermuteCombine.apply(y_MH, row_of_TK, weights_TK, kept_TK).
+    """
+
+    @staticmethod
+    def forward(ctx, y_MH, row_of_TK, weights_TK, kept_TK):
+        ctx.save_for_backward(y_MH, row_of_TK, weights_TK, kept_TK)
+        return unpermute_combine(y_MH, row_of_TK, weights_TK, kept_TK)
+
+    @staticmethod
+    def backward(ctx, dout_TH):
+        y_MH, row_of_TK, weights_TK, kept_TK = ctx.saved_tensors
+        dy_MH, dw_TK = unpermute_combine_bwd(dout_TH, y_MH, row_of_TK, weights_TK, kept_TK)
+        return dy_MH, None, dw_TK, None

@@ -1,0 +1,116 @@
+"""What every FP8 kernel and its reference agree on: the format, the scale rule, the dispatch.
+
+Scale rule (all recipes): for a set of values with absolute maximum `amax`,
+    scale = amax / 448            (fp32; the dequantization multiplier, x ~= q * scale)
+    scale = 2 ** ceil(log2(scale)) when the recipe asks for power-of-two scales
+    scale = 1                     when amax == 0 (an all-zero row or group quantizes to zeros, never NaN)
+    q     = clamp(x / scale, -448, 448).to(float8_e4m3fn)    (saturating cast)
+
+How the rule is computed, so that kernels and references agree bit for bit (fp32 throughout):
+- Both divisions are IEEE round-to-nearest. Triton's `/` on fp32 lowers to the approximate
+  `div.full.f32` on NVIDIA GPUs, so kernels call `tl.math.div_rn` (see `tl_fp8_scale` and
+  `tl_fp8_quantize`). torch's tensor/tensor division is IEEE on CPU and CUDA, but
+  `cuda_tensor / python_float` multiplies by a rounded reciprocal, so references divide by a
+  0-dim tensor (`torch_fp8_scale`).
+- "2 ** ceil(log2(scale))" is taken on the fp32 bits, `(bits + 0x7FFFFF) & 0x7F800000`, which is
+  exact (no log2, whose GPU version is approximate); scales below 2**-126 (amax < 5e-36) become
+  2**-126.
+- The fp8 cast rounds to nearest even on both sides (PTX `cvt.rn.satfinite.e4m3x2.f32`, torch's
+  software conversion); the clamp comes first because torch's cast turns values past 448 into NaN.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite E4M3 value
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run in its CPU interpreter (tests on machines without a GPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Launch the Triton kernel for tensors on a GPU, or on the CPU under the interpreter.
+
+    Plain CPU tensors outside the interpreter take the pure-torch reference: that is the
+    documented CPU path (tests and the tiny CPU model), never a fallback from a GPU.
+    """
+    return t.is_cuda or triton_interpret()
+
+
+def round_up(n: int, multiple: int) -> int:
+    """Smallest multiple of `multiple` that is >= n (host integers only)."""
+    return (n + multiple - 1) // multiple * multiple
+
+
+# ---- the scale rule, in torch and in Triton (must stay bitwise identical) ----------------------
+
+_POW2_ROUND = 0x007FFFFF  # added to fp32 bits: carries into the exponent unless the mantissa is 0
+_EXP_MASK = 0x7F800000
+
+
+def torch_fp8_scale(amax: torch.Tensor, pow2_scale: bool) -> torch.Tensor:
+    """Dequantization scale (fp32) from an fp32 amax tensor, by the rule in the module docstring."""
+    amax = amax.float()
+    scale = amax / torch.full((), FP8_MAX, dtype=torch.float32, device=amax.device)
+    if pow2_scale:
+        scale = ((scale.view(torch.int32) + _POW2_ROUND) & _EXP_MASK).view(torch.float32)
+    return torch.where(amax == 0, torch.ones_like(scale), scale)
+
+
+def torch_fp8_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q = clamp(x / scale, -448, 448) cast to E4M3; `scale` broadcasts against `x`."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+@triton.jit
+def tl_fp8_scale(amax, POW2: tl.constexpr):
+    """Triton twin of `torch_fp8_scale` (amax: fp32 scalar or block)."""
+    scale = tl.math.div_rn(amax, 448.0)
+    if POW2:
+        scale = ((scale.to(tl.int32, bitcast=True) + 0x007FFFFF) & 0x7F800000).to(
+            tl.float32, bitcast=True
+        )
+    return tl.where(amax == 0.0, 1.0, scale)
+
+
+@triton.jit
+def tl_fp8_quantize(x, scale):
+    """Triton twin of `torch_fp8_quantize`; x fp32, scale broadcastable, result float8e4nv."""
+    q = tl.math.div_rn(x, scale)
+    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    return q.to(tl.float8e4nv)
+
+
+# ---- exact casts under Triton's interpreter (CPU tests only) ----------------------------------
+# The interpreter's fp32 -> fp8 cast drops the carry when rounding crosses a binade (7.935 comes
+# back as 4.0, torch gives 8.0) and rounds ties away from zero; its fp32 -> bf16 cast truncates.
+# Both are exact for values already on the target grid, so kernels that want bitwise CPU tests
+# round to the grid first, behind a constexpr that is True only under the interpreter: the GPU
+# code is the plain cast. (The GPU's cvt instructions round to nearest even, like torch.)
+
+
+@triton.jit
+def tl_round_to_fp8_grid(q):
+    """fp32 q (|q| <= 448) rounded to the nearest E4M3 value, ties to even, still fp32."""
+    bits = q.to(tl.int32, bitcast=True)
+    mag = bits & 0x7FFFFFFF
+    # 2**(e + 20) for q's binade e (floored at E4M3's smallest normal, 2**-6): adding and
+    # subtracting it rounds to a multiple of 2**(e - 3), E4M3's spacing in that binade.
+    big = ((tl.maximum(mag >> 23, 127 - 6) + 20) << 23).to(tl.float32, bitcast=True)
+    r = (mag.to(tl.float32, bitcast=True) + big) - big
+    return (r.to(tl.int32, bitcast=True) | (bits ^ mag)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def tl_round_to_bf16_grid(x):
+    """fp32 x rounded to the nearest bfloat16 value, ties to even, still fp32 (finite, normal x)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)

@@ -1,0 +1,460 @@
+"""FP8 grouped GEMMs with DeepSeek-V3 blockwise scales: E4M3 operands, fp32 accumulation.
+
+Shape letters: M routed rows, K reduction dim, N output features, E experts, P padded tokens,
+Kb = K // 128 and so on for scale blocks. Every operand is K-major (the reduction dim is
+contiguous), the only layout Hopper's fp8 wgmma accepts, so no kernel transposes anything.
+
+    triton_fp8_grouped_mm(a_q_MK, a_scale_MKb, b_q_ENK, b_scale_ENbKb, group_end_E, out_dtype)
+        -> out_MN,  out[rows of e] = dequant(a rows) @ dequant(b[e]).T
+        forward GEMM1/GEMM2, and the dgrads with a pre-transposed contiguous weight copy.
+    triton_fp8_grouped_mm_wgrad(a_q_NP, a_scale_NPb, b_q_KP, b_scale_KPb, padded_end_E, out_dtype)
+        -> out_ENK, out[e] = dequant(a[:, tokens of e]) @ dequant(b[:, tokens of e]).T
+        the weight gradient dW_e = dY_e^T X_e, tokens padded per expert to multiples of 128.
+
+Scales are dequantization multipliers (x ~= q * scale, see kernels/common.py): 1x128 tiles for
+activations (a_scale[m, k // 128]), 128x128 blocks for weights (b_scale[e, n // 128, k // 128]).
+
+Scale promotion (DeepSeek-V3): the K loop steps 128 at a time, one scale block per step. Each
+step's fp8 dot starts from zero (on Hopper the tensor core keeps ~14 mantissa bits while it
+accumulates fp8 products, so it never sums more than 128 products), and the fp32 result is
+promoted into the accumulator:  acc += dot(a_blk, b_blk) * sa[:, None] * sb[None, :].
+
+Schedule of the 2d x 3d kernel (no host sync: group sizes live on the device). The grid is
+persistent, min(#SMs, bound) programs. Each program loads group_end once (E <= E_PAD entries),
+adds one pseudo-group for the rows past group_end[-1] (written as zeros, so the output never
+holds garbage), and computes on device the M-tiles per group, their inclusive cumsum and the
+total. It then walks the flattened tile list (M-tiles of all groups, concatenated) x N-tiles
+with stride #programs, in GROUP_M-swizzled order for L2 reuse of the weight tiles. A tile finds
+its group with one vector compare-and-sum over the cumsum, so an M-tile never spans two groups;
+rows of the next group that a TMA load reads in are computed and masked off at the store.
+Bound on M-tiles: sum_g cdiv(size_g, BM) <= cdiv(M, BM) + E + 1.
+
+The 2d x 2d (wgrad) kernel has a static tile set, E x cdiv(N, BM) x cdiv(K, BN): one program
+per output tile, the hardware block scheduler balancing experts of different token counts.
+Only the token range of the tile's expert is on the device; an expert with no tokens runs zero
+K steps and writes its zero block.
+
+Memory path: TMA through host-side `TensorDescriptor`s (triton >= 3.4; 3.6 and 3.9 tested for
+the API), or plain masked pointer loads. The TMA path is tried once per kernel at its first
+launch; if it fails to compile the pointer path is used from then on, with a logged warning.
+FP8MOE_GEMM_PATH=tma|pointer forces one path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.common import FP8_DTYPE, triton_interpret, use_triton
+from kernels.reference import torch_fp8_grouped_mm, torch_fp8_grouped_mm_wgrad
+
+try:  # host-side TMA descriptors: triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: pointer path only
+    TensorDescriptor = None
+
+log = logging.getLogger(__name__)
+
+SCALE_BLOCK = 128  # one scale per 128 elements of K (activations) and 128x128 (weights)
+_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+# ---- configs: small lists, tuned once per (N, K) --------------------------------------------
+# BLOCK_K is always 128 (one scale step). Triton on Hopper waits for each fresh fp8 wgmma before
+# the fp32 promotion can use it (checked in the sm_90a TTGIR of triton 3.9: `warp_group_dot_wait
+# {pendings = 0}` right after the dot; warp specialization is Blackwell-only), so the promotion
+# FMAs overlap the tensor cores only across warpgroups or CTAs sharing an SM. Hence both shapes:
+# one 8-warp CTA of 128x128 (two warpgroups; 189-254 registers, no spills, sm_90a ptxas) and
+# 4-warp 64x128 CTAs, two per SM (96 KB shared memory and <= 238 registers x 128 threads each).
+# 128x256 spills ~200 bytes (two fp32 tiles of 128 registers per thread) and is kept as a
+# candidate only. PROGRAMS_PER_SM sizes the persistent grid of the 2d x 3d kernel.
+
+
+def _mm_configs(interpret: bool) -> list[triton.Config]:
+    if interpret:  # one config: the interpreter cannot time anything, keep shapes tiny
+        return [triton.Config(dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=2, PROGRAMS_PER_SM=1),
+                              num_warps=4)]
+    return [
+        triton.Config(dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, PROGRAMS_PER_SM=1),
+                      num_warps=8, num_stages=4),
+        triton.Config(dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, PROGRAMS_PER_SM=1),
+                      num_warps=8, num_stages=3),
+        triton.Config(dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, PROGRAMS_PER_SM=2),
+                      num_warps=4, num_stages=4),
+        triton.Config(dict(BLOCK_M=128, BLOCK_N=256, GROUP_M=8, PROGRAMS_PER_SM=1),
+                      num_warps=8, num_stages=3),
+    ]
+
+
+def _wgrad_configs(interpret: bool) -> list[triton.Config]:
+    if interpret:
+        return [triton.Config(dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=2), num_warps=4)]
+    return [
+        triton.Config(dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8), num_warps=8, num_stages=4),
+        triton.Config(dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8), num_warps=4, num_stages=4),
+        triton.Config(dict(BLOCK_M=128, BLOCK_N=256, GROUP_M=8), num_warps=8, num_stages=3),
+    ]
+
+
+def _set_block_shapes(nargs):
+    """Autotune pre-hook: host TMA descriptors take their block shape from the chosen config."""
+    if nargs["USE_TMA"]:
+        nargs["a"].block_shape = [nargs["BLOCK_M"], SCALE_BLOCK]
+        nargs["b"].block_shape = [nargs["BLOCK_N"], SCALE_BLOCK]
+
+
+def _autotuned(kernel, configs: list[triton.Config]):
+    for c in configs:
+        c.pre_hook = _set_block_shapes
+    return triton.autotune(configs=configs, key=["N", "K", "USE_TMA"])(kernel)
+
+
+# ---- shared device helpers -------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(src, row0, col0, n_rows, stride, BR: tl.constexpr, BC: tl.constexpr,
+               USE_TMA: tl.constexpr):
+    """A (BR, BC) fp8 tile at (row0, col0); rows >= n_rows read as 0 (TMA pads them likewise)."""
+    if USE_TMA:
+        tile = src.load([row0, col0])
+    else:
+        rows = row0 + tl.arange(0, BR)
+        cols = col0 + tl.arange(0, BC)
+        ptrs = src + rows[:, None].to(tl.int64) * stride + cols[None, :]
+        tile = tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+    return tile
+
+
+@triton.jit
+def _swizzle(tile, m_tiles, n_tiles, GROUP_M: tl.constexpr):
+    """Map a linear tile id to (m tile, n tile), GROUP_M m-tiles per band, for L2 reuse."""
+    band = GROUP_M * n_tiles
+    first_m = (tile // band) * GROUP_M
+    band_m = tl.minimum(m_tiles - first_m, GROUP_M)
+    mt = first_m + (tile % band) % band_m
+    nt = (tile % band) // band_m
+    return mt, nt
+
+
+# ---- 2d x 3d: out_MN = a_MK @ b_ENK[e].T per group --------------------------------------------
+
+
+@triton.jit
+def _fp8_grouped_mm_kernel(
+    a, a_scale_ptr, b, b_scale_ptr, out_ptr, group_end_ptr,
+    M, N, K, E,
+    stride_am, stride_bn,
+    stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk,
+    stride_om,
+    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr,  # read by the launcher's grid only
+    USE_TMA: tl.constexpr,
+):
+    BLOCK_K: tl.constexpr = 128
+    # group table, E experts + the tail (g == E) of rows past group_end[E-1], all clamped to M
+    g = tl.arange(0, E_PAD)
+    ends = tl.minimum(tl.load(group_end_ptr + g, mask=g < E, other=M), M)
+    starts = tl.load(group_end_ptr + g - 1, mask=(g >= 1) & (g <= E), other=0)
+    starts = tl.where(g > E, M, tl.minimum(starts, M))
+    m_tiles_g = tl.cdiv(tl.maximum(ends - starts, 0), BLOCK_M)
+    m_tiles_end = tl.cumsum(m_tiles_g, 0)  # inclusive
+    m_tiles = tl.sum(m_tiles_g)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+
+    for tile in tl.range(tl.program_id(0), m_tiles * n_tiles, tl.num_programs(0)):
+        mt, nt = _swizzle(tile, m_tiles, n_tiles, GROUP_M)
+        e = tl.sum((m_tiles_end <= mt).to(tl.int32))  # the group holding m-tile mt
+        here = g == e
+        row0 = tl.sum(tl.where(here, starts + (mt - m_tiles_end + m_tiles_g) * BLOCK_M, 0))
+        row_end = tl.sum(tl.where(here, ends, 0))
+        k_steps = tl.where(e < E, K // BLOCK_K, 0)  # the tail group only writes zeros
+        n0 = nt * BLOCK_N
+
+        rows = row0 + tl.arange(0, BLOCK_M)
+        cols = n0 + tl.arange(0, BLOCK_N)
+        sa_ptrs = a_scale_ptr + rows.to(tl.int64) * stride_sam
+        sb_ptrs = b_scale_ptr + e.to(tl.int64) * stride_sbe
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ks in range(0, k_steps):
+            a_t = _load_tile(a, row0, ks * BLOCK_K, M, stride_am, BLOCK_M, BLOCK_K, USE_TMA)
+            b_t = _load_tile(b, e * N + n0, ks * BLOCK_K, E * N, stride_bn, BLOCK_N, BLOCK_K,
+                             USE_TMA)
+            sa = tl.load(sa_ptrs + ks * stride_sak, mask=rows < M, other=0.0)
+            if BLOCK_N == 128:  # one weight block: fold its scale into the row scales
+                sb = tl.load(sb_ptrs + (n0 // 128) * stride_sbn + ks * stride_sbk)
+                acc += tl.dot(a_t, b_t.T) * (sa * sb)[:, None]
+            else:
+                sb = tl.load(sb_ptrs + (cols // 128) * stride_sbn + ks * stride_sbk,
+                             mask=cols < N, other=0.0)
+                acc += (tl.dot(a_t, b_t.T) * sa[:, None]) * sb[None, :]
+
+        out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+        mask = (rows < row_end)[:, None] & (cols < N)[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- 2d x 2d: out_ENK[e] = a_NP[:, tokens of e] @ b_KP[:, tokens of e].T ----------------------
+
+
+@triton.jit
+def _fp8_grouped_mm_wgrad_kernel(
+    a, a_scale_ptr, b, b_scale_ptr, out_ptr, padded_end_ptr,
+    N, K, P,
+    stride_an, stride_bk,
+    stride_san, stride_sap, stride_sbk, stride_sbp,
+    stride_oe, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    BLOCK_K: tl.constexpr = 128
+    n_tiles = tl.cdiv(N, BLOCK_M)
+    k_tiles = tl.cdiv(K, BLOCK_N)
+    pid = tl.program_id(0)
+    e = pid // (n_tiles * k_tiles)
+    nt, kt = _swizzle(pid % (n_tiles * k_tiles), n_tiles, k_tiles, GROUP_M)
+    # token range of expert e in 128-token steps (ends are multiples of 128 by contract; stepping
+    # by index keeps offsets provably 128-aligned, which the pointer path needs to vectorize)
+    step_hi = tl.minimum(tl.load(padded_end_ptr + e), P) // BLOCK_K
+    step_lo = tl.minimum(tl.load(padded_end_ptr + e - 1, mask=e > 0, other=0) // BLOCK_K, step_hi)
+
+    n0 = nt * BLOCK_M
+    k0 = kt * BLOCK_N
+    rows = n0 + tl.arange(0, BLOCK_M)
+    cols = k0 + tl.arange(0, BLOCK_N)
+    sa_ptrs = a_scale_ptr + rows.to(tl.int64) * stride_san
+    sb_ptrs = b_scale_ptr + cols.to(tl.int64) * stride_sbk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for ps in range(step_lo, step_hi):  # an expert with no tokens: zero steps, zero block
+        a_t = _load_tile(a, n0, ps * BLOCK_K, N, stride_an, BLOCK_M, BLOCK_K, USE_TMA)
+        b_t = _load_tile(b, k0, ps * BLOCK_K, K, stride_bk, BLOCK_N, BLOCK_K, USE_TMA)
+        sa = tl.load(sa_ptrs + ps * stride_sap, mask=rows < N, other=0.0)
+        sb = tl.load(sb_ptrs + ps * stride_sbp, mask=cols < K, other=0.0)
+        # (d * sa) * sb in place: an outer-product scale tile would cost 64 more registers
+        acc += (tl.dot(a_t, b_t.T) * sa[:, None]) * sb[None, :]
+
+    out_ptrs = (out_ptr + e.to(tl.int64) * stride_oe + rows[:, None].to(tl.int64) * stride_on
+                + cols[None, :])
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_grouped_mm = _autotuned(_fp8_grouped_mm_kernel, _mm_configs(triton_interpret()))
+_grouped_mm_wgrad = _autotuned(_fp8_grouped_mm_wgrad_kernel, _wgrad_configs(triton_interpret()))
+
+
+# ---- path selection: TMA once, pointer fallback ----------------------------------------------
+
+_PATH: dict[str, str] = {}  # kernel name -> "tma" | "pointer", fixed at the first launch
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: a few programs, so the persistent loop takes several tiles
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _desc(t: torch.Tensor):
+    # block shape is a placeholder; the autotune pre-hook sets it from the config
+    return TensorDescriptor.from_tensor(t, [SCALE_BLOCK, SCALE_BLOCK])
+
+
+def _launch_with_path(name: str, launch) -> None:
+    """Run launch(use_tma) on the path chosen at this kernel's first launch."""
+    forced = os.environ.get("FP8MOE_GEMM_PATH")
+    if forced not in (None, "", "tma", "pointer"):
+        raise ValueError(f"FP8MOE_GEMM_PATH must be 'tma' or 'pointer', got {forced!r}")
+    path = forced or _PATH.get(name)
+    if path is not None:
+        launch(path == "tma" and TensorDescriptor is not None)
+        return
+    if TensorDescriptor is None:
+        _PATH[name] = "pointer"
+        launch(False)
+    else:
+        try:
+            launch(True)
+            _PATH[name] = "tma"
+        except Exception as err:  # compile failure on this triton: fall back for good, loudly
+            log.warning("%s: TMA path failed (%s: %s); using pointer loads from now on",
+                        name, type(err).__name__, err)
+            _PATH[name] = "pointer"
+            launch(False)
+    log.info("%s: using the %s path", name, _PATH[name])
+
+
+def _check_aligned(**tensors: torch.Tensor) -> None:
+    for field, t in tensors.items():
+        if t.data_ptr() % 16:  # TMA needs it; torch allocations always are, views may not be
+            raise ValueError(f"{field} must start 16-byte aligned (got a view at byte offset "
+                             f"{t.storage_offset() * t.element_size()})")
+
+
+def _check_out_dtype(out_dtype: torch.dtype) -> None:
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+
+
+# ---- 2d x 3d launcher ------------------------------------------------------------------------
+
+
+def _check_grouped_mm(a_q, a_scale, b_q, b_scale, group_end, out_dtype):
+    if a_q.dim() != 2 or b_q.dim() != 3:
+        raise ValueError(f"a_q must be (M, K) and b_q (E, N, K), got {tuple(a_q.shape)}, "
+                         f"{tuple(b_q.shape)}")
+    (M, K), (E, N, Kb) = a_q.shape, b_q.shape
+    if K != Kb:
+        raise ValueError(f"K mismatch: a_q has K={K}, b_q has K={Kb}")
+    if K % SCALE_BLOCK or N % SCALE_BLOCK:
+        raise ValueError(f"K and N must be multiples of 128, got K={K}, N={N}")
+    if a_q.dtype != FP8_DTYPE or b_q.dtype != FP8_DTYPE:
+        raise ValueError(f"a_q and b_q must be {FP8_DTYPE}, got {a_q.dtype}, {b_q.dtype}")
+    if tuple(a_scale.shape) != (M, K // 128) or tuple(b_scale.shape) != (E, N // 128, K // 128):
+        raise ValueError(f"a_scale must be {(M, K // 128)} and b_scale {(E, N // 128, K // 128)}, "
+                         f"got {tuple(a_scale.shape)}, {tuple(b_scale.shape)}")
+    if a_scale.dtype != torch.float32 or b_scale.dtype != torch.float32:
+        raise ValueError("a_scale and b_scale must be float32")
+    if tuple(group_end.shape) != (E,) or group_end.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"group_end must be an int32 tensor of shape ({E},), got "
+                         f"{tuple(group_end.shape)} {group_end.dtype}")
+    _check_out_dtype(out_dtype)
+
+
+def _run(autotuned, grid, args, use_tma: bool, config: dict | None, **meta) -> None:
+    """Launch through the autotuner, or with one explicit config (tests and benchmarks)."""
+    if config is None:
+        autotuned[grid](*args, USE_TMA=use_tma, **meta)
+        return
+    config = dict(config)
+    warps, stages = config.pop("num_warps", 8), config.pop("num_stages", 3)
+    nargs = dict(a=args[0], b=args[2], USE_TMA=use_tma, **config)
+    _set_block_shapes(nargs)
+    autotuned.fn[grid](*args, USE_TMA=use_tma, num_warps=warps, num_stages=stages, **config, **meta)
+
+
+def _launch_grouped_mm(a_q, a_scale, b_q, b_scale, group_end, out, use_tma: bool,
+                       config: dict | None = None) -> None:
+    """Write out (M, N) in place (rows past group_end[-1] get zeros)."""
+    (M, K), (E, N, _) = a_q.shape, b_q.shape
+    a_q = a_q.contiguous()
+    b_2d = b_q.contiguous().view(E * N, K)
+    a_arg, b_arg = (_desc(a_q), _desc(b_2d)) if use_tma else (a_q, b_2d)
+    sms = _num_sms(a_q.device)
+
+    def grid(meta):
+        bound = (triton.cdiv(M, meta["BLOCK_M"]) + E + 1) * triton.cdiv(N, meta["BLOCK_N"])
+        return (max(1, min(sms * meta["PROGRAMS_PER_SM"], bound)),)
+
+    args = (a_arg, a_scale, b_arg, b_scale, out, group_end, M, N, K, E, K, K,
+            a_scale.stride(0), a_scale.stride(1), *b_scale.stride(), out.stride(0))
+    if config is not None:
+        config = {"PROGRAMS_PER_SM": 1, **config}
+    _run(_grouped_mm, grid, args, use_tma, config, E_PAD=triton.next_power_of_2(E + 1))
+
+
+@torch.library.custom_op("fp8moe::triton_fp8_grouped_mm", mutates_args=())
+def triton_fp8_grouped_mm(
+    a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+    group_end: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """out (M, N): out[rows of e] = dequant(a_q rows) @ dequant(b_q[e]).T; fp32 accumulation.
+
+    a_q (M, K) fp8 row-major, a_scale (M, K//128) fp32 (any strides: a column-major view,
+    `scale_KbM.t()`, gives coalesced scale loads), b_q (E, N, K) fp8 (nn.Linear layout per
+    expert; pass a transposed contiguous copy for dgrad), b_scale (E, N//128, K//128) fp32,
+    group_end (E,) int32 cumulative row ends on the device, non-decreasing, any group sizes.
+    Rows past group_end[-1] are written as zeros. K and N must be multiples of 128.
+    """
+    _check_grouped_mm(a_q, a_scale, b_q, b_scale, group_end, out_dtype)
+    if not use_triton(a_q):
+        return torch_fp8_grouped_mm(a_q, a_scale, b_q, b_scale, group_end, out_dtype)
+    out = torch.empty(a_q.shape[0], b_q.shape[1], dtype=out_dtype, device=a_q.device)
+    if out.numel() == 0 or b_q.shape[0] == 0 or a_q.shape[1] == 0:
+        return out.zero_()
+    _check_aligned(a_q=a_q, b_q=b_q)
+    _launch_with_path(
+        "fp8_grouped_mm",
+        lambda tma: _launch_grouped_mm(a_q, a_scale, b_q, b_scale, group_end, out, tma),
+    )
+    return out
+
+
+@triton_fp8_grouped_mm.register_fake
+def _(a_q, a_scale, b_q, b_scale, group_end, out_dtype=torch.bfloat16):
+    return a_q.new_empty(a_q.shape[0], b_q.shape[1], dtype=out_dtype)
+
+
+# ---- 2d x 2d launcher ------------------------------------------------------------------------
+
+
+def _check_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype):
+    if a_q.dim() != 2 or b_q.dim() != 2 or a_q.shape[1] != b_q.shape[1]:
+        raise ValueError(f"a_q must be (N, P) and b_q (K, P), got {tuple(a_q.shape)}, "
+                         f"{tuple(b_q.shape)}")
+    (N, P), K = a_q.shape, b_q.shape[0]
+    if P % SCALE_BLOCK:
+        raise ValueError(f"P (padded tokens) must be a multiple of 128, got {P}")
+    if a_q.dtype != FP8_DTYPE or b_q.dtype != FP8_DTYPE:
+        raise ValueError(f"a_q and b_q must be {FP8_DTYPE}, got {a_q.dtype}, {b_q.dtype}")
+    if tuple(a_scale.shape) != (N, P // 128) or tuple(b_scale.shape) != (K, P // 128):
+        raise ValueError(f"a_scale must be {(N, P // 128)} and b_scale {(K, P // 128)}, got "
+                         f"{tuple(a_scale.shape)}, {tuple(b_scale.shape)}")
+    if a_scale.dtype != torch.float32 or b_scale.dtype != torch.float32:
+        raise ValueError("a_scale and b_scale must be float32")
+    if padded_end.dim() != 1 or padded_end.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"padded_end must be a 1-d int32 tensor, got {tuple(padded_end.shape)} "
+                         f"{padded_end.dtype}")
+    _check_out_dtype(out_dtype)
+
+
+def _launch_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out, use_tma: bool,
+                  config: dict | None = None) -> None:
+    """Write out (E, N, K) in place, every block (zeros for experts without tokens)."""
+    (N, P), K, E = a_q.shape, b_q.shape[0], padded_end.shape[0]
+    a_q, b_q = a_q.contiguous(), b_q.contiguous()
+    a_arg, b_arg = (_desc(a_q), _desc(b_q)) if use_tma else (a_q, b_q)
+
+    def grid(meta):
+        return (E * triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
+
+    args = (a_arg, a_scale, b_arg, b_scale, out, padded_end, N, K, P, P, P,
+            *a_scale.stride(), *b_scale.stride(), out.stride(0), out.stride(1))
+    if config is not None:
+        config = {k: v for k, v in config.items() if k != "PROGRAMS_PER_SM"}
+    _run(_grouped_mm_wgrad, grid, args, use_tma, config)
+
+
+@torch.library.custom_op("fp8moe::triton_fp8_grouped_mm_wgrad", mutates_args=())
+def triton_fp8_grouped_mm_wgrad(
+    a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+    padded_end: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """out (E, N, K): out[e] = sum over tokens p of group e of dequant(a)[:, p] dequant(b)[:, p]^T.
+
+    a_q (N, P) fp8 row-major (tokens contiguous), a_scale (N, P//128) fp32 (1x128 tiles along
+    tokens), b_q (K, P) fp8, b_scale (K, P//128) fp32, padded_end (E,) int32 cumulative group
+    ends along P, each a multiple of 128 (not checked: that would need a host sync), groups may
+    be empty (their block is written as zeros). P must be a multiple of 128.
+    """
+    _check_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype)
+    if not use_triton(a_q):
+        return torch_fp8_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype)
+    E, N, K = padded_end.shape[0], a_q.shape[0], b_q.shape[0]
+    out = torch.empty(E, N, K, dtype=out_dtype, device=a_q.device)
+    if out.numel() == 0 or a_q.shape[1] == 0:
+        return out.zero_()
+    _check_aligned(a_q=a_q, b_q=b_q)
+    _launch_with_path(
+        "fp8_grouped_mm_wgrad",
+        lambda tma: _launch_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out, tma),
+    )
+    return out
+
+
+@triton_fp8_grouped_mm_wgrad.register_fake
+def _(a_q, a_scale, b_q, b_scale, padded_end, out_dtype=torch.bfloat16):
+    return a_q.new_empty(padded_end.shape[0], a_q.shape[0], b_q.shape[0], dtype=out_dtype)

@@ -1,0 +1,121 @@
+"""Row quantization to FP8: one scale per row (rowwise recipe) or per 1x128 tile (blockwise).
+
+    quantize_rows(x_MK, block_k, pow2_scale, row_index_M) -> (q_MK fp8, scale fp32)
+        block_k=0:   scale (M,), amax over the whole row
+        block_k=128: scale (M, K // 128) row-major, amax over each 1x128 tile (K % 128 == 0)
+        row_index_M: quantize x_MK[row_index_M] instead (permute + quantize in one pass, so only
+                     FP8 leaves the permutation); the output has len(row_index_M) rows.
+
+Memory-bound: one read of x, one write of q. A program owns BLOCK_M rows and one span of
+columns (the whole row, or one 128-wide tile); a row that fits in BLOCK_K stays in registers
+between the amax and the cast, longer rows are read twice, the second time from L2.
+Scale rule and division: kernels/common.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.common import FP8_DTYPE, tl_fp8_quantize, tl_fp8_scale, use_triton
+from kernels.reference import check_quantize_rows_args, torch_quantize_rows
+
+# A row up to this many elements is held in registers (one read); longer rows loop twice.
+_MAX_ROW_IN_REGISTERS = 8192
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, idx_ptr, q_ptr, s_ptr,
+    M, K, stride_xm, SPAN,
+    HAS_IDX: tl.constexpr, POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)  # which span of the row (always 0 when SPAN == K)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    if HAS_IDX:
+        src = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        src = rows.to(tl.int64)
+    c0 = pid_s * SPAN
+    x_rows = x_ptr + src * stride_xm + c0
+    q_rows = q_ptr + rows.to(tl.int64) * K + c0
+    cols = tl.arange(0, BLOCK_K)
+    if ONE_CHUNK:
+        mask = row_ok[:, None] & (cols[None, :] < SPAN)
+        x = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        scale = tl_fp8_scale(tl.max(tl.abs(x), axis=1), POW2)
+        tl.store(q_rows[:, None] + cols[None, :], tl_fp8_quantize(x, scale[:, None]), mask=mask)
+    else:
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k in range(0, SPAN, BLOCK_K):
+            mask = row_ok[:, None] & (k + cols[None, :] < SPAN)
+            x = tl.load(x_rows[:, None] + k + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        scale = tl_fp8_scale(amax, POW2)
+        for k in range(0, SPAN, BLOCK_K):
+            mask = row_ok[:, None] & (k + cols[None, :] < SPAN)
+            x = tl.load(x_rows[:, None] + k + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(q_rows[:, None] + k + cols[None, :], tl_fp8_quantize(x, scale[:, None]), mask=mask)
+    tl.store(s_ptr + rows * (K // SPAN) + pid_s, scale, mask=row_ok)
+
+
+def _rows_launch_config(K: int, block_k: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps): about 8K elements (16 KB of bf16) per program."""
+    if block_k:
+        return 64, block_k, 4
+    block = min(triton.next_power_of_2(K), _MAX_ROW_IN_REGISTERS)
+    return max(1, 8192 // block), block, 8 if block >= 2048 else 4
+
+
+def _quantize_rows_impl(
+    x_MK: torch.Tensor, block_k: int, pow2_scale: bool, row_index_M: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_quantize_rows_args(x_MK, block_k)
+    if x_MK.stride(1) != 1:
+        x_MK = x_MK.contiguous()
+    M = x_MK.shape[0] if row_index_M is None else row_index_M.shape[0]
+    K = x_MK.shape[1]
+    span = block_k or K
+    q_MK = torch.empty((M, K), dtype=FP8_DTYPE, device=x_MK.device)
+    scale = torch.empty((M, K // span) if block_k else (M,), dtype=torch.float32, device=x_MK.device)
+    if M == 0:
+        return q_MK, scale
+    BLOCK_M, BLOCK_K, num_warps = _rows_launch_config(K, block_k)
+    _quantize_rows_kernel[(triton.cdiv(M, BLOCK_M), K // span)](
+        x_MK, row_index_M if row_index_M is not None else x_MK, q_MK, scale,
+        M, K, x_MK.stride(0), span,
+        HAS_IDX=row_index_M is not None, POW2=pow2_scale,
+        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, ONE_CHUNK=span <= BLOCK_K, num_warps=num_warps,
+    )  # fmt: skip
+    return q_MK, scale
+
+
+triton_quantize_rows = torch.library.custom_op("fp8moe::quantize_rows", mutates_args=())(_quantize_rows_impl)
+
+
+@triton_quantize_rows.register_fake
+def _(x_MK, block_k, pow2_scale, row_index_M=None):
+    check_quantize_rows_args(x_MK, block_k)
+    M = x_MK.shape[0] if row_index_M is None else row_index_M.shape[0]
+    K = x_MK.shape[1]
+    scale_shape = (M, K // block_k) if block_k else (M,)
+    return x_MK.new_empty((M, K), dtype=FP8_DTYPE), x_MK.new_empty(scale_shape, dtype=torch.float32)
+
+
+def quantize_rows(
+    x_MK: torch.Tensor, block_k: int = 0, pow2_scale: bool = False, row_index_M: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 rows of x_MK (or of x_MK[row_index_M]): Triton on GPU / interpreter, else the reference.
+
+    Eager calls go straight to the launcher: the custom op's dispatch costs ~15 us of host time
+    per call (measured on CPU), so it is used only while torch.compile traces.
+    """
+    if not use_triton(x_MK):
+        return torch_quantize_rows(x_MK, block_k, pow2_scale, row_index_M)
+    if torch.compiler.is_compiling():
+        return triton_quantize_rows(x_MK, block_k, pow2_scale, row_index_M)
+    return _quantize_rows_impl(x_MK, block_k, pow2_scale, row_index_M)

@@ -1,0 +1,162 @@
+"""BF16 GroupedMLP: the routed experts of one MoE layer, all experts in one grouped GEMM pair.
+
+Legend: M routed rows (tokens already grouped by expert), H hidden, F expert FFN, E experts.
+
+Contract (DESIGN.md): weights are stored like `nn.Linear`, per expert (out_features, in_features):
+    w1_EFH: (E, F, H) for GELU, (E, 2F, H) for SwiGLU with rows [0, F) the gate and [F, 2F) the up
+    w2_EHF: (E, H, F)
+`forward(x_MH, tokens_per_expert_E)` takes rows grouped by expert (any counts: zero, odd, not
+multiples of 16), returns (M, H), and never synchronises with the host. Rows past
+sum(tokens_per_expert) (tokens dropped by a capacity limit) come back as unspecified values; the
+unpermute step masks them.
+
+FP8 variants subclass this and override only `grouped_mlp`: same constructor, same parameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe.config import ACTIVATIONS, EXPERT_IMPLS
+
+
+def activation_fn(h_MX: torch.Tensor, activation: str) -> torch.Tensor:
+    """SwiGLU on (M, 2F) -> (M, F) with the gate first, or exact-erf GELU on (M, F)."""
+    if activation == "swiglu":
+        gate_MF, up_MF = h_MX.chunk(2, dim=-1)
+        return F.silu(gate_MF) * up_MF
+    return F.gelu(h_MX)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the GEMMs run in: autocast's when it is on (fp32 master weights, bf16 compute)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def torch_grouped_mlp(
+    x_MH: torch.Tensor,
+    w1_EXH: torch.Tensor,
+    w2_EHF: torch.Tensor,
+    group_end_E: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
+    """Both grouped GEMMs through `torch._grouped_mm` (CUTLASS on Hopper; runs on CPU in torch >= 2.13).
+
+    `_grouped_mm` wants the right operand as (E, K, N); the transposed view of our (E, N, K)
+    storage is exactly the column-major layout its fast path reads, so no copy is made.
+    """
+    h_MX = torch._grouped_mm(x_MH, w1_EXH.transpose(-2, -1), offs=group_end_E)
+    a_MF = activation_fn(h_MX, activation)
+    return torch._grouped_mm(a_MF, w2_EHF.transpose(-2, -1), offs=group_end_E)
+
+
+def loop_grouped_mlp(
+    x_MH: torch.Tensor,
+    w1_EXH: torch.Tensor,
+    w2_EHF: torch.Tensor,
+    tokens_per_expert_E: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
+    """Per-expert reference: one plain matmul pair per expert. Synchronises (reads the counts).
+
+    The only path that runs in float64, so `torch.autograd.gradcheck` uses it.
+    """
+    counts = tokens_per_expert_E.tolist()
+    y_MH = x_MH.new_zeros(x_MH.shape[0], w2_EHF.shape[1])
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            h = x_MH[start : start + n] @ w1_EXH[e].t()
+            y_MH[start : start + n] = activation_fn(h, activation) @ w2_EHF[e].t()
+        start += n
+    return y_MH
+
+
+class GroupedMLP(nn.Module):
+    """E independent MLPs (SwiGLU or GELU) over rows grouped by expert."""
+
+    def __init__(
+        self,
+        dim: int,
+        ffn_dim: int,
+        num_experts: int,
+        activation: str = "swiglu",
+        impl: str = "grouped_mm",
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if impl not in EXPERT_IMPLS:
+            raise ValueError(f"expert_impl must be one of {EXPERT_IMPLS}, got {impl!r}")
+        self.dim, self.ffn_dim, self.num_experts = dim, ffn_dim, num_experts
+        self.activation, self.impl = activation, impl
+        rows_1 = 2 * ffn_dim if activation == "swiglu" else ffn_dim
+        self.w1 = nn.Parameter(torch.empty(num_experts, rows_1, dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, ffn_dim))
+
+    def reset_parameters(self, init_std: float, out_std: float | None = None) -> None:
+        nn.init.normal_(self.w1, std=init_std)
+        nn.init.normal_(self.w2, std=init_std if out_std is None else out_std)
+
+    def forward(self, x_MH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        if x_MH.dim() != 2 or x_MH.shape[1] != self.dim:
+            raise ValueError(f"experts expect x of shape (M, {self.dim}), got {tuple(x_MH.shape)}")
+        if tokens_per_expert_E.shape != (self.num_experts,):
+            raise ValueError(
+                f"tokens_per_expert must have shape ({self.num_experts},), got {tuple(tokens_per_expert_E.shape)}"
+            )
+        dtype = compute_dtype(x_MH)
+        x_MH = x_MH.to(dtype)
+        if self.impl == "loop":
+            return loop_grouped_mlp(
+                x_MH, self.w1.to(dtype), self.w2.to(dtype), tokens_per_expert_E, self.activation
+            )
+        group_end_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
+        return self.grouped_mlp(x_MH, group_end_E)
+
+    def grouped_mlp(self, x_MH: torch.Tensor, group_end_E: torch.Tensor) -> torch.Tensor:
+        """The seam an FP8 variant overrides: (M, H) rows and cumulative group ends -> (M, H)."""
+        dtype = x_MH.dtype
+        return torch_grouped_mlp(
+            x_MH, self.w1.to(dtype), self.w2.to(dtype), group_end_E, self.activation
+        )
+
+    def flops_per_row(self) -> int:
+        """Forward FLOPs of one routed row (two GEMMs); x3 for forward + backward."""
+        return 2 * self.w1.shape[1] * self.dim + 2 * self.dim * self.ffn_dim
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, ffn_dim={self.ffn_dim}, num_experts={self.num_experts}, "
+            f"activation={self.activation}, impl={self.impl}"
+        )
+
+
+class DenseMLP(nn.Module):
+    """A SwiGLU (or GELU) MLP every token goes through: DeepSeek's first dense layers and shared experts."""
+
+    def __init__(self, dim: int, ffn_dim: int, activation: str = "swiglu") -> None:
+        super().__init__()
+        self.activation = activation
+        rows_1 = 2 * ffn_dim if activation == "swiglu" else ffn_dim
+        self.w1 = nn.Linear(dim, rows_1, bias=False)  # [gate; up] stacked like GroupedMLP.w1
+        self.w2 = nn.Linear(ffn_dim, dim, bias=False)
+
+    def reset_parameters(self, init_std: float, out_std: float | None = None) -> None:
+        nn.init.normal_(self.w1.weight, std=init_std)
+        nn.init.normal_(self.w2.weight, std=init_std if out_std is None else out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(activation_fn(self.w1(x), self.activation))
+
+
+def scaled_out_std(init_std: float, n_layers: int) -> float:
+    """Output projections start smaller, 1/sqrt(2 * layers), so the residual stream's variance
+    does not grow with depth (GPT-2 / Megatron init)."""
+    return init_std / math.sqrt(2 * n_layers)

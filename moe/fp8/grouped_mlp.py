@@ -1,0 +1,125 @@
+"""FP8 GroupedMLP: the BF16 GroupedMLP with its grouped computation done in E4M3.
+
+Legend: M routed rows, H hidden, F expert FFN, X = 2F (SwiGLU) or F (GELU), E experts,
+P padded rows (each expert's token group starts at a multiple of the recipe's `align`).
+
+The autograd Function runs six FP8 GEMMs; every operand is quantized by a fused kernel that also
+writes the copy the next GEMM needs, so no BF16 activation is stored for backward:
+
+    forward   x_MH  -> quantize rows (for GEMM1) + per-group transposed columns xt_HP (for wgrad1)
+              h_MX  = GEMM1(x, w1)                          (M, X) bf16, consumed at once
+              a_MF  = act(h) quantized rows (for GEMM2); h kept as FP8 for backward
+              y_MH  = GEMM2(a, w2)
+    backward  dy_MH -> quantize rows (dgrad2) + transposed columns dyt_HP (wgrad2)
+              da_MF = dy @ w2                               dgrad2
+              dh    = act'(h) * da, quantized rows (dgrad1) + columns dht_XP (wgrad1),
+                      and a = act(h) recomputed as columns at_FP (wgrad2), in one kernel
+              dw2   = dyt @ at^T  per expert                wgrad2
+              dx    = dh @ w1                               dgrad1
+              dw1   = dht @ xt^T  per expert                wgrad1
+
+Saved for backward: xt (FP8), h (FP8), their scales, the group offsets. Weights are quantized
+once per optimizer step (both orientations) and reused by every micro-batch until they change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from kernels.act_quant import act_quant_bwd, act_quant_fwd
+from kernels.quantize_grouped import quantize_rows_and_cols_grouped
+from kernels.quantize_weight import quantize_weight
+from moe.experts import GroupedMLP
+from moe.fp8.gemm import grouped_mm, grouped_mm_wgrad
+from moe.fp8.recipe import Fp8Recipe
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    q_ENK: torch.Tensor  # forward operand, scales along K
+    scale: torch.Tensor
+    qt_EKN: torch.Tensor  # transposed copy for dgrad, scales along N
+    scale_t: torch.Tensor
+
+
+class WeightCache:
+    """FP8 copies of one weight, valid while the weight is unchanged.
+
+    The key is the parameter's storage and its version counter: the optimizer's in-place update
+    bumps the version, so gradient-accumulation micro-batches share one quantization and the
+    first forward after `optimizer.step()` quantizes again.
+    """
+
+    def __init__(self) -> None:
+        self._key: Optional[tuple] = None
+        self._value: Optional[QuantizedWeight] = None
+
+    def get(self, w: torch.Tensor, recipe: Fp8Recipe) -> QuantizedWeight:
+        key = (w.data_ptr(), w._version, w.dtype, w.device, recipe)
+        if self._key != key:
+            with torch.no_grad():
+                self._value = QuantizedWeight(*quantize_weight(w.detach(), recipe.name, recipe.pow2_scales))
+            self._key = key
+        return self._value
+
+
+class _Fp8GroupedMLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_MH, w1_EXH, w2_EHF, group_end_E, activation, recipe, wq1, wq2):
+        block, align, pow2 = recipe.block, recipe.align, recipe.pow2_scales
+        x_q, x_s, xt_q, xt_s, padded_end_E = quantize_rows_and_cols_grouped(
+            x_MH, group_end_E, align, block, pow2
+        )
+        h_MX = grouped_mm(x_q, x_s, wq1.q_ENK, wq1.scale, group_end_E, recipe)
+        a_q, a_s, h_q, h_s = act_quant_fwd(h_MX, activation, block, pow2, True)
+        del h_MX
+        y_MH = grouped_mm(a_q, a_s, wq2.q_ENK, wq2.scale, group_end_E, recipe)
+        ctx.save_for_backward(xt_q, xt_s, h_q, h_s, group_end_E, padded_end_E)
+        ctx.activation, ctx.recipe, ctx.wq1, ctx.wq2 = activation, recipe, wq1, wq2
+        ctx.w_dtypes = (w1_EXH.dtype, w2_EHF.dtype)
+        return y_MH
+
+    @staticmethod
+    def backward(ctx, dy_MH):
+        xt_q, xt_s, h_q, h_s, group_end_E, padded_end_E = ctx.saved_tensors
+        recipe, wq1, wq2 = ctx.recipe, ctx.wq1, ctx.wq2
+        block, align, pow2 = recipe.block, recipe.align, recipe.pow2_scales
+        dy_MH = dy_MH.contiguous()
+        dy_q, dy_s, dyt_q, dyt_s, _ = quantize_rows_and_cols_grouped(dy_MH, group_end_E, align, block, pow2)
+        da_MF = grouped_mm(dy_q, dy_s, wq2.qt_EKN, wq2.scale_t, group_end_E, recipe)
+        dh_q, dh_s, dht_q, dht_s, at_q, at_s, _ = act_quant_bwd(
+            da_MF, h_q, h_s, ctx.activation, group_end_E, align, block, pow2
+        )
+        del da_MF
+        dw2_EHF = grouped_mm_wgrad(dyt_q, dyt_s, at_q, at_s, padded_end_E, recipe)
+        dx_MH = grouped_mm(dh_q, dh_s, wq1.qt_EKN, wq1.scale_t, group_end_E, recipe)
+        dw1_EXH = grouped_mm_wgrad(dht_q, dht_s, xt_q, xt_s, padded_end_E, recipe)
+        return dx_MH, dw1_EXH.to(ctx.w_dtypes[0]), dw2_EHF.to(ctx.w_dtypes[1]), None, None, None, None, None
+
+
+class Fp8GroupedMLP(GroupedMLP):
+    """Same constructor and parameters as GroupedMLP; only `grouped_mlp` differs."""
+
+    recipe: Fp8Recipe = Fp8Recipe("rowwise")
+
+    def __init__(self, *args, recipe: Fp8Recipe | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if recipe is not None:
+            self.recipe = recipe
+        self._w1_cache, self._w2_cache = WeightCache(), WeightCache()
+
+    def grouped_mlp(self, x_MH: torch.Tensor, group_end_E: torch.Tensor) -> torch.Tensor:
+        if x_MH.dtype != torch.bfloat16 and x_MH.is_cuda:
+            raise ValueError(f"FP8 experts take bfloat16 activations on the GPU, got {x_MH.dtype}")
+        wq1 = self._w1_cache.get(self.w1, self.recipe)
+        wq2 = self._w2_cache.get(self.w2, self.recipe)
+        return _Fp8GroupedMLPFunction.apply(
+            x_MH.contiguous(), self.w1, self.w2, group_end_E, self.activation, self.recipe, wq1, wq2
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", recipe={self.recipe.name}"
+

@@ -1,0 +1,191 @@
+"""LLaMa-style MoE decoder: embedding -> N x [RMSNorm -> attention -> RMSNorm -> FFN] -> norm -> head.
+
+Legend: B batch, S sequence, H hidden (dim), V vocab, N heads, G kv heads, D head dim.
+The file holds architecture only: parallelism, FP8 conversion and compilation are applied to a
+built model from outside (trainer/, moe/fp8/).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe.config import ModelConfig
+from moe.experts import DenseMLP, scaled_out_std
+from moe.layer import MoELayer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32: bf16's 8 mantissa bits lose the mean of squares over 4096+ channels.
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (S, D/2) in fp32 for rotary embeddings (rotate-half convention)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles_SD = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles_SD.cos(), angles_SD.sin()
+
+
+def apply_rope(x_BNSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
+    S = x_BNSD.shape[2]
+    x1, x2 = x_BNSD.float().chunk(2, dim=-1)
+    cos, sin = cos_SD[:S], sin_SD[:S]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_BNSD.dtype)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention through `F.scaled_dot_product_attention`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.attn_head_dim
+        self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def reset_parameters(self, init_std: float, out_std: float) -> None:
+        for lin in (self.wq, self.wk, self.wv):
+            nn.init.normal_(lin.weight, std=init_std)
+        nn.init.normal_(self.wo.weight, std=out_std)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
+
+    def forward(self, x_BSH: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSH.shape
+        q = self.wq(x_BSH).view(B, S, self.n_heads, self.head_dim)
+        k = self.wk(x_BSH).view(B, S, self.n_kv_heads, self.head_dim)
+        v = self.wv(x_BSH).view(B, S, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, N|G, S, D)
+        q, k = apply_rope(q, cos_SD, sin_SD), apply_rope(k, cos_SD, sin_SD)
+        if self.n_kv_heads != self.n_heads:
+            # Expanded views instead of enable_gqa: the flash kernel takes them on every torch we support.
+            rep = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.is_moe = layer_idx >= cfg.first_k_dense
+        self.ffn = MoELayer(cfg.dim, cfg.moe) if self.is_moe else DenseMLP(cfg.dim, cfg.dense_ffn_dim)
+
+    def reset_parameters(self, init_std: float, out_std: float) -> None:
+        self.attn_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attn.reset_parameters(init_std, out_std)
+        self.ffn.reset_parameters(init_std, out_std)
+
+    def forward(self, x_BSH, cos_SD, sin_SD):
+        x_BSH = x_BSH + self.attn(self.attn_norm(x_BSH), cos_SD, sin_SD)
+        h_BSH = self.ffn_norm(x_BSH)
+        if self.is_moe:
+            moe = self.ffn(h_BSH)
+            return x_BSH + moe.out_BSH, moe.aux_losses, moe.tokens_per_expert_E
+        return x_BSH + self.ffn(h_BSH), {}, None
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    loss: torch.Tensor | None  # mean cross-entropy over labelled tokens (None without labels)
+    logits: torch.Tensor | None  # (B, S, V), returned only without labels
+    aux_loss: torch.Tensor  # sum of all router balancing losses (already weighted)
+    aux_losses: dict[str, torch.Tensor]  # per kind, summed over layers (for logging)
+    tokens_per_expert_LE: torch.Tensor | None  # (MoE layers, E) routed counts, detached
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(cfg.attn_head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # Not saved in checkpoints: derived from the config.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and buffer; call after `to_empty` on a meta-built model."""
+        cfg = self.cfg
+        if cfg.tie_embeddings:
+            # `to_empty` materialises each parameter separately, which unties them: tie again.
+            self.output.weight = self.tok_embeddings.weight
+        out_std = scaled_out_std(cfg.init_std, cfg.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, std=cfg.init_std)
+        for block in self.layers:
+            block.reset_parameters(cfg.init_std, out_std)
+        self.norm.reset_parameters()
+        if not cfg.tie_embeddings:
+            # 1/sqrt(H) keeps initial logits O(1) whatever the width.
+            nn.init.normal_(self.output.weight, std=cfg.dim**-0.5)
+        cos, sin = rope_tables(cfg.attn_head_dim, cfg.max_seq_len, cfg.rope_theta, self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.layers if b.is_moe]
+
+    def forward(self, tokens_BS: torch.Tensor, labels_BS: torch.Tensor | None = None) -> ModelOutput:
+        S = tokens_BS.shape[1]
+        if S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        x_BSH = self.tok_embeddings(tokens_BS)
+        aux_losses: dict[str, torch.Tensor] = {}
+        counts = []
+        for block in self.layers:
+            x_BSH, layer_aux, tokens_per_expert_E = block(x_BSH, self.rope_cos, self.rope_sin)
+            for name, value in layer_aux.items():
+                aux_losses[name] = aux_losses[name] + value if name in aux_losses else value
+            if tokens_per_expert_E is not None:
+                counts.append(tokens_per_expert_E)
+        logits_BSV = self.output(self.norm(x_BSH))
+        aux_loss = sum(aux_losses.values(), torch.zeros((), device=x_BSH.device))
+        counts_LE = torch.stack(counts) if counts else None
+        if labels_BS is None:
+            return ModelOutput(None, logits_BSV, aux_loss, aux_losses, counts_LE)
+        loss = F.cross_entropy(
+            logits_BSV.flatten(0, 1).float(), labels_BS.flatten(), ignore_index=-100
+        )
+        return ModelOutput(loss, None, aux_loss, aux_losses, counts_LE)
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> MoETransformer:
+    """Build on the meta device (no memory), then materialise on `device` and initialise."""
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model

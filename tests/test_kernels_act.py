@@ -1,0 +1,463 @@
+"""Activation + FP8 quantization (kernels/act_quant.py) and unpermute + combine (kernels/combine.py).
+
+Kernel vs reference is bitwise: FP8 bytes via .view(torch.uint8), scales, padded ends, bf16
+outputs. On CPU the kernels run in Triton's interpreter, whose fp32 -> fp8 cast drops a carry into
+the next binade (7.935 -> 4.0 where torch gives 8.0) and rounds ties away from zero, and whose
+fp32 -> bf16 cast truncates. Under the interpreter (only) these kernels first round to the target
+grid in fp32, so the interpreter's cast sees exact values (kernels/common.py,
+`tl_round_to_fp8_grid`); the CPU comparisons are then bitwise on every element and do not depend
+on the bug. `test_interpreter_grid_rounding_is_torchs_cast` checks that rounding against torch's
+casts. GPU tests (`-m gpu`) run the plain hardware casts, bitwise against the reference.
+The references are checked against independent definitions: fp64 activations and autograd
+derivatives of the dequantized h, within the FP8 rounding bound derived in `_assert_fp8_close`;
+the combine against a per-token loop, and its torch path by gradcheck in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as Fn
+import triton
+import triton.language as tl
+
+import kernels.act_quant as act_quant
+from kernels import reference as ref
+from kernels.act_quant import act_quant_bwd, act_quant_fwd, triton_act_quant_bwd, triton_act_quant_fwd
+from kernels.combine import UnpermuteCombine, unpermute_combine, unpermute_combine_bwd
+from kernels.common import FP8_DTYPE, round_up, tl_round_to_bf16_grid, tl_round_to_fp8_grid, triton_interpret
+
+SIZES = [0, 1, 15, 17, 0, 129, 3]  # empty groups, 1, odd sizes, one past a multiple of 128
+DROPPED = 5  # rows past the last group (dropped by capacity): garbage, even NaN, in the inputs
+U32 = 2.0**-24  # fp32 unit roundoff
+
+
+def odd_h(M: int, X: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
+    """bf16 rows with the awkward cases: zeros, values at and past the E4M3 limit, a huge dynamic
+    range (E4M3 subnormals and underflow), a constant row."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(M, X, generator=g) * scale
+    specials = [
+        torch.zeros(X),
+        torch.tensor([448.0, -448.0, 60.0, -30.0, 449.0, 0.5]).repeat(X)[:X],
+        torch.tensor([20.0, -1e-3, 2e-2, 7.0, -1e-6, 0.0]).repeat(X)[:X],
+        torch.full((X,), -2.5),
+    ]
+    for i, row in zip(range(1, M, 7), specials):
+        h[i] = row
+    return h.bfloat16()
+
+
+def group_ends(sizes) -> torch.Tensor:
+    return torch.tensor(sizes, dtype=torch.int64).cumsum(0).to(torch.int32)
+
+
+def bwd_inputs(activation: str, F: int, block: int, sizes=SIZES, seed=0, device="cpu"):
+    """(da, h_q, h_scale, group_end) with `DROPPED` NaN rows past the last group and one group
+    (the last, size 3) whose gradient is all zeros."""
+    M = sum(sizes) + DROPPED
+    X = 2 * F if activation == "swiglu" else F
+    _, _, h_q, h_scale = ref.torch_act_quant_fwd(odd_h(M, X, seed), activation, block, False, True)
+    g = torch.Generator().manual_seed(seed + 1)
+    da = torch.randn(M, F, generator=g).bfloat16()
+    da[sum(sizes) - sizes[-1] : sum(sizes)] = 0
+    da[sum(sizes) :] = float("nan")
+    h_q.view(torch.uint8)[sum(sizes) :] = 0x7F  # E4M3 NaN
+    return tuple(t.to(device) for t in (da, h_q, h_scale, group_ends(sizes)))
+
+
+def assert_same(out, expected):
+    assert len(out) == len(expected)
+    for i, (a, b) in enumerate(zip(out, expected)):
+        assert a.dtype == b.dtype and a.shape == b.shape, (i, a.dtype, b.dtype, a.shape, b.shape)
+        if a.dtype == FP8_DTYPE:
+            a, b = a.view(torch.uint8), b.view(torch.uint8)
+        assert torch.equal(a.cpu(), b.cpu()), f"output {i} differs at {(a != b).nonzero()[:5].tolist()}"
+
+
+# ---- the interpreter's casts, and the grid rounding that sidesteps them --------------------------
+
+
+@triton.jit
+def _grid_kernel(x_ptr, q_ptr, b_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n)
+    tl.store(q_ptr + offs, tl_round_to_fp8_grid(tl.minimum(tl.maximum(x, -448.0), 448.0)), mask=offs < n)
+    tl.store(b_ptr + offs, tl_round_to_bf16_grid(x), mask=offs < n)
+
+
+def test_interpreter_grid_rounding_is_torchs_cast():
+    """Rounding to the E4M3 / bf16 grid in fp32 equals torch's round-to-nearest-even casts,
+    including ties, carries into the next binade (7.935 -> 8), E4M3 subnormals and -0."""
+    g = torch.Generator().manual_seed(0)
+    all_fp8 = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()
+    grid = all_fp8[all_fp8.isfinite()].unique()
+    x = torch.cat([
+        torch.randn(20000, generator=g) * 100, torch.randn(5000, generator=g) * 1e-2, grid,
+        (grid[1:] + grid[:-1]) / 2, -(grid[1:] + grid[:-1]) / 2, torch.tensor([7.935, -0.0, 1e-30, 3e38]),
+    ])  # fmt: skip
+    q, b = torch.empty_like(x), torch.empty_like(x)
+    _grid_kernel[(triton.cdiv(x.numel(), 4096),)](x, q, b, x.numel(), BLOCK=4096)
+    fp8 = x.clamp(-448, 448).to(FP8_DTYPE)
+    assert torch.equal(q.to(FP8_DTYPE).view(torch.uint8), fp8.view(torch.uint8))
+    assert torch.equal(q, fp8.float())  # already on the grid: any correct cast of q is exact
+    assert torch.equal(b, x.bfloat16().float())
+
+
+# ---- references against independent definitions -------------------------------------------------
+
+
+def _act64(h64: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "swiglu":
+        gate, up = h64.chunk(2, dim=1)
+        return Fn.silu(gate) * up
+    return Fn.gelu(h64)  # exact erf
+
+
+def _error_budget(activation: str, h64: torch.Tensor, da64: torch.Tensor | None = None):
+    """Per-element sums of the magnitudes of the terms each fp32 formula adds up: the fp32
+    evaluation error of a value is <= 2^-16 of it (a budget of 256 ulp for at most ~40 roundings,
+    polynomial errors < 0.1 ulp, and the rounding of x*x amplified by exp, <= 78 ulp at
+    |x| = 12.5). The 1e-30 term covers the saturation past the clamps (exp at +-87, Phi at
+    +-12.5), which is below 1e-35 of the terms. Returns (B_a, B_dh)."""
+    if activation == "swiglu":
+        g, u = h64.chunk(2, dim=1)
+        s = torch.sigmoid(g)
+        B_a = (g * s * u).abs() + 1e-30 * (1 + g.abs()) * u.abs()
+        if da64 is None:
+            return B_a, None
+        B_gate = (da64 * u).abs() * (s * (1 + g.abs()) + 1e-30 * (1 + g.abs()))
+        B_up = (da64 * g * s).abs() + 1e-30 * (da64 * (1 + g.abs())).abs()
+        return B_a, torch.cat([B_gate, B_up], dim=1)
+    x = h64
+    phi = 0.5 * torch.erfc(-x / math.sqrt(2))
+    pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    B_a = (x * phi).abs() + 1e-30 * (1 + x.abs())
+    B_dh = None if da64 is None else da64.abs() * (phi + x.abs() * pdf + 1e-30 * (1 + x.abs()))
+    return B_a, B_dh
+
+
+def _assert_fp8_close(q, scale, v64, B, where=""):
+    """q * scale against the exact value v64. The kernel rounds its fp32 value v (|v - v64| <= d,
+    d = 2^-16 B) divided by the scale s (one more rounding, 2^-23 relative at most) to E4M3:
+    half a step is 2^-4 of the value for normals, 2^-10 s in the subnormal range, and a clamp
+    at 448 only removes the division's excess. So |q s - v64| <= 2^-4 (1 + 2^-23)(|v64| + d)
+    + 2^-10 s + d."""
+    deq, s, v64 = q.double() * scale.double(), scale.double(), v64.double()
+    d = 2.0**-16 * B.double()
+    bound = 2.0**-4 * (1 + 2.0**-23) * (v64.abs() + d) + 2.0**-10 * s + d
+    bad = ~((deq - v64).abs() <= bound)
+    assert not bad.any(), f"{where}: {bad.sum().item()} values off, e.g. {deq[bad][:3]} vs {v64[bad][:3]}"
+
+
+def _assert_scale(scale, amax64, Bmax, pow2, where=""):
+    """scale = amax / 448 (fp32), or the next power of two; 1 where amax is 0. amax is the fp32
+    values', each within 2^-16 Bmax of the exact ones."""
+    s, amax64 = scale.double(), amax64.double()
+    d = 2.0**-16 * Bmax.double()
+    lo, hi = (amax64 - d).clamp_min(0) / 448 * (1 - 2.0**-23), (amax64 + d) / 448 * (1 + 2.0**-23)
+    if pow2:
+        assert torch.all(torch.frexp(s)[0] == 0.5), f"{where}: not powers of two"
+        ok = (s >= lo) & (s < 2 * hi)
+    else:
+        ok = (s >= lo) & (s <= hi)
+    ok = torch.where(amax64 + d == 0, s == 1, ok | ((amax64 - d <= 0) & (s == 1)))
+    assert ok.all(), f"{where}: {(~ok).sum().item()} scales off, e.g. {s[~ok][:3]} vs amax {amax64[~ok][:3]}"
+
+
+def _expand(scale, block, n):
+    """(R,) or (R, n // block) scales -> (R, n)."""
+    return scale[:, None].expand(-1, n) if block == 0 else scale.repeat_interleave(block, dim=1)
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("activation, F, block", [("swiglu", 256, 0), ("swiglu", 384, 128), ("gelu", 200, 0),
+                                                  ("gelu", 384, 128)])  # fmt: skip
+def test_reference_fwd_definition(activation, F, block, pow2):
+    X = 2 * F if activation == "swiglu" else F
+    h = odd_h(64, X, seed=3)
+    a_q, a_scale, h_q, h_scale = ref.torch_act_quant_fwd(h, activation, block, pow2, True)
+    h64 = h.double()
+    a64 = _act64(h64, activation)
+    B_a, _ = _error_budget(activation, h64)
+    _assert_fp8_close(a_q, _expand(a_scale, block, F), a64, B_a, "a")
+    _assert_fp8_close(h_q, _expand(h_scale, block, X), h64, torch.zeros_like(h64), "h")  # h is exact in fp32
+    span = block or F
+    _assert_scale(a_scale.view(64, -1), a64.abs().view(64, -1, span).amax(2), B_a.view(64, -1, span).amax(2), pow2)
+    span = block or X
+    _assert_scale(h_scale.view(64, -1), h64.abs().view(64, -1, span).amax(2), torch.zeros(64, X // span), pow2)
+    assert torch.all(a_q[1].view(torch.uint8) == 0) and torch.all(a_scale[1] == 1)  # the zero row
+    empty = ref.torch_act_quant_fwd(h, activation, block, pow2, False)
+    assert empty[2].numel() == 0 and empty[3].numel() == 0
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("activation, F, block, align", [("swiglu", 96, 0, 16), ("swiglu", 128, 128, 128),
+                                                         ("gelu", 80, 0, 32), ("gelu", 384, 128, 128)])  # fmt: skip
+def test_reference_bwd_definition(activation, F, block, align, pow2):
+    da, h_q, h_scale, ends = bwd_inputs(activation, F, block, seed=5)
+    dh_q, dh_scale, dht_q, dht_scale, at_q, at_scale, padded_end = ref.torch_act_quant_bwd(
+        da, h_q, h_scale, activation, ends, align, block, pow2
+    )
+    M, X = h_q.shape
+    E, kept = len(SIZES), sum(SIZES)
+    # The dequantized h the way the kernel forms it (q * scale in fp32); everything after in fp64.
+    h64 = (h_q.float() * _expand(h_scale, block, X)).double()[:kept].requires_grad_()
+    da64 = da[:kept].double()
+    a64 = _act64(h64, activation)
+    (dh64,) = torch.autograd.grad((a64 * da64).sum(), h64)
+    h64, a64 = h64.detach(), a64.detach()
+    B_a, B_dh = _error_budget(activation, h64, da64)
+
+    # dgrad operand: rows, then zeros (scale 1) for the dropped rows.
+    _assert_fp8_close(dh_q[:kept], _expand(dh_scale, block, X)[:kept], dh64, B_dh, "dh rows")
+    span = block or X
+    _assert_scale(dh_scale[:kept].view(kept, -1), dh64.abs().view(kept, -1, span).amax(2),
+                  B_dh.view(kept, -1, span).amax(2), pow2, "dh row scales")  # fmt: skip
+    assert torch.all(dh_q[kept:].view(torch.uint8) == 0) and torch.all(dh_scale[kept:] == 1)
+
+    # wgrad operands: each group's rows transposed into its padded columns, zeros elsewhere.
+    P = round_up(M, align) + E * align
+    assert dht_q.shape == (X, P) and at_q.shape == (F, P) and padded_end.dtype == torch.int32
+    assert padded_end.tolist() == torch.tensor([round_up(s, align) for s in SIZES]).cumsum(0).tolist()
+    written = torch.zeros(P, dtype=torch.bool)
+    for e, size in enumerate(SIZES):
+        start, pstart = sum(SIZES[:e]), padded_end[e].item() - round_up(size, align)
+        cols, rows = slice(pstart, pstart + size), slice(start, start + size)
+        written[cols] = True
+        for name, q, scale, v64, B in [("dh^T", dht_q, dht_scale, dh64, B_dh), ("a^T", at_q, at_scale, a64, B_a)]:
+            if block:
+                tiles = slice(pstart // block, (pstart + round_up(size, block)) // block)
+                s_cols = scale[:, tiles].repeat_interleave(block, dim=1)[:, :size]
+                v_pad = torch.zeros(v64.shape[1], round_up(size, block), dtype=torch.float64)
+                b_pad = torch.zeros_like(v_pad)
+                v_pad[:, :size], b_pad[:, :size] = v64[rows].t(), B[rows].t()
+                amax = v_pad.abs().view(-1, v_pad.shape[1] // block, block).amax(2)
+                Bmax = b_pad.view(-1, b_pad.shape[1] // block, block).amax(2)
+                _assert_scale(scale[:, tiles], amax, Bmax, pow2, f"{name} tile scales, group {e}")
+            else:
+                s_cols = scale[:, e : e + 1].expand(-1, size)
+                amax = v64[rows].abs().amax(0) if size else torch.zeros(v64.shape[1], dtype=torch.float64)
+                Bmax = B[rows].amax(0) if size else torch.zeros_like(amax)
+                _assert_scale(scale[:, e], amax, Bmax, pow2, f"{name} scales, group {e}")
+            _assert_fp8_close(q[:, cols], s_cols, v64[rows].t(), B[rows].t(), f"{name} group {e}")
+    assert torch.all(dht_q.view(torch.uint8)[:, ~written] == 0) and torch.all(at_q.view(torch.uint8)[:, ~written] == 0)
+    if block:  # tiles of padding only have scale 1
+        pad_tiles = ~written.view(-1, block).any(1)
+        assert torch.all(dht_scale[:, pad_tiles] == 1) and torch.all(at_scale[:, pad_tiles] == 1)
+    else:  # empty groups and the all-zero-gradient group get scale 1
+        assert torch.all(dht_scale[:, [0, 4, 6]] == 1) and torch.all(at_scale[:, [0, 4]] == 1)
+
+
+def test_reference_rejects_bad_arguments():
+    h = torch.zeros(4, 256, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="activation"):
+        ref.torch_act_quant_fwd(h, "relu")
+    with pytest.raises(ValueError, match="block"):
+        ref.torch_act_quant_fwd(h, "swiglu", 64)
+    with pytest.raises(ValueError, match="multiple of block"):
+        ref.torch_act_quant_fwd(h[:, :192], "gelu", 128)
+    with pytest.raises(ValueError, match="align"):
+        ref.torch_act_quant_bwd(torch.zeros(4, 128), h.to(FP8_DTYPE), torch.ones(4, 2), "swiglu",
+                                group_ends([4]), 16, 128)  # fmt: skip
+    with pytest.raises(ValueError, match="da must have shape"):
+        ref.torch_act_quant_bwd(torch.zeros(4, 64), h.to(FP8_DTYPE), torch.ones(4), "swiglu", group_ends([4]))
+
+
+# ---- act kernels against the reference (interpreter on CPU) --------------------------------------
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize(
+    "activation, F, block, chunked",
+    [("swiglu", 96, 0, False), ("swiglu", 96, 0, True), ("gelu", 80, 0, True), ("swiglu", 128, 128, False),
+     ("gelu", 384, 128, False)],
+)  # fmt: skip
+def test_fwd_kernel_matches_reference(activation, F, block, chunked, pow2, monkeypatch):
+    if chunked:  # rows longer than one chunk: the amax sweep then the quantize sweep
+        monkeypatch.setattr(act_quant, "_fwd_config", lambda F, block_k: (2, 32, 4))
+    X = 2 * F if activation == "swiglu" else F
+    h = odd_h(37, X, seed=1)
+    for save in (True, False):
+        expected = ref.torch_act_quant_fwd(h, activation, block, pow2, save)
+        assert_same(act_quant._act_quant_fwd_impl(h, activation, block, pow2, save), expected)
+    assert_same(act_quant_fwd(h[:0], activation, block, pow2), ref.torch_act_quant_fwd(h[:0], activation, block, pow2))
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("activation, F, block, align", [("swiglu", 96, 0, 16), ("gelu", 80, 0, 32),
+                                                         ("swiglu", 128, 128, 128), ("gelu", 384, 128, 128)])  # fmt: skip
+def test_bwd_kernel_matches_reference(activation, F, block, align, pow2):
+    args = (*bwd_inputs(activation, F, block, seed=2), align, block, pow2)
+    da, h_q, h_scale, ends = args[:4]
+    out = act_quant._act_quant_bwd_impl(da, h_q, h_scale, activation, ends, align, block, pow2)
+    assert_same(out, ref.torch_act_quant_bwd(da, h_q, h_scale, activation, ends, align, block, pow2))
+    assert not out[0].float().isnan().any() and not out[2].float().isnan().any()  # dropped rows do not leak
+
+
+@pytest.mark.parametrize("sizes", [[0, 0, 0], [40], [7, 0]])
+def test_bwd_kernel_edge_groups(sizes):
+    """No rows in any group (everything dropped), one group holding every row, a trailing empty group."""
+    da, h_q, h_scale, ends = bwd_inputs("swiglu", 32, 0, sizes=sizes, seed=4)
+    for args in [(da, h_q, h_scale, "swiglu", ends, 16, 0, False), (da[:0], h_q[:0], h_scale[:0], "swiglu", ends * 0, 16, 0, False)]:  # fmt: skip
+        assert_same(act_quant._act_quant_bwd_impl(*args), ref.torch_act_quant_bwd(*args))
+
+
+def test_custom_ops_trace_with_fake_tensors():
+    """The registered ops have fake implementations (what torch.compile traces) with the real shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    da, h_q, h_scale, ends = bwd_inputs("swiglu", 128, 128)
+    h = odd_h(9, 256)
+    real = [t.shape for t in act_quant_fwd(h, "swiglu", 128)] + [
+        t.shape for t in act_quant_bwd(da, h_q, h_scale, "swiglu", ends, 128, 128)
+    ]
+    with FakeTensorMode() as mode:
+        fake = [t.shape for t in triton_act_quant_fwd(mode.from_tensor(h), "swiglu", 128, False, True)] + [
+            t.shape
+            for t in triton_act_quant_bwd(*(mode.from_tensor(t) for t in (da, h_q, h_scale)), "swiglu",
+                                          mode.from_tensor(ends), 128, 128, False)  # fmt: skip
+        ]
+    assert fake == real
+
+
+# ---- combine -------------------------------------------------------------------------------------
+
+
+def combine_inputs(T=37, K=3, H=200, E=5, seed=0, device="cpu", dtype=torch.bfloat16):
+    """Routing from moe.permute (row_of_TK a permutation of T*K rows), about one assignment in
+    six dropped, NaN in the dropped rows of y."""
+    from moe.permute import permute
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, E + 1, (T, K), generator=g)
+    _, _, meta = permute(torch.zeros(T, 1), ids, E)
+    y = torch.randn(T * K, H, generator=g).to(dtype)
+    y[meta.row_of_TK[~meta.kept_TK]] = float("nan")
+    w = torch.rand(T, K, generator=g)
+    dout = torch.randn(T, H, generator=g).to(dtype)
+    return tuple(t.to(device) for t in (y, meta.row_of_TK, w, meta.kept_TK, dout))
+
+
+def _combine_loop64(y, row_of_TK, w, kept):
+    """The definition, one token at a time in fp64: out, and the two gradients as functions of dout."""
+    T, K = row_of_TK.shape
+    out = torch.zeros(T, y.shape[1], dtype=torch.float64)
+    for t in range(T):
+        for k in range(K):
+            if kept[t, k]:
+                out[t] += w[t, k].double() * y[row_of_TK[t, k]].double()
+    return out
+
+
+def test_combine_reference_definition():
+    y, rows, w, kept, dout = combine_inputs(seed=1)
+    T, K = rows.shape
+    out = ref.torch_unpermute_combine(y, rows, w, kept)
+    expected = _combine_loop64(y, rows, w, kept)
+    # fp32: K products (exact: bf16 x fp32 has 32 bits... rounded once) and K-1 additions, then bf16.
+    terms = torch.zeros_like(expected)
+    for k in range(K):
+        terms += torch.where(kept[:, k, None], (w[:, k, None].double() * y[rows[:, k]].double()).abs(), 0.0)
+    bound = 2.0**-8 * (expected.abs() + 2 * K * U32 * terms) + 2 * K * U32 * terms
+    assert not out.isnan().any()
+    assert torch.all((out.double() - expected).abs() <= bound)
+    dy, dw = ref.torch_unpermute_combine_bwd(dout, y, rows, w, kept)
+    for t in range(T):
+        for k in range(K):
+            r = rows[t, k]
+            if not kept[t, k]:
+                assert torch.all(dy[r] == 0) and dw[t, k] == 0
+                continue
+            dy_exact = w[t, k].double() * dout[t].double()
+            assert torch.all((dy[r].double() - dy_exact).abs() <= 2.0**-8 * dy_exact.abs())  # one bf16 rounding
+            prods = dout[t].double() * y[r].double()  # exact in fp32 (8 + 8 significant bits)
+            assert abs(dw[t, k].item() - prods.sum().item()) <= (y.shape[1] - 1) * U32 * prods.abs().sum().item()
+
+
+def test_combine_torch_path_gradcheck_float64():
+    y, rows, w, kept, _ = combine_inputs(T=6, K=2, H=5, E=3, seed=2, dtype=torch.float64)
+    y = y.nan_to_num(0.0)  # gradcheck perturbs every input element; NaN rows are tested elsewhere
+    w = w.double().requires_grad_()
+    y.requires_grad_()
+    assert torch.autograd.gradcheck(lambda y, w: UnpermuteCombine.apply(y, rows, w, kept), (y, w))
+
+
+def test_combine_kernel_matches_reference():
+    y, rows, w, kept, dout = combine_inputs(seed=3)
+    out = unpermute_combine(y, rows, w, kept)
+    assert_same([out], [ref.torch_unpermute_combine(y, rows, w, kept)])
+    dy, dw = unpermute_combine_bwd(dout, y, rows, w, kept)
+    dy_ref, dw_ref = ref.torch_unpermute_combine_bwd(dout, y, rows, w, kept)
+    assert_same([dy], [dy_ref])
+    assert not out.isnan().any() and not dy.isnan().any() and not dw.isnan().any()
+    # dweights: fp32 sums of H exact products in another order: |diff| <= 2 (H - 1) u sum |products|.
+    prods = torch.stack([(dout.double() * y[rows[:, k]].double()).nan_to_num(0).abs().sum(1) for k in range(3)], 1)
+    assert torch.all((dw.double() - dw_ref.double()).abs() <= 2 * (y.shape[1] - 1) * U32 * prods)
+    # Through autograd (the Function the layer uses): the same kernels.
+    y_leaf, w_leaf = y.clone().requires_grad_(), w.clone().requires_grad_()
+    UnpermuteCombine.apply(y_leaf, rows, w_leaf, kept).backward(dout)
+    assert_same([y_leaf.grad, w_leaf.grad], [dy, dw])
+
+
+def test_combine_kernel_zero_rows_when_not_a_permutation():
+    """M > T*K (rows no assignment points at): dy is zero there."""
+    y, rows, w, kept, dout = combine_inputs(T=9, K=2, H=16, seed=4)
+    y = torch.cat([y, torch.full((4, 16), float("nan"), dtype=y.dtype)])
+    dy, _ = unpermute_combine_bwd(dout, y, rows, w, kept)
+    assert_same([dy], [ref.torch_unpermute_combine_bwd(dout, y, rows, w, kept)[0]])
+    assert torch.all(dy[-4:] == 0)
+
+
+# ---- GPU: real shapes, bitwise -------------------------------------------------------------------
+
+GPU_SHAPES = [  # (activation, M, F, E): Mixtral 8x7B, Qwen3-30B-A3B, the GELU seed shape
+    ("swiglu", 16384, 14336, 8),
+    ("swiglu", 65536, 768, 128),
+    ("gelu", 32768, 6400, 16),
+]
+
+
+def _gpu_sizes(M: int, E: int, seed: int) -> list[int]:
+    """Random group sizes with the odd ones forced in: 0, 1, 15, 17, 129; a few rows dropped."""
+    g = torch.Generator().manual_seed(seed)
+    odd = [0, 1, 15, 17, 129, 0]
+    rest = M - DROPPED - sum(odd)
+    counts = torch.bincount(torch.randint(0, E - len(odd), (rest,), generator=g), minlength=E - len(odd))
+    return odd + counts.tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block, pow2", [(0, False), (128, False), (0, True)])
+@pytest.mark.parametrize("activation, M, F, E", GPU_SHAPES)
+def test_gpu_act_kernels_bitwise(activation, M, F, E, block, pow2, device):
+    X = 2 * F if activation == "swiglu" else F
+    g = torch.Generator(device=device).manual_seed(0)
+    h = (torch.randn(M, X, device=device, generator=g) * 3).bfloat16()
+    h[1], h[2, ::3] = 0, 448.0  # an all-zero row; values at the E4M3 limit
+    fwd = act_quant_fwd(h, activation, block, pow2)
+    assert_same(fwd, ref.torch_act_quant_fwd(h, activation, block, pow2))
+    _, _, h_q, h_scale = fwd
+    del fwd, h
+    sizes = _gpu_sizes(M, E, seed=1)
+    ends = group_ends(sizes).to(device)
+    da = torch.randn(M, F, device=device, generator=g).bfloat16()
+    da[sum(sizes) :] = float("nan")
+    align = 128 if block else 16
+    out = act_quant_bwd(da, h_q, h_scale, activation, ends, align, block, pow2)
+    assert_same(out, ref.torch_act_quant_bwd(da, h_q, h_scale, activation, ends, align, block, pow2))
+
+
+@pytest.mark.gpu
+def test_gpu_combine_bitwise(device):
+    T, K, H, E = 16384, 8, 4096, 64
+    y, rows, w, kept, dout = combine_inputs(T, K, H, E, seed=5, device=device)
+    out = unpermute_combine(y, rows, w, kept)
+    assert_same([out], [ref.torch_unpermute_combine(y, rows, w, kept)])
+    dy, dw = unpermute_combine_bwd(dout, y, rows, w, kept)
+    dy_ref, dw_ref = ref.torch_unpermute_combine_bwd(dout, y, rows, w, kept)
+    assert_same([dy], [dy_ref])
+    prods = torch.stack([(dout.double() * y[rows[:, k]].double()).nan_to_num(0).abs().sum(1) for k in range(K)], 1)
+    assert torch.all((dw.double() - dw_ref.double()).abs() <= 2 * (H - 1) * U32 * prods)

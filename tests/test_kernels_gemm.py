@@ -1,0 +1,290 @@
+"""FP8 blockwise grouped GEMMs (kernels/grouped_gemm.py) against their references.
+
+Shape letters: M routed rows, K reduction dim, N output features, E experts, P padded tokens.
+
+CPU: Triton's interpreter at tiny odd shapes (groups of 0, 1, 15, 129, 155 rows; empty experts
+first, in the middle and last), both memory paths (TMA descriptors and pointer loads), two tile
+configs, outputs pre-filled with NaN so every row and block the kernel must write is checked.
+FP8 inputs are made by torch's cast, never inside a kernel, so the interpreter's imprecise
+float32 -> float8 cast (DESIGN.md) cannot affect these tests. Kernel vs reference differs only by
+fp32 summation order: relative L2 < 1e-5. The reference itself is checked against an
+independent fp64 computation.
+
+GPU (`pytest -m gpu`): DESIGN.md's four shapes, forward GEMM1 and GEMM2 (2d x 3d) and both
+weight gradients (2d x 2d), uneven groups with empty experts, through the autotuned public ops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kernels import grouped_gemm as gg
+from kernels.common import FP8_DTYPE
+from kernels.grouped_gemm import triton_fp8_grouped_mm, triton_fp8_grouped_mm_wgrad
+from kernels.reference import torch_fp8_grouped_mm, torch_fp8_grouped_mm_wgrad
+
+PATHS = [True, False]  # use_tma
+CONFIGS = [None, dict(BLOCK_M=32, BLOCK_N=256, GROUP_M=3, num_warps=4)]  # autotuned / BN > 128
+
+
+def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def rand_fp8(*shape, device="cpu", gen=None) -> torch.Tensor:
+    x = torch.randn(*shape, generator=gen, device=device) * 64
+    return x.clamp(-448, 448).to(FP8_DTYPE)
+
+
+def rand_scale(*shape, device="cpu", gen=None) -> torch.Tensor:
+    """Positive fp32 scales spanning a factor 16, so a misplaced scale block shows up."""
+    return torch.exp2(torch.rand(*shape, generator=gen, device=device) * 4 - 8)
+
+
+def grouped_inputs(M, K, N, sizes, device="cpu", seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    E = len(sizes)
+    a_q, a_s = rand_fp8(M, K, device=device, gen=gen), rand_scale(M, K // 128, device=device, gen=gen)
+    b_q = rand_fp8(E, N, K, device=device, gen=gen)
+    b_s = rand_scale(E, N // 128, K // 128, device=device, gen=gen)
+    group_end = torch.tensor(sizes, device=device).cumsum(0).to(torch.int32)
+    return a_q, a_s, b_q, b_s, group_end
+
+
+def wgrad_inputs(N, K, padded_sizes, device="cpu", seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    P = sum(padded_sizes)
+    a_q, a_s = rand_fp8(N, P, device=device, gen=gen), rand_scale(N, P // 128, device=device, gen=gen)
+    b_q, b_s = rand_fp8(K, P, device=device, gen=gen), rand_scale(K, P // 128, device=device, gen=gen)
+    padded_end = torch.tensor(padded_sizes, device=device).cumsum(0).to(torch.int32)
+    return a_q, a_s, b_q, b_s, padded_end
+
+
+SIZES = [0, 1, 15, 129, 155]  # M = 300: an empty expert first, sizes odd and around 128
+M, K, N = 300, 256, 384
+PADDED = [0, 256, 0, 384, 128, 0]  # P = 768: empty experts first, in the middle and last
+WN, WK = 256, 384
+
+
+# ---- CPU (interpreter) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["autotuned", "bm32_bn256"])
+@pytest.mark.parametrize("use_tma", PATHS, ids=["tma", "pointer"])
+def test_grouped_mm_matches_reference(use_tma, config):
+    a_q, a_s, b_q, b_s, group_end = grouped_inputs(M, K, N, SIZES)
+    out = torch.full((M, N), float("nan"))
+    gg._launch_grouped_mm(a_q, a_s, b_q, b_s, group_end, out, use_tma, config)
+    ref = torch_fp8_grouped_mm(a_q, a_s, b_q, b_s, group_end, torch.float32)
+    assert not out.isnan().any()
+    assert rel_l2(out, ref) < 1e-5
+
+
+def test_grouped_mm_rows_past_the_last_group_are_zero():
+    sizes = [3, 0, 130, 40]  # 173 of 300 rows belong to experts
+    a_q, a_s, b_q, b_s, group_end = grouped_inputs(M, K, N, sizes, seed=1)
+    out = torch.full((M, N), float("nan"))
+    gg._launch_grouped_mm(a_q, a_s, b_q, b_s, group_end, out, True)
+    ref = torch_fp8_grouped_mm(a_q, a_s, b_q, b_s, group_end, torch.float32)
+    assert torch.equal(out[173:], torch.zeros(M - 173, N))
+    assert rel_l2(out[:173], ref[:173]) < 1e-5
+
+
+def test_grouped_mm_public_op_bf16():
+    """Default out_dtype: the kernel's fp32 result (1e-5 from the reference) rounded to bf16, so
+    each element is within half a bf16 ulp (<= 2**-8 relative) of the fp32 reference."""
+    a_q, a_s, b_q, b_s, group_end = grouped_inputs(M, K, N, SIZES, seed=2)
+    out = triton_fp8_grouped_mm(a_q, a_s, b_q, b_s, group_end)
+    ref = torch_fp8_grouped_mm(a_q, a_s, b_q, b_s, group_end, torch.float32)
+    assert out.dtype == torch.bfloat16 and out.shape == (M, N)
+    err = (out.float() - ref).abs()
+    assert (err <= ref.abs() * 2**-8 + 1e-5 * ref.pow(2).mean().sqrt()).all()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["autotuned", "bm32_bn256"])
+@pytest.mark.parametrize("use_tma", PATHS, ids=["tma", "pointer"])
+def test_wgrad_matches_reference_and_writes_zero_blocks(use_tma, config):
+    a_q, a_s, b_q, b_s, padded_end = wgrad_inputs(WN, WK, PADDED)
+    E = len(PADDED)
+    out = torch.full((E, WN, WK), float("nan"))
+    gg._launch_wgrad(a_q, a_s, b_q, b_s, padded_end, out, use_tma, config)
+    ref = torch_fp8_grouped_mm_wgrad(a_q, a_s, b_q, b_s, padded_end, torch.float32)
+    for e, size in enumerate(PADDED):
+        if size == 0:  # written, and zero: not garbage, not NaN
+            assert torch.equal(out[e], torch.zeros(WN, WK)), f"expert {e} has no tokens"
+    assert rel_l2(out, ref) < 1e-5
+
+
+def test_wgrad_public_op_bf16():
+    a_q, a_s, b_q, b_s, padded_end = wgrad_inputs(WN, WK, [128, 0, 256], seed=3)
+    out = triton_fp8_grouped_mm_wgrad(a_q, a_s, b_q, b_s, padded_end)
+    ref = torch_fp8_grouped_mm_wgrad(a_q, a_s, b_q, b_s, padded_end, torch.float32)
+    assert out.dtype == torch.bfloat16 and out.shape == (3, WN, WK)
+    assert torch.equal(out[1].float(), torch.zeros(WN, WK))
+    err = (out.float() - ref).abs()
+    assert (err <= ref.abs() * 2**-8 + 1e-5 * ref.pow(2).mean().sqrt()).all()
+
+
+def fp64_dequant(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Dequantize by gathering each element's scale (no repeat_interleave, unlike the reference)."""
+    blk = [torch.arange(n) // 128 for n in q.shape]
+    if q.dim() == 2:
+        return q.double() * scale.double()[:, blk[1]]
+    return q.double() * scale.double()[:, blk[1][:, None], blk[2][None, :]]
+
+
+def test_references_against_fp64():
+    a_q, a_s, b_q, b_s, group_end = grouped_inputs(M, K, N, SIZES, seed=4)
+    a64, b64 = fp64_dequant(a_q, a_s), fp64_dequant(b_q, b_s)
+    want = torch.zeros(M, N, dtype=torch.float64)
+    row = 0
+    for e, size in enumerate(SIZES):
+        for r in range(row, row + size):
+            want[r] = b64[e] @ a64[r]
+        row += size
+    got = torch_fp8_grouped_mm(a_q, a_s, b_q, b_s, group_end, torch.float32)
+    assert rel_l2(got, want) < 1e-6
+
+    a_q, a_s, b_q, b_s, padded_end = wgrad_inputs(WN, WK, PADDED, seed=5)
+    a64, b64 = fp64_dequant(a_q, a_s), fp64_dequant(b_q, b_s)
+    owner = torch.repeat_interleave(torch.arange(len(PADDED)), torch.tensor(PADDED))
+    want = torch.stack([(a64 * (owner == e)) @ b64.T for e in range(len(PADDED))])
+    got = torch_fp8_grouped_mm_wgrad(a_q, a_s, b_q, b_s, padded_end, torch.float32)
+    assert rel_l2(got, want) < 1e-6
+
+
+def test_bad_arguments_raise():
+    a_q, a_s, b_q, b_s, group_end = grouped_inputs(M, K, N, SIZES)
+    with pytest.raises(ValueError, match="multiples of 128"):
+        triton_fp8_grouped_mm(a_q[:, :200], a_s, b_q[:, :, :200], b_s, group_end)
+    with pytest.raises(ValueError, match="b_scale"):
+        triton_fp8_grouped_mm(a_q, a_s, b_q, b_s[:, :1], group_end)
+    with pytest.raises(ValueError, match="out_dtype"):
+        triton_fp8_grouped_mm(a_q, a_s, b_q, b_s, group_end, torch.int32)
+    with pytest.raises(ValueError, match="group_end"):
+        triton_fp8_grouped_mm(a_q, a_s, b_q, b_s, group_end[:2])
+    w = wgrad_inputs(WN, WK, [128, 256])
+    with pytest.raises(ValueError, match="P"):
+        triton_fp8_grouped_mm_wgrad(w[0][:, :100], w[1], w[2][:, :100], w[3], w[4])
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        a_q, a_s, b_q, b_s, ge = (mode.from_tensor(t) for t in grouped_inputs(M, K, N, SIZES))
+        out = triton_fp8_grouped_mm(a_q, a_s, b_q, b_s, ge, torch.float32)
+        assert out.shape == (M, N) and out.dtype == torch.float32
+        a_q, a_s, b_q, b_s, pe = (mode.from_tensor(t) for t in wgrad_inputs(WN, WK, PADDED))
+        out = triton_fp8_grouped_mm_wgrad(a_q, a_s, b_q, b_s, pe)
+        assert out.shape == (len(PADDED), WN, WK) and out.dtype == torch.bfloat16
+
+
+# ---- GPU (real shapes) -----------------------------------------------------------------------
+# Tolerances. fp32 output: Hopper's fp8 wgmma keeps ~14 mantissa bits while it sums one 128-wide
+# K block (DeepSeek-V3 report); the kernel promotes every block into fp32, so its error stays
+# ~1e-5..1e-4 relative at any K; 1e-3 leaves 10x margin while a wrong scale block or group is
+# O(1). bf16 output: the result is then rounded to bf16, which alone costs about 2e-3 relative L2
+# (measured on the reference itself as `round_err`); the kernel may add at most the fp32 bound.
+
+SHAPES = {  # DESIGN.md: (M routed rows, H, F, E, act)
+    "mixtral_8x7b": (16384, 4096, 14336, 8, "swiglu"),
+    "deepseek_v3_ep8": (32768, 7168, 2048, 32, "swiglu"),
+    "qwen3_30b_a3b": (65536, 2048, 768, 128, "swiglu"),
+    "seed": (32768, 4096, 6400, 16, "gelu"),
+}
+
+
+def uneven_sizes(M: int, E: int, multiple: int = 1, seed: int = 0) -> list[int]:
+    """Random group sizes summing to M, with two empty experts and odd sizes (unless padded)."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.rand(E, generator=gen) + 0.2
+    weights[[0, E // 2]] = 0
+    sizes = (weights / weights.sum() * (M // multiple)).floor().long() * multiple
+    sizes[-1] += M - sizes.sum()
+    return sizes.tolist()
+
+
+@pytest.fixture
+def exact_fp32_matmul(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+def gemm_problem(shape: str, gemm: str):
+    """(M or P, K or N, N or K, E) of forward GEMM1/GEMM2 and weight gradients W1/W2."""
+    M, H, F, E, act = SHAPES[shape]
+    F1 = 2 * F if act == "swiglu" else F
+    return {"fwd1": (M, H, F1, E), "fwd2": (M, F, H, E), "wgrad1": (M, F1, H, E),
+            "wgrad2": (M, H, F, E)}[gemm]
+
+
+def check_bf16(out: torch.Tensor, ref: torch.Tensor) -> None:
+    err, round_err = rel_l2(out, ref), rel_l2(ref.to(torch.bfloat16), ref)
+    print(f"rel L2 {err:.2e} (bf16 rounding of the reference alone {round_err:.2e})")
+    assert err < round_err + 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gemm", ["fwd1", "fwd2"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_gpu_grouped_mm_real_shapes(shape, gemm, exact_fp32_matmul):
+    rows, K, N, E = gemm_problem(shape, gemm)
+    a_q, a_s, b_q, b_s, ge = grouped_inputs(rows, K, N, uneven_sizes(rows, E), device="cuda")
+    out = triton_fp8_grouped_mm(a_q, a_s, b_q, b_s, ge)
+    ref = torch_fp8_grouped_mm(a_q, a_s, b_q, b_s, ge, torch.float32)
+    check_bf16(out, ref)
+    if gemm == "fwd1":
+        out32 = triton_fp8_grouped_mm(a_q, a_s, b_q, b_s, ge, torch.float32)
+        assert rel_l2(out32, ref) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gemm", ["wgrad1", "wgrad2"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_gpu_wgrad_real_shapes(shape, gemm, exact_fp32_matmul):
+    tokens, N, K, E = gemm_problem(shape, gemm)
+    sizes = uneven_sizes(tokens, E, multiple=128)
+    a_q, a_s, b_q, b_s, pe = wgrad_inputs(N, K, sizes, device="cuda")
+    out = triton_fp8_grouped_mm_wgrad(a_q, a_s, b_q, b_s, pe)
+    ref = torch_fp8_grouped_mm_wgrad(a_q, a_s, b_q, b_s, pe, torch.float32)
+    for e in (e for e, s in enumerate(sizes) if s == 0):
+        assert not out[e].any(), f"expert {e} has no tokens: its block must be zeros"
+    check_bf16(out, ref)
+    if gemm == "wgrad1":
+        out32 = triton_fp8_grouped_mm_wgrad(a_q, a_s, b_q, b_s, pe, torch.float32)
+        assert rel_l2(out32, ref) < 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_tma_path_selected_and_no_host_sync():
+    """The fast path compiles here, and a tuned launch never synchronizes with the host."""
+    a_q, a_s, b_q, b_s, ge = grouped_inputs(4096, 1024, 2048, uneven_sizes(4096, 8), "cuda")
+    w = wgrad_inputs(1024, 512, uneven_sizes(4096, 8, multiple=128), "cuda")
+    triton_fp8_grouped_mm(a_q, a_s, b_q, b_s, ge)  # autotunes (syncs) once
+    triton_fp8_grouped_mm_wgrad(*w)
+    print("paths:", gg._PATH)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        triton_fp8_grouped_mm(a_q, a_s, b_q, b_s, ge)
+        triton_fp8_grouped_mm_wgrad(*w)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert gg._PATH == {"fp8_grouped_mm": "tma", "fp8_grouped_mm_wgrad": "tma"}, (
+        "the TMA path failed to compile on this triton; see the logged warning"
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_tma", PATHS, ids=["tma", "pointer"])
+def test_gpu_both_paths_mid_shape(use_tma, exact_fp32_matmul):
+    a_q, a_s, b_q, b_s, ge = grouped_inputs(8192, 2048, 1536, uneven_sizes(8192, 16), "cuda")
+    out = torch.full((8192, 1536), math.nan, device="cuda")
+    gg._launch_grouped_mm(a_q, a_s, b_q, b_s, ge, out, use_tma)
+    assert rel_l2(out, torch_fp8_grouped_mm(a_q, a_s, b_q, b_s, ge, torch.float32)) < 1e-3
+    w = wgrad_inputs(1536, 2048, uneven_sizes(8192, 16, multiple=128), "cuda")
+    out = torch.full((16, 1536, 2048), math.nan, device="cuda")
+    gg._launch_wgrad(*w, out, use_tma)
+    assert rel_l2(out, torch_fp8_grouped_mm_wgrad(*w, torch.float32)) < 1e-3

@@ -1,0 +1,345 @@
+"""Quantization kernels (kernels/quantize*.py) against their references (kernels/reference.py).
+
+Kernel vs reference is bitwise: FP8 bytes via .view(torch.uint8), scales, padded offsets.
+On CPU the kernels run in Triton's interpreter, whose float32 -> float8e4nv cast is not the
+hardware's: it rounds ties away from zero and drops a carry into the next binade (7.935 -> 4.0
+where torch and the GPU give 8.0), and E4M3 subnormals can come out wrong too. So on CPU the
+reference's final cast (`kernels.reference.torch_fp8_quantize`) is swapped for that same
+interpreter cast (fixture `ref`): everything before the cast (amax, scale, IEEE division, clamp,
+gather, transpose, padding, scale layouts) is still compared bit for bit, and
+`test_interpreter_cast_bug_is_the_known_one` pins down what the swap hides. GPU tests (`-m gpu`)
+swap nothing: bitwise on every element.
+The references themselves are checked against an independent definition (fp64 scales,
+dequantized values within E4M3 rounding of x), so a wrong reference cannot hide.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import kernels.reference as reference
+from kernels.common import FP8_DTYPE, round_up, torch_fp8_quantize, triton_interpret
+from kernels.quantize import quantize_rows, triton_quantize_rows
+from kernels.quantize_grouped import (
+    quantize_cols_grouped,
+    quantize_rows_and_cols_grouped,
+    triton_quantize_cols_grouped,
+    triton_quantize_rows_and_cols_grouped,
+)
+from kernels.quantize_weight import quantize_weight, triton_quantize_weight
+
+SIZES = [0, 1, 15, 17, 0, 129, 3]  # group sizes: empty groups, 1, odd, one past a multiple of 128
+
+
+@triton.jit
+def _interpreter_cast_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n).to(tl.float8e4nv), mask=offs < n)
+
+
+def _interpreter_cast(v: torch.Tensor) -> torch.Tensor:
+    v = v.float().contiguous()
+    out = torch.empty(v.shape, dtype=FP8_DTYPE)
+    if v.numel():
+        _interpreter_cast_kernel[(triton.cdiv(v.numel(), 4096),)](v, out, v.numel(), BLOCK=4096)
+    return out
+
+
+def _interpreter_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """torch_fp8_quantize with the interpreter's cast in place of torch's."""
+    return _interpreter_cast((x.float() / scale).clamp(-448.0, 448.0))
+
+
+@pytest.fixture
+def ref(monkeypatch):
+    """The reference module; under the interpreter its final fp8 cast is the interpreter's."""
+    if triton_interpret():
+        monkeypatch.setattr(reference, "torch_fp8_quantize", _interpreter_quantize)
+    return reference
+
+
+def assert_same(out, expected):
+    assert len(out) == len(expected)
+    for i, (a, b) in enumerate(zip(out, expected)):
+        assert a.dtype == b.dtype and a.shape == b.shape, (i, a.dtype, b.dtype, a.shape, b.shape)
+        if a.dtype == FP8_DTYPE:
+            a, b = a.view(torch.uint8), b.view(torch.uint8)
+        assert torch.equal(a.cpu(), b.cpu()), f"output {i} differs at {(a != b).nonzero()[:5].tolist()}"
+
+
+def odd_x(M: int, K: int, seed: int = 0, device="cpu") -> torch.Tensor:
+    """bf16 rows with the awkward cases: zeros, values at and past the E4M3 limit, huge dynamic
+    range (E4M3 subnormals and underflow to zero), a constant row."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g) * 3
+    specials = [
+        torch.zeros(K),
+        torch.tensor([448.0, -448.0, 1000.0, -3e5, 449.0, 0.5]).repeat(K)[:K],
+        torch.tensor([1e4, -1e-3, 2e-2, 7.0, -1e-6, 0.0]).repeat(K)[:K],
+        torch.full((K,), -2.5),
+    ]
+    for i, row in zip(range(1, M, 7), specials):
+        x[i] = row
+    return x.bfloat16().to(device)
+
+
+def group_ends(sizes, device="cpu", dtype=torch.int32) -> torch.Tensor:
+    return torch.tensor(sizes, dtype=torch.int64).cumsum(0).to(dtype=dtype, device=device)
+
+
+# ---- the interpreter's cast: what the `ref` fixture hides ----------------------------------------
+
+
+@pytest.mark.skipif(not triton_interpret(), reason="only the interpreter's cast is off")
+def test_interpreter_cast_bug_is_the_known_one():
+    g = torch.Generator().manual_seed(1)
+    v = torch.cat([(torch.randn(20000, generator=g) * 60).clamp(-448, 448), torch.tensor([7.935, -100.0, 2e-3])])
+    v = v.bfloat16().float()  # bf16 inputs make exact ties common, as in the kernels
+    ours, torchs = _interpreter_cast(v).float(), v.to(FP8_DTYPE).float()
+    diff = ours != torchs
+    carry = (torchs.abs() > v.abs()) & (torch.frexp(torchs.abs())[0] == 0.5)  # rounded up to 2^n
+    spacing = torch.ldexp(torch.ones_like(v), torch.frexp(v.abs())[1].clamp(min=-5) - 4)  # E4M3 ulp at |v|
+    tie = (v - torchs).abs() == spacing / 2  # exactly halfway: the interpreter rounds away from zero
+    subnormal = v.abs() < 2.0**-6
+    assert diff.any(), "interpreter cast now matches torch: drop the `ref` fixture's swap"
+    assert not (diff & ~(carry | tie | subnormal)).any(), v[diff & ~(carry | tie | subnormal)][:5]
+    assert torch.equal(ours[diff & carry & ~subnormal], torchs[diff & carry & ~subnormal] / 2)
+
+
+# ---- references against an independent definition ---------------------------------------------
+
+
+def _scale64(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
+    """The scale rule in float64 (independent of kernels.common), rounded to fp32 at the end."""
+    s = amax.double() / 448.0
+    if pow2:
+        s = torch.tensor([2.0 ** math.ceil(math.log2(v)) if v > 0 else 1.0 for v in s.flatten().tolist()]).view(s.shape)
+    return torch.where(amax == 0, 1.0, s).float()
+
+
+def _assert_dequantizes(q, scale, x):
+    """q * scale within E4M3 rounding of x: relative error <= 2^-4, or half an E4M3 subnormal step."""
+    deq, x = q.double() * scale.double(), x.double()
+    assert torch.all((deq - x).abs() <= 2.0**-4 * x.abs() + 2.0**-10 * scale.double())
+    assert not torch.isnan(deq).any()
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("block_k", [0, 128])
+def test_reference_rows_definition(block_k, pow2):
+    x = odd_x(29, 384)
+    q, scale = reference.torch_quantize_rows(x, block_k, pow2)
+    x_MSB = x.float().view(29, -1, block_k or 384)
+    expected = _scale64(x_MSB.abs().amax(-1), pow2)
+    assert torch.equal(scale.view(expected.shape), expected)
+    _assert_dequantizes(q.float().view(x_MSB.shape), scale.view(29, -1, 1), x_MSB)
+    assert torch.equal(q[1].float(), torch.zeros(384)) and torch.all(scale[1] == 1)  # zero row
+    assert torch_fp8_quantize(torch.tensor([500.0, -1e9, 448.0]), torch.tensor(1.0)).float().tolist() == [448, -448, 448]
+
+
+@pytest.mark.parametrize("block_m, align", [(0, 16), (128, 128)])
+def test_reference_cols_grouped_definition(block_m, align):
+    sizes = SIZES + [2]
+    x, ends = odd_x(sum(sizes) + 4, 128), group_ends(sizes)  # 4 rows past the last group
+    x[1:16] = 0  # the group of 15 is all zeros
+    qt, scale, padded_end, amax = reference.torch_quantize_cols_grouped(x, ends, align, block_m, False, None, True)
+    P = round_up(x.shape[0], align) + len(sizes) * align
+    assert qt.shape == (128, P) and padded_end.dtype == torch.int32
+    assert padded_end.tolist() == torch.tensor([round_up(s, align) for s in sizes]).cumsum(0).tolist()
+    scale_KP = scale.repeat_interleave(block_m, 1) if block_m else torch.ones(128, P)
+    written = torch.zeros(P, dtype=torch.bool)
+    for e, (size, pend) in enumerate(zip(sizes, padded_end.tolist())):
+        start, pstart = sum(sizes[:e]), pend - round_up(size, align)
+        x_g = x[start : start + size].float().t()
+        if block_m == 0:
+            assert torch.equal(scale[:, e], _scale64(x_g.abs().amax(1) if size else torch.zeros(128), False))
+            scale_KP[:, pstart : pstart + size] = scale[:, e : e + 1]
+        _assert_dequantizes(qt[:, pstart : pstart + size].float(), scale_KP[:, pstart : pstart + size], x_g)
+        assert amax[e] == (x_g.abs().max() if size else 0)
+        written[pstart : pstart + size] = True
+    assert torch.all(qt.view(torch.uint8)[:, ~written] == 0)  # padding and the tail: exact zeros
+
+
+@pytest.mark.parametrize("mode", ["rowwise", "blockwise", "tensorwise"])
+def test_reference_weight_definition(mode):
+    w = odd_x(256, 384).view(2, 128, 384)
+    q, s, qt, st = reference.torch_quantize_weight(w, mode, False)
+    if mode == "rowwise":
+        s_full, st_full = s[:, :, None], st[:, :, None]
+        assert torch.equal(s, _scale64(w.float().abs().amax(2), False))
+    elif mode == "blockwise":
+        s_full = s.repeat_interleave(128, 1).repeat_interleave(128, 2)
+        st_full = s_full.transpose(1, 2)
+        assert torch.equal(st, s.transpose(1, 2))
+        assert torch.equal(s, _scale64(w.float().view(2, 1, 128, 3, 128).abs().amax((2, 4)), False))
+    else:
+        s_full = st_full = s[:, None, None]
+        assert torch.equal(s, _scale64(w.float().abs().amax((1, 2)), False))
+    _assert_dequantizes(q.float(), s_full, w.float())
+    _assert_dequantizes(qt.float(), st_full, w.float().transpose(1, 2))
+    if mode != "rowwise":
+        assert torch.equal(qt.view(torch.uint8), q.view(torch.uint8).transpose(1, 2))
+
+
+# ---- kernels against references, CPU (interpreter) and GPU --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "M, K, block_k, pow2, gather",
+    [
+        (0, 128, 0, False, False),
+        (0, 256, 128, True, True),
+        (1, 128, 128, False, False),
+        (37, 640, 128, False, True),
+        (37, 640, 128, True, False),
+        (30, 384, 0, True, True),
+        (30, 200, 0, False, False),  # rowwise takes any K
+        (5, 9000, 0, True, False),  # longer than _MAX_ROW_IN_REGISTERS: two passes over the row
+    ],
+)
+def test_quantize_rows(ref, M, K, block_k, pow2, gather):
+    x = odd_x(M + 3, K)
+    idx = torch.randint(0, M + 3, (M,), generator=torch.Generator().manual_seed(M)) if gather else None
+    if not gather:
+        x = x[:M]
+    expected = ref.torch_quantize_rows(x, block_k, pow2, idx)
+    assert_same(quantize_rows(x, block_k, pow2, idx), expected)
+
+
+@pytest.mark.parametrize(
+    "block, align, pow2, gather, tail, K",
+    [
+        (0, 16, False, False, 0, 384),
+        (0, 32, True, True, 3, 200),
+        (128, 128, False, True, 0, 256),
+        (128, 128, True, False, 5, 128),
+    ],
+)
+def test_quantize_cols_grouped(ref, block, align, pow2, gather, tail, K):
+    x = odd_x(sum(SIZES) + tail, K)
+    x[1:16] = 0  # an all-zero group
+    ends = group_ends(SIZES, dtype=torch.int64 if gather else torch.int32)
+    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(3)) if gather else None
+    args = (x, ends, align, block, pow2, idx, True)
+    expected = ref.torch_quantize_cols_grouped(*args)
+    assert_same(tuple(quantize_cols_grouped(*args)), expected)
+    assert_same(tuple(quantize_rows_and_cols_grouped(*args)), ref.torch_quantize_rows_and_cols_grouped(*args))
+
+
+@pytest.mark.parametrize("block", [0, 128])
+def test_quantize_grouped_empty_and_single(ref, block):
+    align = 128 if block else 16
+    for sizes, M in [([0, 0, 0], 0), ([1], 1), ([0, 0], 2)]:  # M=0; one row; every row past the groups
+        x = odd_x(M, 128)
+        args = (x, group_ends(sizes), align, block, False, None, False)
+        out = quantize_rows_and_cols_grouped(*args)
+        assert out.amax_E is None
+        expected = ref.torch_quantize_rows_and_cols_grouped(*args)
+        assert_same(tuple(out)[:5], expected[:5])
+        assert_same(tuple(quantize_cols_grouped(*args))[:3], ref.torch_quantize_cols_grouped(*args)[:3])
+
+
+@pytest.mark.parametrize("mode", ["rowwise", "blockwise", "tensorwise"])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quantize_weight(ref, mode, pow2):
+    E, N, K = (3, 256, 384) if mode == "blockwise" else (2, 72, 200)
+    w = odd_x(E * N, K).view(E, N, K)
+    w[1] = 0  # an all-zero expert
+    assert_same(tuple(quantize_weight(w, mode, pow2)), ref.torch_quantize_weight(w, mode, pow2))
+
+
+def test_bad_arguments():
+    x = torch.zeros(4, 200, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="block_k"):
+        quantize_rows(x, block_k=128)
+    with pytest.raises(ValueError, match="block_k"):
+        quantize_rows(x, block_k=64)
+    with pytest.raises(ValueError, match="align"):
+        quantize_cols_grouped(x, group_ends([4]), align=16, block_m=128)
+    with pytest.raises(ValueError, match="align"):
+        quantize_cols_grouped(x, group_ends([4]), align=24)
+    with pytest.raises(ValueError, match="group_end_E"):
+        quantize_cols_grouped(x, torch.zeros(0, dtype=torch.int32))
+    with pytest.raises(ValueError, match="mode"):
+        quantize_weight(x.view(1, 4, 200), mode="colwise")
+    with pytest.raises(ValueError, match="multiples of 128"):
+        quantize_weight(x.view(1, 4, 200), mode="blockwise")
+
+
+def test_cpu_path_without_interpreter_is_the_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = odd_x(20, 128)
+    assert_same(quantize_rows(x, 128, True), reference.torch_quantize_rows(x, 128, True))
+    assert_same(tuple(quantize_weight(x.view(1, 20, 128), "rowwise")), reference.torch_quantize_weight(x.view(1, 20, 128)))
+
+
+def test_custom_ops_trace():
+    """register_fake matches the kernels (opcheck), and torch.compile traces the public API."""
+    x, ends = odd_x(20, 128), group_ends([5, 0, 15])
+    torch.library.opcheck(triton_quantize_rows, (x, 128, False, None), test_utils=("test_schema", "test_faketensor"))
+    for op in (triton_quantize_cols_grouped, triton_quantize_rows_and_cols_grouped):
+        torch.library.opcheck(op, (x, ends, 16, 0, True, None, True), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(triton_quantize_weight, (x.view(1, 20, 128), "rowwise", False), test_utils=("test_faketensor",))
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def fwd_input(x, ends):
+        return quantize_rows_and_cols_grouped(x, ends, 128, 128, True).qt_KP
+
+    assert fwd_input(x, ends).shape == (128, round_up(20, 128) + 3 * 128)
+
+
+# ---- GPU: real shapes, bitwise on every element ------------------------------------------------
+
+
+def _routed_sizes(M: int, E: int, seed: int) -> list[int]:
+    """Skewed group sizes summing to M, with empty and odd groups."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(E, generator=g) ** 3
+    w[:: max(E // 4, 1)] = 0  # some experts get no tokens
+    sizes = (w / w.sum() * M).floor().long()
+    if E > 2:
+        sizes[1], sizes[2] = 1, 17
+    sizes[int(torch.argmax(sizes))] += M - int(sizes.sum())
+    return sizes.tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K", [4096, 7168, 2048])
+@pytest.mark.parametrize("block_k", [0, 128])
+def test_quantize_rows_gpu(K, block_k):
+    M = 16384
+    x = odd_x(M, K, device="cuda")
+    idx = torch.randperm(M, device="cuda")
+    for pow2 in (False, True):
+        assert_same(quantize_rows(x, block_k, pow2), reference.torch_quantize_rows(x, block_k, pow2))
+    assert_same(quantize_rows(x, block_k, True, idx), reference.torch_quantize_rows(x, block_k, True, idx))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K, E", [(4096, 8), (7168, 32), (2048, 128)])
+@pytest.mark.parametrize("block", [0, 128])
+def test_quantize_grouped_gpu(K, E, block):
+    M = 16384
+    x = odd_x(M, K, device="cuda")
+    ends = group_ends(_routed_sizes(M, E, seed=K), device="cuda")
+    idx = torch.randperm(M, device="cuda")
+    align = 128 if block else 16
+    for pow2, gather in [(False, False), (True, True)]:
+        args = (x, ends, align, block, pow2, idx if gather else None, True)
+        assert_same(tuple(quantize_cols_grouped(*args)), reference.torch_quantize_cols_grouped(*args))
+        expected = reference.torch_quantize_rows_and_cols_grouped(*args)
+        assert_same(tuple(quantize_rows_and_cols_grouped(*args)), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["rowwise", "blockwise", "tensorwise"])
+@pytest.mark.parametrize("E, N, K", [(8, 2 * 1536, 2048), (128, 768, 2048), (4, 4096, 7168)])
+def test_quantize_weight_gpu(mode, E, N, K):
+    w = odd_x(E * N, K, device="cuda").view(E, N, K) * 0.02
+    for pow2 in (False, True):
+        assert_same(tuple(quantize_weight(w, mode, pow2)), reference.torch_quantize_weight(w, mode, pow2))

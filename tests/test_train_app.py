@@ -1,0 +1,157 @@
+"""The training application end to end, as a user runs it: `python train.py` and torchrun.
+
+Every run is a subprocess over a tiny model on the embedded corpus (prepared once per session
+in a temporary cache) with logging to files; each test reads metrics.jsonl back.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.dim=64", "model.n_layers=2", "model.moe.ffn_dim=64", "run.seq_len=64",
+    "run.micro_batch_size=2", "run.eval_interval=0", "logging.wandb=disabled", "logging.interval=1",
+]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    e = dict(os.environ, FP8MOE_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    e.pop("FP8MOE_RUN_ID", None)
+    return e
+
+
+def _train(env, out, *overrides, torchrun=0, check=True, timeout=600):
+    cmd = [sys.executable, "train.py"]
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", "train.py"]
+    cmd += [*TINY, f"run.output_root={out}", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss, the last record of each step (a resumed run appends to the same file)."""
+    losses = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            losses[rec["step"]] = rec["loss"]
+    return losses
+
+
+def test_default_run_loss_falls_and_metrics_and_wandb(env, tmp_path):
+    _train(env, tmp_path, "run.name=base", "run.steps=30", "logging.interval=5", "logging.wandb=offline",
+           "logging.group=pair1", "logging.job_type=bf16", "logging.expert_hist_interval=10")
+    run_dir = tmp_path / "base"
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.5, [r["loss"] for r in steps]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "mfu",
+                "memory_gib", "load_imbalance"):
+        assert key in steps[0], key
+    assert any("expert_load/layer_0" in r for r in records)  # histogram every 10 steps
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert (run_dir / "checkpoints" / "step_000030").is_dir()
+
+    inspect = subprocess.run(
+        ["wandb", "leet", "inspect", "--summary", "--json", str(run_dir / "wandb")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert inspect.returncode == 0, inspect.stderr
+    text = inspect.stdout
+    assert "pair1" in text and '"bf16"' in text, text[:2000]
+
+
+def test_resume_after_kill_gives_identical_losses(env, tmp_path):
+    common = ["run.steps=12", "checkpoint.interval=6"]
+    _train(env, tmp_path, "run.name=straight", *common)
+    straight = _losses(tmp_path / "straight")
+
+    cmd = [sys.executable, "train.py", *TINY, f"run.output_root={tmp_path}", "run.name=killed", *common]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = tmp_path / "killed" / "checkpoints" / "step_000006"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.kill()  # SIGKILL: no chance to save anything more
+    proc.wait()
+    assert ckpt.exists(), proc.stderr.read().decode()[-3000:]
+    assert not (tmp_path / "killed" / "checkpoints" / "step_000012").exists(), "killed too late to test resume"
+
+    _train(env, tmp_path, "run.name=killed", *common)
+    resumed = _losses(tmp_path / "killed")
+    assert sorted(resumed) == sorted(straight) == list(range(1, 13))
+    assert resumed == straight  # bitwise: same data order, RNG, optimizer and scheduler state
+
+
+def test_sigterm_saves_checkpoint_that_resumes(env, tmp_path):
+    cmd = [sys.executable, "train.py", *TINY, f"run.output_root={tmp_path}", "run.name=term", "run.steps=500"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = tmp_path / "term" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    ckpts = sorted((tmp_path / "term" / "checkpoints").glob("step_*"))
+    assert len(ckpts) == 1 and not ckpts[0].name.endswith(".tmp")
+    saved_step = int(ckpts[0].name.split("_")[1])
+    assert 3 <= saved_step < 500
+
+    out = _train(env, tmp_path, "run.name=term", f"run.steps={saved_step + 2}")
+    assert f"resumed from step {saved_step}" in out.stderr + out.stdout
+    assert max(_losses(tmp_path / "term")) == saved_step + 2
+
+
+def test_torchrun_two_ranks_matches_one_process_same_global_batch(env, tmp_path):
+    common = ["run.steps=6", "run.dtype=float32"]
+    # One process: 2 micro-batches of 2 = global batch 4. Two ranks: 1 micro-batch of 2 each.
+    _train(env, tmp_path, "run.name=single", "run.grad_accum=2", *common)
+    _train(env, tmp_path, "run.name=ddp", *common, torchrun=2)
+    single, ddp = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
+    assert sorted(single) == sorted(ddp) == list(range(1, 7))
+    for step in single:
+        # fp32 everywhere; only the order of the gradient sums differs (all-reduce vs accumulate).
+        assert ddp[step] == pytest.approx(single[step], rel=1e-5), (step, single, ddp)
+    assert not (tmp_path / "ddp" / ".hydra").exists() or len(list((tmp_path / "ddp").glob(".hydra*"))) == 1
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["run.no_such_key=1"], "no_such_key"),
+        (["run.steps=many"], "run.steps"),
+        (["data=megatron", "data.paths=[/nonexistent/corpus]", "data.tokenizer=/nonexistent/tok.json"],
+         "/nonexistent/"),
+        (["model.moe.top_k=9"], "model.moe.top_k"),
+        (["fp8.experts=int4"], "fp8.experts"),
+    ],
+)
+def test_bad_input_is_a_clear_error(env, tmp_path, overrides, needle):
+    proc = _train(env, tmp_path, "run.steps=2", *overrides, check=False)
+    assert proc.returncode != 0
+    assert needle in proc.stderr, proc.stderr[-3000:]
+
+
+def test_corrupted_checkpoint_is_refused_not_restarted(env, tmp_path):
+    _train(env, tmp_path, "run.name=corrupt", "run.steps=2")
+    ckpt = tmp_path / "corrupt" / "checkpoints" / "step_000002"
+    metadata = ckpt / ".metadata"
+    metadata.write_bytes(metadata.read_bytes()[:20])  # truncated DCP metadata
+    proc = _train(env, tmp_path, "run.name=corrupt", "run.steps=4", check=False)
+    assert proc.returncode != 0
+    assert str(ckpt) in proc.stderr, proc.stderr[-3000:]
