@@ -248,12 +248,41 @@ def bench_quantize_weight_experts(ctx: Context) -> list[dict]:
     return ctx.rows
 
 
+# ---- activation kernels (kernels/act_quant.py) -------------------------------------------------
+
+
+def bench_act_rows(ctx: Context) -> list[dict]:
+    """act_quant_fwd (h -> FP8 a and FP8 h) and act_quant_bwd (da, FP8 h -> dh rows, dh^T, a^T)."""
+    from kernels.act_quant import act_quant_bwd, act_quant_fwd
+
+    for name, s in ctx.shapes.items():
+        h, da, ends = _x(s.M, s.F1), _x(s.M, s.F), _group_ends(s.M, s.E)
+        for block, align, label in [(0, 16, "rowwise"), (128, 128, "1x128")]:
+            n_row_scales = s.M * (s.F + s.F1) // 128 if block else 2 * s.M
+            ctx.measure(
+                f"act_quant_fwd[{label}]", name, s.E, lambda: act_quant_fwd(h, s.act, block),
+                s.M * s.F1 * 3 + s.M * s.F + _scale_bytes(n_row_scales),
+            )  # fmt: skip
+            _, _, h_q, h_scale = act_quant_fwd(h, s.act, block)
+            P = s.M + s.E * align
+            n_scales = (s.M * s.F1 // 128 + (s.F1 + s.F) * P // 128) if block else (s.M + (s.F1 + s.F) * s.E)
+            ctx.measure(
+                f"act_quant_bwd[{label}]", name, s.E,
+                lambda: act_quant_bwd(da, h_q, h_scale, s.act, ends, align, block),
+                s.M * s.F * 2 + s.M * s.F1 * 2 + (s.F1 + s.F) * P + _scale_bytes(n_scales + h_scale.numel()),
+            )  # fmt: skip
+            del h_q, h_scale
+        del h, da
+    return ctx.rows
+
+
 BENCHES: dict[str, Callable[[Context], list[dict]]] = {
     "quantize_rows": bench_quantize_rows,
     "quantize_cols_grouped": bench_quantize_cols_grouped,
     "quantize_rows_and_cols_grouped": bench_quantize_rows_and_cols_grouped,
     "quantize_weight": bench_quantize_weight,
     "quantize_weight_experts": bench_quantize_weight_experts,
+    "act_rows": bench_act_rows,
 }
 
 

@@ -106,9 +106,12 @@ def _check(y_MH: torch.Tensor, row_of_TK: torch.Tensor, weights_TK: torch.Tensor
         raise ValueError(f"kept_TK must be bool and row_of_TK integer, got {kept_TK.dtype}, {row_of_TK.dtype}")
 
 
-# Launch shapes, (BLOCK_T, BLOCK_H, num_warps).
-_FWD_TILE = (32, 128, 4)
-_BWD_TILE = (16, 256, 4)
+# Launch shapes, (BLOCK_T, BLOCK_H, num_warps). Measured on H200 (copy 4.3 TB/s) at T=16384 K=8
+# H=4096, T=8192 K=2 H=4096, T=4096 K=8 H=7168: forward 16x128 ran at 0.91 / 0.84 / 0.88 of copy
+# (32x128: 0.68-0.82); backward 8x256 at 0.85 / 0.85 / 0.75 (16x256: 0.75 / 0.85 / 0.66).
+# torch's gather-and-add reference: 0.04-0.05.
+_FWD_TILE = (16, 128, 4)
+_BWD_TILE = (8, 256, 4)
 
 
 def _round_bf16(t: torch.Tensor) -> bool:

@@ -8,10 +8,15 @@ Scale rule (all recipes): for a set of values with absolute maximum `amax`,
 
 How the rule is computed, so that kernels and references agree bit for bit (fp32 throughout):
 - Both divisions are IEEE round-to-nearest. Triton's `/` on fp32 lowers to the approximate
-  `div.full.f32` on NVIDIA GPUs, so kernels call `tl.math.div_rn` (see `tl_fp8_scale` and
-  `tl_fp8_quantize`). torch's tensor/tensor division is IEEE on CPU and CUDA, but
-  `cuda_tensor / python_float` multiplies by a rounded reciprocal, so references divide by a
-  0-dim tensor (`torch_fp8_scale`).
+  `div.full.f32` on NVIDIA GPUs, so kernels never use it. `tl_fp8_scale` calls `tl.math.div_rn`;
+  `tl_fp8_quantize` takes one IEEE reciprocal per scale (`tl_fp8_divisor`), then a product and
+  Markstein's FMA correction (`tl_fp8_quantize_by`), which rounds like `x / scale`: checked
+  against torch for every finite bf16 x with 7M scales, the fp8 bytes always agree (fp32 bits
+  differ only where |x / scale| < 5e-19, far below E4M3's smallest value). Per element that is
+  two multiplies and two FMAs instead of div.rn's sequence, which cost 20% of bandwidth in the
+  rowwise row kernel at K=7168 (H100). `tl.math.div_rn(x, scale)` gives the same fp8 bytes.
+  torch's tensor/tensor division is IEEE on CPU and CUDA, but `cuda_tensor / python_float`
+  multiplies by a rounded reciprocal, so references divide by a 0-dim tensor (`torch_fp8_scale`).
 - "2 ** ceil(log2(scale))" is taken on the fp32 bits, `(bits + 0x7FFFFF) & 0x7F800000`, which is
   exact (no log2, whose GPU version is approximate); scales below 2**-126 (amax < 5e-36) become
   2**-126.
@@ -82,11 +87,39 @@ def tl_fp8_scale(amax, POW2: tl.constexpr):
 
 
 @triton.jit
-def tl_fp8_quantize(x, scale):
-    """Triton twin of `torch_fp8_quantize`; x fp32, scale broadcastable, result float8e4nv."""
-    q = tl.math.div_rn(x, scale)
+def tl_fp8_divisor(scale):
+    """(s, r, f) for `tl_fp8_quantize_by`: f = 2**64 for scales below 2**-60 (so that the
+    residual below cannot underflow) else 1, s = scale * f (exact), r = 1 / s (IEEE).
+
+    Take it once per scale (pass scale un-broadcast, e.g. [BLOCK_M, 1]) and before loading the
+    tile it divides: div.rn calls a slow-path subroutine, around which ptxas keeps every live
+    register (computed after the tile load it took the weight kernel from 48 to 128 registers).
+    """
+    f = tl.where(scale < 8.673617379884035e-19, 1.8446744073709552e19, 1.0)  # 2**-60, 2**64
+    s = scale * f
+    return s, tl.math.div_rn(1.0, s), f
+
+
+@triton.jit
+def tl_fp8_quantize_by(x, s, r, f):
+    """clamp(x / scale, -448, 448) to float8e4nv, given `tl_fp8_divisor(scale)`.
+
+    The quotient is x*f * r corrected by Markstein's FMA step, which rounds like IEEE division
+    (see the module docstring); zeros keep their sign.
+    """
+    xs = x * f
+    q = xs * r
+    q = tl.fma(tl.fma(-q, s, xs), r, q)
+    q = tl.where(x == 0.0, x, q)
     q = tl.minimum(tl.maximum(q, -448.0), 448.0)
     return q.to(tl.float8e4nv)
+
+
+@triton.jit
+def tl_fp8_quantize(x, scale):
+    """Triton twin of `torch_fp8_quantize`; x fp32, scale broadcastable, result float8e4nv."""
+    s, r, f = tl_fp8_divisor(scale)
+    return tl_fp8_quantize_by(x, s, r, f)
 
 
 # ---- exact casts under Triton's interpreter (CPU tests only) ----------------------------------

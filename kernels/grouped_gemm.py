@@ -15,29 +15,30 @@ Scales are dequantization multipliers (x ~= q * scale, see kernels/common.py): 1
 activations (a_scale[m, k // 128]), 128x128 blocks for weights (b_scale[e, n // 128, k // 128]).
 
 Scale promotion (DeepSeek-V3): the K loop steps 128 at a time, one scale block per step. Each
-step's fp8 dot starts from zero (on Hopper the tensor core keeps ~14 mantissa bits while it
-accumulates fp8 products, so it never sums more than 128 products), and the fp32 result is
-promoted into the accumulator:  acc += dot(a_blk, b_blk) * sa[:, None] * sb[None, :].
+step's fp8 dot starts from zero (Hopper's tensor core keeps ~14 mantissa bits while it sums fp8
+products, so it never sums more than 128 of them) and its fp32 result is promoted:
+acc += dot(a_blk, b_blk) * sa[:, None] * sb[None, :]. A tile's N side is SPLIT_N halves of 128
+columns with their own accumulators, so each half meets one weight block (a scalar scale: one
+FMA per element) and a 128x256 tile holds 3 fp32 tiles in registers, not 4.
 
-Schedule of the 2d x 3d kernel (no host sync: group sizes live on the device). The grid is
-persistent, min(#SMs, bound) programs. Each program loads group_end once (E <= E_PAD entries),
-adds one pseudo-group for the rows past group_end[-1] (written as zeros, so the output never
-holds garbage), and computes on device the M-tiles per group, their inclusive cumsum and the
-total. It then walks the flattened tile list (M-tiles of all groups, concatenated) x N-tiles
-with stride #programs, in GROUP_M-swizzled order for L2 reuse of the weight tiles. A tile finds
-its group with one vector compare-and-sum over the cumsum, so an M-tile never spans two groups;
-rows of the next group that a TMA load reads in are computed and masked off at the store.
-Bound on M-tiles: sum_g cdiv(size_g, BM) <= cdiv(M, BM) + E + 1.
+2d x 3d schedule (group sizes stay on the device, no host sync): a persistent grid of
+PROGRAMS_PER_SM x #SMs programs. Each loads group_end once (E_PAD lanes), adds a pseudo-group
+for the rows past group_end[-1] (written as zeros, never garbage), and computes on device the
+M-tiles per group, their inclusive cumsum and the total. It walks the concatenated M-tiles of
+all groups x N-tiles with stride #programs, GROUP_M-swizzled for L2 reuse; a tile finds its
+group by one compare-and-sum over the cumsum, so no M-tile spans two groups (rows of the next
+group that a TMA load brings in are computed and masked at the store). The host bounds the
+tile count by (cdiv(M, BM) + E + 1) x N-tiles only to size the grid.
 
-The 2d x 2d (wgrad) kernel has a static tile set, E x cdiv(N, BM) x cdiv(K, BN): one program
-per output tile, the hardware block scheduler balancing experts of different token counts.
-Only the token range of the tile's expert is on the device; an expert with no tokens runs zero
-K steps and writes its zero block.
+2d x 2d (wgrad) schedule: the tile set E x cdiv(N, BM) x cdiv(K, 128 SPLIT_N) is static, one
+program per tile (the block scheduler balances experts of different token counts); only the
+expert's token range is read on device. An expert without tokens runs no K step and writes
+its zero block.
 
-Memory path: TMA through host-side `TensorDescriptor`s (triton >= 3.4; 3.6 and 3.9 tested for
-the API), or plain masked pointer loads. The TMA path is tried once per kernel at its first
-launch; if it fails to compile the pointer path is used from then on, with a logged warning.
-FP8MOE_GEMM_PATH=tma|pointer forces one path.
+Memory path: TMA through host-side `TensorDescriptor`s (the API is the same in triton 3.6 and
+3.9), or masked pointer loads. The TMA path is tried once per kernel at its first launch; if it
+raises, the pointer path is used from then on and a warning is logged (`_PATH` records the
+choice). FP8MOE_GEMM_PATH=tma|pointer forces one path.
 """
 
 from __future__ import annotations
@@ -63,48 +64,41 @@ SCALE_BLOCK = 128  # one scale per 128 elements of K (activations) and 128x128 (
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-# ---- configs: small lists, tuned once per (N, K) --------------------------------------------
-# BLOCK_K is always 128 (one scale step). Triton on Hopper waits for each fresh fp8 wgmma before
-# the fp32 promotion can use it (checked in the sm_90a TTGIR of triton 3.9: `warp_group_dot_wait
-# {pendings = 0}` right after the dot; warp specialization is Blackwell-only), so the promotion
-# FMAs overlap the tensor cores only across warpgroups or CTAs sharing an SM. Hence both shapes:
-# one 8-warp CTA of 128x128 (two warpgroups; 189-254 registers, no spills, sm_90a ptxas) and
-# 4-warp 64x128 CTAs, two per SM (96 KB shared memory and <= 238 registers x 128 threads each).
-# 128x256 spills ~200 bytes (two fp32 tiles of 128 registers per thread) and is kept as a
-# candidate only. PROGRAMS_PER_SM sizes the persistent grid of the 2d x 3d kernel.
+# ---- configs: small lists, tuned once per (N, K, path) --------------------------------------
+# What the sm_90a code looks like (triton 3.9 TTGIR/PTX/SASS, `ptxas -v`; to re-check on 3.6):
+# Triton waits on each fresh fp8 wgmma at once (`warp_group_dot_wait {pendings = 0}`) and puts a
+# CTA-wide bar.sync before each wgmma, so inside one CTA the promotion FMAs never overlap the
+# tensor cores (automatic warp specialization is Blackwell-only); two CTAs on one SM do overlap.
+# Candidates: 128x256 with 8 warps (fewest L2 bytes per flop; 245-248 registers, no spills),
+# 128x128 with 8 warps (188-198 registers), and 64x128 with 4 warps, two CTAs per SM (96 KB
+# shared memory, ~170 registers x 128 threads each).
+
+
+def _cfg(block_m, split_n, warps, stages, programs_per_sm=None, group_m=8):
+    meta = dict(BLOCK_M=block_m, SPLIT_N=split_n, GROUP_M=group_m)
+    if programs_per_sm is not None:  # the persistent 2d x 3d kernel only
+        meta["PROGRAMS_PER_SM"] = programs_per_sm
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
 def _mm_configs(interpret: bool) -> list[triton.Config]:
-    if interpret:  # one config: the interpreter cannot time anything, keep shapes tiny
-        return [triton.Config(dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=2, PROGRAMS_PER_SM=1),
-                              num_warps=4)]
-    return [
-        triton.Config(dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, PROGRAMS_PER_SM=1),
-                      num_warps=8, num_stages=4),
-        triton.Config(dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, PROGRAMS_PER_SM=1),
-                      num_warps=8, num_stages=3),
-        triton.Config(dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, PROGRAMS_PER_SM=2),
-                      num_warps=4, num_stages=4),
-        triton.Config(dict(BLOCK_M=128, BLOCK_N=256, GROUP_M=8, PROGRAMS_PER_SM=1),
-                      num_warps=8, num_stages=3),
-    ]
+    if interpret:  # one config: the interpreter cannot time anything
+        return [_cfg(64, 1, 4, 1, programs_per_sm=1, group_m=2)]
+    return [_cfg(128, 2, 8, 3, 1), _cfg(128, 2, 8, 4, 1), _cfg(128, 1, 8, 4, 1),
+            _cfg(64, 1, 4, 4, 2)]
 
 
 def _wgrad_configs(interpret: bool) -> list[triton.Config]:
     if interpret:
-        return [triton.Config(dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=2), num_warps=4)]
-    return [
-        triton.Config(dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8), num_warps=8, num_stages=4),
-        triton.Config(dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8), num_warps=4, num_stages=4),
-        triton.Config(dict(BLOCK_M=128, BLOCK_N=256, GROUP_M=8), num_warps=8, num_stages=3),
-    ]
+        return [_cfg(64, 1, 4, 1, group_m=2)]
+    return [_cfg(128, 2, 8, 3), _cfg(128, 1, 8, 4), _cfg(64, 1, 4, 4)]
 
 
 def _set_block_shapes(nargs):
     """Autotune pre-hook: host TMA descriptors take their block shape from the chosen config."""
     if nargs["USE_TMA"]:
         nargs["a"].block_shape = [nargs["BLOCK_M"], SCALE_BLOCK]
-        nargs["b"].block_shape = [nargs["BLOCK_N"], SCALE_BLOCK]
+        nargs["b"].block_shape = [SCALE_BLOCK, SCALE_BLOCK]  # one 128-row half at a time
 
 
 def _autotuned(kernel, configs: list[triton.Config]):
@@ -131,6 +125,19 @@ def _load_tile(src, row0, col0, n_rows, stride, BR: tl.constexpr, BC: tl.constex
 
 
 @triton.jit
+def _pin(x, ENABLE: tl.constexpr):
+    """Identity through a volatile asm mov, so LLVM cannot sink the arithmetic producing x past
+    the next wgmma. Without it the first half's promotion FMAs were scheduled after the second
+    half's wgmma, keeping both dot results live: the 128x256 forward spilled 196 bytes inside
+    the K loop; with it, 245 registers and no spills (ptxas -v, sm_90a). Off in the
+    interpreter, which cannot run inline asm."""
+    if ENABLE:
+        x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                      is_pure=False, pack=1)
+    return x
+
+
+@triton.jit
 def _swizzle(tile, m_tiles, n_tiles, GROUP_M: tl.constexpr):
     """Map a linear tile id to (m tile, n tile), GROUP_M m-tiles per band, for L2 reuse."""
     band = GROUP_M * n_tiles
@@ -151,11 +158,12 @@ def _fp8_grouped_mm_kernel(
     stride_am, stride_bn,
     stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk,
     stride_om,
-    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_N: tl.constexpr, GROUP_M: tl.constexpr,
     PROGRAMS_PER_SM: tl.constexpr,  # read by the launcher's grid only
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, PIN: tl.constexpr,
 ):
     BLOCK_K: tl.constexpr = 128
+    BLOCK_N: tl.constexpr = 128 * SPLIT_N  # SPLIT_N halves of one weight-scale block each
     # group table, E experts + the tail (g == E) of rows past group_end[E-1], all clamped to M
     g = tl.arange(0, E_PAD)
     ends = tl.minimum(tl.load(group_end_ptr + g, mask=g < E, other=M), M)
@@ -174,28 +182,37 @@ def _fp8_grouped_mm_kernel(
         row_end = tl.sum(tl.where(here, ends, 0))
         k_steps = tl.where(e < E, K // BLOCK_K, 0)  # the tail group only writes zeros
         n0 = nt * BLOCK_N
+        b_row0 = e * N + n0
 
         rows = row0 + tl.arange(0, BLOCK_M)
-        cols = n0 + tl.arange(0, BLOCK_N)
         sa_ptrs = a_scale_ptr + rows.to(tl.int64) * stride_sam
-        sb_ptrs = b_scale_ptr + e.to(tl.int64) * stride_sbe
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        sb_ptr = b_scale_ptr + e.to(tl.int64) * stride_sbe + (n0 // 128) * stride_sbn
+        has_hi = n0 + 128 < N  # the second half exists (N is a multiple of 128, not of 256)
+        acc_lo = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
+        acc_hi = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
         for ks in range(0, k_steps):
             a_t = _load_tile(a, row0, ks * BLOCK_K, M, stride_am, BLOCK_M, BLOCK_K, USE_TMA)
-            b_t = _load_tile(b, e * N + n0, ks * BLOCK_K, E * N, stride_bn, BLOCK_N, BLOCK_K,
-                             USE_TMA)
             sa = tl.load(sa_ptrs + ks * stride_sak, mask=rows < M, other=0.0)
-            if BLOCK_N == 128:  # one weight block: fold its scale into the row scales
-                sb = tl.load(sb_ptrs + (n0 // 128) * stride_sbn + ks * stride_sbk)
-                acc += tl.dot(a_t, b_t.T) * (sa * sb)[:, None]
-            else:
-                sb = tl.load(sb_ptrs + (cols // 128) * stride_sbn + ks * stride_sbk,
-                             mask=cols < N, other=0.0)
-                acc += (tl.dot(a_t, b_t.T) * sa[:, None]) * sb[None, :]
+            # one weight block per half: its scale folds into the row scales, one FMA/element
+            b_lo = _load_tile(b, b_row0, ks * BLOCK_K, E * N, stride_bn, 128, BLOCK_K, USE_TMA)
+            sb_lo = tl.load(sb_ptr + ks * stride_sbk)
+            acc_lo += tl.dot(a_t, b_lo.T) * (sa * sb_lo)[:, None]
+            if SPLIT_N == 2:
+                acc_lo = _pin(acc_lo, PIN)
+                b_hi = _load_tile(b, b_row0 + 128, ks * BLOCK_K, E * N, stride_bn, 128, BLOCK_K,
+                                  USE_TMA)
+                # no second half at the right edge: read the first half's scale (stays in
+                # bounds; that half is computed on zero-padded rows and never stored)
+                sb_hi = tl.load(sb_ptr + tl.where(has_hi, stride_sbn, 0) + ks * stride_sbk)
+                acc_hi += tl.dot(a_t, b_hi.T) * (sa * sb_hi)[:, None]
 
+        cols = n0 + tl.arange(0, 128)
         out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-        mask = (rows < row_end)[:, None] & (cols < N)[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        row_ok = (rows < row_end)[:, None]
+        tl.store(out_ptrs, acc_lo.to(out_ptr.dtype.element_ty), mask=row_ok)
+        if SPLIT_N == 2:
+            tl.store(out_ptrs + 128, acc_hi.to(out_ptr.dtype.element_ty),
+                     mask=row_ok & (cols + 128 < N)[None, :])
 
 
 # ---- 2d x 2d: out_ENK[e] = a_NP[:, tokens of e] @ b_KP[:, tokens of e].T ----------------------
@@ -208,10 +225,11 @@ def _fp8_grouped_mm_wgrad_kernel(
     stride_an, stride_bk,
     stride_san, stride_sap, stride_sbk, stride_sbp,
     stride_oe, stride_on,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, SPLIT_N: tl.constexpr, GROUP_M: tl.constexpr,
+    USE_TMA: tl.constexpr, PIN: tl.constexpr,
 ):
     BLOCK_K: tl.constexpr = 128
+    BLOCK_N: tl.constexpr = 128 * SPLIT_N
     n_tiles = tl.cdiv(N, BLOCK_M)
     k_tiles = tl.cdiv(K, BLOCK_N)
     pid = tl.program_id(0)
@@ -225,22 +243,34 @@ def _fp8_grouped_mm_wgrad_kernel(
     n0 = nt * BLOCK_M
     k0 = kt * BLOCK_N
     rows = n0 + tl.arange(0, BLOCK_M)
-    cols = k0 + tl.arange(0, BLOCK_N)
+    cols_lo = k0 + tl.arange(0, 128)
+    cols_hi = cols_lo + 128
     sa_ptrs = a_scale_ptr + rows.to(tl.int64) * stride_san
-    sb_ptrs = b_scale_ptr + cols.to(tl.int64) * stride_sbk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    sb_lo_ptrs = b_scale_ptr + cols_lo.to(tl.int64) * stride_sbk
+    sb_hi_ptrs = b_scale_ptr + cols_hi.to(tl.int64) * stride_sbk
+    acc_lo = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
+    acc_hi = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
     for ps in range(step_lo, step_hi):  # an expert with no tokens: zero steps, zero block
         a_t = _load_tile(a, n0, ps * BLOCK_K, N, stride_an, BLOCK_M, BLOCK_K, USE_TMA)
-        b_t = _load_tile(b, k0, ps * BLOCK_K, K, stride_bk, BLOCK_N, BLOCK_K, USE_TMA)
         sa = tl.load(sa_ptrs + ps * stride_sap, mask=rows < N, other=0.0)
-        sb = tl.load(sb_ptrs + ps * stride_sbp, mask=cols < K, other=0.0)
-        # (d * sa) * sb in place: an outer-product scale tile would cost 64 more registers
-        acc += (tl.dot(a_t, b_t.T) * sa[:, None]) * sb[None, :]
+        # each 128-token step is one scale tile of both operands: promote by the outer product,
+        # (d * sa) * sb in place (a materialized sa x sb tile would cost 64 more registers)
+        b_lo = _load_tile(b, k0, ps * BLOCK_K, K, stride_bk, 128, BLOCK_K, USE_TMA)
+        sb_lo = tl.load(sb_lo_ptrs + ps * stride_sbp, mask=cols_lo < K, other=0.0)
+        acc_lo += (tl.dot(a_t, b_lo.T) * sa[:, None]) * sb_lo[None, :]
+        if SPLIT_N == 2:
+            acc_lo = _pin(acc_lo, PIN)
+            b_hi = _load_tile(b, k0 + 128, ps * BLOCK_K, K, stride_bk, 128, BLOCK_K, USE_TMA)
+            sb_hi = tl.load(sb_hi_ptrs + ps * stride_sbp, mask=cols_hi < K, other=0.0)
+            acc_hi += (tl.dot(a_t, b_hi.T) * sa[:, None]) * sb_hi[None, :]
 
     out_ptrs = (out_ptr + e.to(tl.int64) * stride_oe + rows[:, None].to(tl.int64) * stride_on
-                + cols[None, :])
-    mask = (rows < N)[:, None] & (cols < K)[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+                + cols_lo[None, :])
+    row_ok = (rows < N)[:, None]
+    tl.store(out_ptrs, acc_lo.to(out_ptr.dtype.element_ty), mask=row_ok & (cols_lo < K)[None, :])
+    if SPLIT_N == 2:
+        tl.store(out_ptrs + 128, acc_hi.to(out_ptr.dtype.element_ty),
+                 mask=row_ok & (cols_hi < K)[None, :])
 
 
 _grouped_mm = _autotuned(_fp8_grouped_mm_kernel, _mm_configs(triton_interpret()))
@@ -294,38 +324,39 @@ def _check_aligned(**tensors: torch.Tensor) -> None:
                              f"{t.storage_offset() * t.element_size()})")
 
 
-def _check_out_dtype(out_dtype: torch.dtype) -> None:
-    if out_dtype not in _OUT_DTYPES:
-        raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
-
-
 # ---- 2d x 3d launcher ------------------------------------------------------------------------
 
 
+def _expect(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_common(a_q, a_scale, b_q, b_scale, ends, out_dtype, a_scale_shape, b_scale_shape):
+    _expect(a_q.dtype == FP8_DTYPE and b_q.dtype == FP8_DTYPE,
+            f"a_q and b_q must be {FP8_DTYPE}, got {a_q.dtype}, {b_q.dtype}")
+    _expect(tuple(a_scale.shape) == a_scale_shape and tuple(b_scale.shape) == b_scale_shape,
+            f"a_scale must be {a_scale_shape} and b_scale {b_scale_shape}, got "
+            f"{tuple(a_scale.shape)}, {tuple(b_scale.shape)}")
+    _expect(a_scale.dtype == b_scale.dtype == torch.float32, "a_scale and b_scale must be float32")
+    _expect(ends.dim() == 1 and ends.dtype in (torch.int32, torch.int64),
+            f"group ends must be a 1-d int32 tensor, got {tuple(ends.shape)} {ends.dtype}")
+    _expect(out_dtype in _OUT_DTYPES, f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+
+
 def _check_grouped_mm(a_q, a_scale, b_q, b_scale, group_end, out_dtype):
-    if a_q.dim() != 2 or b_q.dim() != 3:
-        raise ValueError(f"a_q must be (M, K) and b_q (E, N, K), got {tuple(a_q.shape)}, "
-                         f"{tuple(b_q.shape)}")
-    (M, K), (E, N, Kb) = a_q.shape, b_q.shape
-    if K != Kb:
-        raise ValueError(f"K mismatch: a_q has K={K}, b_q has K={Kb}")
-    if K % SCALE_BLOCK or N % SCALE_BLOCK:
-        raise ValueError(f"K and N must be multiples of 128, got K={K}, N={N}")
-    if a_q.dtype != FP8_DTYPE or b_q.dtype != FP8_DTYPE:
-        raise ValueError(f"a_q and b_q must be {FP8_DTYPE}, got {a_q.dtype}, {b_q.dtype}")
-    if tuple(a_scale.shape) != (M, K // 128) or tuple(b_scale.shape) != (E, N // 128, K // 128):
-        raise ValueError(f"a_scale must be {(M, K // 128)} and b_scale {(E, N // 128, K // 128)}, "
-                         f"got {tuple(a_scale.shape)}, {tuple(b_scale.shape)}")
-    if a_scale.dtype != torch.float32 or b_scale.dtype != torch.float32:
-        raise ValueError("a_scale and b_scale must be float32")
-    if tuple(group_end.shape) != (E,) or group_end.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"group_end must be an int32 tensor of shape ({E},), got "
-                         f"{tuple(group_end.shape)} {group_end.dtype}")
-    _check_out_dtype(out_dtype)
+    _expect(a_q.dim() == 2 and b_q.dim() == 3 and a_q.shape[1] == b_q.shape[2],
+            f"a_q must be (M, K) and b_q (E, N, K), got {tuple(a_q.shape)}, {tuple(b_q.shape)}")
+    (M, K), (E, N, _) = a_q.shape, b_q.shape
+    _expect(K % 128 == 0 and N % 128 == 0, f"K and N must be multiples of 128, got K={K}, N={N}")
+    _expect(group_end.shape == (E,), f"group_end must have shape ({E},), got {group_end.shape}")
+    _check_common(a_q, a_scale, b_q, b_scale, group_end, out_dtype,
+                  (M, K // 128), (E, N // 128, K // 128))
 
 
 def _run(autotuned, grid, args, use_tma: bool, config: dict | None, **meta) -> None:
     """Launch through the autotuner, or with one explicit config (tests and benchmarks)."""
+    meta["PIN"] = not triton_interpret()
     if config is None:
         autotuned[grid](*args, USE_TMA=use_tma, **meta)
         return
@@ -346,7 +377,8 @@ def _launch_grouped_mm(a_q, a_scale, b_q, b_scale, group_end, out, use_tma: bool
     sms = _num_sms(a_q.device)
 
     def grid(meta):
-        bound = (triton.cdiv(M, meta["BLOCK_M"]) + E + 1) * triton.cdiv(N, meta["BLOCK_N"])
+        n_tiles = triton.cdiv(N, 128 * meta["SPLIT_N"])
+        bound = (triton.cdiv(M, meta["BLOCK_M"]) + E + 1) * n_tiles
         return (max(1, min(sms * meta["PROGRAMS_PER_SM"], bound)),)
 
     args = (a_arg, a_scale, b_arg, b_scale, out, group_end, M, N, K, E, K, K,
@@ -392,23 +424,12 @@ def _(a_q, a_scale, b_q, b_scale, group_end, out_dtype=torch.bfloat16):
 
 
 def _check_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype):
-    if a_q.dim() != 2 or b_q.dim() != 2 or a_q.shape[1] != b_q.shape[1]:
-        raise ValueError(f"a_q must be (N, P) and b_q (K, P), got {tuple(a_q.shape)}, "
-                         f"{tuple(b_q.shape)}")
+    _expect(a_q.dim() == 2 and b_q.dim() == 2 and a_q.shape[1] == b_q.shape[1],
+            f"a_q must be (N, P) and b_q (K, P), got {tuple(a_q.shape)}, {tuple(b_q.shape)}")
     (N, P), K = a_q.shape, b_q.shape[0]
-    if P % SCALE_BLOCK:
-        raise ValueError(f"P (padded tokens) must be a multiple of 128, got {P}")
-    if a_q.dtype != FP8_DTYPE or b_q.dtype != FP8_DTYPE:
-        raise ValueError(f"a_q and b_q must be {FP8_DTYPE}, got {a_q.dtype}, {b_q.dtype}")
-    if tuple(a_scale.shape) != (N, P // 128) or tuple(b_scale.shape) != (K, P // 128):
-        raise ValueError(f"a_scale must be {(N, P // 128)} and b_scale {(K, P // 128)}, got "
-                         f"{tuple(a_scale.shape)}, {tuple(b_scale.shape)}")
-    if a_scale.dtype != torch.float32 or b_scale.dtype != torch.float32:
-        raise ValueError("a_scale and b_scale must be float32")
-    if padded_end.dim() != 1 or padded_end.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"padded_end must be a 1-d int32 tensor, got {tuple(padded_end.shape)} "
-                         f"{padded_end.dtype}")
-    _check_out_dtype(out_dtype)
+    _expect(P % 128 == 0, f"P (padded tokens) must be a multiple of 128, got {P}")
+    _check_common(a_q, a_scale, b_q, b_scale, padded_end, out_dtype,
+                  (N, P // 128), (K, P // 128))
 
 
 def _launch_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out, use_tma: bool,
@@ -417,9 +438,14 @@ def _launch_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out, use_tma: bool,
     (N, P), K, E = a_q.shape, b_q.shape[0], padded_end.shape[0]
     a_q, b_q = a_q.contiguous(), b_q.contiguous()
     a_arg, b_arg = (_desc(a_q), _desc(b_q)) if use_tma else (a_q, b_q)
+    # b's scales index the tile's columns: with stride 1 along K their addresses are immediates
+    # off one register; a runtime stride keeps 64 pointer registers live per 128 columns, and
+    # 128x256 tiles then spill ~500 bytes (ptxas -v). A (P//128, K) copy is 2 MB at most.
+    if b_scale.stride(0) != 1 and K > 1:
+        b_scale = b_scale.t().contiguous().t()
 
     def grid(meta):
-        return (E * triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
+        return (E * triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(K, 128 * meta["SPLIT_N"]),)
 
     args = (a_arg, a_scale, b_arg, b_scale, out, padded_end, N, K, P, P, P,
             *a_scale.stride(), *b_scale.stride(), out.stride(0), out.stride(1))

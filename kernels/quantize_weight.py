@@ -23,8 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import FP8_DTYPE, tl_fp8_quantize, tl_fp8_scale, use_triton
+from kernels.common import FP8_DTYPE, tl_fp8_divisor, tl_fp8_quantize_by, tl_fp8_scale, use_triton
 from kernels.reference import check_quantize_weight_args, torch_quantize_weight
+
+# Loops here run over a few chunks or groups, never a pipeline's worth: no software pipelining.
+_NUM_STAGES = 1
 
 _MODES = {"rowwise": 0, "blockwise": 1, "tensorwise": 2}
 
@@ -37,72 +40,109 @@ class QuantizedWeight(NamedTuple):
 
 
 @triton.jit
-def _tile(w_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """This program's expert, tile coordinates and fp32 tile of w (grid: (tiles, E))."""
+def _tile_coords(N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's expert, tile row/column and the expert's element offset (grid: (tiles, E))."""
     e = tl.program_id(1)
     n_tiles_k = tl.cdiv(K, BLOCK_K)
-    pid_n = tl.program_id(0) // n_tiles_k
-    pid_k = tl.program_id(0) % n_tiles_k
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (n < N)[:, None] & (k < K)[None, :]
-    w = tl.load(w_ptr + e.to(tl.int64) * N * K + n[:, None] * K + k[None, :], mask=mask, other=0.0)
-    return e, pid_n, pid_k, n, k, mask, w.to(tl.float32)
+    return e, tl.program_id(0) // n_tiles_k, tl.program_id(0) % n_tiles_k, e.to(tl.int64) * N * K
+
+
+@triton.jit
+def _load(ptrs, mask, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(ptrs).to(tl.float32)
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store(ptrs, v, mask, EVEN: tl.constexpr):
+    if EVEN:
+        tl.store(ptrs, v)
+    else:
+        tl.store(ptrs, v, mask=mask)
 
 
 @triton.jit
 def _weight_amax_kernel(
     w_ptr, row_amax_ptr, col_amax_ptr, N, K,
-    MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MODE: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    KSTEPS: tl.constexpr,
 ):  # fmt: skip
-    """rowwise: row_amax (E, N) and col_amax (E, K); tensorwise: row_amax (E,). int32 bits."""
-    e, pid_n, pid_k, n, k, mask, w = _tile(w_ptr, N, K, BLOCK_N, BLOCK_K)
-    aw = tl.abs(w)
+    """rowwise: row_amax (E, N) and col_amax (E, K); tensorwise: row_amax (E,). int32 bits.
+
+    A program covers BLOCK_N rows x KSTEPS column blocks, so that fewer atomics meet on one
+    address (tensorwise: all of an expert's land on one word, and they serialize).
+    """
+    e, pid_n, pid_k, base = _tile_coords(N, K, BLOCK_N, BLOCK_K * KSTEPS)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmax = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for i in range(KSTEPS):
+        k = (pid_k * KSTEPS + i) * BLOCK_K + tl.arange(0, BLOCK_K)
+        aw = tl.abs(_load(w_ptr + base + n[:, None] * K + k[None, :], (n < N)[:, None] & (k < K)[None, :], EVEN))
+        rmax = tl.maximum(rmax, tl.max(aw, axis=1))
+        if MODE == 0:
+            cmax = tl.max(aw, axis=0).to(tl.int32, bitcast=True)
+            tl.atomic_max(col_amax_ptr + e * K + k, cmax, mask=k < K, sem="relaxed")
     if MODE == 0:
-        rmax = tl.max(aw, axis=1).to(tl.int32, bitcast=True)
-        tl.atomic_max(row_amax_ptr + e * N + n, rmax, mask=n < N, sem="relaxed")
-        cmax = tl.max(aw, axis=0).to(tl.int32, bitcast=True)
-        tl.atomic_max(col_amax_ptr + e * K + k, cmax, mask=k < K, sem="relaxed")
+        tl.atomic_max(row_amax_ptr + e * N + n, rmax.to(tl.int32, bitcast=True), mask=n < N, sem="relaxed")
     else:
-        tl.atomic_max(row_amax_ptr + e, tl.max(tl.max(aw, axis=1), axis=0).to(tl.int32, bitcast=True), sem="relaxed")
+        tl.atomic_max(row_amax_ptr + e, tl.max(rmax, axis=0).to(tl.int32, bitcast=True), sem="relaxed")
 
 
 @triton.jit
 def _weight_quant_kernel(
     w_ptr, row_amax_ptr, col_amax_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, N, K,
-    MODE: tl.constexpr, POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MODE: tl.constexpr, POW2: tl.constexpr, EVEN: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_N: tl.constexpr,
 ):  # fmt: skip
-    e, pid_n, pid_k, n, k, mask, w = _tile(w_ptr, N, K, BLOCK_N, BLOCK_K)
-    base = e.to(tl.int64) * N * K
-    q_ptrs = q_ptr + base + n[:, None] * K + k[None, :]
-    qt_ptrs = qt_ptr + base + k[None, :] * N + n[:, None]
-    if MODE == 0:  # rowwise: scale along K for q, along N for qt
-        row_amax = tl.load(row_amax_ptr + e * N + n, mask=n < N, other=0).to(tl.float32, bitcast=True)
-        col_amax = tl.load(col_amax_ptr + e * K + k, mask=k < K, other=0).to(tl.float32, bitcast=True)
-        rscale = tl_fp8_scale(row_amax, POW2)
-        cscale = tl_fp8_scale(col_amax, POW2)
-        tl.store(q_ptrs, tl_fp8_quantize(w, rscale[:, None]), mask=mask)
-        tl.store(qt_ptrs, tl_fp8_quantize(w, cscale[None, :]), mask=mask)
-        if pid_k == 0:
-            tl.store(s_ptr + e * N + n, rscale, mask=n < N)
-        if pid_n == 0:
-            tl.store(st_ptr + e * K + k, cscale, mask=k < K)
-    else:
-        if MODE == 1:  # blockwise: this tile is the 128x128 block
-            scale = tl_fp8_scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
-        else:  # tensorwise
-            scale = tl_fp8_scale(tl.load(row_amax_ptr + e).to(tl.float32, bitcast=True), POW2)
-        q = tl_fp8_quantize(w, scale)
-        tl.store(q_ptrs, q, mask=mask)
-        tl.store(qt_ptrs, q, mask=mask)
-        if MODE == 1:
-            n_blk_n = N // BLOCK_N
-            n_blk_k = K // BLOCK_K
-            tl.store(s_ptr + (e * n_blk_n + pid_n) * n_blk_k + pid_k, scale)
-            tl.store(st_ptr + (e * n_blk_k + pid_k) * n_blk_n + pid_n, scale)
-        elif (pid_n == 0) & (pid_k == 0):
+    """Writes q (E, N, K) and qt (E, K, N) for one BLOCK_N x BLOCK_K tile, in SUB_N-row slices.
+
+    Scales and their divisors come first, before any slice is loaded (see tl_fp8_divisor). In
+    blockwise mode the block's amax needs the whole block: a first sweep over the slices takes
+    it, the second re-reads them (from L1/L2, not HBM) to quantize.
+    """
+    e, pid_n, pid_k, base = _tile_coords(N, K, BLOCK_N, BLOCK_K)
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = k < K
+    if MODE == 1:  # blockwise: this tile is the 128x128 block
+        amax = 0.0
+        for i in range(0, BLOCK_N, SUB_N):
+            n = pid_n * BLOCK_N + i + tl.arange(0, SUB_N)
+            w = _load(w_ptr + base + n[:, None] * K + k[None, :], (n < N)[:, None] & k_ok[None, :], EVEN)
+            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(w), axis=1), axis=0))
+        scale = tl_fp8_scale(amax, POW2)
+        n_blk_n = N // BLOCK_N
+        n_blk_k = K // BLOCK_K
+        tl.store(s_ptr + (e * n_blk_n + pid_n) * n_blk_k + pid_k, scale)
+        tl.store(st_ptr + (e * n_blk_k + pid_k) * n_blk_n + pid_n, scale)
+        rs, rr, rf = tl_fp8_divisor(scale)
+        cs, cr, cf = rs, rr, rf
+    elif MODE == 2:  # tensorwise
+        scale = tl_fp8_scale(tl.load(row_amax_ptr + e).to(tl.float32, bitcast=True), POW2)
+        if (pid_n == 0) & (pid_k == 0):
             tl.store(s_ptr + e, scale)
             tl.store(st_ptr + e, scale)
+        rs, rr, rf = tl_fp8_divisor(scale)
+        cs, cr, cf = rs, rr, rf
+    else:  # rowwise: along K for q (column vector per slice, below), along N for qt
+        col_amax = tl.load(col_amax_ptr + e * K + k, mask=k_ok, other=0).to(tl.float32, bitcast=True)
+        cscale = tl_fp8_scale(col_amax, POW2)
+        if pid_n == 0:
+            tl.store(st_ptr + e * K + k, cscale, mask=k_ok)
+        cs, cr, cf = tl_fp8_divisor(cscale[None, :])
+    for i in range(0, BLOCK_N, SUB_N):
+        n = pid_n * BLOCK_N + i + tl.arange(0, SUB_N)
+        n_ok = n < N
+        if MODE == 0:
+            row_amax = tl.load(row_amax_ptr + e * N + n, mask=n_ok, other=0).to(tl.float32, bitcast=True)
+            rscale = tl_fp8_scale(row_amax, POW2)
+            if pid_k == 0:
+                tl.store(s_ptr + e * N + n, rscale, mask=n_ok)
+            rs, rr, rf = tl_fp8_divisor(rscale[:, None])
+        mask = n_ok[:, None] & k_ok[None, :]
+        w = _load(w_ptr + base + n[:, None] * K + k[None, :], mask, EVEN)
+        _store(q_ptr + base + n[:, None] * K + k[None, :], tl_fp8_quantize_by(w, rs, rr, rf), mask, EVEN)
+        _store(qt_ptr + base + k[None, :] * N + n[:, None], tl_fp8_quantize_by(w, cs, cr, cf), mask, EVEN)
 
 
 def _quantize_weight_impl(
@@ -120,24 +160,42 @@ def _quantize_weight_impl(
     if E == 0:
         return q_ENK, scale, qt_EKN, scale_t
     MODE = _MODES[mode]
-    BLOCK_N, BLOCK_K, num_warps = _weight_launch_config(mode)
+    BLOCK_N, BLOCK_K, SUB_N, num_warps = _weight_launch_config(mode)
+    EVEN = N % BLOCK_N == 0 and K % BLOCK_K == 0
     grid = (triton.cdiv(N, BLOCK_N) * triton.cdiv(K, BLOCK_K), E)
     row_amax = col_amax = scale  # placeholders, unused by blockwise
     if MODE != 1:
         n_row = E * N if MODE == 0 else E
         amax = torch.zeros((n_row + (E * K if MODE == 0 else 0),), dtype=torch.int32, device=dev)
         row_amax, col_amax = amax[:n_row], amax[n_row:]
-        _weight_amax_kernel[grid](w_ENK, row_amax, col_amax, N, K, MODE=MODE, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=num_warps)
+        ABN, ABK, a_warps = _AMAX_BLOCKS
+        tiles_k = triton.cdiv(K, ABK)
+        # Fewer, longer programs while _AMAX_MIN_PROGRAMS remain: less atomic contention.
+        ksteps = min(triton.next_power_of_2(max(1, triton.cdiv(N, ABN) * tiles_k * E // _AMAX_MIN_PROGRAMS)), tiles_k)
+        ksteps = 1 << (ksteps.bit_length() - 1)  # a power of two <= tiles_k
+        _weight_amax_kernel[(triton.cdiv(N, ABN) * triton.cdiv(K, ABK * ksteps), E)](
+            w_ENK, row_amax, col_amax, N, K, MODE=MODE, EVEN=N % ABN == 0 and K % (ABK * ksteps) == 0,
+            BLOCK_N=ABN, BLOCK_K=ABK, KSTEPS=ksteps, num_warps=a_warps, num_stages=_NUM_STAGES,
+        )  # fmt: skip
     _weight_quant_kernel[grid](
         w_ENK, row_amax, col_amax, q_ENK, qt_EKN, scale, scale_t, N, K,
-        MODE=MODE, POW2=pow2_scale, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=num_warps,
+        MODE=MODE, POW2=pow2_scale, EVEN=EVEN, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SUB_N=SUB_N,
+        num_warps=num_warps, num_stages=_NUM_STAGES,
     )  # fmt: skip
     return q_ENK, scale, qt_EKN, scale_t
 
 
-def _weight_launch_config(mode: str) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps); blockwise tiles are the 128x128 scale blocks."""
-    return 128, 128, 8
+# (BLOCK_N, BLOCK_K, num_warps) of the amax pass (rowwise, tensorwise).
+_AMAX_BLOCKS = (128, 64, 4)
+_AMAX_MIN_PROGRAMS = 1024  # ~8 per SM
+
+
+def _weight_launch_config(mode: str) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, SUB_N, num_warps) of the quantize pass; blockwise tiles are the 128x128
+    scale blocks, swept in SUB_N-row slices."""
+    if mode == "blockwise":
+        return 128, 128, 64, 8
+    return 64, 128, 32, 4
 
 
 def _scale_shapes(E: int, N: int, K: int, mode: str):

@@ -27,7 +27,7 @@ import kernels.act_quant as act_quant
 from kernels import reference as ref
 from kernels.act_quant import act_quant_bwd, act_quant_fwd, triton_act_quant_bwd, triton_act_quant_fwd
 from kernels.combine import UnpermuteCombine, unpermute_combine, unpermute_combine_bwd
-from kernels.common import FP8_DTYPE, round_up, tl_round_to_bf16_grid, tl_round_to_fp8_grid, triton_interpret
+from kernels.common import FP8_DTYPE, round_up, tl_round_to_bf16_grid, tl_round_to_fp8_grid
 
 SIZES = [0, 1, 15, 17, 0, 129, 3]  # empty groups, 1, odd sizes, one past a multiple of 128
 DROPPED = 5  # rows past the last group (dropped by capacity): garbage, even NaN, in the inputs
@@ -54,15 +54,16 @@ def group_ends(sizes) -> torch.Tensor:
     return torch.tensor(sizes, dtype=torch.int64).cumsum(0).to(torch.int32)
 
 
-def bwd_inputs(activation: str, F: int, block: int, sizes=SIZES, seed=0, device="cpu"):
-    """(da, h_q, h_scale, group_end) with `DROPPED` NaN rows past the last group and one group
-    (the last, size 3) whose gradient is all zeros."""
+def bwd_inputs(activation: str, F: int, block: int, sizes=SIZES, seed=0, device="cpu", zero_last=True):
+    """(da, h_q, h_scale, group_end) with `DROPPED` NaN rows past the last group and, with
+    zero_last, a last group whose gradient is all zeros."""
     M = sum(sizes) + DROPPED
     X = 2 * F if activation == "swiglu" else F
     _, _, h_q, h_scale = ref.torch_act_quant_fwd(odd_h(M, X, seed), activation, block, False, True)
     g = torch.Generator().manual_seed(seed + 1)
     da = torch.randn(M, F, generator=g).bfloat16()
-    da[sum(sizes) - sizes[-1] : sum(sizes)] = 0
+    if zero_last:
+        da[sum(sizes) - sizes[-1] : sum(sizes)] = 0
     da[sum(sizes) :] = float("nan")
     h_q.view(torch.uint8)[sum(sizes) :] = 0x7F  # E4M3 NaN
     return tuple(t.to(device) for t in (da, h_q, h_scale, group_ends(sizes)))
@@ -106,6 +107,43 @@ def test_interpreter_grid_rounding_is_torchs_cast():
     assert torch.equal(b, x.bfloat16().float())
 
 
+@triton.jit
+def _div_kernel(x_ptr, s_ptr, q_ptr, r_ptr, sc_ptr, n, POW2: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n)
+    s = tl.load(s_ptr + offs, mask=offs < n, other=1.0)
+    tl.store(q_ptr + offs, act_quant._div(x, s, act_quant._inv(s)), mask=offs < n)
+    tl.store(r_ptr + offs, act_quant._recip(s), mask=offs < n)
+    tl.store(sc_ptr + offs, act_quant._fp8_scale(tl.abs(x), POW2), mask=offs < n)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_kernel_division_is_ieee(device):
+    """The kernels divide without div.rn: `_recip` (reciprocals of scales, of 1 + exp, ...),
+    `_fp8_scale` (amax / 448) and `_div`, x * RN(1/s) plus an fma correction, are bitwise the IEEE
+    quotient torch computes (Markstein), for the quotients quantization sees (|x / s| <= 448,
+    s = amax / 448 >= |x| / 448), tiny ones included, and signed zeros. Not covered: |x| < 2^-100
+    (8e-31), where the residual x - q s falls below the normal range and the quotient can be one
+    fp32 ulp off; such an x quantizes to zero unless its whole row or group is that small."""
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 16
+    s = (torch.rand(n, generator=g) + 0.5) * torch.exp2(torch.randint(-60, 60, (n,), generator=g).float())
+    # All-ones significands: the one exception Markstein's step needs fixed in `_recip`.
+    s[:200] = (torch.arange(200, dtype=torch.int32) * 2**23 + (20 << 23) + 0x7FFFFF).view(torch.float32)
+    x = s * (torch.rand(n, generator=g) * 896 - 448)
+    tiny = torch.exp2(torch.randint(-120, 0, (4000,), generator=g).float())  # quotients down to 2^-120
+    x[:4000] = s[:4000] * torch.randn(4000, generator=g) * tiny
+    x[4000:4010] = torch.tensor([0.0, -0.0] * 5)
+    x = torch.where(x.abs() < 2.0**-100, 0.0, x)
+    x, s = x.to(device), s.to(device)
+    q, r, sc = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+    for pow2 in (False, True):
+        _div_kernel[(n // 4096,)](x, s, q, r, sc, n, POW2=pow2, BLOCK=4096)
+        assert torch.equal(sc.view(torch.int32), ref.torch_fp8_scale(x.abs(), pow2).view(torch.int32))
+    assert torch.equal(q.view(torch.int32), (x / s).view(torch.int32))
+    assert torch.equal(r.view(torch.int32), (torch.ones_like(s) / s).view(torch.int32))
+
+
 # ---- references against independent definitions -------------------------------------------------
 
 
@@ -113,7 +151,9 @@ def _act64(h64: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "swiglu":
         gate, up = h64.chunk(2, dim=1)
         return Fn.silu(gate) * up
-    return Fn.gelu(h64)  # exact erf
+    # Exact-erf GELU through erfc: F.gelu's 0.5 x (1 + erf(x / sqrt 2)) cancels even in fp64 for
+    # x < -5 (relative error 2.6e-5 at x = -7.125, more than our fp32 kernel's).
+    return 0.5 * h64 * torch.special.erfc(-h64 / math.sqrt(2))
 
 
 def _error_budget(activation: str, h64: torch.Tensor, da64: torch.Tensor | None = None):
@@ -224,6 +264,8 @@ def test_reference_bwd_definition(activation, F, block, align, pow2):
     assert padded_end.tolist() == torch.tensor([round_up(s, align) for s in SIZES]).cumsum(0).tolist()
     written = torch.zeros(P, dtype=torch.bool)
     for e, size in enumerate(SIZES):
+        if size == 0:  # nothing written; the scale checks below cover empty groups
+            continue
         start, pstart = sum(SIZES[:e]), padded_end[e].item() - round_up(size, align)
         cols, rows = slice(pstart, pstart + size), slice(start, start + size)
         written[cols] = True
@@ -239,9 +281,7 @@ def test_reference_bwd_definition(activation, F, block, align, pow2):
                 _assert_scale(scale[:, tiles], amax, Bmax, pow2, f"{name} tile scales, group {e}")
             else:
                 s_cols = scale[:, e : e + 1].expand(-1, size)
-                amax = v64[rows].abs().amax(0) if size else torch.zeros(v64.shape[1], dtype=torch.float64)
-                Bmax = B[rows].amax(0) if size else torch.zeros_like(amax)
-                _assert_scale(scale[:, e], amax, Bmax, pow2, f"{name} scales, group {e}")
+                _assert_scale(scale[:, e], v64[rows].abs().amax(0), B[rows].amax(0), pow2, f"{name} scales, group {e}")
             _assert_fp8_close(q[:, cols], s_cols, v64[rows].t(), B[rows].t(), f"{name} group {e}")
     assert torch.all(dht_q.view(torch.uint8)[:, ~written] == 0) and torch.all(at_q.view(torch.uint8)[:, ~written] == 0)
     if block:  # tiles of padding only have scale 1
@@ -283,15 +323,15 @@ def test_fwd_kernel_matches_reference(activation, F, block, chunked, pow2, monke
     for save in (True, False):
         expected = ref.torch_act_quant_fwd(h, activation, block, pow2, save)
         assert_same(act_quant._act_quant_fwd_impl(h, activation, block, pow2, save), expected)
-    assert_same(act_quant_fwd(h[:0], activation, block, pow2), ref.torch_act_quant_fwd(h[:0], activation, block, pow2))
+    empty = h[:0]  # M = 0
+    assert_same(act_quant_fwd(empty, activation, block, pow2), ref.torch_act_quant_fwd(empty, activation, block, pow2))
 
 
 @pytest.mark.parametrize("pow2", [False, True])
 @pytest.mark.parametrize("activation, F, block, align", [("swiglu", 96, 0, 16), ("gelu", 80, 0, 32),
                                                          ("swiglu", 128, 128, 128), ("gelu", 384, 128, 128)])  # fmt: skip
 def test_bwd_kernel_matches_reference(activation, F, block, align, pow2):
-    args = (*bwd_inputs(activation, F, block, seed=2), align, block, pow2)
-    da, h_q, h_scale, ends = args[:4]
+    da, h_q, h_scale, ends = bwd_inputs(activation, F, block, seed=2)
     out = act_quant._act_quant_bwd_impl(da, h_q, h_scale, activation, ends, align, block, pow2)
     assert_same(out, ref.torch_act_quant_bwd(da, h_q, h_scale, activation, ends, align, block, pow2))
     assert not out[0].float().isnan().any() and not out[2].float().isnan().any()  # dropped rows do not leak
@@ -300,8 +340,9 @@ def test_bwd_kernel_matches_reference(activation, F, block, align, pow2):
 @pytest.mark.parametrize("sizes", [[0, 0, 0], [40], [7, 0]])
 def test_bwd_kernel_edge_groups(sizes):
     """No rows in any group (everything dropped), one group holding every row, a trailing empty group."""
-    da, h_q, h_scale, ends = bwd_inputs("swiglu", 32, 0, sizes=sizes, seed=4)
-    for args in [(da, h_q, h_scale, "swiglu", ends, 16, 0, False), (da[:0], h_q[:0], h_scale[:0], "swiglu", ends * 0, 16, 0, False)]:  # fmt: skip
+    da, h_q, h_scale, ends = bwd_inputs("swiglu", 32, 0, sizes=sizes, seed=4, zero_last=False)
+    no_rows = (da[:0], h_q[:0], h_scale[:0], "swiglu", ends * 0, 16, 0, False)
+    for args in [(da, h_q, h_scale, "swiglu", ends, 16, 0, False), no_rows]:
         assert_same(act_quant._act_quant_bwd_impl(*args), ref.torch_act_quant_bwd(*args))
 
 
@@ -341,8 +382,13 @@ def combine_inputs(T=37, K=3, H=200, E=5, seed=0, device="cpu", dtype=torch.bflo
     return tuple(t.to(device) for t in (y, meta.row_of_TK, w, meta.kept_TK, dout))
 
 
+def _gamma(n: int) -> float:
+    """Higham's gamma_n = n u / (1 - n u): the relative bound of n fp32 roundings in a sum."""
+    return n * U32 / (1 - n * U32)
+
+
 def _combine_loop64(y, row_of_TK, w, kept):
-    """The definition, one token at a time in fp64: out, and the two gradients as functions of dout."""
+    """The definition, one token at a time in fp64."""
     T, K = row_of_TK.shape
     out = torch.zeros(T, y.shape[1], dtype=torch.float64)
     for t in range(T):
@@ -357,7 +403,8 @@ def test_combine_reference_definition():
     T, K = rows.shape
     out = ref.torch_unpermute_combine(y, rows, w, kept)
     expected = _combine_loop64(y, rows, w, kept)
-    # fp32: K products (exact: bf16 x fp32 has 32 bits... rounded once) and K-1 additions, then bf16.
+    # fp32: K rounded products and K - 1 additions, |error| <= gamma_2K sum|terms| <= 2K u sum|terms|
+    # (first order), then one bf16 rounding, half a step = 2^-8 of the value at most.
     terms = torch.zeros_like(expected)
     for k in range(K):
         terms += torch.where(kept[:, k, None], (w[:, k, None].double() * y[rows[:, k]].double()).abs(), 0.0)
@@ -372,9 +419,10 @@ def test_combine_reference_definition():
                 assert torch.all(dy[r] == 0) and dw[t, k] == 0
                 continue
             dy_exact = w[t, k].double() * dout[t].double()
-            assert torch.all((dy[r].double() - dy_exact).abs() <= 2.0**-8 * dy_exact.abs())  # one bf16 rounding
+            # one fp32 product (u) then one bf16 rounding (2^-8 of the fp32 value)
+            assert torch.all((dy[r].double() - dy_exact).abs() <= (2.0**-8 + 2.0**-22) * dy_exact.abs())
             prods = dout[t].double() * y[r].double()  # exact in fp32 (8 + 8 significant bits)
-            assert abs(dw[t, k].item() - prods.sum().item()) <= (y.shape[1] - 1) * U32 * prods.abs().sum().item()
+            assert abs(dw[t, k].item() - prods.sum().item()) <= _gamma(y.shape[1] - 1) * prods.abs().sum().item()
 
 
 def test_combine_torch_path_gradcheck_float64():
@@ -393,9 +441,9 @@ def test_combine_kernel_matches_reference():
     dy_ref, dw_ref = ref.torch_unpermute_combine_bwd(dout, y, rows, w, kept)
     assert_same([dy], [dy_ref])
     assert not out.isnan().any() and not dy.isnan().any() and not dw.isnan().any()
-    # dweights: fp32 sums of H exact products in another order: |diff| <= 2 (H - 1) u sum |products|.
+    # dweights: fp32 sums of H exact products in another order, each within gamma_(H-1) sum|products|.
     prods = torch.stack([(dout.double() * y[rows[:, k]].double()).nan_to_num(0).abs().sum(1) for k in range(3)], 1)
-    assert torch.all((dw.double() - dw_ref.double()).abs() <= 2 * (y.shape[1] - 1) * U32 * prods)
+    assert torch.all((dw.double() - dw_ref.double()).abs() <= 2 * _gamma(y.shape[1] - 1) * prods)
     # Through autograd (the Function the layer uses): the same kernels.
     y_leaf, w_leaf = y.clone().requires_grad_(), w.clone().requires_grad_()
     UnpermuteCombine.apply(y_leaf, rows, w_leaf, kept).backward(dout)
@@ -460,4 +508,4 @@ def test_gpu_combine_bitwise(device):
     dy_ref, dw_ref = ref.torch_unpermute_combine_bwd(dout, y, rows, w, kept)
     assert_same([dy], [dy_ref])
     prods = torch.stack([(dout.double() * y[rows[:, k]].double()).nan_to_num(0).abs().sum(1) for k in range(K)], 1)
-    assert torch.all((dw.double() - dw_ref.double()).abs() <= 2 * (H - 1) * U32 * prods)
+    assert torch.all((dw.double() - dw_ref.double()).abs() <= 2 * _gamma(H - 1) * prods)

@@ -27,7 +27,7 @@ from kernels.grouped_gemm import triton_fp8_grouped_mm, triton_fp8_grouped_mm_wg
 from kernels.reference import torch_fp8_grouped_mm, torch_fp8_grouped_mm_wgrad
 
 PATHS = [True, False]  # use_tma
-CONFIGS = [None, dict(BLOCK_M=32, BLOCK_N=256, GROUP_M=3, num_warps=4)]  # autotuned / BN > 128
+CONFIGS = [None, dict(BLOCK_M=32, SPLIT_N=2, GROUP_M=3, num_warps=4)]  # autotuned / 2 halves
 
 
 def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -93,15 +93,20 @@ def test_grouped_mm_rows_past_the_last_group_are_zero():
     assert rel_l2(out[:173], ref[:173]) < 1e-5
 
 
+def within_one_bf16_ulp(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    """The kernel's fp32 result (1e-5 from the reference) cast to bf16. On a GPU that cast rounds
+    to nearest (half an ulp, <= 2**-8 relative); triton 3.9's interpreter truncates (measured:
+    35.2373 -> 35.0), so the CPU bound is one ulp, 2**-7 relative, plus 1e-5 of the RMS."""
+    err = (out.float() - ref).abs()
+    return bool((err <= ref.abs() * 2**-7 + 1e-5 * ref.pow(2).mean().sqrt()).all())
+
+
 def test_grouped_mm_public_op_bf16():
-    """Default out_dtype: the kernel's fp32 result (1e-5 from the reference) rounded to bf16, so
-    each element is within half a bf16 ulp (<= 2**-8 relative) of the fp32 reference."""
     a_q, a_s, b_q, b_s, group_end = grouped_inputs(M, K, N, SIZES, seed=2)
     out = triton_fp8_grouped_mm(a_q, a_s, b_q, b_s, group_end)
     ref = torch_fp8_grouped_mm(a_q, a_s, b_q, b_s, group_end, torch.float32)
     assert out.dtype == torch.bfloat16 and out.shape == (M, N)
-    err = (out.float() - ref).abs()
-    assert (err <= ref.abs() * 2**-8 + 1e-5 * ref.pow(2).mean().sqrt()).all()
+    assert within_one_bf16_ulp(out, ref)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["autotuned", "bm32_bn256"])
@@ -124,8 +129,7 @@ def test_wgrad_public_op_bf16():
     ref = torch_fp8_grouped_mm_wgrad(a_q, a_s, b_q, b_s, padded_end, torch.float32)
     assert out.dtype == torch.bfloat16 and out.shape == (3, WN, WK)
     assert torch.equal(out[1].float(), torch.zeros(WN, WK))
-    err = (out.float() - ref).abs()
-    assert (err <= ref.abs() * 2**-8 + 1e-5 * ref.pow(2).mean().sqrt()).all()
+    assert within_one_bf16_ulp(out, ref)
 
 
 def fp64_dequant(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -171,16 +175,14 @@ def test_bad_arguments_raise():
         triton_fp8_grouped_mm_wgrad(w[0][:, :100], w[1], w[2][:, :100], w[3], w[4])
 
 
-def test_fake_tensor_shapes():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode() as mode:
-        a_q, a_s, b_q, b_s, ge = (mode.from_tensor(t) for t in grouped_inputs(M, K, N, SIZES))
-        out = triton_fp8_grouped_mm(a_q, a_s, b_q, b_s, ge, torch.float32)
-        assert out.shape == (M, N) and out.dtype == torch.float32
-        a_q, a_s, b_q, b_s, pe = (mode.from_tensor(t) for t in wgrad_inputs(WN, WK, PADDED))
-        out = triton_fp8_grouped_mm_wgrad(a_q, a_s, b_q, b_s, pe)
-        assert out.shape == (len(PADDED), WN, WK) and out.dtype == torch.bfloat16
+def test_custom_ops_pass_opcheck():
+    """Fake registration, autograd registration and AOT dispatch (torch.compile's view).
+    test_schema is left out: its checker multiplies the fp8 inputs, which torch cannot."""
+    utils = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(triton_fp8_grouped_mm, grouped_inputs(40, 128, 256, [0, 17, 23]),
+                          test_utils=utils)
+    torch.library.opcheck(triton_fp8_grouped_mm_wgrad, wgrad_inputs(128, 256, [128, 0, 128]),
+                          test_utils=utils)
 
 
 # ---- GPU (real shapes) -----------------------------------------------------------------------
@@ -214,7 +216,7 @@ def exact_fp32_matmul(monkeypatch):
 
 
 def gemm_problem(shape: str, gemm: str):
-    """(M or P, K or N, N or K, E) of forward GEMM1/GEMM2 and weight gradients W1/W2."""
+    """Forward GEMM1/GEMM2: (rows, K, N, E); weight gradients W1/W2: (tokens, N, K, E)."""
     M, H, F, E, act = SHAPES[shape]
     F1 = 2 * F if act == "swiglu" else F
     return {"fwd1": (M, H, F1, E), "fwd2": (M, F, H, E), "wgrad1": (M, F1, H, E),
@@ -280,9 +282,11 @@ def test_gpu_tma_path_selected_and_no_host_sync():
 @pytest.mark.gpu
 @pytest.mark.parametrize("use_tma", PATHS, ids=["tma", "pointer"])
 def test_gpu_both_paths_mid_shape(use_tma, exact_fp32_matmul):
-    a_q, a_s, b_q, b_s, ge = grouped_inputs(8192, 2048, 1536, uneven_sizes(8192, 16), "cuda")
+    """Both memory paths, with 192 rows past the last group (must come back as zeros)."""
+    a_q, a_s, b_q, b_s, ge = grouped_inputs(8192, 2048, 1536, uneven_sizes(8000, 16), "cuda")
     out = torch.full((8192, 1536), math.nan, device="cuda")
     gg._launch_grouped_mm(a_q, a_s, b_q, b_s, ge, out, use_tma)
+    assert not out[8000:].any()
     assert rel_l2(out, torch_fp8_grouped_mm(a_q, a_s, b_q, b_s, ge, torch.float32)) < 1e-3
     w = wgrad_inputs(1536, 2048, uneven_sizes(8192, 16, multiple=128), "cuda")
     out = torch.full((16, 1536, 2048), math.nan, device="cuda")

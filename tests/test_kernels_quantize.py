@@ -139,7 +139,8 @@ def test_reference_rows_definition(block_k, pow2):
     assert torch.equal(scale.view(expected.shape), expected)
     _assert_dequantizes(q.float().view(x_MSB.shape), scale.view(29, -1, 1), x_MSB)
     assert torch.equal(q[1].float(), torch.zeros(384)) and torch.all(scale[1] == 1)  # zero row
-    assert torch_fp8_quantize(torch.tensor([500.0, -1e9, 448.0]), torch.tensor(1.0)).float().tolist() == [448, -448, 448]
+    saturated = torch_fp8_quantize(torch.tensor([500.0, -1e9, 448.0]), torch.tensor(1.0))
+    assert saturated.float().tolist() == [448, -448, 448]  # saturating, never NaN
 
 
 @pytest.mark.parametrize("block_m, align", [(0, 16), (128, 128)])
@@ -253,6 +254,17 @@ def test_quantize_weight(ref, mode, pow2):
     assert_same(tuple(quantize_weight(w, mode, pow2)), ref.torch_quantize_weight(w, mode, pow2))
 
 
+def test_quantize_weight_amax_steps(ref, monkeypatch):
+    """The amax pass's multi-block programs (KSTEPS > 1, a ragged last one), at a tiny size."""
+    import kernels.quantize_weight as kw
+
+    monkeypatch.setattr(kw, "_AMAX_BLOCKS", (16, 16, 1))
+    monkeypatch.setattr(kw, "_AMAX_MIN_PROGRAMS", 8)
+    w = odd_x(2 * 72, 200).view(2, 72, 200)
+    for mode in ("rowwise", "tensorwise"):
+        assert_same(tuple(quantize_weight(w, mode, True)), ref.torch_quantize_weight(w, mode, True))
+
+
 def test_bad_arguments():
     x = torch.zeros(4, 200, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="block_k"):
@@ -275,7 +287,8 @@ def test_cpu_path_without_interpreter_is_the_reference(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x = odd_x(20, 128)
     assert_same(quantize_rows(x, 128, True), reference.torch_quantize_rows(x, 128, True))
-    assert_same(tuple(quantize_weight(x.view(1, 20, 128), "rowwise")), reference.torch_quantize_weight(x.view(1, 20, 128)))
+    w = x.view(1, 20, 128)
+    assert_same(tuple(quantize_weight(w, "rowwise")), reference.torch_quantize_weight(w))
 
 
 def test_custom_ops_trace():
@@ -284,7 +297,8 @@ def test_custom_ops_trace():
     torch.library.opcheck(triton_quantize_rows, (x, 128, False, None), test_utils=("test_schema", "test_faketensor"))
     for op in (triton_quantize_cols_grouped, triton_quantize_rows_and_cols_grouped):
         torch.library.opcheck(op, (x, ends, 16, 0, True, None, True), test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(triton_quantize_weight, (x.view(1, 20, 128), "rowwise", False), test_utils=("test_faketensor",))
+    w = x.view(1, 20, 128)
+    torch.library.opcheck(triton_quantize_weight, (w, "rowwise", False), test_utils=("test_faketensor",))
 
     @torch.compile(backend="aot_eager", fullgraph=True)
     def fwd_input(x, ends):

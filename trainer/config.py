@@ -15,7 +15,7 @@ from moe.config import ModelConfig, _check
 from trainer.checkpoint import CheckpointConfig
 from trainer.data import DataConfig
 
-FP8_EXPERT_RECIPES = ("bf16", "rowwise", "blockwise", "tensorwise")
+FP8_EXPERT_RECIPES = ("bf16", "rowwise", "blockwise")
 FP8_DENSE_RECIPES = ("bf16",)
 DP_BACKENDS = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")

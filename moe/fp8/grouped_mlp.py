@@ -24,25 +24,16 @@ once per optimizer step (both orientations) and reused by every micro-batch unti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from kernels.act_quant import act_quant_bwd, act_quant_fwd
 from kernels.quantize_grouped import quantize_rows_and_cols_grouped
-from kernels.quantize_weight import quantize_weight
+from kernels.quantize_weight import QuantizedWeight, quantize_weight
 from moe.experts import GroupedMLP
 from moe.fp8.gemm import grouped_mm, grouped_mm_wgrad
 from moe.fp8.recipe import Fp8Recipe
-
-
-@dataclass(frozen=True)
-class QuantizedWeight:
-    q_ENK: torch.Tensor  # forward operand, scales along K
-    scale: torch.Tensor
-    qt_EKN: torch.Tensor  # transposed copy for dgrad, scales along N
-    scale_t: torch.Tensor
 
 
 class WeightCache:
@@ -61,7 +52,7 @@ class WeightCache:
         key = (w.data_ptr(), w._version, w.dtype, w.device, recipe)
         if self._key != key:
             with torch.no_grad():
-                self._value = QuantizedWeight(*quantize_weight(w.detach(), recipe.name, recipe.pow2_scales))
+                self._value = quantize_weight(w.detach(), recipe.name, recipe.pow2_scales)
             self._key = key
         return self._value
 
@@ -70,7 +61,7 @@ class _Fp8GroupedMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_MH, w1_EXH, w2_EHF, group_end_E, activation, recipe, wq1, wq2):
         block, align, pow2 = recipe.block, recipe.align, recipe.pow2_scales
-        x_q, x_s, xt_q, xt_s, padded_end_E = quantize_rows_and_cols_grouped(
+        x_q, x_s, xt_q, xt_s, padded_end_E, _ = quantize_rows_and_cols_grouped(
             x_MH, group_end_E, align, block, pow2
         )
         h_MX = grouped_mm(x_q, x_s, wq1.q_ENK, wq1.scale, group_end_E, recipe)
@@ -88,7 +79,7 @@ class _Fp8GroupedMLPFunction(torch.autograd.Function):
         recipe, wq1, wq2 = ctx.recipe, ctx.wq1, ctx.wq2
         block, align, pow2 = recipe.block, recipe.align, recipe.pow2_scales
         dy_MH = dy_MH.contiguous()
-        dy_q, dy_s, dyt_q, dyt_s, _ = quantize_rows_and_cols_grouped(dy_MH, group_end_E, align, block, pow2)
+        dy_q, dy_s, dyt_q, dyt_s, _, _ = quantize_rows_and_cols_grouped(dy_MH, group_end_E, align, block, pow2)
         da_MF = grouped_mm(dy_q, dy_s, wq2.qt_EKN, wq2.scale_t, group_end_E, recipe)
         dh_q, dh_s, dht_q, dht_s, at_q, at_s, _ = act_quant_bwd(
             da_MF, h_q, h_s, ctx.activation, group_end_E, align, block, pow2
