@@ -52,7 +52,9 @@ class WeightCache:
         key = (w.data_ptr(), w._version, w.dtype, w.device, recipe)
         if self._key != key:
             with torch.no_grad():
-                self._value = quantize_weight(w.detach(), recipe.name, recipe.pow2_scales)
+                # Quantized from the bf16 compute copy (what a BF16 GEMM under autocast reads too):
+                # the fused kernel takes bf16 (kernels/quantize_weight.py says why).
+                self._value = quantize_weight(w.detach().to(torch.bfloat16), recipe.name, recipe.pow2_scales)
             self._key = key
         return self._value
 
