@@ -7,6 +7,7 @@ call, median). Bandwidth counts each input byte read once and each output byte w
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Callable
@@ -18,7 +19,10 @@ GIB = 1024**3
 
 
 def git_commit() -> str:
-    """HEAD's hash, with "+dirty" when the working tree differs from it; "unknown" outside git."""
+    """HEAD's hash, with "+dirty" when the working tree differs from it. A copy of the tree
+    without .git (a lent GPU machine) reads it from FP8MOE_COMMIT; else "unknown"."""
+    if os.environ.get("FP8MOE_COMMIT"):
+        return os.environ["FP8MOE_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout

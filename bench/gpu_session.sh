@@ -4,6 +4,7 @@
 # On the lent machine (no registry): the wheels from ../shared/tools/gpu-wheels.sh travel in .whl/.
 set -uo pipefail
 what=${1:-all}
+# The tree travels without .git: pass FP8MOE_COMMIT=$(git rev-parse HEAD) in the command.
 kexpr=${2:-}
 out=${OUT:-/tmp/fp8moe_out}
 mkdir -p "$out"
