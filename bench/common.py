@@ -17,6 +17,14 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 GIB = 1024**3
 
+# DESIGN.md's four measured experts-block shapes: (M routed rows, H, F, E, activation).
+SHAPES = {
+    "seed": (32768, 4096, 6400, 16, "gelu"),
+    "mixtral_8x7b": (16384, 4096, 14336, 8, "swiglu"),
+    "deepseek_v3_ep8": (32768, 7168, 2048, 32, "swiglu"),
+    "qwen3_30b_a3b": (65536, 2048, 768, 128, "swiglu"),
+}
+
 
 def git_commit() -> str:
     """HEAD's hash, with "+dirty" when the working tree differs from it. A copy of the tree

@@ -26,16 +26,10 @@ import os
 
 import torch
 
-from bench.common import GIB, REPO, print_table, run_info, time_ms, write_json
+from bench.common import SHAPES, GIB, REPO, print_table, run_info, time_ms, write_json
 from kernels import grouped_gemm as gg
 from kernels.common import FP8_DTYPE
 
-SHAPES = {  # DESIGN.md: (M routed rows, H, F, E, act)
-    "mixtral_8x7b": (16384, 4096, 14336, 8, "swiglu"),
-    "deepseek_v3_ep8": (32768, 7168, 2048, 32, "swiglu"),
-    "qwen3_30b_a3b": (65536, 2048, 768, 128, "swiglu"),
-    "seed": (32768, 4096, 6400, 16, "gelu"),
-}
 GEMMS = ("fwd1", "fwd2", "wgrad1", "wgrad2")
 
 

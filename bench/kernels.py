@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from bench.common import REPO, copy_gbps, peak_gib, print_table, run_info, time_ms, write_json
+from bench.common import SHAPES as DESIGN_SHAPES, REPO, copy_gbps, peak_gib, print_table, run_info, time_ms, write_json
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,7 @@ class Shape:
         return 2 * self.F if self.act == "swiglu" else self.F
 
 
-SHAPES = {  # DESIGN.md's four measured shapes
-    "seed": Shape(32768, 4096, 6400, 16, "gelu"),
-    "mixtral_8x7b": Shape(16384, 4096, 14336, 8, "swiglu"),
-    "deepseek_v3_ep8": Shape(32768, 7168, 2048, 32, "swiglu"),
-    "qwen3_30b_a3b": Shape(65536, 2048, 768, 128, "swiglu"),
-}
+SHAPES = {name: Shape(*dims) for name, dims in DESIGN_SHAPES.items()}  # DESIGN.md's four shapes
 WEIGHT_SWEEP_E = (1, 4, 16, 64, 128)
 WEIGHT_SWEEP_SHAPES = ("qwen3_30b_a3b", "deepseek_v3_ep8")  # per-expert w1 sizes for the E sweep
 

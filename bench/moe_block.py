@@ -25,17 +25,11 @@ import gc
 
 import torch
 
-from bench.common import GIB, REPO, print_table, run_info, time_ms, write_json
+from bench.common import SHAPES, GIB, REPO, print_table, run_info, time_ms, write_json
 from moe.experts import GroupedMLP, activation_fn
 from moe.fp8.grouped_mlp import Fp8GroupedMLP
 from moe.fp8.recipe import Fp8Recipe
 
-SHAPES = {  # DESIGN.md: (M routed rows, H, F, E, act)
-    "seed": (32768, 4096, 6400, 16, "gelu"),
-    "mixtral_8x7b": (16384, 4096, 14336, 8, "swiglu"),
-    "deepseek_v3_ep8": (32768, 7168, 2048, 32, "swiglu"),
-    "qwen3_30b_a3b": (65536, 2048, 768, 128, "swiglu"),
-}
 IMPLS = ("bf16", "torchao_rowwise", "rowwise", "blockwise")
 ROUTINGS = ("skewed", "balanced")
 

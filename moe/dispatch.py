@@ -1,9 +1,34 @@
 """Dispatch step of the MoE layer: where routed rows travel to the ranks owning their experts.
 
+Legend: M routed rows entering dispatch (grouped by expert, see moe/permute.py), H hidden,
+E experts (all of them: the router scores every expert), P expert-parallel ranks (the EP group),
+L = E / P local experts per rank, S rows this rank sends (kept rows), R rows it receives.
+
 The layer calls `dispatch` between permute and the experts and `combine` after them. With one
 expert-parallel rank (EP=1) nothing travels: `LocalDispatcher` passes rows through unchanged.
-The all-to-all dispatcher for EP>1 implements the same two methods (trainer/ applies it to a
-built model; the model code stays free of parallelism).
+`AllToAllDispatcher` (EP>1) implements the same two methods; trainer/parallel.py installs it on
+a built model, so the model code stays free of parallelism.
+
+All-to-all dispatch, rank r owning experts [r*L, (r+1)*L):
+    1. exchange the (E,) per-expert counts with one all_to_all_single (device tensors);
+    2. ONE host synchronisation: `.tolist()` of the per-rank send and receive row counts, which
+       all_to_all_single needs as Python ints (NCCL and gloo take split sizes on the host);
+    3. all_to_all_single of the rows (expert order is rank order, so rows already lie in
+       send order); received rows arrive grouped by source rank, then by local expert;
+    4. a stable permutation regroups them by local expert (source-rank order inside an expert),
+       computed on the device from the received counts.
+`combine` undoes 4 with the inverse permutation and 3 with the reverse all-to-all, then pads the
+dropped rows (past sum(tokens_per_expert), never sent) with zeros: `unpermute` ignores them.
+Both collectives are autograd Functions whose backward is the reverse all-to-all.
+
+FP8 on the wire (experts are Fp8GroupedMLP): the sender quantizes its rows with the recipe's
+row quantization (a scale per row, or per 1x128 tile for blockwise) and sends the E4M3 bytes
+(as uint8: gloo has no float8 dtypes) and the fp32 scales: H + 4 bytes a row (rowwise) against
+2H for BF16. The receiver hands the experts those rows pre-quantized (`Fp8Rows`), so GEMM1 reads
+exactly the bytes the non-EP path would have produced. The experts also get the dequantized
+rows: the autograd handle for dx (straight-through, as in the non-EP path, whose dx is taken as
+if quantization were the identity) and the source of wgrad1's per-group column copy. Backward
+(dx) and combine travel in BF16.
 """
 
 from __future__ import annotations
@@ -12,14 +37,27 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from moe.experts import compute_dtype
+
+
+@dataclass(frozen=True)
+class Fp8Rows:
+    """Rows already quantized for the experts' first GEMM: q_MH E4M3, scale (M,) or (M, H // 128)."""
+
+    q_MH: Tensor
+    scale: Tensor
 
 
 @dataclass(frozen=True)
 class DispatchMeta:
-    """What combine needs to undo dispatch. Empty for the local dispatcher."""
+    """What combine needs to undo dispatch, and what the experts may use besides x."""
 
     num_rows: int  # M rows that entered dispatch
-    extra: Optional[object] = None  # dispatcher-specific (split sizes, handles)
+    extra: Optional[object] = None  # dispatcher-specific (split sizes, regrouping)
+    x_fp8: Optional[Fp8Rows] = None  # the experts' input pre-quantized (FP8 dispatch), else None
 
 
 class LocalDispatcher:
@@ -32,3 +70,129 @@ class LocalDispatcher:
 
     def combine(self, y_MH: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         return y_MH
+
+
+# ---- differentiable all-to-all -------------------------------------------------------------------
+
+
+def _all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows x[sum(in_splits[:j]) : ...] go to rank j; backward is the reverse all-to-all.
+
+    Our own Function rather than torch.distributed.nn.functional.all_to_all_single (not tried with
+    gloo and uneven splits): ten lines whose backward is plainly the transpose, tested on gloo
+    with uneven and empty splits (tests/test_expert_parallel.py).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        return _all_to_all(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        return _all_to_all(grad_out, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
+
+
+class _Fp8AllToAll(torch.autograd.Function):
+    """Forward sends E4M3 rows (as uint8) and their fp32 scales; returns the received rows
+    dequantized to x's dtype (differentiable), their E4M3 bytes and scales (not differentiable).
+    Backward: the reverse all-to-all of the gradient in x's dtype (straight-through quantization).
+    """
+
+    @staticmethod
+    def forward(ctx, x_SH, q_SH, scale_S, out_splits, in_splits, group):
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        q_RH = _all_to_all(q_SH.view(torch.uint8), out_splits, in_splits, group).view(q_SH.dtype)
+        s_R = _all_to_all(scale_S, out_splits, in_splits, group)
+        R, H = q_RH.shape
+        span = H // s_R.shape[1] if s_R.dim() == 2 else H
+        x_RH = (q_RH.float().view(R, H // span, span) * s_R.view(R, H // span, 1)).view(R, H).to(x_SH.dtype)
+        ctx.mark_non_differentiable(q_RH, s_R)
+        return x_RH, q_RH, s_R
+
+    @staticmethod
+    def backward(ctx, grad_x_RH, _grad_q, _grad_s):
+        grad = _all_to_all(grad_x_RH, ctx.in_splits, ctx.out_splits, ctx.group)
+        return grad, None, None, None, None, None
+
+
+# ---- the expert-parallel dispatcher ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AllToAllMeta:
+    send_splits: list[int]  # rows sent to each EP rank (host ints)
+    recv_splits: list[int]  # rows received from each EP rank
+    regroup_R: Tensor  # int64 (R,): x_local = x_received[regroup_R] (grouped by local expert)
+    ungroup_R: Tensor  # int64 (R,): the inverse permutation, for combine
+
+
+class AllToAllDispatcher:
+    """EP>1: send each kept row to the rank owning its expert and bring the results back.
+
+    ep_group: the expert-parallel process group (P ranks); num_experts: E over the whole group.
+    fp8_recipe: an Fp8Recipe when the experts are Fp8GroupedMLP (FP8 on the wire), else None.
+    """
+
+    def __init__(self, ep_group, num_experts: int, fp8_recipe=None) -> None:
+        self.group = ep_group
+        self.ep = dist.get_world_size(ep_group)
+        if num_experts % self.ep:
+            raise ValueError(f"num_experts={num_experts} must be a multiple of the EP size {self.ep}")
+        self.num_experts, self.num_local = num_experts, num_experts // self.ep
+        self.fp8_recipe = fp8_recipe
+
+    def dispatch(
+        self, x_MH: torch.Tensor, tokens_per_expert_E: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, DispatchMeta]:
+        P, L = self.ep, self.num_local
+        send_counts_PL = tokens_per_expert_E.view(P, L)
+        recv_counts_PL = torch.empty_like(send_counts_PL)
+        dist.all_to_all_single(recv_counts_PL, send_counts_PL, group=self.group)
+        # The one host synchronisation of the MoE layer: split sizes must be Python ints.
+        splits = torch.cat([send_counts_PL.sum(1), recv_counts_PL.sum(1)]).tolist()
+        send_splits, recv_splits = splits[:P], splits[P:]
+        S, R = sum(send_splits), sum(recv_splits)
+
+        # Received rows: source rank major, local expert minor; stable sort by local expert.
+        expert_of_cell = torch.arange(L, device=x_MH.device).repeat(P)
+        expert_R = torch.repeat_interleave(expert_of_cell, recv_counts_PL.reshape(-1), output_size=R)
+        regroup_R = torch.sort(expert_R, stable=True).indices
+        ungroup_R = torch.empty_like(regroup_R).scatter_(0, regroup_R, torch.arange(R, device=x_MH.device))
+        local_tokens_per_expert_L = recv_counts_PL.sum(0)
+
+        x_SH = x_MH[:S]
+        x_fp8 = None
+        if self.fp8_recipe is None:
+            x_RH = _AllToAll.apply(x_SH, recv_splits, send_splits, self.group)
+        else:
+            from kernels.quantize import quantize_rows
+
+            x_SH = x_SH.to(compute_dtype(x_SH))  # what the non-EP FP8 experts would quantize
+            rec = self.fp8_recipe
+            with torch.no_grad():
+                q_SH, s_S = quantize_rows(x_SH.detach().contiguous(), rec.block, rec.pow2_scales)
+            x_RH, q_RH, s_R = _Fp8AllToAll.apply(x_SH, q_SH, s_S, recv_splits, send_splits, self.group)
+            x_fp8 = Fp8Rows(q_RH.index_select(0, regroup_R), s_R.index_select(0, regroup_R))
+        x_local = x_RH.index_select(0, regroup_R)
+        meta = DispatchMeta(
+            num_rows=x_MH.shape[0],
+            extra=AllToAllMeta(send_splits, recv_splits, regroup_R, ungroup_R),
+            x_fp8=x_fp8,
+        )
+        return x_local, local_tokens_per_expert_L, meta
+
+    def combine(self, y_local: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        a2a: AllToAllMeta = meta.extra
+        y_RH = y_local.index_select(0, a2a.ungroup_R)
+        y_SH = _AllToAll.apply(y_RH, a2a.send_splits, a2a.recv_splits, self.group)
+        dropped = meta.num_rows - y_SH.shape[0]
+        if dropped:
+            y_SH = torch.cat([y_SH, y_SH.new_zeros(dropped, y_SH.shape[1])])
+        return y_SH

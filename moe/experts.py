@@ -104,7 +104,16 @@ class GroupedMLP(nn.Module):
         nn.init.normal_(self.w1, std=init_std)
         nn.init.normal_(self.w2, std=init_std if out_std is None else out_std)
 
-    def forward(self, x_MH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    # Whether `grouped_mlp` can take rows the dispatcher already quantized (FP8 on the wire).
+    accepts_fp8_rows = False
+
+    def forward(
+        self, x_MH: torch.Tensor, tokens_per_expert_E: torch.Tensor, x_fp8=None
+    ) -> torch.Tensor:
+        """x_fp8: optional `moe.dispatch.Fp8Rows`, x_MH's rows already quantized by an FP8
+        all-to-all dispatch (x_MH then holds their dequantized values); FP8 experts only."""
+        if x_fp8 is not None and not self.accepts_fp8_rows:
+            raise ValueError(f"{type(self).__name__} cannot take FP8 rows; FP8 dispatch needs FP8 experts")
         if x_MH.dim() != 2 or x_MH.shape[1] != self.dim:
             raise ValueError(f"experts expect x of shape (M, {self.dim}), got {tuple(x_MH.shape)}")
         if tokens_per_expert_E.shape != (self.num_experts,):
@@ -118,6 +127,8 @@ class GroupedMLP(nn.Module):
                 x_MH, self.w1.to(dtype), self.w2.to(dtype), tokens_per_expert_E, self.activation
             )
         group_end_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
+        if x_fp8 is not None:
+            return self.grouped_mlp(x_MH, group_end_E, x_fp8)
         return self.grouped_mlp(x_MH, group_end_E)
 
     def grouped_mlp(self, x_MH: torch.Tensor, group_end_E: torch.Tensor) -> torch.Tensor:

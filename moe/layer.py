@@ -51,7 +51,7 @@ class MoELayer(nn.Module):
         route = self.router(x_TH, seq_len=S)
         x_MH, tokens_per_expert_E, perm = permute(x_TH, route.topk_ids_TK, self.num_experts)
         x_MH, local_tokens_per_expert, dispatch = self.dispatcher.dispatch(x_MH, tokens_per_expert_E)
-        y_MH = self.experts(x_MH, local_tokens_per_expert)
+        y_MH = self.experts(x_MH, local_tokens_per_expert, x_fp8=dispatch.x_fp8)
         y_MH = self.dispatcher.combine(y_MH, dispatch)
         out_TH = unpermute(y_MH, perm, route.topk_weights_TK)
 

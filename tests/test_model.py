@@ -57,18 +57,25 @@ def test_moe_layer_zero_token_expert_and_sums():
     assert torch.count_nonzero(layer.experts.w1.grad[:2]) > 0
 
 
-def test_tiny_model_overfits_fixed_batch():
+def _overfit_losses(device: str, dtype) -> list[float]:
+    """50 AdamW steps on one fixed batch of the tiny model."""
     torch.manual_seed(0)
-    model = build_model(_tiny(aux_loss_coeff=0.01))
-    tokens = torch.randint(0, 97, (4, 17))
+    model = build_model(_tiny(aux_loss_coeff=0.01), device=device)
+    tokens = torch.randint(0, 97, (4, 17), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(50):
-        out = model(tokens[:, :-1], tokens[:, 1:])
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            out = model(tokens[:, :-1], tokens[:, 1:])
         (out.loss + out.aux_loss).backward()
         opt.step()
         opt.zero_grad()
         losses.append(out.loss.item())
+    return losses
+
+
+def test_tiny_model_overfits_fixed_batch():
+    losses = _overfit_losses("cpu", None)
     assert losses[-1] < 0.5 * losses[0], losses
 
 
@@ -144,16 +151,5 @@ def test_dry_run_bad_top_k_is_a_clear_error():
 
 @pytest.mark.gpu
 def test_tiny_model_trains_bf16_gpu():
-    torch.manual_seed(0)
-    model = build_model(_tiny(aux_loss_coeff=0.01), device="cuda")
-    tokens = torch.randint(0, 97, (4, 17), device="cuda")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(50):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(tokens[:, :-1], tokens[:, 1:])
-        (out.loss + out.aux_loss).backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(out.loss.item())
+    losses = _overfit_losses("cuda", torch.bfloat16)
     assert losses[-1] < 0.5 * losses[0], losses

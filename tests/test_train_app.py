@@ -117,11 +117,14 @@ def test_sigterm_saves_checkpoint_that_resumes(env, tmp_path):
     assert max(_losses(tmp_path / "term")) == saved_step + 2
 
 
-def test_torchrun_two_ranks_matches_one_process_same_global_batch(env, tmp_path):
+@pytest.mark.parametrize("parallel", ["single", "fsdp"])
+def test_torchrun_two_ranks_matches_one_process_same_global_batch(env, tmp_path, parallel):
     common = ["run.steps=6", "run.dtype=float32"]
     # One process: 2 micro-batches of 2 = global batch 4. Two ranks: 1 micro-batch of 2 each.
     _train(env, tmp_path, "run.name=single", "run.grad_accum=2", *common)
-    _train(env, tmp_path, "run.name=ddp", *common, torchrun=2)
+    # FSDP2 also with activation checkpointing: recomputation in fp32 changes no number.
+    extra = ["parallel=fsdp", "run.activation_checkpointing=true"] if parallel == "fsdp" else []
+    _train(env, tmp_path, "run.name=ddp", *common, *extra, torchrun=2)
     single, ddp = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
     assert sorted(single) == sorted(ddp) == list(range(1, 7))
     for step in single:
@@ -155,3 +158,12 @@ def test_corrupted_checkpoint_is_refused_not_restarted(env, tmp_path):
     proc = _train(env, tmp_path, "run.name=corrupt", "run.steps=4", check=False)
     assert proc.returncode != 0
     assert str(ckpt) in proc.stderr, proc.stderr[-3000:]
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(env, tmp_path):
+    # lr 1e30: the first update blows the weights up, every later loss is NaN.
+    proc = _train(env, tmp_path, "run.name=nan", "run.steps=10", "optim.lr=1e30",
+                  "run.max_nonfinite_steps=3", check=False)
+    assert proc.returncode != 0
+    assert "3 consecutive non-finite losses (run.max_nonfinite_steps=3) at step 4" in proc.stderr
+    assert "update skipped" in proc.stdout + proc.stderr

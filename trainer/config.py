@@ -112,6 +112,14 @@ class TrainConfig:
         )
         _check(self.parallel.ep >= 1, f"parallel.ep must be >= 1, got {self.parallel.ep}")
         _check(
+            self.model.moe.num_experts % self.parallel.ep == 0,
+            f"parallel.ep={self.parallel.ep} must divide model.moe.num_experts={self.model.moe.num_experts}",
+        )
+        _check(
+            self.parallel.ep == 1 or self.parallel.backend == "ddp",
+            f"parallel.ep={self.parallel.ep} works with parallel.backend=ddp only, got {self.parallel.backend!r}",
+        )
+        _check(
             self.fp8.experts in FP8_EXPERT_RECIPES,
             f"fp8.experts must be one of {FP8_EXPERT_RECIPES}, got {self.fp8.experts!r}",
         )

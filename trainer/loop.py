@@ -23,7 +23,17 @@ from trainer.config import TrainConfig
 from trainer.data import build_train_valid
 from trainer.metrics import MetricsLogger, format_line, load_imbalance, memory_gib, peak_tflops
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.parallel import DistEnv, all_reduce_, apply_data_parallel, init_distributed, shutdown, unwrap
+from trainer.parallel import (
+    DistEnv,
+    all_reduce_,
+    apply_data_parallel,
+    apply_expert_parallel,
+    clip_grad_norm_ep,
+    init_distributed,
+    reduce_gradients,
+    shutdown,
+    unwrap,
+)
 from trainer.preemption import PreemptionHandler
 
 log = logging.getLogger("fp8moe")
@@ -73,6 +83,7 @@ def build(cfg: TrainConfig, env: DistEnv, vocab_size: int) -> MoETransformer:
     _seed_everything(cfg.run.seed)  # identical initial weights on every rank
     model.init_weights()
     _convert_fp8(model, cfg)
+    apply_expert_parallel(model, env)  # after the FP8 swap: the dispatcher sends what the experts eat
     _apply_block_wrappers(model, cfg)
     return model
 
@@ -170,10 +181,15 @@ class Trainer:
         lm_loss, aux_loss = stats.tolist()
         finite = math.isfinite(lm_loss) and math.isfinite(aux_loss)
         grad_norm = float("nan")
+        if env.ep > 1:
+            reduce_gradients(self.model, env)  # EP replaces DDP's all-reduce (trainer/parallel.py)
         if finite:
             # max_norm=inf measures without clipping.
             max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), max_norm)
+            if env.ep > 1:
+                norm = clip_grad_norm_ep(self.model, max_norm, env)
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), max_norm)
             if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
                 norm = norm.full_tensor()
             grad_norm = float(norm)

@@ -18,6 +18,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    # Expert parallelism holds expert weights as DTensors; AdamW's foreach path cannot mix them
+    # with plain tensors in one group, so they get a group of their own.
+    from torch.distributed.tensor import DTensor
+
+    sharded = [p for p in decay if isinstance(p, DTensor)]
+    if sharded:
+        groups[0]["params"] = [p for p in decay if not isinstance(p, DTensor)]
+        groups.append({"params": sharded, "weight_decay": cfg.weight_decay})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from kernels.act_quant import act_quant_bwd, act_quant_fwd
-from kernels.quantize_grouped import quantize_rows_and_cols_grouped
+from kernels.quantize_grouped import quantize_cols_grouped, quantize_rows_and_cols_grouped
 from kernels.quantize_weight import QuantizedWeight, quantize_weight
 from moe.experts import GroupedMLP
 from moe.fp8.gemm import grouped_mm, grouped_mm_wgrad
@@ -61,11 +61,18 @@ class WeightCache:
 
 class _Fp8GroupedMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_MH, w1_EXH, w2_EHF, group_end_E, activation, recipe, wq1, wq2):
+    def forward(ctx, x_MH, w1_EXH, w2_EHF, group_end_E, activation, recipe, wq1, wq2, x_fp8=None):
         block, align, pow2 = recipe.block, recipe.align, recipe.pow2_scales
-        x_q, x_s, xt_q, xt_s, padded_end_E, _ = quantize_rows_and_cols_grouped(
-            x_MH, group_end_E, align, block, pow2
-        )
+        if x_fp8 is None:
+            x_q, x_s, xt_q, xt_s, padded_end_E, _ = quantize_rows_and_cols_grouped(
+                x_MH, group_end_E, align, block, pow2
+            )
+        else:
+            # FP8 dispatch: the rows came quantized over the wire (the bytes this function would
+            # have made from the sender's bf16 rows); only wgrad1's column copy is built here, from
+            # the dequantized rows, since the bf16 rows never left the sender.
+            x_q, x_s = x_fp8.q_MH, x_fp8.scale
+            xt_q, xt_s, padded_end_E, _ = quantize_cols_grouped(x_MH, group_end_E, align, block, pow2)
         h_MX = grouped_mm(x_q, x_s, wq1.q_ENK, wq1.scale, group_end_E, recipe)
         a_q, a_s, h_q, h_s = act_quant_fwd(h_MX, activation, block, pow2, True)
         del h_MX
@@ -90,13 +97,14 @@ class _Fp8GroupedMLPFunction(torch.autograd.Function):
         dw2_EHF = grouped_mm_wgrad(dyt_q, dyt_s, at_q, at_s, padded_end_E, recipe)
         dx_MH = grouped_mm(dh_q, dh_s, wq1.qt_EKN, wq1.scale_t, group_end_E, recipe)
         dw1_EXH = grouped_mm_wgrad(dht_q, dht_s, xt_q, xt_s, padded_end_E, recipe)
-        return dx_MH, dw1_EXH.to(ctx.w_dtypes[0]), dw2_EHF.to(ctx.w_dtypes[1]), None, None, None, None, None
+        return dx_MH, dw1_EXH.to(ctx.w_dtypes[0]), dw2_EHF.to(ctx.w_dtypes[1]), None, None, None, None, None, None
 
 
 class Fp8GroupedMLP(GroupedMLP):
     """Same constructor and parameters as GroupedMLP; only `grouped_mlp` differs."""
 
     recipe: Fp8Recipe = Fp8Recipe("rowwise")
+    accepts_fp8_rows = True
 
     def __init__(self, *args, recipe: Fp8Recipe | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -104,13 +112,14 @@ class Fp8GroupedMLP(GroupedMLP):
             self.recipe = recipe
         self._w1_cache, self._w2_cache = WeightCache(), WeightCache()
 
-    def grouped_mlp(self, x_MH: torch.Tensor, group_end_E: torch.Tensor) -> torch.Tensor:
+    def grouped_mlp(self, x_MH: torch.Tensor, group_end_E: torch.Tensor, x_fp8=None) -> torch.Tensor:
+        """x_fp8: x_MH's rows pre-quantized by an FP8 dispatch (moe.dispatch.Fp8Rows), or None."""
         if x_MH.dtype != torch.bfloat16 and x_MH.is_cuda:
             raise ValueError(f"FP8 experts take bfloat16 activations on the GPU, got {x_MH.dtype}")
         wq1 = self._w1_cache.get(self.w1, self.recipe)
         wq2 = self._w2_cache.get(self.w2, self.recipe)
         return _Fp8GroupedMLPFunction.apply(
-            x_MH.contiguous(), self.w1, self.w2, group_end_E, self.activation, self.recipe, wq1, wq2
+            x_MH.contiguous(), self.w1, self.w2, group_end_E, self.activation, self.recipe, wq1, wq2, x_fp8
         )
 
     def extra_repr(self) -> str:

@@ -1,0 +1,153 @@
+"""Full training steps, BF16 vs FP8 experts, on one GPU: tokens/s, TFLOP/s per GPU, MFU, peak memory.
+
+    python -m bench.train_step [--models mixtral_2layer,parity_300m] [--impls bf16,rowwise,blockwise]
+        [--warmup 3] [--steps 10] [--micro-batch-size N] [--out PATH]
+
+A step is exactly what train.py runs (trainer.loop.Trainer.train_step): forward (attention,
+router, permutation, experts), backward, gradient clipping, AdamW, the scheduler, and the one host
+synchronisation per step that decides whether the update is applied. The model, optimizer and
+data come from the trainer itself, configured by the Hydra experiment files, with synthetic
+tokens (data=mock) so no corpus is needed:
+  mixtral_2layer  configs/experiment/mixtral_2layer_bench.yaml: Mixtral-8x7B width (dim 4096,
+                  8 experts of ffn 14336, top-2), 2 layers, sequence 4096, 1 sequence per step
+  parity_300m     configs/experiment/parity_300m.yaml: the loss-parity model (dim 1024, 12
+                  layers, 16 experts of ffn 1408, top-2), sequence 2048, its batch of 8 x 2
+Impls: fp8.experts = bf16 | rowwise | blockwise (the dense layers stay BF16 in all three).
+
+Timing: `--warmup` steps untimed, then `--steps` steps between two CUDA events (one interval, so
+the per-step host synchronisation is counted, as in training). tokens_per_s = tokens / time;
+tflops_per_gpu uses the trainer's FLOP count (moe.counting.training_flops_per_token: 6 x active
+matmul parameters + causal attention); mfu divides by trainer.metrics.peak_tflops (dense BF16
+peak, also for the FP8 rows, so the MFU column compares like with like); peak_gib is the peak
+allocated memory over the timed steps (weights, gradients and AdamW state included).
+Writes bench/results/train_step.json and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+
+import torch
+
+from bench.common import GIB, REPO, print_table, run_info, write_json
+
+MODELS = {  # name -> Hydra overrides
+    "mixtral_2layer": ["experiment=mixtral_2layer_bench"],
+    "parity_300m": ["experiment=parity_300m", "data=mock", "data.mock_vocab_size=32000"],
+}
+IMPLS = ("bf16", "rowwise", "blockwise")
+COLUMNS = ["model", "impl", "tokens_per_s", "tflops_per_gpu", "mfu", "peak_gib", "step_ms"]
+
+
+def compose_config(model: str, impl: str, steps: int, extra: list[str]):
+    """The TrainConfig train.py would run for this model and recipe (validated)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from trainer.config import register_configs
+
+    register_configs()
+    overrides = [*MODELS[model], f"fp8={impl}", f"run.steps={steps}", "run.eval_interval=0",
+                 "logging.wandb=disabled", *extra]
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
+    cfg.validate()
+    return cfg
+
+
+def measure(model: str, impl: str, warmup: int, steps: int, extra: list[str], scratch: str) -> dict:
+    from trainer.loop import Trainer
+    from trainer.metrics import peak_tflops
+    from trainer.parallel import init_distributed
+
+    cfg = compose_config(model, impl, warmup + steps, extra)
+    env = init_distributed(cfg.run, cfg.parallel)
+    if env.device.type != "cuda":
+        raise RuntimeError("bench/train_step.py times CUDA steps: it needs a GPU")
+    trainer = Trainer(cfg, run_dir=os.path.join(scratch, f"{model}-{impl}"), env=env)
+    train_iter = trainer.data.train(0)
+    try:
+        for _ in range(warmup):
+            trainer.train_step(train_iter)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            trainer.train_step(train_iter)
+        end.record()
+        torch.cuda.synchronize()
+        ms_per_step = start.elapsed_time(end) / steps
+        tokens_per_s = trainer.global_batch * cfg.run.seq_len / (ms_per_step / 1e3)
+        tflops = tokens_per_s * trainer.flops_per_token / 1e12
+        peak = peak_tflops(env.device)
+        return {
+            "model": model,
+            "impl": impl,
+            "tokens_per_s": tokens_per_s,
+            "tflops_per_gpu": tflops,
+            "mfu": tflops / peak if peak else None,
+            "peak_gib": torch.cuda.max_memory_allocated() / GIB,
+            "step_ms": ms_per_step,
+            "tokens_per_step": trainer.global_batch * cfg.run.seq_len,
+            "params_total": trainer.counts.total,
+            "params_active": trainer.counts.active,
+            "flops_per_token": trainer.flops_per_token,
+        }
+    finally:
+        del trainer, train_iter
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {list(MODELS)}")
+    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, of {list(IMPLS)}")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, autotune)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--micro-batch-size", type=int, default=None, help="override run.micro_batch_size")
+    parser.add_argument("--override", nargs="*", default=[], help="more Hydra overrides for every row")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train_step.json"))
+    parser.add_argument("--scratch", default="/tmp/fp8moe_bench_train_step",
+                        help="run directory the trainer is given (nothing is written unless it checkpoints)")
+    args = parser.parse_args(argv)
+    models = [m for m in args.models.split(",") if m]
+    impls = [i for i in args.impls.split(",") if i]
+    for name, allowed in (("--models", list(MODELS)), ("--impls", list(IMPLS))):
+        bad = [v for v in (models if name == "--models" else impls) if v not in allowed]
+        if bad:
+            parser.error(f"{name}: unknown {bad}; allowed {allowed}")
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be >= 1")
+    extra = list(args.override)
+    if args.micro_batch_size is not None:
+        extra.append(f"run.micro_batch_size={args.micro_batch_size}")
+
+    rows = []
+    for model in models:
+        for impl in impls:
+            try:
+                row = measure(model, impl, args.warmup, args.steps, extra, args.scratch)
+            except torch.cuda.OutOfMemoryError as err:
+                print(f"{model} {impl}: out of memory ({str(err).splitlines()[0]})")
+                row = {"model": model, "impl": impl, "tokens_per_s": None, "tflops_per_gpu": None,
+                       "mfu": None, "peak_gib": None, "error": "out of memory"}
+                gc.collect()
+                torch.cuda.empty_cache()
+            rows.append(row)
+            print({k: row.get(k) for k in COLUMNS}, flush=True)
+        base = next((r for r in rows if r["model"] == model and r["impl"] == "bf16" and r["tokens_per_s"]), None)
+        for r in rows:
+            if base and r["model"] == model and r["tokens_per_s"]:
+                r["speedup_vs_bf16"] = r["tokens_per_s"] / base["tokens_per_s"]
+    payload = {**run_info(), "warmup": args.warmup, "steps": args.steps, "overrides": extra, "rows": rows}
+    path = write_json(args.out, payload)
+    print(f"wrote {path}")
+    print_table(rows, [*COLUMNS, "speedup_vs_bf16"])
+
+
+if __name__ == "__main__":
+    main()
