@@ -248,7 +248,8 @@ def bench_quantize_weight_experts(ctx: Context) -> list[dict]:
 
 def bench_act_rows(ctx: Context) -> list[dict]:
     """act_quant_fwd (h -> FP8 a and FP8 h) and act_quant_bwd (da, FP8 h -> dh rows, dh^T, a^T)."""
-    from kernels.act_quant import act_quant_bwd, act_quant_fwd
+    from kernels.act_quant import act_quant_fwd
+    from kernels.act_quant_bwd import act_quant_bwd
 
     for name, s in ctx.shapes.items():
         h, da, ends = _x(s.M, s.F1), _x(s.M, s.F), _group_ends(s.M, s.E)

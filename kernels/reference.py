@@ -186,11 +186,11 @@ def torch_quantize_weight(
     return q_ENK, scale, qt_EKN, scale_t
 
 
-# ---- activation / combine references (kernels/act_quant.py, kernels/combine.py) ---------------
+# ---- activation / combine references (kernels/act_quant*.py, kernels/combine.py) -------------
 # The activations are written out in + - * / so that kernel and reference round identically on
 # every backend: torch.exp on CPU and numpy's exp (Triton's interpreter) disagree in the last bit
 # for ~40% of inputs, and a GPU's expf is not guaranteed to match libdevice's. Every line below
-# is one fp32 rounding (never fused), mirrored line for line in kernels/act_quant.py.
+# is one fp32 rounding (never fused), mirrored line for line in kernels/act_math.py.
 # Accuracy against fp64 (measured over 4M points): exp <= 5 ulp; Phi <= 8 ulp for x >= 0 and
 # relative 70 ulp at x = -12.5 (the rounding of x*x, amplified by exp); beyond |x| = 12.5
 # Phi saturates (Phi(-12.5) = 4e-36 instead of ~0). GELU is the exact-erf form, F.gelu's default.
@@ -461,3 +461,28 @@ def torch_fp8_grouped_mm_wgrad(
             out[e] = a[:, start:end] @ b[:, start:end].T
         start = max(start, end)
     return out.to(out_dtype)
+
+
+# ---- tensorwise quantization reference (kernels/quantize_tensor.py) ---------------------------
+# One scale for the whole tensor, given (delayed scaling: from the amax history; current scaling:
+# from this tensor's amax, taken first). The format may be E4M3 (max 448) or E5M2 (max 57344).
+# The amax of the input comes back too: delayed scaling records it for the next step's scale.
+
+
+def check_quantize_tensor_args(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -> None:
+    if fp8_dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise ValueError(f"fp8_dtype must be torch.float8_e4m3fn or torch.float8_e5m2, got {fp8_dtype}")
+    if scale.numel() != 1 or scale.dtype != torch.float32:
+        raise ValueError(f"scale must be one fp32 value, got shape {tuple(scale.shape)} {scale.dtype}")
+
+
+def torch_quantize_tensor(
+    x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype = FP8_DTYPE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, amax): q = clamp(x / scale, -fmax, fmax) in fp8_dtype (x's shape), amax = max|x| (fp32, 0-dim)."""
+    check_quantize_tensor_args(x, scale, fp8_dtype)
+    fmax = torch.finfo(fp8_dtype).max
+    xf = x.float()
+    q = (xf / scale.reshape(())).clamp(-fmax, fmax).to(fp8_dtype)
+    amax = xf.abs().amax() if xf.numel() else torch.zeros((), dtype=torch.float32, device=x.device)
+    return q, amax

@@ -23,9 +23,12 @@ import torch.nn.functional as Fn
 import triton
 import triton.language as tl
 
+import kernels.act_math as act_math
 import kernels.act_quant as act_quant
+import kernels.act_quant_bwd as act_quant_bwd_mod
 from kernels import reference as ref
-from kernels.act_quant import act_quant_bwd, act_quant_fwd, triton_act_quant_bwd, triton_act_quant_fwd
+from kernels.act_quant import act_quant_fwd, triton_act_quant_fwd
+from kernels.act_quant_bwd import act_quant_bwd, triton_act_quant_bwd
 from kernels.combine import UnpermuteCombine, unpermute_combine, unpermute_combine_bwd
 from kernels.common import FP8_DTYPE, round_up, tl_round_to_bf16_grid, tl_round_to_fp8_grid
 
@@ -112,9 +115,9 @@ def _div_kernel(x_ptr, s_ptr, q_ptr, r_ptr, sc_ptr, n, POW2: tl.constexpr, BLOCK
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < n)
     s = tl.load(s_ptr + offs, mask=offs < n, other=1.0)
-    tl.store(q_ptr + offs, act_quant._div(x, s, act_quant._inv(s)), mask=offs < n)
-    tl.store(r_ptr + offs, act_quant._recip(s), mask=offs < n)
-    tl.store(sc_ptr + offs, act_quant._fp8_scale(tl.abs(x), POW2), mask=offs < n)
+    tl.store(q_ptr + offs, act_math._div(x, s, act_math._inv(s)), mask=offs < n)
+    tl.store(r_ptr + offs, act_math._recip(s), mask=offs < n)
+    tl.store(sc_ptr + offs, act_math._fp8_scale(tl.abs(x), POW2), mask=offs < n)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -332,7 +335,7 @@ def test_fwd_kernel_matches_reference(activation, F, block, chunked, pow2, monke
                                                          ("swiglu", 128, 128, 128), ("gelu", 384, 128, 128)])  # fmt: skip
 def test_bwd_kernel_matches_reference(activation, F, block, align, pow2):
     da, h_q, h_scale, ends = bwd_inputs(activation, F, block, seed=2)
-    out = act_quant._act_quant_bwd_impl(da, h_q, h_scale, activation, ends, align, block, pow2)
+    out = act_quant_bwd_mod._act_quant_bwd_impl(da, h_q, h_scale, activation, ends, align, block, pow2)
     assert_same(out, ref.torch_act_quant_bwd(da, h_q, h_scale, activation, ends, align, block, pow2))
     assert not out[0].float().isnan().any() and not out[2].float().isnan().any()  # dropped rows do not leak
 
@@ -343,7 +346,7 @@ def test_bwd_kernel_edge_groups(sizes):
     da, h_q, h_scale, ends = bwd_inputs("swiglu", 32, 0, sizes=sizes, seed=4, zero_last=False)
     no_rows = (da[:0], h_q[:0], h_scale[:0], "swiglu", ends * 0, 16, 0, False)
     for args in [(da, h_q, h_scale, "swiglu", ends, 16, 0, False), no_rows]:
-        assert_same(act_quant._act_quant_bwd_impl(*args), ref.torch_act_quant_bwd(*args))
+        assert_same(act_quant_bwd_mod._act_quant_bwd_impl(*args), ref.torch_act_quant_bwd(*args))
 
 
 def test_custom_ops_trace_with_fake_tensors():

@@ -28,7 +28,8 @@ from typing import Optional
 
 import torch
 
-from kernels.act_quant import act_quant_bwd, act_quant_fwd
+from kernels.act_quant import act_quant_fwd
+from kernels.act_quant_bwd import act_quant_bwd
 from kernels.quantize_grouped import quantize_cols_grouped, quantize_rows_and_cols_grouped
 from kernels.quantize_weight import QuantizedWeight, quantize_weight
 from moe.experts import GroupedMLP

@@ -1,0 +1,338 @@
+"""Backward of the fused activation: act'(h) * da quantized in the three layouts the dgrad and
+wgrad GEMMs read, plus the recomputed activation for wgrad2 (see kernels/act_quant.py's
+docstring for the layouts and the passes over memory).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.act_math import _LAUNCH, _act_bwd, _fp8_scale, _inv, _quant
+from kernels.common import FP8_DTYPE, tl_fp8_scale, triton_interpret, use_triton
+from kernels.reference import check_act_quant_bwd_args, padded_size, torch_act_quant_bwd
+
+
+# ---- backward ---------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_prep_kernel(group_end_ptr, padded_end_ptr, ws_ptr, E, align, n_ws,
+                     E_POW2: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Program 0: padded_end_E = cumsum(round_up(size_e, align)). The others zero the amax workspace."""
+    pid = tl.program_id(0)
+    if pid == 0:
+        e = tl.arange(0, E_POW2)
+        end = tl.load(group_end_ptr + e, mask=e < E, other=0)
+        start = tl.load(group_end_ptr + e - 1, mask=(e > 0) & (e < E), other=0)
+        padded = (end - start + align - 1) // align * align
+        tl.store(padded_end_ptr + e, tl.cumsum(padded, axis=0), mask=e < E)
+    else:
+        offs = (pid - 1) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(ws_ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=offs < n_ws)
+
+
+@triton.jit
+def _padded_tokens(p, group_end_ptr, padded_end_ptr, M, E, SEARCH_STEPS: tl.constexpr):
+    """For padded token positions p: (source row, in a group, is a row at all, group id).
+
+    Group id = number of padded ends <= p, by binary search. Positions past every group map to
+    the rows past group_end_E[-1] (P leaves room for them): those rows get a zero dh row.
+    """
+    lo = tl.zeros_like(p)
+    hi = lo + E
+    for _ in tl.static_range(SEARCH_STEPS):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        right = active & (tl.load(padded_end_ptr + mid, mask=active, other=0) <= p)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(active & ~right, mid, hi)
+    gid = lo
+    has_prev = gid > 0
+    p_start = tl.load(padded_end_ptr + gid - 1, mask=has_prev, other=0)
+    r_start = tl.load(group_end_ptr + gid - 1, mask=has_prev, other=0)
+    r_end = tl.load(group_end_ptr + gid, mask=gid < E, other=M)
+    row = r_start + (p - p_start)
+    is_row = row < r_end
+    return row, is_row & (gid < E), is_row, gid
+
+
+@triton.jit
+def _bwd_values(da_ptr, h_ptr, hs_ptr, row, in_group, f, f_ok, fb, F, stride_da, stride_h,
+                SWIGLU: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """fp32 (d gate, d up, a) at (row, f); zero where the row is in no group."""
+    row64 = row.to(tl.int64)
+    mask = in_group[:, None] & f_ok[None, :]
+    da = tl.load(da_ptr + row64[:, None] * stride_da + f[None, :], mask=mask, other=0.0).to(tl.float32)
+    h_rows = h_ptr + row64[:, None] * stride_h
+    X = 2 * F if SWIGLU else F
+    if BLOCK:  # f lies in 128-block fb of the gate (and of the up half)
+        g_scale = tl.load(hs_ptr + row64 * (X // BLOCK) + fb, mask=in_group, other=0.0)
+        u_scale = tl.load(hs_ptr + row64 * (X // BLOCK) + F // BLOCK + fb, mask=in_group, other=0.0)
+    else:
+        g_scale = tl.load(hs_ptr + row64, mask=in_group, other=0.0)
+        u_scale = g_scale
+    g = tl.load(h_rows + f[None, :], mask=mask, other=0.0).to(tl.float32) * g_scale[:, None]
+    if SWIGLU:
+        u = tl.load(h_rows + F + f[None, :], mask=mask, other=0.0).to(tl.float32) * u_scale[:, None]
+    else:
+        u = g
+    dg, du, a = _act_bwd(da, g, u, SWIGLU)
+    return tl.where(mask, dg, 0.0), tl.where(mask, du, 0.0), tl.where(mask, a, 0.0)
+
+
+@triton.jit
+def _act_bwd_amax_kernel(
+    da_ptr, h_ptr, hs_ptr, group_end_ptr, padded_end_ptr, row_amax_ptr, dht_amax_ptr, at_amax_ptr,
+    M, F, E, stride_da, stride_h,
+    SWIGLU: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr,
+):  # fmt: skip
+    """Rowwise recipe, pass 1: atomic max (on int32 views of non-negative fp32) of |dh| per row
+    and of |dh|, |a| per (group, feature) into zeroed workspaces laid out (E, X) and (E, F), so
+    that a warp's atomics (and the quantize pass's scale loads) are contiguous along features."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    f_ok = f < F
+    X = 2 * F if SWIGLU else F
+    row, in_group, is_row, gid = _padded_tokens(p, group_end_ptr, padded_end_ptr, M, E, SEARCH_STEPS)
+    dg, du, a = _bwd_values(da_ptr, h_ptr, hs_ptr, row, in_group, f, f_ok, 0, F, stride_da, stride_h, SWIGLU, 0)
+    dg, du, a = tl.abs(dg), tl.abs(du), tl.abs(a)
+    row_max = tl.maximum(tl.max(dg, axis=1), tl.max(du, axis=1))
+    tl.atomic_max(row_amax_ptr + row, row_max.to(tl.int32, bitcast=True), mask=in_group)
+    # A tile may hold the end of one group and the start of the next (align < BLOCK_P).
+    g_first = tl.min(tl.where(in_group, gid, E))
+    g_last = tl.max(tl.where(in_group, gid, -1))
+    for grp in range(g_first, g_last + 1):
+        sel = (in_group & (gid == grp))[:, None]
+        dg_max = tl.max(tl.where(sel, dg, 0.0), axis=0).to(tl.int32, bitcast=True)
+        tl.atomic_max(dht_amax_ptr + grp * X + f, dg_max, mask=f_ok)
+        if SWIGLU:
+            du_max = tl.max(tl.where(sel, du, 0.0), axis=0).to(tl.int32, bitcast=True)
+            tl.atomic_max(dht_amax_ptr + grp * X + F + f, du_max, mask=f_ok)
+        a_max = tl.max(tl.where(sel, a, 0.0), axis=0).to(tl.int32, bitcast=True)
+        tl.atomic_max(at_amax_ptr + grp * F + f, a_max, mask=f_ok)
+
+
+@triton.jit
+def _amax_to_scale_kernel(ws_ptr, row_scale_ptr, dht_scale_ptr, at_scale_ptr, M, X, F, E,
+                          POW2: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Rowwise recipe, between the passes: the workspace's amaxes -> scales, in place (the
+    quantize pass reads them there, and the inverses stored after them) and into the outputs,
+    whose column scales are (X, E) and (F, E)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    n_dh = E * X
+    in_ws = offs < M + n_dh + E * F
+    scale = tl_fp8_scale(tl.load(ws_ptr + offs, mask=in_ws, other=0.0), POW2)
+    tl.store(ws_ptr + offs, scale, mask=in_ws)
+    tl.store(ws_ptr + offs + n_dh + E * F, _inv(scale), mask=in_ws & (offs >= M))
+    tl.store(row_scale_ptr + offs, scale, mask=offs < M)
+    o = offs - M  # (group, feature) of the dh segment, then of the a segment
+    tl.store(dht_scale_ptr + (o % X) * E + o // X, scale, mask=(o >= 0) & (o < n_dh))
+    o = o - n_dh
+    tl.store(at_scale_ptr + (o % F) * E + o // F, scale, mask=(o >= 0) & in_ws)
+
+
+@triton.jit
+def _bwd_store(dh_ptr, dht_ptr, at_ptr, row, is_row, p, p_ok, f, f_ok, F, P, dg, du, a,
+               dg_rs, dg_ri, du_rs, du_ri, dg_cs, dg_ci, du_cs, du_ci, a_cs, a_ci,
+               SWIGLU: tl.constexpr, INTERP: tl.constexpr):  # fmt: skip
+    """dh rows (row scales *_rs, inverses *_ri) and the transposed dh and a (column scales *_cs,
+    inverses *_ci; broadcast against the (token, feature) tile)."""
+    X = 2 * F if SWIGLU else F
+    row_mask = is_row[:, None] & f_ok[None, :]
+    dh_rows = dh_ptr + row.to(tl.int64)[:, None] * X + f[None, :]
+    tl.store(dh_rows, _quant(dg, dg_rs, dg_ri, INTERP), mask=row_mask)
+    col_mask = p_ok[:, None] & f_ok[None, :]
+    cols = p[:, None] + f.to(tl.int64)[None, :] * P  # (token, feature) -> column-major store
+    tl.store(dht_ptr + cols, _quant(dg, dg_cs, dg_ci, INTERP), mask=col_mask)
+    tl.store(at_ptr + cols, _quant(a, a_cs, a_ci, INTERP), mask=col_mask)
+    if SWIGLU:
+        tl.store(dh_rows + F, _quant(du, du_rs, du_ri, INTERP), mask=row_mask)
+        tl.store(dht_ptr + cols + F * P, _quant(du, du_cs, du_ci, INTERP), mask=col_mask)
+
+
+@triton.jit
+def _act_bwd_quant_kernel(
+    da_ptr, h_ptr, hs_ptr, group_end_ptr, padded_end_ptr,
+    dh_ptr, dh_scale_ptr, dht_ptr, dht_scale_ptr, at_ptr, at_scale_ptr, ws_col_ptr,
+    M, F, E, P, stride_da, stride_h,
+    SWIGLU: tl.constexpr, BLOCK: tl.constexpr, POW2: tl.constexpr, INTERP: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    """Writes dh rows, dh^T and a^T for BLOCK_P padded token positions x BLOCK_F features.
+
+    Rowwise (BLOCK=0): scales come from the amax pass (column scales and their inverses from
+    the workspace ws_col, see `_amax_to_scale_kernel`). Blockwise (BLOCK=128 = BLOCK_P = BLOCK_F):
+    the program's tile is one scale tile in every layout; it sweeps the tile CHUNK tokens at a
+    time, once for the column amaxes and once to quantize.
+    """
+    pid_p = tl.program_id(0)
+    fb = tl.program_id(1)
+    f = fb * BLOCK_F + tl.arange(0, BLOCK_F)
+    f_ok = f < F
+    X = 2 * F if SWIGLU else F
+    if BLOCK == 0:
+        p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        row, in_group, is_row, gid = _padded_tokens(p, group_end_ptr, padded_end_ptr, M, E, SEARCH_STEPS)
+        dg, du, a = _bwd_values(da_ptr, h_ptr, hs_ptr, row, in_group, f, f_ok, 0, F, stride_da, stride_h, SWIGLU, 0)
+        rs = tl.load(dh_scale_ptr + row, mask=is_row, other=1.0)
+        ri = _inv(rs)[:, None]
+        rs = rs[:, None]
+        col_mask = in_group[:, None] & f_ok[None, :]
+        # Each element's (group, feature) column scale and its inverse, from the workspace:
+        # scales (E, X) and (E, F), then the inverses in the same layout.
+        dh_cols = gid.to(tl.int64)[:, None] * X + f[None, :]
+        a_cols = gid.to(tl.int64)[:, None] * F + f[None, :]
+        inv_off = E * (X + F)
+        dg_cs = tl.load(ws_col_ptr + dh_cols, mask=col_mask, other=1.0)
+        dg_ci = tl.load(ws_col_ptr + inv_off + dh_cols, mask=col_mask, other=1.0)
+        a_cs = tl.load(ws_col_ptr + E * X + a_cols, mask=col_mask, other=1.0)
+        a_ci = tl.load(ws_col_ptr + inv_off + E * X + a_cols, mask=col_mask, other=1.0)
+        du_cs, du_ci = dg_cs, dg_ci
+        if SWIGLU:
+            du_cs = tl.load(ws_col_ptr + F + dh_cols, mask=col_mask, other=1.0)
+            du_ci = tl.load(ws_col_ptr + inv_off + F + dh_cols, mask=col_mask, other=1.0)
+        _bwd_store(dh_ptr, dht_ptr, at_ptr, row, is_row, p, p < P, f, f_ok, F, P, dg, du, a,
+                   rs, ri, rs, ri, dg_cs, dg_ci, du_cs, du_ci, a_cs, a_ci, SWIGLU, INTERP)  # fmt: skip
+    else:
+        dg_amax = tl.zeros([BLOCK_F], dtype=tl.float32)
+        du_amax = tl.zeros([BLOCK_F], dtype=tl.float32)
+        a_amax = tl.zeros([BLOCK_F], dtype=tl.float32)
+        for c in range(0, BLOCK_P, CHUNK):
+            p = pid_p * BLOCK_P + c + tl.arange(0, CHUNK)
+            row, in_group, is_row, gid = _padded_tokens(p, group_end_ptr, padded_end_ptr, M, E, SEARCH_STEPS)
+            dg, du, a = _bwd_values(da_ptr, h_ptr, hs_ptr, row, in_group, f, f_ok, fb, F, stride_da, stride_h,
+                                    SWIGLU, BLOCK)  # fmt: skip
+            dg_amax = tl.maximum(dg_amax, tl.max(tl.abs(dg), axis=0))
+            du_amax = tl.maximum(du_amax, tl.max(tl.abs(du), axis=0))
+            a_amax = tl.maximum(a_amax, tl.max(tl.abs(a), axis=0))
+        dg_cs = _fp8_scale(dg_amax, POW2)
+        du_cs = _fp8_scale(du_amax, POW2)
+        a_cs = _fp8_scale(a_amax, POW2)
+        dg_ci, du_ci, a_ci = _inv(dg_cs)[None, :], _inv(du_cs)[None, :], _inv(a_cs)[None, :]
+        n_tiles = P // BLOCK
+        tl.store(dht_scale_ptr + f * n_tiles + pid_p, dg_cs)
+        tl.store(at_scale_ptr + f * n_tiles + pid_p, a_cs)
+        if SWIGLU:
+            tl.store(dht_scale_ptr + (F + f) * n_tiles + pid_p, du_cs)
+        for c in range(0, BLOCK_P, CHUNK):
+            p = pid_p * BLOCK_P + c + tl.arange(0, CHUNK)
+            row, in_group, is_row, gid = _padded_tokens(p, group_end_ptr, padded_end_ptr, M, E, SEARCH_STEPS)
+            dg, du, a = _bwd_values(da_ptr, h_ptr, hs_ptr, row, in_group, f, f_ok, fb, F, stride_da, stride_h,
+                                    SWIGLU, BLOCK)  # fmt: skip
+            dg_rs = _fp8_scale(tl.max(tl.abs(dg), axis=1), POW2)
+            du_rs = _fp8_scale(tl.max(tl.abs(du), axis=1), POW2)
+            scale_row = dh_scale_ptr + row.to(tl.int64) * (X // BLOCK)
+            tl.store(scale_row + fb, dg_rs, mask=is_row)
+            if SWIGLU:
+                tl.store(scale_row + F // BLOCK + fb, du_rs, mask=is_row)
+            _bwd_store(dh_ptr, dht_ptr, at_ptr, row, is_row, p, p < P, f, f_ok, F, P, dg, du, a,
+                       dg_rs[:, None], _inv(dg_rs)[:, None], du_rs[:, None], _inv(du_rs)[:, None],
+                       dg_cs[None, :], dg_ci, du_cs[None, :], du_ci, a_cs[None, :], a_ci, SWIGLU, INTERP)  # fmt: skip
+
+
+def _bwd_outputs(da_MF: torch.Tensor, X: int, E: int, align: int, block: int):
+    M, F = da_MF.shape
+    P = padded_size(M, E, align)
+    fp8 = dict(dtype=FP8_DTYPE)
+    f32 = dict(dtype=torch.float32)
+    return (
+        da_MF.new_empty((M, X), **fp8),
+        da_MF.new_empty((M, X // block) if block else (M,), **f32),
+        da_MF.new_empty((X, P), **fp8),
+        da_MF.new_empty((X, P // block) if block else (X, E), **f32),
+        da_MF.new_empty((F, P), **fp8),
+        da_MF.new_empty((F, P // block) if block else (F, E), **f32),
+        da_MF.new_empty((E,), dtype=torch.int32),
+    )
+
+
+# Launch shapes: rowwise (BLOCK_P, BLOCK_F, warps); blockwise sweeps its 128x128 tile in chunks.
+# Measured on H200 at the three shapes of the tests: 32x32 beat 64x64, 64x32, 32x64 and larger
+# tiles (those spill); chunks of 16 rows with 4 warps beat 32/64/128 rows and 8/16 warps.
+_ROWWISE_TILE = (32, 32, 4)
+_BLOCKWISE_CHUNK, _BLOCKWISE_WARPS = 16, 4
+_PREP_BLOCK = 1024
+
+
+def _act_quant_bwd_impl(
+    da_MF: torch.Tensor,
+    h_fp8: torch.Tensor,
+    h_scale: torch.Tensor,
+    activation: str,
+    group_end_E: torch.Tensor,
+    align: int,
+    block: int,
+    pow2_scale: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    F = check_act_quant_bwd_args(da_MF, h_fp8, h_scale, activation, group_end_E, align, block)
+    if da_MF.stride(1) != 1:
+        da_MF = da_MF.contiguous()
+    h_fp8, h_scale = h_fp8.contiguous(), h_scale.contiguous()
+    group_end_E = group_end_E.to(torch.int32).contiguous()
+    M, X = h_fp8.shape
+    E = group_end_E.numel()
+    out = _bwd_outputs(da_MF, X, E, align, block)
+    dh_q, dh_scale, dht_q, dht_scale, at_q, at_scale, padded_end_E = out
+    P = dht_q.shape[1]
+    swiglu = activation == "swiglu"
+    common = dict(SWIGLU=swiglu, SEARCH_STEPS=E.bit_length())
+    # Rowwise workspace: amaxes, then scales in place, of the rows (M) and of the (group, feature)
+    # columns of dh (E, X) and a (E, F); then the columns' inverse scales. Only amaxes are zeroed.
+    n_ws = 0 if block else M + X * E + F * E
+    ws = da_MF.new_empty(n_ws + (n_ws - M if n_ws else 0), dtype=torch.float32)
+    _bwd_prep_kernel[(1 + triton.cdiv(n_ws, _PREP_BLOCK),)](
+        group_end_E, padded_end_E, ws, E, align, n_ws, E_POW2=triton.next_power_of_2(E), BLOCK=_PREP_BLOCK
+    )
+    args = (da_MF, h_fp8, h_scale, group_end_E, padded_end_E)
+    if block:
+        grid = (P // block, F // block)
+        tile = dict(BLOCK_P=block, BLOCK_F=block, CHUNK=_BLOCKWISE_CHUNK, num_warps=_BLOCKWISE_WARPS)
+    else:
+        BLOCK_P, BLOCK_F, num_warps = _ROWWISE_TILE
+        grid = (triton.cdiv(P, BLOCK_P), triton.cdiv(F, BLOCK_F))
+        tile = dict(BLOCK_P=BLOCK_P, BLOCK_F=BLOCK_F, CHUNK=BLOCK_P, num_warps=num_warps)
+        ws_i32 = ws.view(torch.int32)
+        _act_bwd_amax_kernel[grid](
+            *args, ws_i32, ws_i32[M:], ws_i32[M + X * E :],
+            M, F, E, da_MF.stride(0), h_fp8.stride(0),
+            **common, BLOCK_P=BLOCK_P, BLOCK_F=BLOCK_F, num_warps=num_warps, **_LAUNCH,
+        )  # fmt: skip
+        _amax_to_scale_kernel[(triton.cdiv(n_ws, _PREP_BLOCK),)](
+            ws, dh_scale, dht_scale, at_scale, M, X, F, E, POW2=pow2_scale, BLOCK=_PREP_BLOCK
+        )
+    _act_bwd_quant_kernel[grid](
+        *args, dh_q, dh_scale, dht_q, dht_scale, at_q, at_scale, ws[M:] if n_ws else ws,
+        M, F, E, P, da_MF.stride(0), h_fp8.stride(0),
+        **common, BLOCK=block, POW2=pow2_scale, INTERP=triton_interpret(), **tile, **_LAUNCH,
+    )  # fmt: skip
+    return out
+
+
+triton_act_quant_bwd = torch.library.custom_op("fp8moe::act_quant_bwd", mutates_args=())(_act_quant_bwd_impl)
+
+
+@triton_act_quant_bwd.register_fake
+def _(da_MF, h_fp8, h_scale, activation, group_end_E, align, block, pow2_scale):
+    check_act_quant_bwd_args(da_MF, h_fp8, h_scale, activation, group_end_E, align, block)
+    return _bwd_outputs(da_MF, h_fp8.shape[1], group_end_E.numel(), align, block)
+
+
+def act_quant_bwd(
+    da_MF: torch.Tensor,
+    h_fp8: torch.Tensor,
+    h_scale: torch.Tensor,
+    activation: str,
+    group_end_E: torch.Tensor,
+    align: int = 16,
+    block: int = 0,
+    pow2_scale: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh_q, dh_scale, dht_q, dht_scale, at_q, at_scale, padded_end_E); see the module docstring."""
+    args = (da_MF, h_fp8, h_scale, activation, group_end_E, align, block, pow2_scale)
+    if not use_triton(da_MF):
+        return torch_act_quant_bwd(*args)
+    if torch.compiler.is_compiling():
+        return triton_act_quant_bwd(*args)
+    return _act_quant_bwd_impl(*args)
