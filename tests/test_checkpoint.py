@@ -18,13 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from trainer.checkpoint import (
-    MANIFEST,
-    CheckpointConfig,
-    CheckpointManager,
-    capture_rng_state,
-    restore_rng_state,
-)
+from trainer.checkpoint import MANIFEST, CheckpointConfig, CheckpointManager
+from trainer.rng_state import capture_rng_state, restore_rng_state
 from trainer.preemption import PreemptionHandler
 
 

@@ -27,28 +27,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
+
+from trainer.app_state import apply_loaded, dcp_state, split_app_state
+from trainer.rng_state import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -94,115 +88,6 @@ class CheckpointConfig:
         if not isinstance(self.resume, str) or not self.resume:
             raise ValueError(f"checkpoint.resume must be 'auto', 'none' or the path of a "
                              f"checkpoint directory, got {self.resume!r}")
-
-
-# --------------------------------------------------------------------------------------------
-# RNG state
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """This process's RNG states: python, numpy's global generator, torch CPU and current CUDA.
-
-    Only plain types and tensors, so the file loads with `torch.load(weights_only=True)`.
-    CUDA: only the current device, because asking for every device's state would create a CUDA
-    context on each GPU of the node from every rank.
-    """
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Inverse of `capture_rng_state`."""
-    random.setstate(state["python"])
-    np.random.set_state(tuple(state["numpy"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        if torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda"])
-        else:
-            log.warning("checkpoint has a CUDA RNG state but CUDA is unavailable; not restored")
-
-
-# --------------------------------------------------------------------------------------------
-# app_state: what the training loop hands in
-
-
-@dataclass
-class _AppParts:
-    """app_state sorted by kind, because each kind takes a different path into DCP."""
-
-    model_key: str | None = None
-    model: nn.Module | None = None
-    optim_key: str | None = None
-    optim: torch.optim.Optimizer | None = None
-    stateful: dict[str, Any] = field(default_factory=dict)
-    meta: dict[str, dict] = field(default_factory=dict)
-
-
-def _split_app_state(app_state: Mapping[str, Any]) -> _AppParts:
-    parts = _AppParts()
-    for key, value in app_state.items():
-        if isinstance(value, nn.Module):
-            if parts.model is not None:
-                raise ValueError(f"app_state has two models ({parts.model_key!r}, {key!r}); "
-                                 f"allowed: one nn.Module (wrap several in one module)")
-            parts.model_key, parts.model = key, value
-        elif isinstance(value, torch.optim.Optimizer):
-            if parts.optim is not None:
-                raise ValueError(f"app_state has two optimizers ({parts.optim_key!r}, {key!r}); "
-                                 f"allowed: one torch.optim.Optimizer")
-            parts.optim_key, parts.optim = key, value
-        elif isinstance(value, dict):
-            parts.meta[key] = value
-        elif hasattr(value, "state_dict") and hasattr(value, "load_state_dict"):
-            parts.stateful[key] = value
-        else:
-            raise ValueError(f"app_state[{key!r}] is a {type(value).__name__}; allowed: an "
-                             f"nn.Module, an Optimizer, an object with state_dict() and "
-                             f"load_state_dict() (LR scheduler, data loader), or a dict of JSON "
-                             f"metadata")
-    if parts.optim is not None and parts.model is None:
-        raise ValueError(f"app_state[{parts.optim_key!r}] is an optimizer but app_state has no "
-                         f"nn.Module; get_state_dict needs the model to name optimizer state")
-    return parts
-
-
-def _dcp_state(parts: _AppParts) -> dict[str, Any]:
-    """The dict handed to dcp.save, or the template dcp.load fills in place."""
-    state: dict[str, Any] = {}
-    if parts.model is not None and parts.optim is not None:
-        # On a fresh optimizer this also creates its (zero) state, so a load has tensors to fill.
-        state[parts.model_key], state[parts.optim_key] = get_state_dict(parts.model, parts.optim)
-    elif parts.model is not None:
-        state[parts.model_key] = get_model_state_dict(parts.model)
-    for key, obj in parts.stateful.items():
-        state[key] = obj.state_dict()
-    for key, meta in parts.meta.items():
-        try:
-            state[key] = json.dumps(meta, sort_keys=True)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"app_state[{key!r}] must hold JSON-serialisable metadata (ints, "
-                             f"floats, strings, lists, dicts): {exc}") from exc
-    return state
-
-
-def _apply_loaded(parts: _AppParts, state: dict[str, Any]) -> None:
-    if parts.model is not None and parts.optim is not None:
-        set_state_dict(parts.model, parts.optim, model_state_dict=state[parts.model_key],
-                       optim_state_dict=state[parts.optim_key])
-    elif parts.model is not None:
-        set_model_state_dict(parts.model, state[parts.model_key])
-    for key, obj in parts.stateful.items():
-        obj.load_state_dict(state[key])
-    for key, meta in parts.meta.items():
-        meta.update(json.loads(state[key]))  # in place: the loop holds a reference to this dict
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,7 +206,7 @@ class CheckpointManager:
         final = self.path_for(step)
         if step == self._last_saved_step:
             return final  # the end-of-run or preemption save landed on an interval step
-        parts = _split_app_state(app_state)
+        parts = split_app_state(app_state)
         tmp = final.with_name(final.name + ".tmp")
         started = time.monotonic()
 
@@ -332,7 +217,7 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
 
         self._on_rank0(prepare)
-        _run_dcp(dcp.save, _dcp_state(parts), tmp, "writing failed")
+        _run_dcp(dcp.save, dcp_state(parts), tmp, "writing failed")
         rng_path = tmp / _rng_file(self.rank)
         torch.save(capture_rng_state(), rng_path)
         _fsync(rng_path)
@@ -422,16 +307,16 @@ class CheckpointManager:
         resume defaults to cfg.resume: "auto", "none", or a checkpoint directory.
         """
         resume = self.cfg.resume if resume is None else resume
-        parts = _split_app_state(app_state)
+        parts = split_app_state(app_state)
         # Rank 0 decides and tells the others, so every rank resumes from the same checkpoint
         # and an error raises on every rank instead of leaving the rest waiting in a collective.
         path, manifest = self._on_rank0(lambda: self._resolve(resume))
         if path is None:
             return None
-        state = _dcp_state(parts)
+        state = dcp_state(parts)
         _run_dcp(dcp.load, state, path, f"loading failed: damaged, or app_state differs from "
                                         f"the saved one; {_FIX}")
-        _apply_loaded(parts, state)
+        apply_loaded(parts, state)
         rng_path = path / _rng_file(self.rank)
         if rng_path.is_file():
             restore_rng_state(torch.load(rng_path, weights_only=True))
