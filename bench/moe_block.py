@@ -103,7 +103,8 @@ def bench_one(shape: str, impl: str, routing: str) -> dict:
     peak = torch.cuda.max_memory_allocated() / GIB
     X = 2 * F if act == "swiglu" else F
     flops = 3 * (2 * M * H * X + 2 * M * F * H)
-    row = {"shape": shape, "impl": impl, "routing": routing, "ms": ms, "tflops": flops / ms / 1e9, "peak_gib": peak}
+    row = {"shape": shape, "dims": {"M": M, "H": H, "F": F, "E": E, "act": act}, "impl": impl, "routing": routing,
+           "ms": ms, "tflops": flops / ms / 1e9, "peak_gib": peak}
     del mod, x, dy
     gc.collect()
     torch.cuda.empty_cache()
