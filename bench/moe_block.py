@@ -88,8 +88,7 @@ def bench_one(shape: str, impl: str, routing: str) -> dict:
 
         def step():
             if impl in ("rowwise", "blockwise"):  # as after an optimizer step
-                mod._w1_cache = type(mod._w1_cache)()
-                mod._w2_cache = type(mod._w2_cache)()
+                mod.invalidate_weight_cache()
             mod(x, counts_E).backward(dy)
 
     step()  # compile / autotune outside the timing

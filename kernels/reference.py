@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.common import FP8_DTYPE, FP8_MAX
+from kernels.common import FP8_DTYPE
 from kernels.common import round_up, torch_fp8_quantize, torch_fp8_scale
 
 # ---- quantization references (kernels/quantize*.py) -------------------------------------------
@@ -339,7 +339,7 @@ def torch_act_quant_bwd(
     Rows past group_end_E[-1] belong to no group: their dh row is zeros (scale 1) and they are
     absent from the transposed copies.
     """
-    F = check_act_quant_bwd_args(da_MF, h_fp8, h_scale, activation, group_end_E, align, block)
+    check_act_quant_bwd_args(da_MF, h_fp8, h_scale, activation, group_end_E, align, block)
     M, X = h_fp8.shape
     if block:
         h = (h_fp8.float().view(M, X // block, block) * h_scale[:, :, None]).view(M, X)

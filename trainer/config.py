@@ -16,7 +16,8 @@ from trainer.checkpoint import CheckpointConfig
 from trainer.data import DataConfig
 
 FP8_EXPERT_RECIPES = ("bf16", "rowwise", "blockwise")
-FP8_DENSE_RECIPES = ("bf16",)
+FP8_DENSE_RECIPES = ("bf16", "tensorwise_delayed", "tensorwise", "rowwise")
+FP8_GRAD_DTYPES = ("e4m3", "e5m2")
 DP_BACKENDS = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("bfloat16", "float32")
@@ -63,7 +64,10 @@ class ParallelConfig:
 @dataclass
 class FP8Config:
     experts: str = "bf16"  # one of FP8_EXPERT_RECIPES
-    dense: str = "bf16"  # one of FP8_DENSE_RECIPES
+    dense: str = "bf16"  # one of FP8_DENSE_RECIPES (attention, dense FFNs, shared experts)
+    dense_grad_dtype: str = "e4m3"  # one of FP8_GRAD_DTYPES: dense layers' output-gradient format
+    amax_history_len: int = 16  # dense=tensorwise_delayed: amaxes kept per operand
+    amax_margin: int = 0  # dense=tensorwise_delayed: scale = max(history) * 2**margin / fmax
     pow2_scales: bool = False  # round scales to powers of two
 
 
@@ -127,6 +131,16 @@ class TrainConfig:
             self.fp8.dense in FP8_DENSE_RECIPES,
             f"fp8.dense must be one of {FP8_DENSE_RECIPES}, got {self.fp8.dense!r}",
         )
+        _check(
+            self.fp8.dense_grad_dtype in FP8_GRAD_DTYPES,
+            f"fp8.dense_grad_dtype must be one of {FP8_GRAD_DTYPES}, got {self.fp8.dense_grad_dtype!r}",
+        )
+        _check(
+            self.fp8.dense != "rowwise" or self.fp8.dense_grad_dtype == "e4m3",
+            f"fp8.dense=rowwise takes fp8.dense_grad_dtype=e4m3 only, got {self.fp8.dense_grad_dtype!r}",
+        )
+        _check(self.fp8.amax_history_len >= 1, f"fp8.amax_history_len must be >= 1, got {self.fp8.amax_history_len}")
+        _check(self.fp8.amax_margin >= 0, f"fp8.amax_margin must be >= 0, got {self.fp8.amax_margin}")
         _check(
             self.logging.wandb in WANDB_MODES,
             f"logging.wandb must be one of {WANDB_MODES}, got {self.logging.wandb!r}",

@@ -11,12 +11,12 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import asdict
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from moe.counting import count_params, training_flops_per_token
+from moe.fp8.convert import invalidate_fp8_weight_caches
 from moe.model import MoETransformer
 from trainer.checkpoint import CheckpointManager
 from trainer.config import TrainConfig
@@ -32,7 +32,6 @@ from trainer.parallel import (
     init_distributed,
     reduce_gradients,
     shutdown,
-    unwrap,
 )
 from trainer.preemption import PreemptionHandler
 
@@ -64,11 +63,17 @@ def _apply_block_wrappers(model: MoETransformer, cfg: TrainConfig) -> None:
 
 
 def _convert_fp8(model: MoETransformer, cfg: TrainConfig) -> None:
-    if cfg.fp8.experts == "bf16":
-        return
-    from moe.fp8.convert import convert_experts_to_fp8
+    fp8 = cfg.fp8
+    if fp8.experts != "bf16":
+        from moe.fp8.convert import convert_experts_to_fp8
 
-    convert_experts_to_fp8(model, cfg.fp8.experts, pow2_scales=cfg.fp8.pow2_scales)
+        convert_experts_to_fp8(model, fp8.experts, pow2_scales=fp8.pow2_scales)
+    if fp8.dense != "bf16":
+        from moe.fp8.linear_convert import convert_to_float8_training
+        from moe.fp8.recipe import Float8LinearRecipe
+
+        recipe = Float8LinearRecipe(fp8.dense, fp8.dense_grad_dtype, fp8.amax_history_len, fp8.amax_margin)
+        convert_to_float8_training(model, recipe)
 
 
 def build(cfg: TrainConfig, env: DistEnv, vocab_size: int) -> MoETransformer:
@@ -173,6 +178,15 @@ class Trainer:
             if out.tokens_per_expert_LE is not None:
                 counts_LE = out.tokens_per_expert_LE if counts_LE is None else counts_LE + out.tokens_per_expert_LE
         self.consumed_samples += self.global_batch
+        if cfg.fp8.dense == "tensorwise_delayed":
+            # After the step's last backward, before the next forward: every micro-batch's amax
+            # (x in forward, dy in backward) is in, so the next step's scales see the whole step,
+            # and a checkpoint saved after this step holds the scales the next step uses, so a
+            # resumed run continues exactly. Before the loss check: a non-finite amax is dropped
+            # inside (moe/fp8/float8_linear.py), whether or not the update is then skipped.
+            from moe.fp8.linear_convert import sync_float8_amax_and_scale_history
+
+            sync_float8_amax_and_scale_history(self.model)
 
         # One host synchronisation per step: the loss decides whether the step is applied.
         stats = torch.stack([lm_loss_sum / accum, aux_sum / accum]).float()
@@ -197,6 +211,7 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         if finite:
             self.optimizer.step()
+            invalidate_fp8_weight_caches(self.model)  # the next forward quantizes the new weights
             self.nonfinite_in_row = 0
             self._update_expert_bias()
         else:

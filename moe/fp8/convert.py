@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from moe.experts import GroupedMLP
+from moe.fp8.float8_linear import Float8Linear
 from moe.fp8.grouped_mlp import Fp8GroupedMLP
 from moe.fp8.recipe import Fp8Recipe
 
@@ -47,3 +48,11 @@ def convert_experts_to_bf16(model: nn.Module) -> int:
                 setattr(parent, name, _swap(child, GroupedMLP))
                 swapped += 1
     return swapped
+
+
+def invalidate_fp8_weight_caches(model: nn.Module) -> None:
+    """After an optimizer step: every FP8 module re-quantizes its weights on next use
+    (moe/fp8/weight_cache.py says why the version counter alone is not enough)."""
+    for module in model.modules():
+        if isinstance(module, (Fp8GroupedMLP, Float8Linear)):
+            module.invalidate_weight_cache()

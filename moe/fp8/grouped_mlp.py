@@ -24,8 +24,6 @@ once per optimizer step (both orientations) and reused by every micro-batch unti
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from kernels.act_quant import act_quant_fwd
@@ -35,29 +33,13 @@ from kernels.quantize_weight import QuantizedWeight, quantize_weight
 from moe.experts import GroupedMLP
 from moe.fp8.gemm import grouped_mm, grouped_mm_wgrad
 from moe.fp8.recipe import Fp8Recipe
+from moe.fp8.weight_cache import WeightCache
 
 
-class WeightCache:
-    """FP8 copies of one weight, valid while the weight is unchanged.
-
-    The key is the parameter's storage and its version counter: the optimizer's in-place update
-    bumps the version, so gradient-accumulation micro-batches share one quantization and the
-    first forward after `optimizer.step()` quantizes again.
-    """
-
-    def __init__(self) -> None:
-        self._key: Optional[tuple] = None
-        self._value: Optional[QuantizedWeight] = None
-
-    def get(self, w: torch.Tensor, recipe: Fp8Recipe) -> QuantizedWeight:
-        key = (w.data_ptr(), w._version, w.dtype, w.device, recipe)
-        if self._key != key:
-            with torch.no_grad():
-                # Quantized from the bf16 compute copy (what a BF16 GEMM under autocast reads too):
-                # the fused kernel takes bf16 (kernels/quantize_weight.py says why).
-                self._value = quantize_weight(w.detach().to(torch.bfloat16), recipe.name, recipe.pow2_scales)
-            self._key = key
-        return self._value
+def quantize_expert_weight(w_ENK: torch.Tensor, recipe: Fp8Recipe) -> QuantizedWeight:
+    """Both FP8 orientations of an expert weight, from its bf16 compute copy (what a BF16 GEMM
+    under autocast reads too; the fused kernel takes bf16, kernels/quantize_weight.py says why)."""
+    return quantize_weight(w_ENK.to(torch.bfloat16), recipe.name, recipe.pow2_scales)
 
 
 class _Fp8GroupedMLPFunction(torch.autograd.Function):
@@ -111,7 +93,8 @@ class Fp8GroupedMLP(GroupedMLP):
         super().__init__(*args, **kwargs)
         if recipe is not None:
             self.recipe = recipe
-        self._w1_cache, self._w2_cache = WeightCache(), WeightCache()
+        self._w1_cache = WeightCache(quantize_expert_weight)
+        self._w2_cache = WeightCache(quantize_expert_weight)
 
     def grouped_mlp(self, x_MH: torch.Tensor, group_end_E: torch.Tensor, x_fp8=None) -> torch.Tensor:
         """x_fp8: x_MH's rows pre-quantized by an FP8 dispatch (moe.dispatch.Fp8Rows), or None."""
@@ -122,6 +105,10 @@ class Fp8GroupedMLP(GroupedMLP):
         return _Fp8GroupedMLPFunction.apply(
             x_MH.contiguous(), self.w1, self.w2, group_end_E, self.activation, self.recipe, wq1, wq2, x_fp8
         )
+
+    def invalidate_weight_cache(self) -> None:
+        self._w1_cache.clear()
+        self._w2_cache.clear()
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", recipe={self.recipe.name}"

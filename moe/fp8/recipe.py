@@ -39,3 +39,46 @@ class Fp8Recipe:
     def align(self) -> int:
         """Per-expert token-group alignment of the weight-gradient operands."""
         return 128 if self.name == "blockwise" else 16
+
+
+# ---- dense layers (moe/fp8/float8_linear.py) ---------------------------------------------------
+# Dense projections (attention, dense FFNs, shared experts) are plain 2d GEMMs, so they take the
+# classic recipes: one scale per tensor, current (from this call's amax) or delayed (from an amax
+# history, float8_experimental / TransformerEngine style), or one per row along the reduction dim.
+
+DENSE_SCALINGS = ("tensorwise_delayed", "tensorwise", "rowwise")
+GRAD_DTYPES = ("e4m3", "e5m2")
+
+
+@dataclass(frozen=True)
+class Float8LinearRecipe:
+    """How a Float8Linear scales its operands.
+
+    scaling       one of DENSE_SCALINGS
+    grad_dtype    the output gradient's format: e4m3 (max 448, finer) or e5m2 (max 57344, wider range)
+    history_len   tensorwise_delayed: amaxes kept per operand (the scale uses their max)
+    margin        tensorwise_delayed: scale = max(history) * 2**margin / fmax; a margin > 0
+                  leaves headroom for amaxes that grow between steps
+    """
+
+    scaling: str = "tensorwise"
+    grad_dtype: str = "e4m3"
+    history_len: int = 16
+    margin: int = 0
+
+    def __post_init__(self) -> None:
+        if self.scaling not in DENSE_SCALINGS:
+            raise ValueError(f"fp8.dense recipe must be one of {DENSE_SCALINGS}, got {self.scaling!r}")
+        if self.grad_dtype not in GRAD_DTYPES:
+            raise ValueError(f"fp8.dense_grad_dtype must be one of {GRAD_DTYPES}, got {self.grad_dtype!r}")
+        if self.scaling == "rowwise" and self.grad_dtype != "e4m3":
+            # quantize_rows writes E4M3 only, and E4M3 x E5M2 rowwise _scaled_mm is not on every build.
+            raise ValueError(f"fp8.dense=rowwise takes fp8.dense_grad_dtype=e4m3 only, got {self.grad_dtype!r}")
+        if self.history_len < 1:
+            raise ValueError(f"fp8.amax_history_len must be >= 1, got {self.history_len}")
+        if self.margin < 0:
+            raise ValueError(f"fp8.amax_margin must be >= 0, got {self.margin}")
+
+    @property
+    def delayed(self) -> bool:
+        return self.scaling == "tensorwise_delayed"

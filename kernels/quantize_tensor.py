@@ -1,0 +1,97 @@
+"""Tensorwise quantization to FP8: one given scale for the whole tensor, and the tensor's amax.
+
+    quantize_tensor(x, scale, fp8_dtype) -> (q fp8 with x's shape, amax fp32 0-dim)
+
+Delayed scaling knows its scale before it reads x (it comes from the amax history), so the cast
+and the amax that feeds the history are one pass: one read of x, one write of q, plus one fp32
+per program (the partial amaxes, reduced by a tiny torch amax). Current scaling takes x's amax
+first (a separate read; inherent: the scale must exist before the first element is cast).
+
+Partial amaxes instead of an atomic max: deterministic, and no float atomics in the interpreter.
+E4M3 (max 448) or E5M2 (max 57344): the clamp bound is a constexpr, the format is q's dtype.
+Scale rule and the division: kernels/common.py. Under Triton's interpreter the fp32 -> fp8 cast
+can round wrongly across a binade (kernels/common.py): there the kernel rounds to the grid first.
+Launch shape (4096 elements, 8 warps a program) is a first guess, not yet swept on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.common import FP8_DTYPE, tl_fp8_divisor, triton_interpret, use_triton
+from kernels.reference import check_quantize_tensor_args, torch_quantize_tensor
+
+_BLOCK = 4096
+_NUM_WARPS = 8
+
+
+@triton.jit
+def _quantize_tensor_kernel(
+    x_ptr, scale_ptr, q_ptr, partial_amax_ptr, N,
+    FMAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(partial_amax_ptr + pid, tl.max(tl.abs(x), axis=0))
+    s, r, f = tl_fp8_divisor(tl.load(scale_ptr))
+    # x / scale rounded like IEEE division (Markstein step, as tl_fp8_quantize_by), any FMAX.
+    xs = x * f
+    q = xs * r
+    q = tl.fma(tl.fma(-q, s, xs), r, q)
+    q = tl.where(x == 0.0, x, q)
+    q = tl.minimum(tl.maximum(q, -FMAX), FMAX)
+    if INTERPRET:
+        # The interpreter's fp8 cast mis-rounds across binades (kernels/common.py): round to the
+        # format's grid first (ties to even), so the cast is exact. The GPU code is the plain cast.
+        bits = q.to(tl.int32, bitcast=True)
+        mag = bits & 0x7FFFFFFF
+        big = ((tl.maximum(mag >> 23, 127 + MIN_EXP) + 23 - MANT_BITS) << 23).to(tl.float32, bitcast=True)
+        r = (mag.to(tl.float32, bitcast=True) + big) - big
+        q = (r.to(tl.int32, bitcast=True) | (bits ^ mag)).to(tl.float32, bitcast=True)
+    tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def _quantize_tensor_impl(
+    x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype = FP8_DTYPE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_quantize_tensor_args(x, scale, fp8_dtype)
+    x = x.contiguous()
+    q = torch.empty(x.shape, dtype=fp8_dtype, device=x.device)
+    n = x.numel()
+    if n == 0:
+        return q, torch.zeros((), dtype=torch.float32, device=x.device)
+    grid = triton.cdiv(n, _BLOCK)
+    partial = torch.empty(grid, dtype=torch.float32, device=x.device)
+    _quantize_tensor_kernel[(grid,)](
+        x, scale, q, partial, n,
+        FMAX=torch.finfo(fp8_dtype).max, MANT_BITS=3 if fp8_dtype == torch.float8_e4m3fn else 2,
+        MIN_EXP=-6 if fp8_dtype == torch.float8_e4m3fn else -14, INTERPRET=triton_interpret(),
+        BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+    )  # fmt: skip
+    return q, partial.amax()
+
+
+triton_quantize_tensor = torch.library.custom_op("fp8moe::quantize_tensor", mutates_args=())(_quantize_tensor_impl)
+
+
+@triton_quantize_tensor.register_fake
+def _(x, scale, fp8_dtype=FP8_DTYPE):
+    check_quantize_tensor_args(x, scale, fp8_dtype)
+    return x.new_empty(x.shape, dtype=fp8_dtype), x.new_empty((), dtype=torch.float32)
+
+
+def quantize_tensor(
+    x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype = FP8_DTYPE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 cast of x by one scale, and x's amax: Triton on GPU / interpreter, else the reference.
+    Eager calls skip the custom op's dispatch (host time), as kernels/quantize.py does."""
+    if not use_triton(x):
+        return torch_quantize_tensor(x, scale, fp8_dtype)
+    if torch.compiler.is_compiling():
+        return triton_quantize_tensor(x, scale, fp8_dtype)
+    return _quantize_tensor_impl(x, scale, fp8_dtype)
