@@ -264,6 +264,10 @@ def _ddp_worker(rank: int, world_size: int, port: int, run_dir: str) -> None:
         if rank == 0:
             files = json.loads((Path(path) / MANIFEST).read_text())["files"]
             assert {"rng_rank00000.pt", "rng_rank00001.pt"} <= files.keys()
+        # Tear down in order: DDP's reducers before the group, and both ranks together (a rank
+        # destroying gloo while its peer still talks to it aborted the process, seen once in CI).
+        del app, ddp, fresh, fresh_ddp
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

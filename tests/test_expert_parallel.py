@@ -37,6 +37,7 @@ def _entry(rank, world, port, fn, args):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
+        dist.barrier()  # leave together: gloo aborts a process whose peer tears down first
     finally:
         dist.destroy_process_group()
 

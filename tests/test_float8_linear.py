@@ -244,6 +244,7 @@ def _sync_worker(rank: int, world: int, port: int, result_dir: str) -> None:
             dist.all_reduce = real
         torch.save({"calls": calls, "hist": [m.amax_history_OL.clone() for m in model],
                     "scale": [m.scale_O.clone() for m in model]}, os.path.join(result_dir, f"{rank}.pt"))  # fmt: skip
+        dist.barrier()  # leave together: gloo aborts a process whose peer tears down first
     finally:
         dist.destroy_process_group()
 

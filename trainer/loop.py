@@ -27,6 +27,7 @@ from trainer.parallel import (
     DistEnv,
     all_reduce_,
     apply_data_parallel,
+    barrier,
     apply_expert_parallel,
     clip_grad_norm_ep,
     init_distributed,
@@ -264,6 +265,7 @@ def train(cfg: TrainConfig, run_dir: str) -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its dataset builders are chatty
     try:
         _train(cfg, run_dir, env)
+        barrier(env)  # ranks leave together: gloo aborts a process whose peer tears down first
     finally:
         shutdown(env)
 
