@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 
 from moe.config import ModelConfig, _check
+from moe.fp8.recipe import DENSE_SCALINGS, RECIPES
 from trainer.checkpoint import CheckpointConfig
 from trainer.data import DataConfig
 
-FP8_EXPERT_RECIPES = ("bf16", "rowwise", "blockwise")
-FP8_DENSE_RECIPES = ("bf16", "tensorwise_delayed", "tensorwise", "rowwise")
+FP8_EXPERT_RECIPES = ("bf16", *RECIPES)
+FP8_DENSE_RECIPES = ("bf16", *DENSE_SCALINGS)
 FP8_GRAD_DTYPES = ("e4m3", "e5m2")
 DP_BACKENDS = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")

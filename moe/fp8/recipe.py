@@ -7,7 +7,8 @@
     blockwise   DeepSeek-V3: 1x128 tiles for activations and gradients, 128x128 blocks for
                 weights (the transposed weight reuses the same blocks, so weights are quantized
                 once per step). GEMMs: our Triton grouped GEMM.
-    tensorwise  one scale per tensor (per expert for weights).
+(Tensorwise scaling exists for weights in kernels/quantize_weight.py, but the expert path has no
+tensorwise activation kernels or GEMM call yet, so it is not offered as an expert recipe.)
 
 `align` is the row alignment the weight-gradient GEMMs need for each expert's token group:
 the 2d x 2d grouped GEMM contracts over tokens, and FP8 TMA loads need 16-byte (16-element)
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-RECIPES = ("rowwise", "blockwise", "tensorwise")
+RECIPES = ("rowwise", "blockwise")
 
 
 @dataclass(frozen=True)
