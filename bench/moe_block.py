@@ -6,15 +6,23 @@ Routing is excluded: the block gets rows already grouped by expert and the count
   skewed    per-expert weights uniform in [0.5, 1.5) (seeded), normalised; counts multinomial
             over the M rows, so they are not multiples of 16
   balanced  M / E rows per expert
-Impls (same bf16 weights and inputs):
+Weights (--weights): fp32 (default) fp32 master weights under bf16 autocast, as train.py runs the
+                   experts: BF16 casts them to bf16 in every forward (and keeps those copies for
+                   backward), the FP8 impls quantize them; bf16: bf16 parameters, no cast at all
+                   (Megatron-style bf16 params with the fp32 copy in the optimizer)
+Impls (same weights and inputs):
   bf16             moe.experts.GroupedMLP: torch._grouped_mm twice, SwiGLU/GELU in between
   torchao_rowwise  torchao's _to_fp8_rowwise_then_scaled_grouped_mm for both GEMMs, the
                    activation in torch between them; it needs group sizes that are multiples of
                    16, so its input is given pre-padded per group (the padding is not timed)
   rowwise, blockwise  moe.fp8.Fp8GroupedMLP; weights are re-quantized every iteration (the cost
                    of one micro-batch per optimizer step, the worst case)
+  rowwise_compiled, blockwise_compiled  the same module under torch.compile (issue 5: eager
+                   within 5% of compiled); not in the default list, ask for them by name
 ms: median of CUDA-event timings after warm-up (bench.common.time_ms); tflops: 3 x forward
-GEMM FLOPs / time; peak_gib: peak allocated memory during one fwd+bwd, everything alive counted.
+GEMM FLOPs / time; peak_gib: peak allocated memory during one fwd+bwd, everything alive counted;
+ms_weights_cached (FP8 eager rows): the same step reusing the FP8 weights, as every micro-batch of
+a step after the first does (with n micro-batches: ms + (n - 1) * ms_weights_cached per step).
 Writes bench/results/moe_block.json and prints a table last.
 """
 
@@ -31,6 +39,8 @@ from moe.fp8.grouped_mlp import Fp8GroupedMLP
 from moe.fp8.recipe import Fp8Recipe
 
 IMPLS = ("bf16", "torchao_rowwise", "rowwise", "blockwise")
+COMPILED = ("rowwise_compiled", "blockwise_compiled")
+WEIGHTS = ("fp32", "bf16")
 ROUTINGS = ("skewed", "balanced")
 
 
@@ -63,16 +73,18 @@ def _padded_for_torchao(x_MH: torch.Tensor, counts: torch.Tensor, align: int = 1
     return out, torch.cumsum(padded, 0).to(torch.int32).cuda()
 
 
-def bench_one(shape: str, impl: str, routing: str) -> dict:
+def bench_one(shape: str, impl: str, routing: str, weights: str = "fp32", profile: bool = False) -> dict:
     M, H, F, E, act = SHAPES[shape]
     counts = routed_counts(M, E, routing)
     torch.manual_seed(0)
-    if impl in ("rowwise", "blockwise"):
-        mod = Fp8GroupedMLP(H, F, E, act, recipe=Fp8Recipe(impl))
+    recipe = impl.removesuffix("_compiled")
+    if recipe in ("rowwise", "blockwise"):
+        mod = Fp8GroupedMLP(H, F, E, act, recipe=Fp8Recipe(recipe))
     else:
         mod = GroupedMLP(H, F, E, act)
-    mod = mod.cuda().to(torch.bfloat16)
+    mod = mod.cuda().to(torch.float32 if weights == "fp32" else torch.bfloat16)
     mod.reset_parameters(0.02)
+    run = torch.compile(mod) if impl in COMPILED else mod
     x = torch.randn(M, H, device="cuda", dtype=torch.bfloat16).requires_grad_()
     dy = torch.randn(M, H, device="cuda", dtype=torch.bfloat16)
     counts_E = counts.cuda()
@@ -83,16 +95,25 @@ def bench_one(shape: str, impl: str, routing: str) -> dict:
         dy_pad = torch.randn_like(x_pad)
 
         def step():
-            _torchao_block(x_pad, mod.w1, mod.w2, offs_pad, act).backward(dy_pad)
+            with torch.autocast("cuda", torch.bfloat16):
+                y = _torchao_block(x_pad, mod.w1, mod.w2, offs_pad, act)
+            y.backward(dy_pad)
     else:
 
-        def step():
-            if impl in ("rowwise", "blockwise"):  # as after an optimizer step
+        def step(requantize: bool = True):
+            if requantize and recipe in ("rowwise", "blockwise"):  # as after an optimizer step
                 mod.invalidate_weight_cache()
-            mod(x, counts_E).backward(dy)
+            with torch.autocast("cuda", torch.bfloat16):
+                y = run(x, counts_E)
+            y.backward(dy)
 
     step()  # compile / autotune outside the timing
     ms = time_ms(step)
+    # Micro-batches after the first of an optimizer step reuse the FP8 weights: with gradient
+    # accumulation over n micro-batches a step costs ms + (n - 1) * ms_weights_cached.
+    ms_cached = time_ms(lambda: step(False)) if recipe in ("rowwise", "blockwise") and impl == recipe else None
+    if profile:
+        _print_kernel_breakdown(f"{shape} {routing} {impl} weights={weights}", step)
     for p in (x, *mod.parameters()):
         p.grad = None
     torch.cuda.synchronize()
@@ -103,11 +124,28 @@ def bench_one(shape: str, impl: str, routing: str) -> dict:
     X = 2 * F if act == "swiglu" else F
     flops = 3 * (2 * M * H * X + 2 * M * F * H)
     row = {"shape": shape, "dims": {"M": M, "H": H, "F": F, "E": E, "act": act}, "impl": impl, "routing": routing,
-           "ms": ms, "tflops": flops / ms / 1e9, "peak_gib": peak}
+           "weights": weights, "ms": ms, "tflops": flops / ms / 1e9, "peak_gib": peak,
+           "ms_weights_cached": ms_cached}
     del mod, x, dy
     gc.collect()
     torch.cuda.empty_cache()
     return row
+
+
+def _print_kernel_breakdown(title: str, step, top: int = 14) -> None:
+    """GPU time per kernel over 3 steps (torch.profiler), the largest first: where the ms go."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    total_us = sum(e.device_time_total for e in events) / 3
+    print(f"== kernels: {title}: {total_us / 1e3:.2f} ms of GPU time per step", flush=True)
+    for e in events[:top]:
+        print(f"  {e.device_time_total / 3e3:8.3f} ms  x{e.count // 3:<3d} {e.key[:100]}", flush=True)
 
 
 def main() -> None:
@@ -115,6 +153,8 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--routings", default=",".join(ROUTINGS))
+    ap.add_argument("--weights", default="fp32", choices=WEIGHTS)
+    ap.add_argument("--profile", action="store_true", help="print each row's GPU time per kernel")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "moe_block.json"))
     args = ap.parse_args()
     rows = []
@@ -123,10 +163,11 @@ def main() -> None:
             base = None
             for impl in args.impls.split(","):
                 try:
-                    row = bench_one(shape, impl, routing)
+                    row = bench_one(shape, impl, routing, args.weights, args.profile)
                 except Exception as err:  # one impl failing must not hide the others' numbers
-                    row = {"shape": shape, "impl": impl, "routing": routing, "ms": None, "tflops": None,
-                           "peak_gib": None, "error": f"{type(err).__name__}: {err}"[:300]}
+                    row = {"shape": shape, "impl": impl, "routing": routing, "weights": args.weights,
+                           "ms": None, "tflops": None, "peak_gib": None,
+                           "error": f"{type(err).__name__}: {err}"[:300]}
                     torch.cuda.empty_cache()
                 if impl == "bf16":
                     base = row["ms"]
@@ -134,7 +175,7 @@ def main() -> None:
                 rows.append(row)
                 print(row, flush=True)
     write_json(args.out, {**run_info(), "rows": rows})
-    print_table(rows, ["shape", "routing", "impl", "ms", "tflops", "peak_gib", "speedup_vs_bf16"])
+    print_table(rows, ["shape", "routing", "impl", "ms", "ms_weights_cached", "tflops", "peak_gib", "speedup_vs_bf16"])
 
 
 if __name__ == "__main__":

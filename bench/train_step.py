@@ -10,9 +10,12 @@ data come from the trainer itself, configured by the Hydra experiment files, wit
 tokens (data=mock) so no corpus is needed:
   mixtral_2layer  configs/experiment/mixtral_2layer_bench.yaml: Mixtral-8x7B width (dim 4096,
                   8 experts of ffn 14336, top-2), 2 layers, sequence 4096, 1 sequence per step
-  parity_300m     configs/experiment/parity_300m.yaml: the loss-parity model (dim 1024, 12
-                  layers, 16 experts of ffn 1408, top-2), sequence 2048, its batch of 8 x 2
+  parity_300m     configs/experiment/parity_300m.yaml: the loss-parity model (311M total / 141M
+                  active: dim 1024, 6 layers, 8 experts of ffn 1536, top-2), sequence 1024, its
+                  batch of 8 sequences (8,192 tokens a step)
 Impls: fp8.experts = bf16 | rowwise | blockwise (the dense layers stay BF16 in all three).
+All six rows take ~1.5-2 min on an H200 (per row: building the model and optimizer, FP8 autotuning,
+13 steps of ~0.1 s for mixtral_2layer and ~0.05 s for parity_300m).
 
 Timing: `--warmup` steps untimed, then `--steps` steps between two CUDA events (one interval, so
 the per-step host synchronisation is counted, as in training). tokens_per_s = tokens / time;
@@ -20,7 +23,8 @@ tflops_per_gpu uses the trainer's FLOP count (moe.counting.training_flops_per_to
 matmul parameters + causal attention); mfu divides by trainer.metrics.peak_tflops (dense BF16
 peak, also for the FP8 rows, so the MFU column compares like with like); peak_gib is the peak
 allocated memory over the timed steps (weights, gradients and AdamW state included).
-Writes bench/results/train_step.json and prints a table last.
+Writes bench/results/train_step.json after every row ("complete": false until the last one, so a
+run cut short keeps the rows it finished) and prints a table last.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import sys
+import traceback
 
 import torch
 
@@ -126,6 +132,7 @@ def main(argv=None) -> None:
     if args.micro_batch_size is not None:
         extra.append(f"run.micro_batch_size={args.micro_batch_size}")
 
+    info = {**run_info(), "warmup": args.warmup, "steps": args.steps, "overrides": extra}
     rows = []
     for model in models:
         for impl in impls:
@@ -137,16 +144,26 @@ def main(argv=None) -> None:
                        "mfu": None, "peak_gib": None, "error": "out of memory"}
                 gc.collect()
                 torch.cuda.empty_cache()
+            except Exception as err:  # one broken recipe must not lose the other rows
+                traceback.print_exc()
+                row = {"model": model, "impl": impl, "tokens_per_s": None, "tflops_per_gpu": None,
+                       "mfu": None, "peak_gib": None, "error": f"{type(err).__name__}: {err}"[:500]}
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             rows.append(row)
             print({k: row.get(k) for k in COLUMNS}, flush=True)
-        base = next((r for r in rows if r["model"] == model and r["impl"] == "bf16" and r["tokens_per_s"]), None)
-        for r in rows:
-            if base and r["model"] == model and r["tokens_per_s"]:
-                r["speedup_vs_bf16"] = r["tokens_per_s"] / base["tokens_per_s"]
-    payload = {**run_info(), "warmup": args.warmup, "steps": args.steps, "overrides": extra, "rows": rows}
-    path = write_json(args.out, payload)
+            base = next((r for r in rows if r["model"] == model and r["impl"] == "bf16" and r["tokens_per_s"]), None)
+            for r in rows:
+                if base and r["model"] == model and r["tokens_per_s"]:
+                    r["speedup_vs_bf16"] = r["tokens_per_s"] / base["tokens_per_s"]
+            write_json(args.out, {**info, "complete": False, "rows": rows})
+    path = write_json(args.out, {**info, "complete": True, "rows": rows})
     print(f"wrote {path}")
     print_table(rows, [*COLUMNS, "speedup_vs_bf16"])
+    failed = [f"{r['model']}/{r['impl']}" for r in rows if r.get("error")]
+    if failed:
+        sys.exit(f"rows that failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

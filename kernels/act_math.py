@@ -1,6 +1,24 @@
 """fp32 arithmetic shared by the activation + FP8 quantization kernels (act_quant.py forward,
-act_quant_bwd.py backward), line for line the reference's in kernels/reference.py: polynomial
-exp / erfc, IEEE-rounded divisions, no FMA contraction, so kernel and reference agree bit for bit.
+act_quant_bwd.py backward): hardware exp2 and reciprocal, FMA contraction on, one reciprocal
+per scale. Per element an activation is 6 sm_90 instructions for SwiGLU (FMUL, MUFU.EX2, FADD,
+MUFU.RCP, 2 FMUL) and 16 for GELU; kernels/act_quant.py lists what the kernels cost in all.
+
+Numerics contract (u = 2^-24; ex2.approx.ftz.f32 is within 2^-22.5 relative and
+rcp.approx.ftz.f32 within 1 ulp, PTX ISA):
+- SwiGLU: |a - exact| <= (2|g| + 11) u |a|. The |g| term is the rounding of g * log2(e) before
+  ex2, which grows the error only where silu(g) is tiny (g < -14: silu < 1e-5 |g|). The
+  backward's sigmoid is the same; its dsilu error is bounded likewise against the sum of the
+  magnitudes of its terms (it cancels near g = -1.28).
+- GELU: |a - exact| <= (1.5 x^2 + 18) u |a|: x * x rounded before ex2, then the erfc fit (5 u).
+- Quantization: inv = 1 / scale once per scale (`_inv_scale`), then x * inv: exactly x / scale
+  for power-of-two scales, within 3 u otherwise, so a byte differs from the IEEE quotient's
+  only where that quotient lies within 3 u of an E4M3 rounding boundary (or on it: x * inv
+  breaks exact ties either way, where the reference rounds to even).
+- Scales: kernels/common.py's rule bit for bit on the amax (`_fp8_scale`), so they differ from
+  the reference's only as far as the amax does. Out of contract: amax < 2^-100, where
+  `_fp8_scale` stops being exact and 1 / scale overflows.
+tests/test_kernels_act.py checks the fp32 values and the FP8 outputs against kernels/reference.py
+(exact to a few ulp) within these bounds plus the reference's own error.
 """
 
 from __future__ import annotations
@@ -8,66 +26,34 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels import reference as ref
 from kernels.common import tl_round_to_fp8_grid
 
-# fp32 constants shared with the reference (exactly representable, so both sides use the same).
-_LOG2E = tl.constexpr(ref._EXP_LOG2E)
-_LN2_HI = tl.constexpr(ref._EXP_LN2_HI)
-_LN2_LO = tl.constexpr(ref._EXP_LN2_LO)
-_EXP_SHIFTER = tl.constexpr(ref._EXP_SHIFTER)
-_E6, _E5, _E4, _E3 = (tl.constexpr(c) for c in ref._EXP_COEF[:4])
-_PHI_CLAMP = tl.constexpr(ref._PHI_CLAMP)
-_PHI_T_SCALE = tl.constexpr(ref._PHI_T_SCALE)
-_R10, _R9, _R8, _R7, _R6, _R5, _R4, _R3, _R2, _R1, _R0 = (tl.constexpr(c) for c in ref._PHI_COEF)
-_INV_SQRT_2PI = tl.constexpr(ref._INV_SQRT_2PI)
+_NEG_LOG2E = tl.constexpr(-1.4426950408889634)  # exp(-g) = exp2(g * -log2(e))
+_NEG_HALF_LOG2E = tl.constexpr(-0.7213475204444817)  # exp(-x^2/2) = exp2(x * x * -log2(e)/2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 _INV_448 = tl.constexpr(0.0022321429569274187)  # RN(1 / 448) in fp32
-# No fused multiply-add: every fp32 operation rounds on its own, as in the torch reference.
-_LAUNCH = dict(enable_fp_fusion=False)
+# Phi(-|x|) = exp(-x^2/2) R(t), t = 1 / (1 + 0.4 |x|): R is a degree-8 polynomial, a weighted
+# least-squares fit (Lawson's iteration towards minimax relative error) of 0.5 erfcx(|x|/sqrt 2)
+# on |x| in [0, 13]: 6.7e-8 relative in exact arithmetic, 3.1e-7 (5 u) evaluated in fp32 with
+# FMAs. Degree 9 reaches only 2.7e-7 in fp32 (rounding dominates), degree 7 5.8e-7.
+_PHI_T_SCALE = tl.constexpr(0.4)
+_Q8, _Q7, _Q6, _Q5, _Q4, _Q3, _Q2, _Q1, _Q0 = (tl.constexpr(c) for c in (
+    -0.04007517173886299, 0.20264780521392822, -0.37739667296409607, 0.2546594738960266,
+    -0.014566930942237377, 0.15920163691043854, 0.15561926364898682, 0.1599234640598297,
+    -1.2905459698231425e-05))  # fmt: skip
+# FMA contraction stays on whatever Triton's default becomes (3.9 warns it will turn it off).
+_LAUNCH = dict(enable_fp_fusion=True)
 
 
-# ---- fp32 math, line for line the reference's (kernels/reference.py) ---------------------------
-
-
-@triton.jit
-def _exp(x):
-    x = tl.minimum(tl.maximum(x, -87.0), 87.0)
-    shifted = x * _LOG2E + _EXP_SHIFTER
-    n = shifted - _EXP_SHIFTER
-    r = (x - n * _LN2_HI) - n * _LN2_LO
-    p = _E6 * r + _E5
-    p = p * r + _E4
-    p = p * r + _E3
-    p = p * r + 0.5
-    p = p * r + 1.0
-    p = p * r + 1.0
-    return p * ((shifted.to(tl.int32, bitcast=True) - (0x4B400000 - 127)) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _recip(d):
-    """RN(1 / d), the IEEE reciprocal, for normal d > 0 whose reciprocal is normal (|log2 d| < 126).
-
-    Not tl.math.div_rn: its slow-path subroutine call makes ptxas keep every live register of
-    the tile around it (spills). An approximate reciprocal (div.full.f32, <= 2 ulp), a Newton
-    step (faithful), then Markstein's step, which rounds correctly for every d except an
-    all-ones significand, d = (2 - 2^-23) 2^e, whose reciprocal 2^-(e+1) (1 + 2^-23) is set
-    directly (checked against exact rationals from starts 2 ulp off; on GPU by
-    tests/test_kernels_act.py::test_kernel_division_is_ieee[cuda]). If that test ever fails,
-    `return tl.math.div_rn(1.0, d)` is the slower, exact fallback.
-    """
-    y = 1.0 / d
-    y = tl.fma(tl.fma(-d, y, 1.0), y, y)
-    y = tl.fma(tl.fma(-d, y, 1.0), y, y)
-    bits = d.to(tl.int32, bitcast=True)
-    all_ones = ((253 - (bits >> 23)) << 23) | 1
-    return tl.where((bits & 0x7FFFFF) == 0x7FFFFF, all_ones.to(tl.float32, bitcast=True), y)
+# ---- per scale: once per row / column / tile -------------------------------------------------------
 
 
 @triton.jit
 def _fp8_scale(amax, POW2: tl.constexpr):
     """tl_fp8_scale (kernels/common.py) bit for bit, dividing by 448 with Markstein's step
-    instead of div.rn (same reason as `_recip`); exact for amax >= 2^-100."""
+    instead of tl.math.div_rn, whose slow-path subroutine call makes ptxas keep every live
+    register of the tile around it (spills); exact for amax >= 2^-100 (checked on GPU by
+    tests/test_kernels_act.py::test_kernel_division_is_ieee[cuda])."""
     q0 = amax * _INV_448
     scale = tl.fma(tl.fma(-q0, 448.0, amax), _INV_448, q0)
     if POW2:
@@ -76,82 +62,91 @@ def _fp8_scale(amax, POW2: tl.constexpr):
 
 
 @triton.jit
-def _sigmoid_silu(g):
-    s = _recip(1.0 + _exp(-g))
-    return s, g * s
+def _inv_scale(scale, INTERP: tl.constexpr):
+    """1 / scale for `_quant`, once per scale: exact for power-of-two scales (the exponent
+    negated), so that the exact E4M3 ties x / scale has with bf16 x (1 in 16 values at a
+    power-of-two scale) round to even as the reference's; otherwise rcp.approx, within 1 ulp.
+    5 instructions where an IEEE reciprocal took 17, in every thread holding the scale (a [128]
+    column-scale vector sits in 16 threads of the backward's tile)."""
+    bits = scale.to(tl.int32, bitcast=True)
+    pow2_inv = ((254 << 23) - bits).to(tl.float32, bitcast=True)  # scales lie in [2^-126, 2^120]
+    return tl.where((bits & 0x7FFFFF) == 0, pow2_inv, _rcp(scale, INTERP))
+
+
+# ---- per element: hardware approximations --------------------------------------------------------
 
 
 @triton.jit
-def _phi(x):
-    """(xc, Phi(xc), exp(-xc*xc/2)), xc = x clamped to +-12.5."""
-    xc = tl.minimum(tl.maximum(x, -_PHI_CLAMP), _PHI_CLAMP)
-    ex = _exp(xc * xc * -0.5)
-    t = _recip(1.0 + tl.abs(xc) * _PHI_T_SCALE)
-    r = _R10 * t + _R9
-    r = r * t + _R8
-    r = r * t + _R7
-    r = r * t + _R6
-    r = r * t + _R5
-    r = r * t + _R4
-    r = r * t + _R3
-    r = r * t + _R2
-    r = r * t + _R1
-    r = r * t + _R0
-    erfc = ex * r
-    return xc, tl.where(xc >= 0.0, 1.0 - 0.5 * erfc, 0.5 * erfc), ex
+def _rcp(d, INTERP: tl.constexpr):
+    """~1 / d within 1 ulp: rcp.approx.ftz.f32, one MUFU.RCP. Triton's `/` is div.full.f32,
+    8 SASS instructions (range checks around the same MUFU.RCP) that no d here needs: 1 + exp
+    and 1 + 0.4 |x| are >= 1 (past 2^126, after exp overflows, 0 is the right answer) and
+    scales are normal with normal reciprocals. The interpreter runs no PTX."""
+    if INTERP:
+        return 1.0 / d
+    return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [d], dtype=tl.float32, is_pure=True,
+                                     pack=1)  # fmt: skip
 
 
 @triton.jit
-def _act(g, u, SWIGLU: tl.constexpr):
+def _sigmoid(g, INTERP: tl.constexpr):
+    """1 / (1 + exp(-g)): FMUL, MUFU.EX2, FADD, MUFU.RCP. exp2 overflows to inf for g < -88,
+    giving s = 0 (the reference clamps there and gives 1.6e-38)."""
+    return _rcp(1.0 + tl.exp2(g * _NEG_LOG2E), INTERP)
+
+
+@triton.jit
+def _phi_neg_abs(x, INTERP: tl.constexpr):
+    """(Phi(-|x|), exp(-x^2/2)), Phi the standard normal CDF: the erfc side, accurate in relative
+    terms for every x (no 1 - erf cancellation). Past |x| = 13.2 exp2 flushes to 0."""
+    t = _rcp(1.0 + tl.abs(x) * _PHI_T_SCALE, INTERP)
+    r = _Q8 * t + _Q7
+    r = r * t + _Q6
+    r = r * t + _Q5
+    r = r * t + _Q4
+    r = r * t + _Q3
+    r = r * t + _Q2
+    r = r * t + _Q1
+    r = r * t + _Q0
+    ex = tl.exp2(x * x * _NEG_HALF_LOG2E)
+    return ex * r, ex
+
+
+@triton.jit
+def _act(g, u, SWIGLU: tl.constexpr, INTERP: tl.constexpr):
+    """a = silu(g) * u (SwiGLU) or x * Phi(x) (GELU, g is x, u unused)."""
     if SWIGLU:
-        s, silu = _sigmoid_silu(g)
-        a = silu * u
+        a = g * _sigmoid(g, INTERP) * u
     else:
-        xc, phi, ex = _phi(g)
-        a = g * phi
+        q, ex = _phi_neg_abs(g, INTERP)
+        a = tl.maximum(g, 0.0) - tl.abs(g) * q  # x (1 - q) for x >= 0, x q below: one FMA
     return a
 
 
 @triton.jit
-def _act_bwd(da, g, u, SWIGLU: tl.constexpr):
+def _act_bwd(da, g, u, SWIGLU: tl.constexpr, INTERP: tl.constexpr):
     """(d gate, d up, a) for SwiGLU; (dh, dh, a) for GELU (g is h, u unused)."""
     if SWIGLU:
-        s, silu = _sigmoid_silu(g)
-        dsilu = s * (1.0 + g * (1.0 - s))
-        dg = (da * u) * dsilu
+        s = _sigmoid(g, INTERP)
+        silu = g * s
+        dg = (da * u) * (s * (1.0 + g * (1.0 - s)))
         du = da * silu
         a = silu * u
     else:
-        xc, phi, ex = _phi(g)
-        dg = da * (phi + xc * (ex * _INV_SQRT_2PI))
+        q, ex = _phi_neg_abs(g, INTERP)
+        phi = tl.where(g >= 0.0, 1.0 - q, q)
+        dg = da * (phi + g * (ex * _INV_SQRT_2PI))
         du = dg
-        a = g * phi
+        a = tl.maximum(g, 0.0) - tl.abs(g) * q
     return dg, du, a
 
 
 @triton.jit
-def _quant(x, scale, inv, INTERP: tl.constexpr):
-    """clamp(x / scale, +-448) -> E4M3: the rule of kernels/common.py bit for bit, but the IEEE
-    division is x * inv plus one fma correction, inv = RN(1 / scale) computed once per scale.
-    By Markstein's theorem that is the correctly rounded quotient (checked against exact
-    rationals on 2e5 random pairs, and bitwise on GPU), 3 instructions instead of a `div.rn`
-    per element. A zero x keeps its sign (the correction would turn -0 into +0). Exception:
-    |x| < 2^-100 (the residual leaves the normal range) can come out one fp32 ulp off, which
-    matters only if its whole row or group is that small (else it quantizes to zero anyway)."""
-    q = tl.minimum(tl.maximum(_div(x, scale, inv), -448.0), 448.0)
-    if INTERP:  # the interpreter's own cast mis-rounds (kernels/common.py)
-        q = tl_round_to_fp8_grid(q)
+def _quant(x, inv, INTERP: tl.constexpr):
+    """x / scale -> E4M3 as x * inv, inv = `_inv_scale(scale)` computed once per scale. No clamp
+    on the GPU: |x| <= amax, so |x * inv| <= 448 (1 + 4u), below 464 where rounding would leave
+    448, and the cast (cvt.rn.satfinite.e4m3x2.f32, PTX's only f32 -> e4m3 form) saturates."""
+    q = x * inv
+    if INTERP:  # the interpreter's own cast mis-rounds and turns > 448 into NaN (kernels/common.py)
+        q = tl_round_to_fp8_grid(tl.minimum(tl.maximum(q, -448.0), 448.0))
     return q.to(tl.float8e4nv)
-
-
-@triton.jit
-def _div(x, scale, inv):
-    """x / scale correctly rounded, given inv = RN(1 / scale) (see `_quant`)."""
-    q0 = x * inv
-    return tl.where(q0 == 0.0, q0, tl.fma(tl.fma(-q0, scale, x), inv, q0))
-
-
-@triton.jit
-def _inv(scale):
-    """RN(1 / scale); scales are normal (amax >= 5e-36) and at most 448 * 2^126 / 448."""
-    return _recip(scale)

@@ -17,10 +17,14 @@ calls read either. No bf16 activation is ever written: backward recomputes a fro
 (DeepSeek-V3 caches the SwiGLU input the same way).
 
 Forward here, backward in kernels/act_quant_bwd.py, shared fp32 math in kernels/act_math.py.
-Numerics: kernels/reference.py (the activations are explicit fp32 polynomials so kernel and
-reference agree bit for bit; GELU is the exact-erf form). Scale rule: kernels/common.py.
+Numerics: hardware exp2 / reciprocal with FMA contraction. The fp32 activations are within
+(2|g| + 11) u (SwiGLU) and (1.5 x^2 + 18) u (GELU) of exact, u = 2^-24 relative
+(kernels/act_math.py), and the outputs agree with kernels/reference.py (fp32 polynomials, GELU
+the exact-erf form) to one E4M3 step per value, with at most 3e-4 of the values differing in
+the CPU tests; the scales follow kernels/common.py's rule on amaxes that differ only by those
+fp32 errors. tests/test_kernels_act.py states and checks the contract.
 
-Passes over memory (the kernels are memory-bound):
+Passes over memory (the kernels are meant to be memory-bound):
 - forward, rowwise: a program owns whole rows; a row longer than one chunk is read twice, the
   second time from L2. blockwise: one read, one write.
 - backward, blockwise: ONE pass. A program owns a 128-token x 128-feature tile (align is a
@@ -29,14 +33,19 @@ Passes over memory (the kernels are memory-bound):
 - backward, rowwise: an exact per-row scale needs the whole X-wide row and an exact per-group
   column scale needs the whole group before the first byte can be written, so the inputs are
   read twice: an amax pass (atomic max on the fp32 bits, which is order independent, hence
-  deterministic) and the quantize pass that writes all three outputs.
+  deterministic) and the quantize pass that writes all three outputs. A small kernel first
+  maps padded token positions to rows and groups for both.
 
-Speed: these kernels are compute-bound, not memory-bound. Every fp32 operation must round as
-torch's does (no FMA contraction, polynomial exp / erfc, IEEE divisions), some 100-150
-instructions per element. Measured on H200 (fraction of the 4.3 TB/s copy, bytes counted once)
-before `_recip` / `_fp8_scale` replaced div.rn (not yet measured): forward 1x128 0.52-0.54 for
-SwiGLU and 0.27 for GELU, rowwise 0.35-0.37 and 0.15; backward rowwise 0.12-0.16, blockwise
-0.08-0.10 (M=16384 F=14336, M=65536 F=768, M=32768 F=6400 GELU).
+Speed, in sm_90 SASS instructions per element (compiled on CPU by Triton 3.9's ptxas; a SwiGLU
+element covers gate and up; loops counted by their trip counts), before -> now:
+    forward  1x128                          SwiGLU  80 -> 25      GELU  98 -> 29
+    forward  rowwise, rows <= 1024                  83 -> 26           101 -> 30
+    forward  rowwise, longer rows (two sweeps)     128 -> 38           169 -> 49
+    backward blockwise (two sweeps)                242 -> 79           241 -> 79
+    backward rowwise (two passes, E = 8)           282 -> 138          281 -> 129
+Measured before, on H200 as a fraction of the 4.3 TB/s copy (bytes counted once): forward 1x128
+0.52-0.54 for SwiGLU and 0.27 for GELU, rowwise 0.35-0.37 and 0.15; backward rowwise 0.12-0.16,
+blockwise 0.08-0.10 (M=16384 F=14336, M=65536 F=768, M=32768 F=6400 GELU). Now: not measured.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.act_math import _LAUNCH, _act, _fp8_scale, _inv, _quant
+from kernels.act_math import _LAUNCH, _act, _fp8_scale, _inv_scale, _quant
 from kernels.common import FP8_DTYPE, triton_interpret, use_triton
 from kernels.reference import check_act_quant_args, torch_act_quant_fwd
 
@@ -65,14 +74,14 @@ def _fwd_load(h_rows, row_ok, f, F, SWIGLU: tl.constexpr):
 
 
 @triton.jit
-def _fwd_store(a_rows, hq_rows, f, F, mask, a, g, u, a_scale, h_scale, SWIGLU: tl.constexpr,
-               SAVE: tl.constexpr, INTERP: tl.constexpr):  # fmt: skip
-    a_inv, h_inv = _inv(a_scale)[:, None], _inv(h_scale)[:, None]
-    tl.store(a_rows[:, None] + f[None, :], _quant(a, a_scale[:, None], a_inv, INTERP), mask=mask)
+def _fwd_store(a_rows, hq_rows, f, F, mask, a, g, u, a_inv, h_inv, SWIGLU: tl.constexpr, SAVE: tl.constexpr,
+               INTERP: tl.constexpr):  # fmt: skip
+    """Quantized a (and g, u) of one chunk, given the inverse row scales."""
+    tl.store(a_rows[:, None] + f[None, :], _quant(a, a_inv[:, None], INTERP), mask=mask)
     if SAVE:
-        tl.store(hq_rows[:, None] + f[None, :], _quant(g, h_scale[:, None], h_inv, INTERP), mask=mask)
+        tl.store(hq_rows[:, None] + f[None, :], _quant(g, h_inv[:, None], INTERP), mask=mask)
         if SWIGLU:
-            tl.store(hq_rows[:, None] + F + f[None, :], _quant(u, h_scale[:, None], h_inv, INTERP), mask=mask)
+            tl.store(hq_rows[:, None] + F + f[None, :], _quant(u, h_inv[:, None], INTERP), mask=mask)
 
 
 @triton.jit
@@ -93,26 +102,27 @@ def _act_fwd_kernel(
         fb = tl.program_id(1)
         f = fb * BLOCK_K + cols
         g, u, mask = _fwd_load(h_rows, row_ok, f, F, SWIGLU)
-        a = _act(g, u, SWIGLU)
+        a = _act(g, u, SWIGLU, INTERP)
         a_scale = _fp8_scale(tl.max(tl.abs(a), axis=1), POW2)
-        g_scale = _fp8_scale(tl.max(tl.abs(g), axis=1), POW2)
         tl.store(a_scale_ptr + rows * (F // BLOCK_K) + fb, a_scale, mask=row_ok)
-        tl.store(a_rows[:, None] + f[None, :], _quant(a, a_scale[:, None], _inv(a_scale)[:, None], INTERP), mask=mask)
+        a_inv = _inv_scale(a_scale, INTERP)[:, None]
+        tl.store(a_rows[:, None] + f[None, :], _quant(a, a_inv, INTERP), mask=mask)
         if SAVE:
-            tl.store(hq_rows[:, None] + f[None, :], _quant(g, g_scale[:, None], _inv(g_scale)[:, None], INTERP),
-                     mask=mask)  # fmt: skip
+            g_scale = _fp8_scale(tl.max(tl.abs(g), axis=1), POW2)
             tl.store(h_scale_ptr + rows * (X // BLOCK_K) + fb, g_scale, mask=row_ok)
+            tl.store(hq_rows[:, None] + f[None, :], _quant(g, _inv_scale(g_scale, INTERP)[:, None], INTERP), mask=mask)
             if SWIGLU:
                 u_scale = _fp8_scale(tl.max(tl.abs(u), axis=1), POW2)
-                tl.store(hq_rows[:, None] + F + f[None, :], _quant(u, u_scale[:, None], _inv(u_scale)[:, None], INTERP),
-                         mask=mask)  # fmt: skip
                 tl.store(h_scale_ptr + rows * (X // BLOCK_K) + F // BLOCK_K + fb, u_scale, mask=row_ok)
+                u_inv = _inv_scale(u_scale, INTERP)[:, None]
+                tl.store(hq_rows[:, None] + F + f[None, :], _quant(u, u_inv, INTERP), mask=mask)
     elif ONE_CHUNK:  # the whole row in registers: one read
         g, u, mask = _fwd_load(h_rows, row_ok, cols, F, SWIGLU)
-        a = _act(g, u, SWIGLU)
+        a = _act(g, u, SWIGLU, INTERP)
         a_scale = _fp8_scale(tl.max(tl.abs(a), axis=1), POW2)
         h_scale = _fp8_scale(tl.maximum(tl.max(tl.abs(g), axis=1), tl.max(tl.abs(u), axis=1)), POW2)
-        _fwd_store(a_rows, hq_rows, cols, F, mask, a, g, u, a_scale, h_scale, SWIGLU, SAVE, INTERP)
+        a_inv, h_inv = _inv_scale(a_scale, INTERP), _inv_scale(h_scale, INTERP)
+        _fwd_store(a_rows, hq_rows, cols, F, mask, a, g, u, a_inv, h_inv, SWIGLU, SAVE, INTERP)
         tl.store(a_scale_ptr + rows, a_scale, mask=row_ok)
         if SAVE:
             tl.store(h_scale_ptr + rows, h_scale, mask=row_ok)
@@ -121,14 +131,15 @@ def _act_fwd_kernel(
         h_amax = tl.zeros([BLOCK_M], dtype=tl.float32)
         for f0 in range(0, F, BLOCK_F):
             g, u, mask = _fwd_load(h_rows, row_ok, f0 + cols, F, SWIGLU)
-            a_amax = tl.maximum(a_amax, tl.max(tl.abs(_act(g, u, SWIGLU)), axis=1))
+            a_amax = tl.maximum(a_amax, tl.max(tl.abs(_act(g, u, SWIGLU, INTERP)), axis=1))
             h_amax = tl.maximum(h_amax, tl.maximum(tl.max(tl.abs(g), axis=1), tl.max(tl.abs(u), axis=1)))
         a_scale = _fp8_scale(a_amax, POW2)
         h_scale = _fp8_scale(h_amax, POW2)
+        a_inv, h_inv = _inv_scale(a_scale, INTERP), _inv_scale(h_scale, INTERP)
         for f0 in range(0, F, BLOCK_F):
             g, u, mask = _fwd_load(h_rows, row_ok, f0 + cols, F, SWIGLU)
-            a = _act(g, u, SWIGLU)
-            _fwd_store(a_rows, hq_rows, f0 + cols, F, mask, a, g, u, a_scale, h_scale, SWIGLU, SAVE, INTERP)
+            a = _act(g, u, SWIGLU, INTERP)
+            _fwd_store(a_rows, hq_rows, f0 + cols, F, mask, a, g, u, a_inv, h_inv, SWIGLU, SAVE, INTERP)
         tl.store(a_scale_ptr + rows, a_scale, mask=row_ok)
         if SAVE:
             tl.store(h_scale_ptr + rows, h_scale, mask=row_ok)
@@ -137,7 +148,9 @@ def _act_fwd_kernel(
 def _fwd_config(F: int, block_k: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_F, num_warps). Measured on H200 (M=16384, F=14336 / M=32768, F=6400 /
     M=65536, F=768): 16x128 tiles beat 8, 32, 64 and 128 rows; rowwise, one row per program in
-    1024-wide chunks beat 2048-8192-wide chunks and whole rows in registers (16 warps)."""
+    1024-wide chunks beat 2048-8192-wide chunks and whole rows in registers (16 warps). That was
+    with the bitwise-exact math; to re-measure, as whole rows would now save the second sweep's
+    recomputation (38 -> 26 instructions per element for SwiGLU, 49 -> 30 for GELU)."""
     if block_k:
         return 16, block_k, 4
     block_f = min(triton.next_power_of_2(F), 1024)

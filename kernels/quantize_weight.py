@@ -142,18 +142,17 @@ def _weight_quant_kernel(
         mask = n_ok[:, None] & k_ok[None, :]
         w = _load(w_ptr + base + n[:, None] * K + k[None, :], mask, EVEN)
         _store(q_ptr + base + n[:, None] * K + k[None, :], tl_fp8_quantize_by(w, rs, rr, rf), mask, EVEN)
-        _store(qt_ptr + base + k[None, :] * N + n[:, None], tl_fp8_quantize_by(w, cs, cr, cf), mask, EVEN)
+        # The transposed copy is transposed in registers (tl.trans) and stored row-major. Storing
+        # the untransposed tile through transposed pointers (k * N + n) left ~25% of qt's bytes
+        # wrong from fp32 input on triton 3.6 / H200 (bf16 input was right).
+        qt_KN = tl.trans(tl_fp8_quantize_by(w, cs, cr, cf))
+        _store(qt_ptr + base + k[:, None] * N + n[None, :], qt_KN, k_ok[:, None] & n_ok[None, :], EVEN)
 
 
 def _quantize_weight_impl(
     w_ENK: torch.Tensor, mode: str, pow2_scale: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check_quantize_weight_args(w_ENK, mode)
-    if w_ENK.is_cuda and w_ENK.dtype != torch.bfloat16:
-        # Measured on H200 with triton 3.6: from fp32 tiles the transposed qt store came back with
-        # ~25% of its bytes wrong (q and the scales were right; bf16 input is bitwise right).
-        # Callers pass the bf16 compute copy (moe/fp8/grouped_mlp.py) until the kernel is fixed.
-        raise ValueError(f"quantize_weight takes bfloat16 weights on the GPU, got {w_ENK.dtype}")
     w_ENK = w_ENK.contiguous()
     E, N, K = w_ENK.shape
     dev = w_ENK.device

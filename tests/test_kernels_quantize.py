@@ -247,9 +247,12 @@ def test_quantize_grouped_empty_and_single(ref, block):
 
 @pytest.mark.parametrize("mode", ["rowwise", "blockwise", "tensorwise"])
 @pytest.mark.parametrize("pow2", [False, True])
-def test_quantize_weight(ref, mode, pow2):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantize_weight(ref, mode, pow2, dtype):
     E, N, K = (3, 256, 384) if mode == "blockwise" else (2, 72, 200)
-    w = odd_x(E * N, K).view(E, N, K)
+    w = odd_x(E * N, K).view(E, N, K).to(dtype)
+    if dtype == torch.float32:  # values between the bf16 grid points
+        w = w * (1 + 1e-3 * torch.rand(w.shape, generator=torch.Generator().manual_seed(1)))
     w[1] = 0  # an all-zero expert
     assert_same(tuple(quantize_weight(w, mode, pow2)), ref.torch_quantize_weight(w, mode, pow2))
 
@@ -355,5 +358,8 @@ def test_quantize_grouped_gpu(K, E, block):
 @pytest.mark.parametrize("E, N, K", [(8, 2 * 1536, 2048), (128, 768, 2048), (4, 4096, 7168)])
 def test_quantize_weight_gpu(mode, E, N, K):
     w = odd_x(E * N, K, device="cuda").view(E, N, K) * 0.02
+    # fp32 master weights off the bf16 grid: the input that once broke the transposed store
+    w32 = w.float() * (1 + 1e-3 * torch.rand(w.shape, device="cuda"))
     for pow2 in (False, True):
         assert_same(tuple(quantize_weight(w, mode, pow2)), reference.torch_quantize_weight(w, mode, pow2))
+        assert_same(tuple(quantize_weight(w32, mode, pow2)), reference.torch_quantize_weight(w32, mode, pow2))

@@ -153,3 +153,24 @@ def test_logs_to_wandb_when_the_runs_did(runs, tmp_path):
     fp8 = _copy_run(runs / "rowwise", tmp_path / "f", logging__wandb="offline")
     parity_report.report([bf16, fp8], out=tmp_path / "o")
     assert list((tmp_path / "o" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_python_corpus_bpe_sample_workers_and_stats(tmp_path):
+    prefix = tmp_path / "py"
+    proc = subprocess.run([sys.executable, "tools/prepare_python_corpus.py", "--output-prefix", str(prefix),
+                           "--max-bytes", "200000", "--bpe-max-bytes", "50000", "--workers", "2",
+                           "--vocab-size", "512"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads(Path(f"{prefix}.stats.json").read_text())
+    assert stats["workers"] == 2 and stats["bpe_max_bytes"] == 50000 and 0 < stats["bytes"] <= 200000
+    assert set(stats["seconds"]) == {"collect", "bpe", "tokenize", "total"}
+    # the token count is the .bin's: every document's tokens plus one EOD each
+    assert stats["documents"] == stats["files"] and stats["tokens"] > stats["bytes"] / 8
+    assert prepare_python_corpus.indexed_counts(str(prefix)) == (stats["documents"], stats["tokens"])
+    # the BPE saw a spread sample (every k-th document), not the first files only
+    sample = list(prepare_python_corpus._sample_texts(f"{prefix}.jsonl", stats["bytes"], 50000))
+    docs = [json.loads(l)["text"] for l in Path(f"{prefix}.jsonl").read_text().splitlines()]
+    stride = -(-stats["bytes"] // 50000)
+    assert sample == docs[::stride][:len(sample)] and len(sample) > 1
+    assert sum(len(t.encode()) for t in sample[:-1]) < 50000
+    assert "tokens in" in proc.stderr and f"data.paths=[{prefix}]" in proc.stdout

@@ -1,13 +1,15 @@
 """A real corpus found wherever torch is installed: the Python sources of the installed packages.
 
     python tools/prepare_python_corpus.py [--output-prefix PREFIX] [--max-bytes N] [--roots DIR ...]
-        [--vocab-size 32000] [--workers N]
+        [--vocab-size 32000] [--bpe-max-bytes N] [--workers N]
 
 Collects every `.py` file under the running interpreter's site-packages (torch, numpy, triton,
 transformers, ...: about 200 MB, tens of millions of tokens, on a typical training image), one
 document per file, into `PREFIX.jsonl` ({"text", "path"} per line; the file list with sizes in
 `PREFIX.files.txt`), then tokenizes it with tools/preprocess_data.py into `PREFIX.bin/.idx` with a
-byte-level BPE trained on it (`PREFIX.tokenizer.json`). Train on it with
+byte-level BPE trained on it (`PREFIX.tokenizer.json`; --bpe-max-bytes trains it on an evenly
+spread sample of the documents instead, which is faster on a large corpus). `PREFIX.stats.json`
+records the counts and the seconds each phase took. Train on it with
 `data=megatron data.paths=[PREFIX] data.tokenizer=PREFIX.tokenizer.json` (what
 configs/experiment/parity_300m.yaml points at by default).
 
@@ -15,25 +17,39 @@ Deterministic: roots, directories and files are visited in sorted order, so the 
 the same corpus, token for token. Skipped: `__pycache__`, files that are not UTF-8, files over
 --max-file-bytes (generated tables, vendored blobs), empty files. --max-bytes stops collecting
 before the file that would exceed it (0: no cap).
+
+Time, measured on a 2-core machine: 208 MB / 55.7M tokens in ~3 min (collecting ~3 s, the BPE
+~40 s, tokenizing the rest); with --max-bytes 160000000 --bpe-max-bytes 64000000, 160 MB / 43.6M
+tokens in ~1 min (collect 2 s, BPE 9 s, tokenize 46 s). Tokenizing runs in --workers processes
+(default: one per core but one, at most 16); the BPE trainer uses every core by itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import struct
 import sys
 import sysconfig
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
 if __package__ in (None, ""):  # run as a script: make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.preprocess_data import _Progress, default_cache_dir, preprocess  # noqa: E402
+from tools.preprocess_data import (_Progress, default_cache_dir, preprocess, train_bpe,  # noqa: E402
+                                   trained_tokenizer_path)
 
 DEFAULT_VOCAB = 32000
 DEFAULT_MAX_FILE_BYTES = 1 << 20  # larger .py files are mostly generated data
+_IDX_DTYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}  # megatron DType code -> size
+
+
+def default_workers() -> int:
+    return max(1, min(16, (os.cpu_count() or 2) - 1))
 
 
 def default_prefix() -> str:
@@ -104,6 +120,41 @@ def collect(roots: Sequence[str], jsonl_path: str, max_bytes: int = 0,
     return {"files": len(listing), "bytes": kept_bytes, "skipped": skipped}
 
 
+def _sample_texts(jsonl_path: str, total_bytes: int, max_bytes: int) -> Iterator[str]:
+    """Every k-th document of the jsonl (k = ceil(total / max_bytes)), up to max_bytes of text:
+    a deterministic sample spread over all the packages, not just the first ones."""
+    stride = max(1, math.ceil(total_bytes / max_bytes))
+    taken = 0
+    with open(jsonl_path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i % stride:
+                continue
+            text = json.loads(line)["text"]
+            taken += len(text.encode("utf-8"))
+            yield text
+            if taken >= max_bytes:
+                return
+
+
+def train_sample_bpe(jsonl_path: str, prefix: str, total_bytes: int, max_bytes: int, vocab_size: int) -> str:
+    """Train the byte-level BPE on a sample of the documents; saved where `preprocess` would put it."""
+    path = trained_tokenizer_path(prefix)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_bpe(_sample_texts(jsonl_path, total_bytes, max_bytes), vocab_size)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    tokenizer.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def indexed_counts(prefix: str) -> tuple[int, int]:
+    """(documents, tokens) of PREFIX.bin/.idx, from the index header and the .bin size."""
+    with open(prefix + ".idx", "rb") as f:
+        head = f.read(34)
+    _, code, sequences, _ = struct.unpack("<QBQQ", head[9:34])
+    return sequences, os.path.getsize(prefix + ".bin") // _IDX_DTYPE_BYTES[code]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-prefix", default=None,
@@ -114,19 +165,45 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-file-bytes", type=int, default=DEFAULT_MAX_FILE_BYTES,
                         help="skip larger files (generated code)")
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB, help="of the trained BPE")
-    parser.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
-                        help="tokenizer processes")
+    parser.add_argument("--bpe-max-bytes", type=int, default=0,
+                        help="train the BPE on an evenly spread sample of about this many bytes (0: all)")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="tokenizer processes (default: cores - 1, at most 16)")
     args = parser.parse_args(argv)
-    if args.max_bytes < 0:
-        parser.error(f"--max-bytes must be >= 0, got {args.max_bytes}")
+    for name in ("max_bytes", "bpe_max_bytes"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
     prefix = args.output_prefix or default_prefix()
     roots = args.roots or site_packages()
     jsonl = prefix + ".jsonl"
+    seconds = {}
+    t0 = t = time.perf_counter()
     print(f"collecting .py files under {roots}", file=sys.stderr, flush=True)
     info = collect(roots, jsonl, args.max_bytes, args.max_file_bytes)
-    print(f"wrote {jsonl}: {info['files']} files, {info['bytes'] / 1e6:.1f} MB ({info['skipped']} skipped)",
-          file=sys.stderr, flush=True)
-    prefix, tokenizer = preprocess([jsonl], prefix, vocab_size=args.vocab_size, workers=args.workers)
+    seconds["collect"] = time.perf_counter() - t
+    print(f"wrote {jsonl}: {info['files']} files, {info['bytes'] / 1e6:.1f} MB ({info['skipped']} skipped)"
+          f" in {seconds['collect']:.1f} s", file=sys.stderr, flush=True)
+    tokenizer_path = None
+    if args.bpe_max_bytes and args.bpe_max_bytes < info["bytes"]:
+        t = time.perf_counter()
+        print(f"training a byte-level BPE (vocab {args.vocab_size}) on ~{args.bpe_max_bytes / 1e6:.0f} MB "
+              "of the documents", file=sys.stderr, flush=True)
+        tokenizer_path = train_sample_bpe(jsonl, prefix, info["bytes"], args.bpe_max_bytes, args.vocab_size)
+        seconds["bpe"] = time.perf_counter() - t
+    t = time.perf_counter()
+    prefix, tokenizer = preprocess([jsonl], prefix, tokenizer_path, vocab_size=args.vocab_size,
+                                   workers=args.workers)
+    seconds["bpe+tokenize" if tokenizer_path is None else "tokenize"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t0
+    documents, tokens = indexed_counts(prefix)
+    stats = {**info, "documents": documents, "tokens": tokens, "vocab_size": args.vocab_size,
+             "bpe_max_bytes": args.bpe_max_bytes, "workers": args.workers, "cpus": os.cpu_count(),
+             "roots": list(roots), "seconds": {k: round(v, 2) for k, v in seconds.items()}}
+    Path(prefix + ".stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    print(f"{tokens} tokens in {documents} documents, {seconds['total']:.1f} s "
+          f"({', '.join(f'{k} {v:.1f} s' for k, v in seconds.items() if k != 'total')})", file=sys.stderr)
     print(f"data prefix: {prefix}\ntokenizer: {tokenizer}\n"
           f"train with: data=megatron data.paths=[{prefix}] data.tokenizer={tokenizer}")
 
