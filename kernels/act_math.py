@@ -58,6 +58,7 @@ def _fp8_scale(amax, POW2: tl.constexpr):
     scale = tl.fma(tl.fma(-q0, 448.0, amax), _INV_448, q0)
     if POW2:
         scale = ((scale.to(tl.int32, bitcast=True) + 0x007FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+    scale = tl.maximum(scale, 1.1754943508222875e-38)  # the rule's floor, 2^-126 (kernels/common.py)
     return tl.where(amax == 0.0, 1.0, scale)
 
 

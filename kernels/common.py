@@ -3,6 +3,7 @@
 Scale rule (all recipes): for a set of values with absolute maximum `amax`,
     scale = amax / 448            (fp32; the dequantization multiplier, x ~= q * scale)
     scale = 2 ** ceil(log2(scale)) when the recipe asks for power-of-two scales
+    scale = max(scale, 2 ** -126) so that 1 / scale is finite (amax < 5.3e-36: tiny, not zero)
     scale = 1                     when amax == 0 (an all-zero row or group quantizes to zeros, never NaN)
     q     = clamp(x / scale, -448, 448).to(float8_e4m3fn)    (saturating cast)
 
@@ -18,8 +19,10 @@ How the rule is computed, so that kernels and references agree bit for bit (fp32
   torch's tensor/tensor division is IEEE on CPU and CUDA, but `cuda_tensor / python_float`
   multiplies by a rounded reciprocal, so references divide by a 0-dim tensor (`torch_fp8_scale`).
 - "2 ** ceil(log2(scale))" is taken on the fp32 bits, `(bits + 0x7FFFFF) & 0x7F800000`, which is
-  exact (no log2, whose GPU version is approximate); scales below 2**-126 (amax < 5e-36) become
-  2**-126.
+  exact (no log2, whose GPU version is approximate); it maps scales below 2**-126 to 2**-126
+  too. The floor matters for kernels that multiply by 1 / scale: a subnormal scale's inverse
+  overflows to inf (and flush-to-zero arithmetic makes the scale 0), so a GELU tile of values
+  around -1e-38 once quantized to NaN and -448 on an H200.
 - The fp8 cast rounds to nearest even on both sides (PTX `cvt.rn.satfinite.e4m3x2.f32`, torch's
   software conversion); the clamp comes first because torch's cast turns values past 448 into NaN.
 """
@@ -34,6 +37,7 @@ import triton.language as tl
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite E4M3 value
+FP32_MIN_NORMAL = 2.0**-126  # scale floor: 1 / scale stays finite (see the scale rule above)
 
 
 def triton_interpret() -> bool:
@@ -67,6 +71,7 @@ def torch_fp8_scale(amax: torch.Tensor, pow2_scale: bool) -> torch.Tensor:
     scale = amax / torch.full((), FP8_MAX, dtype=torch.float32, device=amax.device)
     if pow2_scale:
         scale = ((scale.view(torch.int32) + _POW2_ROUND) & _EXP_MASK).view(torch.float32)
+    scale = scale.clamp_min(FP32_MIN_NORMAL)
     return torch.where(amax == 0, torch.ones_like(scale), scale)
 
 
@@ -83,6 +88,7 @@ def tl_fp8_scale(amax, POW2: tl.constexpr):
         scale = ((scale.to(tl.int32, bitcast=True) + 0x007FFFFF) & 0x7F800000).to(
             tl.float32, bitcast=True
         )
+    scale = tl.maximum(scale, 1.1754943508222875e-38)  # FP32_MIN_NORMAL
     return tl.where(amax == 0.0, 1.0, scale)
 
 

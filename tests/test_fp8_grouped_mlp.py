@@ -154,9 +154,40 @@ def test_backward_keeps_no_bf16_activation():
     y.backward(dy)
 
 
+def test_weights_quantized_per_forward_and_released_by_default(monkeypatch):
+    """cache_weights=False: each forward quantizes; after backward no FP8 weight is left alive."""
+    mod, x, counts_E, dy = _setup("blockwise", "swiglu", [130, 0, 7])
+    calls = []
+    real = fp8_mlp.quantize_weight
+    monkeypatch.setattr(fp8_mlp, "quantize_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for n in (2, 4):
+        y = mod(x.detach(), counts_E)
+        node = _find_node(y.grad_fn, "_Fp8GroupedMLPFunctionBackward")
+        assert node.wt1 is not None and node.wt2 is not None  # dgrad's FP8 weights, until backward
+        y.backward(dy, retain_graph=True)
+        assert len(calls) == n
+        assert mod._w1_cache._value is None and mod._w2_cache._value is None
+        assert node.wt1 is None and node.wt2 is None  # let go of as soon as dgrad ran
+    assert mod.w1.grad.dtype == mod.w1.dtype and mod.w2.grad.dtype == mod.w2.dtype
+
+
+def _find_node(fn, name: str):
+    todo, seen = [fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__ == name:
+            return fn
+        todo.extend(f for f, _ in fn.next_functions)
+    raise AssertionError(f"no {name} in the graph")
+
+
 def test_weights_quantized_once_per_optimizer_step(monkeypatch):
     counts = [10, 7]
     mod, x, counts_E, dy = _setup("rowwise", "gelu", counts)
+    mod.cache_weights = True
     calls = []
     real = fp8_mlp.quantize_weight
     monkeypatch.setattr(fp8_mlp, "quantize_weight", lambda *a, **k: calls.append(1) or real(*a, **k))

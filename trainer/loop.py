@@ -68,7 +68,8 @@ def _convert_fp8(model: MoETransformer, cfg: TrainConfig) -> None:
     if fp8.experts != "bf16":
         from moe.fp8.convert import convert_experts_to_fp8
 
-        convert_experts_to_fp8(model, fp8.experts, pow2_scales=fp8.pow2_scales)
+        # Cached FP8 weights pay off only when micro-batches share them (moe/fp8/grouped_mlp.py).
+        convert_experts_to_fp8(model, fp8.experts, pow2_scales=fp8.pow2_scales, cache_weights=cfg.run.grad_accum > 1)
     if fp8.dense != "bf16":
         from moe.fp8.linear_convert import convert_to_float8_training
         from moe.fp8.recipe import Float8LinearRecipe

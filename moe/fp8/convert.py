@@ -21,8 +21,12 @@ def _swap(old: GroupedMLP, new_cls, **kwargs) -> GroupedMLP:
     return new
 
 
-def convert_experts_to_fp8(model: nn.Module, recipe: str, pow2_scales: bool = False) -> int:
-    """Replace every GroupedMLP in `model` with an Fp8GroupedMLP; returns how many were swapped."""
+def convert_experts_to_fp8(
+    model: nn.Module, recipe: str, pow2_scales: bool = False, cache_weights: bool = False
+) -> int:
+    """Replace every GroupedMLP in `model` with an Fp8GroupedMLP; returns how many were swapped.
+    cache_weights: keep the FP8 weights across the micro-batches of an optimizer step (gradient
+    accumulation; moe/fp8/grouped_mlp.py says what it costs in memory)."""
     fp8_recipe = Fp8Recipe(recipe, pow2_scales)
     swapped = 0
     for parent in model.modules():
@@ -32,7 +36,9 @@ def convert_experts_to_fp8(model: nn.Module, recipe: str, pow2_scales: bool = Fa
                     raise ValueError(
                         f"FP8 experts need model.moe.expert_impl=grouped_mm, got {child.impl!r}"
                     )
-                setattr(parent, name, _swap(child, Fp8GroupedMLP, recipe=fp8_recipe))
+                new = _swap(child, Fp8GroupedMLP, recipe=fp8_recipe)
+                new.cache_weights = cache_weights
+                setattr(parent, name, new)
                 swapped += 1
     if swapped == 0:
         raise ValueError("convert_experts_to_fp8 found no GroupedMLP to convert in the model")

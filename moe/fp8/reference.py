@@ -22,6 +22,7 @@ def _scale(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
     scale = amax.float() / FP8_MAX
     if pow2:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    scale = scale.clamp_min(2.0**-126)  # the kernels' floor (kernels/common.py)
     return torch.where(amax > 0, scale, torch.ones_like(scale))
 
 
