@@ -43,6 +43,8 @@ class Shape:
 
 SHAPES = {name: Shape(*dims) for name, dims in DESIGN_SHAPES.items()}  # DESIGN.md's four shapes
 WEIGHT_SWEEP_E = (1, 4, 16, 64, 128)
+# Kernels of 0.05-3 ms: 40 ms of repetitions give a stable median, and ~110 rows fit in ~3 minutes.
+_TIMING = dict(warmup_ms=10, rep_ms=40)
 WEIGHT_SWEEP_SHAPES = ("qwen3_30b_a3b", "deepseek_v3_ep8")  # per-expert w1 sizes for the E sweep
 
 
@@ -62,7 +64,7 @@ class Context:
         nbytes: int,
         torchao_fn: Callable[[], object] | None = None,
     ) -> dict:
-        ms = time_ms(fn)
+        ms = time_ms(fn, **_TIMING)
         gbps = nbytes / ms / 1e6
         row = {
             "kernel": kernel,
@@ -82,7 +84,7 @@ class Context:
         if not (self.torchao and torchao_fn):
             return None
         try:
-            return time_ms(torchao_fn)
+            return time_ms(torchao_fn, **_TIMING)
         except Exception as exc:  # a counterpart with other layout rules: report, keep going
             print(f"  torchao counterpart of {kernel} failed: {type(exc).__name__}: {str(exc)[:200]}")
             return None
