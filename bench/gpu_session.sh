@@ -263,7 +263,7 @@ lane_a() {
 }
 
 # ---- lane B: benchmarks ------------------------------------------------------------------------
-declare -A BENCH_CAP=([kernels]=100 [moe_block]=150 [train_step]=170 [gemm]=120 [linear]=100
+declare -A BENCH_CAP=([kernels]=300 [moe_block]=300 [train_step]=170 [gemm]=120 [linear]=120
                       [linear_compiled]=150 [moe_block_compiled]=150 [moe_block_bf16w]=90
                       [moe_block_profile]=120)  # seconds; any other bench.NAME in BENCHES gets 120
 lane_b() {

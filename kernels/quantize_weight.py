@@ -143,8 +143,8 @@ def _weight_quant_kernel(
         w = _load(w_ptr + base + n[:, None] * K + k[None, :], mask, EVEN)
         _store(q_ptr + base + n[:, None] * K + k[None, :], tl_fp8_quantize_by(w, rs, rr, rf), mask, EVEN)
         # The transposed copy is transposed in registers (tl.trans) and stored row-major. Storing
-        # the untransposed tile through transposed pointers (k * N + n) left ~25% of qt's bytes
-        # wrong from fp32 input on triton 3.6 / H200 (bf16 input was right).
+        # the untransposed tile through transposed pointers (k * N + n) left ~25% of the rowwise
+        # qt's bytes wrong from fp32 input on triton 3.6 / H200 (bf16 input was right).
         qt_KN = tl.trans(tl_fp8_quantize_by(w, cs, cr, cf))
         _store(qt_ptr + base + k[:, None] * N + n[None, :], qt_KN, k_ok[:, None] & n_ok[None, :], EVEN)
 
@@ -153,6 +153,12 @@ def _quantize_weight_impl(
     w_ENK: torch.Tensor, mode: str, pow2_scale: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check_quantize_weight_args(w_ENK, mode)
+    if w_ENK.is_cuda and w_ENK.dtype != torch.bfloat16 and mode != "rowwise":
+        # Measured on H200 with triton 3.6 (tests/test_kernels_quantize.py::test_quantize_weight_gpu):
+        # from fp32 tiles the transposed qt of the blockwise and tensorwise modes came back with
+        # rows of wrong bytes (q and the scales right; bf16 input bitwise right). Transposing the
+        # fp8 tile in registers (below) fixed the rowwise mode only. Callers pass bf16 there.
+        raise ValueError(f"quantize_weight({mode!r}) takes bfloat16 weights on the GPU, got {w_ENK.dtype}")
     w_ENK = w_ENK.contiguous()
     E, N, K = w_ENK.shape
     dev = w_ENK.device

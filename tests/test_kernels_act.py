@@ -459,6 +459,11 @@ def _assert_fp8_close_to_reference(q, scale, q_ref, scale_ref, spans, delta, pow
         ok = (s == s_ref) | ((s == 2 * s_ref) & (qmax_ref == 448)) | ((2 * s == s_ref) & (qmax == 448))
     else:
         ok = (s - s_ref).abs() <= dmax / 448 * (1 + 2.0**-20) + 2.0**-23 * torch.maximum(s, s_ref)
+    # Spans whose values all lie below 2^-100 (GELU's derivative at h ~ -12.7 is ~1e-34): the
+    # hardware ex2/rcp run flush-to-zero and lose their relative accuracy next to the subnormal
+    # range, so such a span's scale is only known to be tiny. Seen once on an H200: kernel
+    # 1.2e-38 vs reference 7.5e-37 for one of 102,400 column scales (values below 3.4e-34).
+    ok |= (s <= 2.0**-100 / 448) & (s_ref <= 2.0**-100 / 448)
     assert ok.all(), f"{where}: {(~ok).sum().item()} scales off, e.g. {s[~ok][:3].tolist()} vs {s_ref[~ok][:3]}"
     assert n_bad == 0, f"{where}: {n_bad} values more than one E4M3 step off, e.g. {bad_example}"
     assert differing <= MAX_DIFFERING * q.numel() + 2, f"{where}: {differing} of {q.numel()} values differ"

@@ -362,4 +362,8 @@ def test_quantize_weight_gpu(mode, E, N, K):
     w32 = w.float() * (1 + 1e-3 * torch.rand(w.shape, device="cuda"))
     for pow2 in (False, True):
         assert_same(tuple(quantize_weight(w, mode, pow2)), reference.torch_quantize_weight(w, mode, pow2))
-        assert_same(tuple(quantize_weight(w32, mode, pow2)), reference.torch_quantize_weight(w32, mode, pow2))
+        if mode == "rowwise":
+            assert_same(tuple(quantize_weight(w32, mode, pow2)), reference.torch_quantize_weight(w32, mode, pow2))
+        else:  # refused until triton's miscompile of the transposed store is found
+            with pytest.raises(ValueError, match="bfloat16"):
+                quantize_weight(w32, mode, pow2)

@@ -47,9 +47,12 @@ from moe.fp8.weight_cache import WeightCache
 
 
 def quantize_expert_weight(w_ENK: torch.Tensor, recipe: Fp8Recipe) -> QuantizedWeight:
-    """Both FP8 orientations of an expert weight, straight from the parameter (fp32 master or
-    bf16): no bf16 copy first, which at Mixtral-8x7B width would be 1.4G params x 6 bytes of
-    extra traffic per step (~2 ms on an H200) and a second rounding."""
+    """Both FP8 orientations of an expert weight. rowwise: straight from the parameter (fp32
+    master or bf16), no bf16 copy first (at Mixtral-8x7B width that copy is 1.4G params x 6 bytes
+    of traffic per step, ~2 ms on an H200, and a second rounding). blockwise: from the bf16
+    compute copy on the GPU (kernels/quantize_weight.py says why)."""
+    if recipe.name != "rowwise" and w_ENK.is_cuda:
+        w_ENK = w_ENK.to(torch.bfloat16)
     return quantize_weight(w_ENK, recipe.name, recipe.pow2_scales)
 
 

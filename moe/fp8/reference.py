@@ -38,8 +38,10 @@ def fake_quant_lastdim(x: torch.Tensor, tile: int, pow2: bool) -> torch.Tensor:
 
 def fake_quant_weight(w_ENK: torch.Tensor, recipe: Fp8Recipe, along: str) -> torch.Tensor:
     """Weights: rowwise scales along the GEMM's reduction dim `along` ('K' = last, 'N' = middle);
-    blockwise 128x128 blocks, the same blocks for either orientation. Quantized from the
-    parameter itself (fp32 master or bf16), as the fast path does."""
+    blockwise 128x128 blocks, the same blocks for either orientation. Quantized as the fast
+    path does: rowwise from the parameter itself, blockwise from its bf16 copy on the GPU."""
+    if recipe.block and w_ENK.is_cuda:
+        w_ENK = w_ENK.to(torch.bfloat16)
     if recipe.block:
         E, N, K = w_ENK.shape
         b = w_ENK.float().reshape(E, N // 128, 128, K // 128, 128)
