@@ -20,6 +20,14 @@ x ~= q * scale, fmax = 448 (E4M3) or 57344 (E5M2), scale = 1 where amax = 0.
 The weight always uses current scaling: it is quantized once per optimizer step from the tensor
 in hand (cached across micro-batches), so its exact amax costs one read per step, and a stale
 history scale would buy nothing.
+
+Alignment (torch._scaled_mm, `check_scaled_mm_operands`): mat1 (rows, inner) needs inner % 16 == 0,
+mat2 (inner, cols) both dims % 16 == 0. So K and N must be multiples of 16: Float8Linear refuses
+other widths (ValueError) and the converter's default filter leaves such layers in high
+precision. M (tokens) is the user's batch shape: the forward and dgrad GEMMs take any M (mat1's
+rows), but wgrad contracts over M, so its two operands (dy^T and x^T, both FP8 copies made for
+it anyway) get zero columns up to the next multiple of 16, exact for every recipe (zeros change
+no amax and add nothing to the sum). The CPU emulation checks the same constraints.
 """
 
 from __future__ import annotations
@@ -41,6 +49,20 @@ from moe.fp8.weight_cache import WeightCache
 # kernels are tested against the references on their own (tests/test_kernels_*.py).
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 _X, _DY = 0, 1  # rows of amax_history_OL / scale_O
+GEMM_ALIGN = 16  # torch._scaled_mm: mat1's inner dim and both of mat2's dims
+
+
+def float8_dims_problem(in_features: int, out_features: int) -> Optional[str]:
+    """Why a Linear of these widths cannot run its GEMMs in FP8, or None if it can."""
+    bad = [f"{name}={n}" for name, n in (("in_features", in_features), ("out_features", out_features))
+           if n <= 0 or n % GEMM_ALIGN]  # fmt: skip
+    if not bad:
+        return None
+    return (
+        f"in_features and out_features must be positive multiples of {GEMM_ALIGN} (torch._scaled_mm's "
+        f"FP8 GEMM alignment), got in_features={in_features}, out_features={out_features} "
+        f"({', '.join(bad)} is not)"
+    )
 
 
 def fp8_dtype_of(name: str) -> torch.dtype:
@@ -61,19 +83,67 @@ class Fp8Operand(NamedTuple):
     scale: torch.Tensor
 
 
+def check_scaled_mm_operands(a_q: torch.Tensor, b_q: torch.Tensor) -> None:
+    """torch._scaled_mm's shape and layout rules, checked on every device (the CPU emulation
+    too, so a shape the GPU would refuse fails in CPU tests as well): a (M, K) row-major,
+    b (K, N) column-major, K and N multiples of 16 (M free)."""
+    (_, K), (K2, N) = a_q.shape, b_q.shape
+    if K != K2:
+        raise ValueError(f"scaled_mm: inner dims differ, a {tuple(a_q.shape)} b {tuple(b_q.shape)}")
+    if K % GEMM_ALIGN or N % GEMM_ALIGN:
+        raise ValueError(
+            f"scaled_mm: K={K} and N={N} must be multiples of {GEMM_ALIGN} (torch._scaled_mm), "
+            f"got a {tuple(a_q.shape)} b {tuple(b_q.shape)}"
+        )
+    if a_q.stride(1) != 1 or b_q.stride(0) != 1:
+        raise ValueError(
+            f"scaled_mm: a must be row-major and b column-major, got strides {a_q.stride()} and {b_q.stride()}"
+        )
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`, never t itself through a no-op `.to()`: see _Float8LinearFunction's note."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def scaled_mm(a: Fp8Operand, b: Fp8Operand, out_dtype: torch.dtype, rowwise: bool) -> torch.Tensor:
     """a.q (M, K) row-major times b.q (K, N) column-major, dequantized by the scales.
 
-    CUDA: torch._scaled_mm (cuBLASLt tensorwise, CUTLASS rowwise; rowwise writes bf16 only, so
-    other output dtypes are cast after). CPU: an emulation, dequantize and multiply in fp32,
-    which is what the hardware computes up to accumulation order.
+    CUDA: torch._scaled_mm (`_hardware_scaled_mm`). CPU: an emulation (`_emulated_scaled_mm`).
+    Both check the same shapes and layouts first.
     """
-    if a.q.is_cuda:
-        mm_dtype = torch.bfloat16 if rowwise else out_dtype
-        out = torch._scaled_mm(a.q, b.q, scale_a=a.scale, scale_b=b.scale, out_dtype=mm_dtype)
-        return out.to(out_dtype)
+    check_scaled_mm_operands(a.q, b.q)
+    gemm = _hardware_scaled_mm if a.q.is_cuda else _emulated_scaled_mm
+    return gemm(a, b, out_dtype, rowwise)
+
+
+def _hardware_scaled_mm(a: Fp8Operand, b: Fp8Operand, out_dtype: torch.dtype, rowwise: bool) -> torch.Tensor:
+    """torch._scaled_mm: cuBLASLt tensorwise, CUTLASS rowwise (bf16 output only, so other
+    output dtypes are cast after)."""
+    mm_dtype = torch.bfloat16 if rowwise else out_dtype
+    out = torch._scaled_mm(a.q, b.q, scale_a=a.scale, scale_b=b.scale, out_dtype=mm_dtype)
+    return _cast(out, out_dtype)
+
+
+def _emulated_scaled_mm(a: Fp8Operand, b: Fp8Operand, out_dtype: torch.dtype, rowwise: bool) -> torch.Tensor:
+    """Dequantize and multiply in fp32: what the hardware computes, up to accumulation order."""
     with torch.autocast(a.q.device.type, enabled=False):
-        return ((a.q.float() * a.scale) @ (b.q.float() * b.scale)).to(out_dtype)
+        return _cast((a.q.float() * a.scale) @ (b.q.float() * b.scale), out_dtype)
+
+
+def _cols_padded(q_RC: torch.Tensor) -> torch.Tensor:
+    """A row-major copy of FP8 q_RC (any strides) with zero columns up to a multiple of 16.
+
+    For wgrad's operands, which contract over the token dim. At most one copy, padded or not (the
+    transpose the caller needs anyway), through uint8 views: an FP8 zero is the byte 0 in both
+    formats.
+    """
+    R, C = q_RC.shape
+    pad = -C % GEMM_ALIGN
+    if pad == 0:
+        return q_RC.contiguous()
+    u8 = q_RC.view(torch.uint8)
+    return torch.cat([u8, u8.new_zeros(R, pad)], dim=1).view(q_RC.dtype)
 
 
 def quantize_tensorwise(
@@ -85,13 +155,15 @@ def quantize_tensorwise(
         scale = amax_to_scale(x.abs().amax(), torch.finfo(fp8_dtype).max)
     quantize = quantize_tensor if x.is_cuda else torch_quantize_tensor  # CPU: see _cpu_note
     q, amax = quantize(x, scale.reshape(()).float(), fp8_dtype)
-    return Fp8Operand(q, scale.reshape(()).float()), amax
+    # q row-major (the kernel writes it so; the CPU reference keeps a transposed input's strides).
+    return Fp8Operand(q.contiguous(), scale.reshape(()).float()), amax
 
 
 def quantize_rowwise(x_RC: torch.Tensor) -> Fp8Operand:
-    """E4M3 rows of x_RC with a scale per row, scale shaped (R, 1) (a's side of scaled_mm)."""
+    """E4M3 rows of x_RC with a scale per row, scale shaped (R, 1) (a's side of scaled_mm).
+    q row-major (the kernel writes it so; the CPU reference keeps a transposed input's strides)."""
     q, scale_R = (quantize_rows if x_RC.is_cuda else torch_quantize_rows)(x_RC)
-    return Fp8Operand(q, scale_R.unsqueeze(1))
+    return Fp8Operand(q.contiguous(), scale_R.unsqueeze(1))
 
 
 class QuantizedLinearWeight(NamedTuple):
@@ -126,12 +198,25 @@ class _Float8LinearFunction(torch.autograd.Function):
 
         forward  y_MN  = x_MK  @ w_NK^T   a = x_q (M, K) row-major,    b = w_q (N, K) read as (K, N) col-major
         dgrad    dx_MK = dy_MN @ w_NK     a = dy_q (M, N) row-major,   b = wt_q (K, N) read as (N, K) col-major
-        wgrad    dW_NK = dy_MN^T @ x_MK   a = dyt_q (N, M) row-major,  b = xt_q (K, M) read as (M, K) col-major
+        wgrad    dW_NK = dy_MN^T @ x_MK   a = dyt_q (N, M16) row-major, b = xt_q (K, M16) read as (M16, K) col-major
 
     Dtypes: x, w E4M3; dy (and dyt) E4M3 or E5M2 (recipe.grad_dtype); scales fp32; y and dx in
     the compute dtype (bf16 under autocast), dW in the weight's dtype. Scales: tensorwise 0-dim
     each; rowwise along the reduction dimension: x (M,1), w (1,N) | dy (M,1), wt (1,K) |
-    dyt (N,1), xt (1,K). Saved for backward: xt_q (K, M) FP8 and its scale, never the bf16 x.
+    dyt (N,1), xt (1,K). Saved for backward: xt_q (K, M16) FP8 and its scale, never the bf16 x.
+    M16: M rounded up to 16, wgrad's operands carry zero columns past M (`_cols_padded`).
+    wt_s None: the same scale as w_s (tensorwise).
+
+    torch.compile rules (Dynamo captures forward and backward as subgraphs):
+    - forward's result must be a tensor no other forward intermediate *is*: no no-op `.to()` /
+      `.contiguous()` / in-place op producing it (`_cast`). torch 2.11 returns every forward
+      intermediate as an extra subgraph output; one that is the result itself takes over the
+      result's autograd slot, so dy is routed to a dead output and x, W and everything upstream
+      silently get no gradient from this layer (pytorch/pytorch#180642; later releases filter
+      such aliases). This was the compiled block's all-ones x.grad on the H200.
+    - no tensor in two argument slots (hence wt_s None rather than w_s twice): 2.11 mis-wires
+      such inputs' gradients (pytorch/pytorch#181146), later releases refuse the trace (a graph
+      break, an error under fullgraph=True).
     """
 
     @staticmethod
@@ -145,9 +230,10 @@ class _Float8LinearFunction(torch.autograd.Function):
             x_scale = None if scale_O is None else scale_O[_X]
             x_op, amax = quantize_tensorwise(x_MK, x_scale, E4M3)
             _record_amax(amax_history_OL, _X, amax)
-            xt = Fp8Operand(x_op.q.t().contiguous(), x_op.scale)
+            xt = Fp8Operand(x_op.q.t(), x_op.scale)
         y_MN = scaled_mm(x_op, Fp8Operand(w_q.t(), w_s), out_dtype, rowwise)
-        ctx.save_for_backward(xt.q, xt.scale, wt_q, wt_s, amax_history_OL, scale_O)
+        xt_q = _cols_padded(xt.q)  # (K, M16)
+        ctx.save_for_backward(xt_q, xt.scale, wt_q, w_s if wt_s is None else wt_s, amax_history_OL, scale_O)
         ctx.recipe, ctx.dtypes = recipe, (x_MK.dtype, weight_NK.dtype)
         return y_MN
 
@@ -164,18 +250,26 @@ class _Float8LinearFunction(torch.autograd.Function):
             dy_scale = None if scale_O is None else scale_O[_DY]
             dy_op, amax = quantize_tensorwise(dy_MN, dy_scale, fp8_dtype_of(recipe.grad_dtype))
             _record_amax(amax_history_OL, _DY, amax)
-            dyt_op = Fp8Operand(dy_op.q.t().contiguous(), dy_op.scale)
+            dyt_op = Fp8Operand(dy_op.q.t(), dy_op.scale)
+        dyt_op = Fp8Operand(_cols_padded(dyt_op.q), dyt_op.scale)  # (N, M16)
         x_dtype, w_dtype = ctx.dtypes
-        dx_MK = scaled_mm(dy_op, Fp8Operand(wt_q.t(), wt_s), dy_MN.dtype, rowwise).to(x_dtype)
+        dx_MK = _cast(scaled_mm(dy_op, Fp8Operand(wt_q.t(), wt_s), dy_MN.dtype, rowwise), x_dtype)
         dw_NK = scaled_mm(dyt_op, Fp8Operand(xt_q.t(), xt_s), w_dtype, rowwise)
         return dx_MK, dw_NK, None, None, None, None, None, None, None, None
 
 
 class Float8Linear(nn.Linear):
-    """nn.Linear with FP8 GEMMs; `recipe` (Float8LinearRecipe) picks the scaling."""
+    """nn.Linear with FP8 GEMMs; `recipe` (Float8LinearRecipe) picks the scaling.
+
+    in_features and out_features must be multiples of 16 (ValueError otherwise); any number of
+    tokens is fine."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
                  recipe: Optional[Float8LinearRecipe] = None) -> None:  # fmt: skip
+        problem = float8_dims_problem(in_features, out_features)
+        if problem is not None:
+            raise ValueError(f"Float8Linear: {problem}; keep such a layer as nn.Linear "
+                             "(convert_to_float8_training's default filter skips it)")  # fmt: skip
         super().__init__(in_features, out_features, bias, device, dtype)
         self.recipe = recipe if recipe is not None else Float8LinearRecipe()
         self.init_fp8_state(self.weight.device)
@@ -211,9 +305,12 @@ class Float8Linear(nn.Linear):
         # Before the first sync there is no history: current scaling, still recording amaxes.
         scale = self.scale_O if delayed and self._delayed_ready else None
         x_MK = x.reshape(-1, self.in_features)
+        # Tensorwise shares one weight scale between both copies: pass it once (see the Function).
+        w_s, wt_s = wq.w.scale, wq.wt.scale
+        wt_s = None if wt_s is w_s else wt_s
         with torch.autocast(dev, enabled=False):
             y_MN = _Float8LinearFunction.apply(
-                x_MK, self.weight, wq.w.q, wq.w.scale, wq.wt.q, wq.wt.scale, self.recipe, history, scale, out_dtype
+                x_MK, self.weight, wq.w.q, w_s, wq.wt.q, wt_s, self.recipe, history, scale, out_dtype
             )
         y = y_MN.reshape(*x.shape[:-1], self.out_features)
         if self.bias is not None:

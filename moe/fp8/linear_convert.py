@@ -5,20 +5,25 @@ keep working; the model code never branches on FP8. Convert before wrapping for 
 
 Skipped by default: the output head (`output`: the logits feed a softmax over the vocabulary,
 the layer most sensitive to FP8 error, and its width need not suit FP8 GEMMs) and any Linear
-whose in/out features are not multiples of 16 (torch._scaled_mm's alignment). The router is not
-an nn.Linear (it owns its gate weight), so it is never swapped.
+whose in/out features are not multiples of 16 (torch._scaled_mm's alignment, see
+moe/fp8/float8_linear.py); the latter are named in a warning on the "fp8moe" logger, since they
+stay in high precision. A custom filter that picks such a Linear gets a ValueError naming it.
+The router is not an nn.Linear (it owns its gate weight), so it is never swapped.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe.fp8.float8_linear import Float8Linear
+from moe.fp8.float8_linear import Float8Linear, float8_dims_problem
 from moe.fp8.recipe import Float8LinearRecipe
+
+log = logging.getLogger("fp8moe")
 
 ModuleFilter = Callable[[nn.Module, str], bool]  # (module, fully qualified name) -> convert?
 
@@ -28,7 +33,7 @@ _SKIPPED_NAMES = ("output",)
 def default_module_filter(module: nn.Module, fqn: str) -> bool:
     if fqn.rsplit(".", 1)[-1] in _SKIPPED_NAMES:
         return False
-    return module.in_features % 16 == 0 and module.out_features % 16 == 0
+    return float8_dims_problem(module.in_features, module.out_features) is None
 
 
 def _swap_children(model: nn.Module, should_swap: Callable[[nn.Module, str], bool], make) -> int:
@@ -46,16 +51,37 @@ def convert_to_float8_training(
     model: nn.Module, recipe: Float8LinearRecipe | str, module_filter_fn: Optional[ModuleFilter] = None
 ) -> nn.Module:
     """Replace every nn.Linear passing `module_filter_fn` (default: `default_module_filter`) with a
-    Float8Linear sharing its parameters; returns `model` (swapped in place)."""
+    Float8Linear sharing its parameters; returns `model` (swapped in place).
+
+    The default filter leaves Linears whose widths FP8 GEMMs cannot take in high precision and
+    logs a warning naming them; a custom filter choosing one raises ValueError (nothing swapped)."""
     if isinstance(recipe, str):
         recipe = Float8LinearRecipe(recipe)
     keep = module_filter_fn or default_module_filter
     if type(model) is nn.Linear:
-        return Float8Linear.from_linear(model, recipe) if keep(model, "") else model
+        linears = [("", model)]
+    else:  # exact type: never re-wrap a Float8Linear
+        linears = [(fqn, m) for fqn, m in model.named_modules() if type(m) is nn.Linear]
+    chosen, unaligned = set(), []
+    for fqn, m in linears:
+        problem = float8_dims_problem(m.in_features, m.out_features)
+        if keep(m, fqn):
+            if problem is not None:  # only a custom filter gets here: the default checks widths
+                raise ValueError(f"convert_to_float8_training: the filter chose {fqn or 'the model'!r}, "
+                                 f"which cannot be a Float8Linear: {problem}")  # fmt: skip
+            chosen.add(id(m))
+        elif problem is not None and fqn.rsplit(".", 1)[-1] not in _SKIPPED_NAMES:
+            unaligned.append(f"{fqn or '<model>'} ({m.in_features} -> {m.out_features})")
+    if unaligned and module_filter_fn is None:
+        log.warning(
+            "convert_to_float8_training: %d nn.Linear layer(s) stay in high precision, their in/out "
+            "features are not multiples of 16 (torch._scaled_mm's FP8 alignment): %s",
+            len(unaligned), ", ".join(unaligned),
+        )  # fmt: skip
+    if type(model) is nn.Linear:
+        return Float8Linear.from_linear(model, recipe) if chosen else model
     _swap_children(
-        model,
-        lambda m, fqn: type(m) is nn.Linear and keep(m, fqn),  # exact type: never re-wrap a Float8Linear
-        lambda m: Float8Linear.from_linear(m, recipe),
+        model, lambda m, fqn: type(m) is nn.Linear and id(m) in chosen, lambda m: Float8Linear.from_linear(m, recipe)
     )
     return model
 
