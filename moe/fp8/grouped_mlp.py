@@ -50,8 +50,9 @@ def quantize_expert_weight(w_ENK: torch.Tensor, recipe: Fp8Recipe) -> QuantizedW
     """Both FP8 orientations of an expert weight. rowwise: straight from the parameter (fp32
     master or bf16), no bf16 copy first (at Mixtral-8x7B width that copy is 1.4G params x 6 bytes
     of traffic per step, ~2 ms on an H200, and a second rounding). blockwise: from the bf16
-    compute copy on the GPU (kernels/quantize_weight.py says why)."""
-    if recipe.name != "rowwise" and w_ENK.is_cuda:
+    compute copy, on every device so that CPU and GPU quantize the same values (on the GPU the
+    kernel refuses fp32 for this mode: kernels/quantize_weight.py says why)."""
+    if recipe.name != "rowwise":
         w_ENK = w_ENK.to(torch.bfloat16)
     return quantize_weight(w_ENK, recipe.name, recipe.pow2_scales)
 
