@@ -1,0 +1,130 @@
+"""Unpermute + combine (kernels/combine.py): the kernels are bitwise equal to their reference
+(kernels/reference.py); the reference is checked against a per-token fp64 loop and its torch path
+by gradcheck in float64. On CPU the kernels run in Triton's interpreter; GPU tests (`-m gpu`)
+run real shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import reference as ref
+from kernels.combine import UnpermuteCombine, unpermute_combine, unpermute_combine_bwd
+
+U32 = 2.0**-24  # fp32 unit roundoff
+
+
+def assert_same(out, expected):
+    assert len(out) == len(expected)
+    for i, (a, b) in enumerate(zip(out, expected)):
+        assert a.dtype == b.dtype and a.shape == b.shape, (i, a.dtype, b.dtype, a.shape, b.shape)
+        assert torch.equal(a.cpu(), b.cpu()), f"output {i} differs at {(a != b).nonzero()[:5].tolist()}"
+
+
+# ---- combine -------------------------------------------------------------------------------------
+
+
+def combine_inputs(T=37, K=3, H=200, E=5, seed=0, device="cpu", dtype=torch.bfloat16):
+    """Routing from moe.permute (row_of_TK a permutation of T*K rows), about one assignment in
+    six dropped, NaN in the dropped rows of y."""
+    from moe.permute import permute
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, E + 1, (T, K), generator=g)
+    _, _, meta = permute(torch.zeros(T, 1), ids, E)
+    y = torch.randn(T * K, H, generator=g).to(dtype)
+    y[meta.row_of_TK[~meta.kept_TK]] = float("nan")
+    w = torch.rand(T, K, generator=g)
+    dout = torch.randn(T, H, generator=g).to(dtype)
+    return tuple(t.to(device) for t in (y, meta.row_of_TK, w, meta.kept_TK, dout))
+
+
+def _gamma(n: int) -> float:
+    """Higham's gamma_n = n u / (1 - n u): the relative bound of n fp32 roundings in a sum."""
+    return n * U32 / (1 - n * U32)
+
+
+def _combine_loop64(y, row_of_TK, w, kept):
+    """The definition, one token at a time in fp64."""
+    T, K = row_of_TK.shape
+    out = torch.zeros(T, y.shape[1], dtype=torch.float64)
+    for t in range(T):
+        for k in range(K):
+            if kept[t, k]:
+                out[t] += w[t, k].double() * y[row_of_TK[t, k]].double()
+    return out
+
+
+def test_combine_reference_definition():
+    y, rows, w, kept, dout = combine_inputs(seed=1)
+    T, K = rows.shape
+    out = ref.torch_unpermute_combine(y, rows, w, kept)
+    expected = _combine_loop64(y, rows, w, kept)
+    # fp32: K rounded products and K - 1 additions, |error| <= gamma_2K sum|terms| <= 2K u sum|terms|
+    # (first order), then one bf16 rounding, half a step = 2^-8 of the value at most.
+    terms = torch.zeros_like(expected)
+    for k in range(K):
+        terms += torch.where(kept[:, k, None], (w[:, k, None].double() * y[rows[:, k]].double()).abs(), 0.0)
+    bound = 2.0**-8 * (expected.abs() + 2 * K * U32 * terms) + 2 * K * U32 * terms
+    assert not out.isnan().any()
+    assert torch.all((out.double() - expected).abs() <= bound)
+    dy, dw = ref.torch_unpermute_combine_bwd(dout, y, rows, w, kept)
+    for t in range(T):
+        for k in range(K):
+            r = rows[t, k]
+            if not kept[t, k]:
+                assert torch.all(dy[r] == 0) and dw[t, k] == 0
+                continue
+            dy_exact = w[t, k].double() * dout[t].double()
+            # one fp32 product (u) then one bf16 rounding (2^-8 of the fp32 value)
+            assert torch.all((dy[r].double() - dy_exact).abs() <= (2.0**-8 + 2.0**-22) * dy_exact.abs())
+            prods = dout[t].double() * y[r].double()  # exact in fp32 (8 + 8 significant bits)
+            assert abs(dw[t, k].item() - prods.sum().item()) <= _gamma(y.shape[1] - 1) * prods.abs().sum().item()
+
+
+def test_combine_torch_path_gradcheck_float64():
+    y, rows, w, kept, _ = combine_inputs(T=6, K=2, H=5, E=3, seed=2, dtype=torch.float64)
+    y = y.nan_to_num(0.0)  # gradcheck perturbs every input element; NaN rows are tested elsewhere
+    w = w.double().requires_grad_()
+    y.requires_grad_()
+    assert torch.autograd.gradcheck(lambda y, w: UnpermuteCombine.apply(y, rows, w, kept), (y, w))
+
+
+def test_combine_kernel_matches_reference():
+    y, rows, w, kept, dout = combine_inputs(seed=3)
+    out = unpermute_combine(y, rows, w, kept)
+    assert_same([out], [ref.torch_unpermute_combine(y, rows, w, kept)])
+    dy, dw = unpermute_combine_bwd(dout, y, rows, w, kept)
+    dy_ref, dw_ref = ref.torch_unpermute_combine_bwd(dout, y, rows, w, kept)
+    assert_same([dy], [dy_ref])
+    assert not out.isnan().any() and not dy.isnan().any() and not dw.isnan().any()
+    # dweights: fp32 sums of H exact products in another order, each within gamma_(H-1) sum|products|.
+    prods = torch.stack([(dout.double() * y[rows[:, k]].double()).nan_to_num(0).abs().sum(1) for k in range(3)], 1)
+    assert torch.all((dw.double() - dw_ref.double()).abs() <= 2 * _gamma(y.shape[1] - 1) * prods)
+    # Through autograd (the Function the layer uses): the same kernels.
+    y_leaf, w_leaf = y.clone().requires_grad_(), w.clone().requires_grad_()
+    UnpermuteCombine.apply(y_leaf, rows, w_leaf, kept).backward(dout)
+    assert_same([y_leaf.grad, w_leaf.grad], [dy, dw])
+
+
+def test_combine_kernel_zero_rows_when_not_a_permutation():
+    """M > T*K (rows no assignment points at): dy is zero there."""
+    y, rows, w, kept, dout = combine_inputs(T=9, K=2, H=16, seed=4)
+    y = torch.cat([y, torch.full((4, 16), float("nan"), dtype=y.dtype)])
+    dy, _ = unpermute_combine_bwd(dout, y, rows, w, kept)
+    assert_same([dy], [ref.torch_unpermute_combine_bwd(dout, y, rows, w, kept)[0]])
+    assert torch.all(dy[-4:] == 0)
+
+
+@pytest.mark.gpu
+def test_gpu_combine_bitwise(device):
+    T, K, H, E = 16384, 8, 4096, 64
+    y, rows, w, kept, dout = combine_inputs(T, K, H, E, seed=5, device=device)
+    out = unpermute_combine(y, rows, w, kept)
+    assert_same([out], [ref.torch_unpermute_combine(y, rows, w, kept)])
+    dy, dw = unpermute_combine_bwd(dout, y, rows, w, kept)
+    dy_ref, dw_ref = ref.torch_unpermute_combine_bwd(dout, y, rows, w, kept)
+    assert_same([dy], [dy_ref])
+    prods = torch.stack([(dout.double() * y[rows[:, k]].double()).nan_to_num(0).abs().sum(1) for k in range(K)], 1)
+    assert torch.all((dw.double() - dw_ref.double()).abs() <= 2 * _gamma(H - 1) * prods)
