@@ -127,8 +127,6 @@ def bench_one(shape: str, impl: str, routing: str, weights: str = "fp32", profil
         mod.invalidate_weight_cache()
     if profile:
         _print_kernel_breakdown(f"{shape} {routing} {impl} weights={weights}", step)
-    for p in (x, *mod.parameters()):
-        p.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     step()

@@ -110,6 +110,17 @@ def _bwd_values(da_ptr, h_ptr, hs_ptr, row, in_group, f, f_ok, fb, F, stride_da,
 
 
 @triton.jit
+def _tile_chunk(da_ptr, h_ptr, hs_ptr, p, gid, p_start, r_start, r_end, E, f, f_ok, fb, F, stride_da, stride_h,
+                SWIGLU: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr):  # fmt: skip
+    """Blockwise sweeps: (row, is a row, d gate, d up, a) for padded positions p of one group."""
+    row = r_start + (p - p_start)
+    is_row = row < r_end
+    dg, du, a = _bwd_values(da_ptr, h_ptr, hs_ptr, row, is_row & (gid < E), f, f_ok, fb, F, stride_da, stride_h,
+                            SWIGLU, BLOCK, INTERP)  # fmt: skip
+    return row, is_row, dg, du, a
+
+
+@triton.jit
 def _act_bwd_amax_kernel(
     da_ptr, h_ptr, hs_ptr, map_ptr, row_amax_ptr, dht_amax_ptr, at_amax_ptr,
     F, E, P, stride_da, stride_h,
@@ -230,11 +241,8 @@ def _act_bwd_quant_kernel(
         a_amax = tl.zeros([CHUNK, BLOCK_F], dtype=tl.float32)
         for c in range(0, BLOCK_P, CHUNK):
             p = p0 + c + tl.arange(0, CHUNK)
-            row = r_start + (p - p_start)
-            is_row = row < r_end
-            in_group = is_row & (gid < E)
-            dg, du, a = _bwd_values(da_ptr, h_ptr, hs_ptr, row, in_group, f, f_ok, fb, F, stride_da, stride_h,
-                                    SWIGLU, BLOCK, INTERP)  # fmt: skip
+            row, is_row, dg, du, a = _tile_chunk(da_ptr, h_ptr, hs_ptr, p, gid, p_start, r_start, r_end, E, f, f_ok,
+                                                 fb, F, stride_da, stride_h, SWIGLU, BLOCK, INTERP)  # fmt: skip
             dg_amax = tl.maximum(dg_amax, tl.abs(dg))
             du_amax = tl.maximum(du_amax, tl.abs(du))
             a_amax = tl.maximum(a_amax, tl.abs(a))
@@ -250,11 +258,8 @@ def _act_bwd_quant_kernel(
         a_ci = _inv_scale(a_cs, INTERP)[None, :]
         for c in range(0, BLOCK_P, CHUNK):
             p = p0 + c + tl.arange(0, CHUNK)
-            row = r_start + (p - p_start)
-            is_row = row < r_end
-            in_group = is_row & (gid < E)
-            dg, du, a = _bwd_values(da_ptr, h_ptr, hs_ptr, row, in_group, f, f_ok, fb, F, stride_da, stride_h,
-                                    SWIGLU, BLOCK, INTERP)  # fmt: skip
+            row, is_row, dg, du, a = _tile_chunk(da_ptr, h_ptr, hs_ptr, p, gid, p_start, r_start, r_end, E, f, f_ok,
+                                                 fb, F, stride_da, stride_h, SWIGLU, BLOCK, INTERP)  # fmt: skip
             dg_rs = _fp8_scale(tl.max(tl.abs(dg), axis=1), POW2)
             du_rs = _fp8_scale(tl.max(tl.abs(du), axis=1), POW2)
             scale_row = dh_scale_ptr + row.to(tl.int64) * (X // BLOCK)

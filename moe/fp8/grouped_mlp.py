@@ -96,22 +96,14 @@ class _Fp8GroupedMLPFunction(torch.autograd.Function):
             da_MF, h_q, h_s, ctx.activation, group_end_E, align, block, pow2
         )
         del da_MF
-        dw2_EHF = _wgrad(dyt_q, dyt_s, at_q, at_s, padded_end_E, recipe, ctx.w_dtypes[1])
+        dw2_EHF = grouped_mm_wgrad(dyt_q, dyt_s, at_q, at_s, padded_end_E, recipe, ctx.w_dtypes[1])
         del dyt_q, dyt_s, at_q, at_s
         dx_MH = grouped_mm(dh_q, dh_s, *ctx.wt1, group_end_E, recipe)
         ctx.wt1 = None
         del dh_q, dh_s
-        dw1_EXH = _wgrad(dht_q, dht_s, xt_q, xt_s, padded_end_E, recipe, ctx.w_dtypes[0])
+        dw1_EXH = grouped_mm_wgrad(dht_q, dht_s, xt_q, xt_s, padded_end_E, recipe, ctx.w_dtypes[0])
         return dx_MH, dw1_EXH, dw2_EHF, None, None, None, None, None, None
 
-
-def _wgrad(a_q, a_s, b_q, b_s, padded_end_E, recipe: Fp8Recipe, w_dtype: torch.dtype) -> torch.Tensor:
-    """The weight gradient in the parameter's dtype. Our blockwise GEMM writes fp32 directly;
-    torch._scaled_grouped_mm writes only bf16, cast afterwards (at Mixtral-8x7B width with fp32
-    master weights that cast moved 8.4 GB, 1.4 ms of an H200, and held a bf16 copy)."""
-    if recipe.name == "blockwise" or not a_q.is_cuda:
-        return grouped_mm_wgrad(a_q, a_s, b_q, b_s, padded_end_E, recipe, out_dtype=w_dtype)
-    return grouped_mm_wgrad(a_q, a_s, b_q, b_s, padded_end_E, recipe).to(w_dtype)
 
 
 class Fp8GroupedMLP(GroupedMLP):
