@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -301,13 +302,18 @@ def main(argv: list[str] | None = None) -> None:
     torchao = not args.no_torchao and _torchao() is not None
     ctx = Context(copy_gbps=copy_gbps(), shapes={s: SHAPES[s] for s in shapes}, torchao=torchao)
     print(f"device-to-device copy: {ctx.copy_gbps:.0f} GB/s; torchao counterparts: {torchao}")
-    for n in names:
-        print(f"{n}:")
+    # Written after every kernel family, "complete" false until the last: a run cut short by its
+    # time limit (each new Triton specialisation, ours and torchao's autotuned ones, compiles for
+    # seconds: ~110 rows take 5-10 minutes on a fresh machine) still leaves what it measured.
+    t0 = time.perf_counter()
+    for i, n in enumerate(names):
+        print(f"{n}: (+{time.perf_counter() - t0:.0f}s)", flush=True)
         BENCHES[n](ctx)
         gc.collect()
         torch.cuda.empty_cache()
-    path = write_json(args.out, {**run_info(), "copy_gbps": ctx.copy_gbps, "rows": ctx.rows})
-    print(f"wrote {path}")
+        info = {**run_info(), "complete": i == len(names) - 1, "benches": names[: i + 1]}
+        path = write_json(args.out, {**info, "copy_gbps": ctx.copy_gbps, "rows": ctx.rows})
+    print(f"wrote {path} (+{time.perf_counter() - t0:.0f}s)")
     print_table(ctx.rows, ["kernel", "shape", "experts", "ms", "gbps", "frac_of_copy", "torchao_ms", "peak_gib"])
 
 

@@ -8,6 +8,7 @@ rare mis-rounded fp8 cast), and against fp64 loosely (the FP8 rounding itself, s
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import socket
@@ -369,11 +370,24 @@ def _block_grads(block, run, x, cos, sin, dy):
     return y.detach(), x.grad.clone(), grads, hist
 
 
-def _check_compiled_block_matches_eager(scaling, device, backend, dim, tol):
+def _check_compiled_block_matches_eager(scaling, device, backend, dim, tol, same_arithmetic=True):
+    """The compiled converted block against the eager one.
+
+    same_arithmetic: compiled and eager quantize the same values (aot_eager; inductor on CPU at
+    dim 32), so their outputs and gradients agree within tol. Otherwise (inductor on GPU) the
+    fused fp32 arithmetic around the linears moves a tensor's amax by an ulp, and a tensorwise
+    scale (amax / 448 over the whole tensor) then shifts every element's rounding grid: the two
+    differ by the FP8 rounding noise itself (2.9% relative L2 for dx at dim 256 on H200), which
+    is no error. What must hold then is that compiled is as close to the unquantized block
+    (the same weights before conversion) as eager is: its error at most 1.25x eager's + tol.
+    Two independent roundings of ~10^4-10^5 values have errors within a few percent of each
+    other; a lost scale, branch or gradient makes compiled's error several times eager's.
+    """
     torch.manual_seed(0)
     cfg = _tiny_cfg()
     cfg = ModelConfig(**{**cfg.__dict__, "dim": dim, "n_heads": 4, "n_kv_heads": 2})
     model = build_model(cfg, device)
+    reference = copy.deepcopy(model.layers[0])  # unquantized, same weights
     convert_to_float8_training(model, scaling)
     block = model.layers[0]  # the dense block: attention and FFN projections are Float8Linears
     assert sum(isinstance(m, Float8Linear) for m in block.modules()) >= 6
@@ -383,15 +397,25 @@ def _check_compiled_block_matches_eager(scaling, device, backend, dim, tol):
     y_e, gx_e, gp_e, hist_e = _block_grads(block, block, x, cos, sin, dy)
     compiled = torch.compile(block, backend=backend, fullgraph=True)
     y_c, gx_c, gp_c, hist_c = _block_grads(block, compiled, x, cos, sin, dy)
-    assert _rel(y_c, y_e) <= tol
-    # x.grad alone hides a lost branch (the residual passes dy through): the residual-free part,
-    # and every parameter's gradient (a dropped FP8 gradient left them all None or zero).
-    assert _rel(gx_c - dy, gx_e - dy) <= 2 * tol
+    y_r, gx_r, gp_r, _ = _block_grads(reference, reference, x, cos, sin, dy)
+    # The residual passes x forward and dy backward: compare the parts the linears make (x.grad
+    # alone hides a lost branch), and every parameter's gradient (a dropped FP8 gradient left
+    # them all None or zero).
+    pairs = {"y - x": (y_c - x.detach(), y_e - x.detach(), y_r - x.detach()),
+             "x.grad - dy": (gx_c - dy, gx_e - dy, gx_r - dy)}  # fmt: skip
     for name, g in gp_e.items():
         assert g is not None and gp_c[name] is not None, name
-        assert _rel(gp_c[name], g) <= 2 * tol, name
-    for name, h in hist_e.items():  # delayed: both amaxes (x forward, dy backward) recorded
-        assert h[:, 0].gt(0).all() and torch.allclose(hist_c[name], h, rtol=tol), name
+        pairs[name] = (gp_c[name], g, gp_r[name])
+    for name, (c, e, r) in pairs.items():
+        if same_arithmetic:
+            assert _rel(c, e) <= tol, name
+        else:
+            assert _rel(c, r) <= 1.25 * _rel(e, r) + tol, (name, _rel(c, r), _rel(e, r))
+    # delayed: both amaxes (x forward, dy backward) recorded; fused arithmetic moves an amax by a
+    # bf16 ulp or two (2^-8 = 0.4% each).
+    amax_rtol = tol if same_arithmetic else 0.01
+    for name, h in hist_e.items():
+        assert h[:, 0].gt(0).all() and torch.allclose(hist_c[name], h, rtol=amax_rtol), name
 
 
 def _cpu_scaled_mm_supports(rowwise: bool) -> bool:
@@ -448,4 +472,4 @@ def test_float8_linear_on_cuda_scaled_mm(recipe, M):
 def test_compiled_converted_block_matches_eager(scaling):
     # bf16 autocast: _scaled_mm writes bf16 directly, the case whose no-op .to() lost the gradients.
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        _check_compiled_block_matches_eager(scaling, "cuda", "inductor", dim=256, tol=0.01)
+        _check_compiled_block_matches_eager(scaling, "cuda", "inductor", dim=256, tol=1e-3, same_arithmetic=False)

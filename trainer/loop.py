@@ -320,7 +320,7 @@ def _train(cfg: TrainConfig, run_dir: str, env: DistEnv) -> None:
                         log.info("step %6d | validation loss %.4f", step, val)
                         metrics.log({"step": step, "val_loss": val})
                 interval = cfg.checkpoint.interval
-                if (interval and step % interval == 0) or step == run.steps:
+                if (interval and step % interval == 0) or (step == run.steps and cfg.checkpoint.at_end):
                     trainer.ckpt.save(step, trainer.app_state())
                 if preempt.should_stop():
                     if not (interval and step % interval == 0) and step != run.steps:
