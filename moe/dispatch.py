@@ -21,14 +21,24 @@ All-to-all dispatch, rank r owning experts [r*L, (r+1)*L):
 dropped rows (past sum(tokens_per_expert), never sent) with zeros: `unpermute` ignores them.
 Both collectives are autograd Functions whose backward is the reverse all-to-all.
 
-FP8 on the wire (experts are Fp8GroupedMLP): the sender quantizes its rows with the recipe's
-row quantization (a scale per row, or per 1x128 tile for blockwise) and sends the E4M3 bytes
-(as uint8: gloo has no float8 dtypes) and the fp32 scales: H + 4 bytes a row (rowwise) against
-2H for BF16. The receiver hands the experts those rows pre-quantized (`Fp8Rows`), so GEMM1 reads
-exactly the bytes the non-EP path would have produced. The experts also get the dequantized
-rows: the autograd handle for dx (straight-through, as in the non-EP path, whose dx is taken as
-if quantization were the identity) and the source of wgrad1's per-group column copy. Backward
-(dx) and combine travel in BF16.
+Rows travel in the experts' compute dtype: under autocast the permuted activations are fp32,
+and sending them as such would put 4H bytes a row on the wire where the experts read 2H (bf16);
+the experts cast to that dtype first anyway, so casting before the send changes no value.
+
+FP8 on the wire (experts are Fp8GroupedMLP, parallel.fp8_dispatch=true): the sender quantizes
+its rows with the recipe's row quantization (a scale per row, or per 1x128 tile for blockwise)
+and sends the E4M3 bytes (as uint8: gloo has no float8 dtypes) and the fp32 scales: H + 4 bytes
+a row (rowwise) against 2H for BF16. The receiver hands the experts those rows pre-quantized
+(`Fp8Rows`), so GEMM1 reads exactly the bytes the non-EP path would have produced. The experts
+also get the dequantized rows: the autograd handle for dx (straight-through, as in the non-EP
+path, whose dx is taken as if quantization were the identity) and the source of wgrad1's
+per-group column copy. Backward (dx) and combine travel in BF16. With fp8_dispatch=false the
+dispatcher gets no recipe: rows travel in BF16 and the FP8 experts quantize them after
+receiving, as without EP.
+
+Timing: given a `moe.comm_timer.CommTimer`, every all_to_all_single issued here (the counts
+exchange, the payload and its scales, the combine, and the reverse all-to-alls in backward) runs
+inside `timer.span()`; the trainer reports their share of step time (a2a_ms, a2a_share).
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from moe.comm_timer import CommTimer
 from moe.experts import compute_dtype
 
 
@@ -75,9 +86,19 @@ class LocalDispatcher:
 # ---- differentiable all-to-all -------------------------------------------------------------------
 
 
-def _all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
+def _all_to_all_single(out: Tensor, x: Tensor, out_splits, in_splits, group, timer) -> None:
+    """dist.all_to_all_single, inside timer.span() when there is a timer (only the call is timed:
+    buffers are allocated and made contiguous before it)."""
+    if timer is None:
+        dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+        return
+    with timer.span():
+        dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+
+
+def _all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group, timer) -> Tensor:
     out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    _all_to_all_single(out, x.contiguous(), out_splits, in_splits, group, timer)
     return out
 
 
@@ -90,13 +111,14 @@ class _AllToAll(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
-        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
-        return _all_to_all(x, out_splits, in_splits, group)
+    def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group, timer) -> Tensor:
+        ctx.out_splits, ctx.in_splits, ctx.group, ctx.timer = out_splits, in_splits, group, timer
+        return _all_to_all(x, out_splits, in_splits, group, timer)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        return _all_to_all(grad_out, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
+        grad = _all_to_all(grad_out, ctx.in_splits, ctx.out_splits, ctx.group, ctx.timer)
+        return grad, None, None, None, None
 
 
 class _Fp8AllToAll(torch.autograd.Function):
@@ -106,10 +128,10 @@ class _Fp8AllToAll(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_SH, q_SH, scale_S, out_splits, in_splits, group):
-        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
-        q_RH = _all_to_all(q_SH.view(torch.uint8), out_splits, in_splits, group).view(q_SH.dtype)
-        s_R = _all_to_all(scale_S, out_splits, in_splits, group)
+    def forward(ctx, x_SH, q_SH, scale_S, out_splits, in_splits, group, timer):
+        ctx.out_splits, ctx.in_splits, ctx.group, ctx.timer = out_splits, in_splits, group, timer
+        q_RH = _all_to_all(q_SH.view(torch.uint8), out_splits, in_splits, group, timer).view(q_SH.dtype)
+        s_R = _all_to_all(scale_S, out_splits, in_splits, group, timer)
         R, H = q_RH.shape
         span = H // s_R.shape[1] if s_R.dim() == 2 else H
         x_RH = (q_RH.float().view(R, H // span, span) * s_R.view(R, H // span, 1)).view(R, H).to(x_SH.dtype)
@@ -118,8 +140,8 @@ class _Fp8AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_x_RH, _grad_q, _grad_s):
-        grad = _all_to_all(grad_x_RH, ctx.in_splits, ctx.out_splits, ctx.group)
-        return grad, None, None, None, None, None
+        grad = _all_to_all(grad_x_RH, ctx.in_splits, ctx.out_splits, ctx.group, ctx.timer)
+        return grad, None, None, None, None, None, None
 
 
 # ---- the expert-parallel dispatcher ----------------------------------------------------------
@@ -137,16 +159,22 @@ class AllToAllDispatcher:
     """EP>1: send each kept row to the rank owning its expert and bring the results back.
 
     ep_group: the expert-parallel process group (P ranks); num_experts: E over the whole group.
-    fp8_recipe: an Fp8Recipe when the experts are Fp8GroupedMLP (FP8 on the wire), else None.
+    fp8_recipe: an Fp8Recipe to send FP8 rows (the experts must be Fp8GroupedMLP of that recipe);
+    None sends rows in the experts' compute dtype (BF16 under autocast).
+    timer: a CommTimer that times every all-to-all issued here, forward and backward; None
+    times nothing (and costs nothing).
     """
 
-    def __init__(self, ep_group, num_experts: int, fp8_recipe=None) -> None:
+    def __init__(
+        self, ep_group, num_experts: int, fp8_recipe=None, timer: Optional[CommTimer] = None
+    ) -> None:
         self.group = ep_group
         self.ep = dist.get_world_size(ep_group)
         if num_experts % self.ep:
             raise ValueError(f"num_experts={num_experts} must be a multiple of the EP size {self.ep}")
         self.num_experts, self.num_local = num_experts, num_experts // self.ep
         self.fp8_recipe = fp8_recipe
+        self.timer = timer
 
     def dispatch(
         self, x_MH: torch.Tensor, tokens_per_expert_E: torch.Tensor
@@ -154,7 +182,7 @@ class AllToAllDispatcher:
         P, L = self.ep, self.num_local
         send_counts_PL = tokens_per_expert_E.view(P, L)
         recv_counts_PL = torch.empty_like(send_counts_PL)
-        dist.all_to_all_single(recv_counts_PL, send_counts_PL, group=self.group)
+        _all_to_all_single(recv_counts_PL, send_counts_PL, None, None, self.group, self.timer)
         # The one host synchronisation of the MoE layer: split sizes must be Python ints.
         splits = torch.cat([send_counts_PL.sum(1), recv_counts_PL.sum(1)]).tolist()
         send_splits, recv_splits = splits[:P], splits[P:]
@@ -167,18 +195,20 @@ class AllToAllDispatcher:
         ungroup_R = torch.empty_like(regroup_R).scatter_(0, regroup_R, torch.arange(R, device=x_MH.device))
         local_tokens_per_expert_L = recv_counts_PL.sum(0)
 
-        x_SH = x_MH[:S]
+        # The experts' compute dtype: what they would cast to (and the FP8 ones quantize) anyway.
+        x_SH = x_MH[:S].to(compute_dtype(x_MH))
         x_fp8 = None
         if self.fp8_recipe is None:
-            x_RH = _AllToAll.apply(x_SH, recv_splits, send_splits, self.group)
+            x_RH = _AllToAll.apply(x_SH, recv_splits, send_splits, self.group, self.timer)
         else:
             from kernels.quantize import quantize_rows
 
-            x_SH = x_SH.to(compute_dtype(x_SH))  # what the non-EP FP8 experts would quantize
             rec = self.fp8_recipe
             with torch.no_grad():
                 q_SH, s_S = quantize_rows(x_SH.detach().contiguous(), rec.block, rec.pow2_scales)
-            x_RH, q_RH, s_R = _Fp8AllToAll.apply(x_SH, q_SH, s_S, recv_splits, send_splits, self.group)
+            x_RH, q_RH, s_R = _Fp8AllToAll.apply(
+                x_SH, q_SH, s_S, recv_splits, send_splits, self.group, self.timer
+            )
             x_fp8 = Fp8Rows(q_RH.index_select(0, regroup_R), s_R.index_select(0, regroup_R))
         x_local = x_RH.index_select(0, regroup_R)
         meta = DispatchMeta(
@@ -191,7 +221,7 @@ class AllToAllDispatcher:
     def combine(self, y_local: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         a2a: AllToAllMeta = meta.extra
         y_RH = y_local.index_select(0, a2a.ungroup_R)
-        y_SH = _AllToAll.apply(y_RH, a2a.send_splits, a2a.recv_splits, self.group)
+        y_SH = _AllToAll.apply(y_RH, a2a.send_splits, a2a.recv_splits, self.group, self.timer)
         dropped = meta.num_rows - y_SH.shape[0]
         if dropped:
             y_SH = torch.cat([y_SH, y_SH.new_zeros(dropped, y_SH.shape[1])])

@@ -1,5 +1,5 @@
-"""Expert parallelism on CPU over gloo: the all-to-all dispatcher, gradients against EP=1, FP8 on
-the wire, configuration errors, and torchrun end to end.
+"""Expert parallelism on CPU over gloo: the all-to-all dispatcher and its timing, gradients against
+EP=1, FP8 (or BF16) on the wire, configuration errors, and torchrun end to end.
 
 Multi-process tests spawn 2 or 4 processes (torch.multiprocessing, gloo); every rank computes
 the EP=1 reference itself (tiny sizes) and compares its own shard, so failures name the rank.
@@ -177,6 +177,55 @@ def test_fp8_dispatch_sends_fp8_and_matches_non_ep(recipe):
     _spawn(_fp8_dispatch, 2, recipe)
 
 
+# ---- all-to-all timing and the wire dtype ------------------------------------------------------
+
+
+def _timed_dispatch(rank, world):
+    from moe.comm_timer import CommTimer
+    from moe.dispatch import AllToAllDispatcher
+    from moe.fp8.recipe import Fp8Recipe
+
+    env = _env(world, world)
+    Hd, dropped = 128, 2
+    counts = torch.tensor(F8_COUNTS[rank])
+    x0 = torch.randn(int(counts.sum()) + dropped, Hd, generator=torch.Generator().manual_seed(rank))
+    dy = torch.randn(x0.shape, generator=torch.Generator().manual_seed(10 + rank))
+
+    def step(disp):  # identity experts: dispatch, combine, backward
+        x = x0.clone().requires_grad_()
+        x_local, tpe, meta = disp.dispatch(x, counts)
+        y = disp.combine(x_local * 2, meta)
+        spans_fwd = disp.timer.spans if disp.timer is not None else None
+        y.backward(dy)
+        return y.detach(), x.grad, spans_fwd
+
+    # Forward: counts + rows (+ scales for FP8) + combine; backward: combine's and dispatch's reverse.
+    for recipe, fwd_spans in ((None, 3), (Fp8Recipe("rowwise"), 4)):
+        timer = CommTimer(torch.device("cpu"))
+        y_ref, dx_ref, _ = step(AllToAllDispatcher(env.ep_group, E, recipe))
+        y, dx, spans_fwd = step(AllToAllDispatcher(env.ep_group, E, recipe, timer))
+        assert (spans_fwd, timer.spans) == (fwd_spans, fwd_spans + 2), (recipe, spans_fwd, timer.spans)
+        assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref), f"rank {rank}: the timer changed results"
+        assert timer.drain_ms() > 0 and timer.spans == 0
+
+    # Under autocast the permuted rows are fp32; they travel in bf16 (the experts' dtype), and the
+    # gradient comes back to fp32.
+    disp = AllToAllDispatcher(env.ep_group, E)
+    x = x0.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_local, _, meta = disp.dispatch(x, counts)
+        assert x_local.dtype == torch.bfloat16
+        y = disp.combine(x_local * 2, meta)
+    y.float().backward(dy)
+    assert x.grad.dtype == torch.float32
+    kept = int(counts.sum())
+    assert torch.equal(y[:kept], (x0[:kept].bfloat16() * 2))
+
+
+def test_dispatcher_timer_counts_every_all_to_all_and_changes_nothing():
+    _spawn(_timed_dispatch, 2)
+
+
 # ---- whole model: EP against EP=1 on the same global batch --------------------------------------
 
 
@@ -238,6 +287,50 @@ def _model_grads(rank, world, ep):
 @pytest.mark.parametrize("world, ep", [(2, 2), (4, 2)])
 def test_ep_gradients_match_single_process(world, ep):
     _spawn(_model_grads, world, ep)
+
+
+def _fp8_bf16_wire(rank, world):
+    """FP8 experts, BF16 rows on the wire (parallel.fp8_dispatch=false), against EP=1 FP8."""
+    from moe.comm_timer import CommTimer
+    from moe.fp8.convert import convert_experts_to_fp8
+    from trainer.parallel import apply_expert_parallel
+
+    env = _env(world, world)
+    cfg = _tiny_cfg()
+    cfg.dim, cfg.moe.ffn_dim = 128, 128  # FP8 GEMM operand widths
+    tokens = torch.randint(0, 97, (world * 2, 16), generator=torch.Generator().manual_seed(1))
+    labels = torch.roll(tokens, -1, 1)
+
+    def fp8_model():
+        model = _build(cfg)
+        convert_experts_to_fp8(model, "rowwise")
+        return model
+
+    ref = fp8_model()
+    ref_loss = sum(ref(tokens[2 * r : 2 * r + 2], labels[2 * r : 2 * r + 2]).loss.item() for r in range(world)) / world
+
+    timer = CommTimer(torch.device("cpu"))
+    model = apply_expert_parallel(fp8_model(), env, fp8_dispatch=False, timer=timer)
+    layers = list(model.moe_layers())
+    assert all(l.experts.recipe.name == "rowwise" and l.dispatcher.fp8_recipe is None for l in layers)
+    assert all(l.dispatcher.timer is timer for l in layers)  # one timer sums the whole model
+    out = model(tokens[2 * rank : 2 * rank + 2], labels[2 * rank : 2 * rank + 2])
+    (out.loss + out.aux_loss).backward()
+    assert timer.spans == 5 * len(layers), timer.spans  # BF16 rows: no scales all-to-all
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss)
+    # The tolerance of test_torchrun_ep2_fp8_tracks_single_process_fp8; the receiver quantizes the
+    # same rows the EP=1 experts do, so the forward differs by accumulation order at most.
+    assert (loss / world).item() == pytest.approx(ref_loss, rel=5e-4), (rank, loss.item() / world, ref_loss)
+
+    print(f"rank {rank}: EP=2 bf16-wire loss {loss.item() / world:.8f}, EP=1 fp8 {ref_loss:.8f}")
+    fp8_wire = apply_expert_parallel(fp8_model(), env)  # the default: E4M3 rows on the wire
+    assert all(l.dispatcher.fp8_recipe is l.experts.recipe for l in fp8_wire.moe_layers())
+    assert all(l.dispatcher.timer is None for l in fp8_wire.moe_layers())
+
+
+def test_fp8_experts_with_bf16_dispatch_match_single_process():
+    _spawn(_fp8_bf16_wire, 2)
 
 
 # ---- checkpoint under EP -------------------------------------------------------------------------
@@ -325,11 +418,14 @@ def _train(env, out, *overrides, torchrun=0, check=True):
     return proc
 
 
-def _losses(run_dir):
+def _records(run_dir):
     import json
 
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r}
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def _losses(run_dir):
+    return {r["step"]: r["loss"] for r in _records(run_dir)}
 
 
 @pytest.fixture(scope="module")
@@ -342,11 +438,18 @@ def train_env(tmp_path_factory):
 
 def test_torchrun_ep2_matches_single_process_and_resumes(train_env, tmp_path):
     _train(train_env, tmp_path, "run.name=single", "run.grad_accum=2", "run.steps=4")
-    _train(train_env, tmp_path, "run.name=ep", "run.steps=4", "checkpoint.interval=2", "parallel.ep=2", torchrun=2)
+    proc = _train(train_env, tmp_path, "run.name=ep", "run.steps=4", "checkpoint.interval=2", "parallel.ep=2",
+                  torchrun=2)
     single, ep = _losses(tmp_path / "single"), _losses(tmp_path / "ep")
     assert sorted(single) == sorted(ep) == [1, 2, 3, 4]
     for step in single:
         assert ep[step] == pytest.approx(single[step], rel=1e-5), (step, single, ep)
+    # All-to-all time per step and its share of the step: EP only, every window (the first too).
+    for r in _records(tmp_path / "single"):
+        assert r["a2a_ms"] is None and r["a2a_share"] is None, r
+    for r in _records(tmp_path / "ep"):
+        assert r["a2a_ms"] > 0 and 0 < r["a2a_share"] < 1, r
+    assert " | a2a " in proc.stdout + proc.stderr
     assert (tmp_path / "ep" / "checkpoints" / "step_000004").is_dir()
     # Resume the EP run from its step-2 checkpoint: steps 3 and 4 come out the same.
     proc = _train(train_env, tmp_path, "run.name=ep", "run.steps=4", "parallel.ep=2",

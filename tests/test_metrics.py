@@ -41,3 +41,9 @@ def test_line_and_imbalance():
     assert load_imbalance(torch.tensor([[1, 1, 1, 1], [4, 0, 0, 0]])) == (1.0 + 4.0) / 2
     line = format_line(RECORD)
     assert "step      3" in line and "loss 2.5000" in line and "load max/mean 1.25" in line
+
+
+def test_line_shows_all_to_all_time_only_under_expert_parallelism():
+    assert "a2a" not in format_line(RECORD | {"a2a_ms": None, "a2a_share": None})
+    line = format_line(RECORD | {"a2a_ms": 12.34, "a2a_share": 0.081})
+    assert "a2a 12.3 ms (8%)" in line, line

@@ -60,6 +60,10 @@ class OptimConfig:
 class ParallelConfig:
     backend: str = "ddp"  # data parallelism: one of DP_BACKENDS
     ep: int = 1  # expert-parallel size
+    # When the experts are FP8 and ep > 1: true sends E4M3 rows + their scales on the wire
+    # (H + 4 bytes a row rowwise, against 2H); false sends BF16 and the experts quantize after
+    # receiving, as without EP. A comparison knob (all-to-all share of step time, a2a_share).
+    fp8_dispatch: bool = True
 
 
 @dataclass

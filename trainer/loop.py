@@ -3,6 +3,11 @@
 One step = `grad_accum` micro-batches of `micro_batch_size` sequences on every data-parallel
 rank, then one optimizer step. The loss is the mean token cross-entropy plus the routers'
 balancing losses (already weighted by their coefficients).
+
+Under expert parallelism one CommTimer (moe/comm_timer.py) times every all-to-all of every MoE
+layer, forward and backward; each log window reports a2a_ms (their milliseconds per optimizer
+step, as rank 0 saw them) and a2a_share (a2a_ms over the window's wall-clock milliseconds per
+step). Validation's all-to-alls are left out.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import time
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from moe.comm_timer import CommTimer
 from moe.counting import count_params, training_flops_per_token
 from moe.fp8.convert import invalidate_fp8_weight_caches
 from moe.model import MoETransformer
@@ -78,7 +84,9 @@ def _convert_fp8(model: MoETransformer, cfg: TrainConfig) -> None:
         convert_to_float8_training(model, recipe)
 
 
-def build(cfg: TrainConfig, env: DistEnv, vocab_size: int) -> MoETransformer:
+def build(
+    cfg: TrainConfig, env: DistEnv, vocab_size: int, comm_timer: CommTimer | None = None
+) -> MoETransformer:
     if vocab_size > cfg.model.vocab_size:
         raise ValueError(
             f"the tokenizer has {vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
@@ -90,7 +98,8 @@ def build(cfg: TrainConfig, env: DistEnv, vocab_size: int) -> MoETransformer:
     _seed_everything(cfg.run.seed)  # identical initial weights on every rank
     model.init_weights()
     _convert_fp8(model, cfg)
-    apply_expert_parallel(model, env)  # after the FP8 swap: the dispatcher sends what the experts eat
+    # After the FP8 swap: the dispatcher sends what the experts eat.
+    apply_expert_parallel(model, env, fp8_dispatch=cfg.parallel.fp8_dispatch, timer=comm_timer)
     _apply_block_wrappers(model, cfg)
     return model
 
@@ -110,7 +119,9 @@ class Trainer:
             dp_rank=env.rank,
             dp_size=env.world_size,
         )
-        self.model = build(cfg, env, self.data.vocab_size)
+        # EP only: with one EP rank nothing travels, and a2a_ms / a2a_share are logged as None.
+        self.comm_timer = CommTimer(env.device) if env.ep > 1 else None
+        self.model = build(cfg, env, self.data.vocab_size, self.comm_timer)
         self.counts = count_params(self.model)
         self.flops_per_token = training_flops_per_token(self.model, run.seq_len)
         self.wrapped = apply_data_parallel(self.model, env, cfg.parallel)
@@ -300,7 +311,7 @@ def _train(cfg: TrainConfig, run_dir: str, env: DistEnv) -> None:
     train_iter = trainer.data.train(trainer.consumed_samples)
     peak = peak_tflops(env.device)
     tokens_per_step = trainer.global_batch * run.seq_len
-    window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "steps": 0, "counts": None}
+    window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "steps": 0, "counts": None, "a2a_ms": 0.0}
     try:
         with PreemptionHandler() as preempt:
             while trainer.step < run.steps:
@@ -315,7 +326,9 @@ def _train(cfg: TrainConfig, run_dir: str, env: DistEnv) -> None:
                 if step % cfg.logging.interval == 0 or step == run.steps:
                     _log_window(trainer, metrics, window, out, tokens_per_step, peak)
                 if run.eval_interval and (step % run.eval_interval == 0 or step == run.steps):
+                    window["a2a_ms"] += _drain_a2a_ms(trainer)  # the window's training all-to-alls
                     val = trainer.evaluate()
+                    _drain_a2a_ms(trainer)  # validation's: no training step's cost
                     if val is not None and metrics is not None:
                         log.info("step %6d | validation loss %.4f", step, val)
                         metrics.log({"step": step, "val_loss": val})
@@ -332,6 +345,12 @@ def _train(cfg: TrainConfig, run_dir: str, env: DistEnv) -> None:
             metrics.close()
 
 
+def _drain_a2a_ms(trainer: Trainer) -> float:
+    """All-to-all milliseconds since the last drain (0 without EP). Every rank drains, so no
+    rank's span list grows; on CUDA this waits for the last span (call it where the step syncs)."""
+    return trainer.comm_timer.drain_ms() if trainer.comm_timer is not None else 0.0
+
+
 def _log_window(trainer: Trainer, metrics, window: dict, out: dict, tokens_per_step: int, peak) -> None:
     env = trainer.env
     if env.device.type == "cuda":
@@ -339,6 +358,11 @@ def _log_window(trainer: Trainer, metrics, window: dict, out: dict, tokens_per_s
     elapsed = time.perf_counter() - window["t0"]
     tokens_per_s = tokens_per_step * window["steps"] / max(elapsed, 1e-9)
     tflops = tokens_per_s * trainer.flops_per_token / env.world_size / 1e12
+    # Drained at every log, the first included: warm-up steps stay in the first window.
+    a2a_ms = a2a_share = None
+    if trainer.comm_timer is not None:
+        a2a_ms = (window["a2a_ms"] + _drain_a2a_ms(trainer)) / window["steps"]
+        a2a_share = a2a_ms / max(1e3 * elapsed / window["steps"], 1e-9)
     counts = window["counts"]
     if counts is not None:
         all_reduce_(counts, env)
@@ -351,6 +375,8 @@ def _log_window(trainer: Trainer, metrics, window: dict, out: dict, tokens_per_s
         "tokens_per_s": tokens_per_s,
         "tflops_per_gpu": tflops,
         "mfu": tflops / peak if peak else None,
+        "a2a_ms": a2a_ms,
+        "a2a_share": a2a_share,
         "memory_gib": memory_gib(env.device),
         "load_imbalance": load_imbalance(counts) if counts is not None else None,
         "skipped_steps": trainer.skipped_steps,
@@ -363,4 +389,4 @@ def _log_window(trainer: Trainer, metrics, window: dict, out: dict, tokens_per_s
     if metrics is not None:
         log.info(format_line(record))
         metrics.log(record, hist)
-    window.update(loss=0.0, n=0, t0=time.perf_counter(), steps=0, counts=None)
+    window.update(loss=0.0, n=0, t0=time.perf_counter(), steps=0, counts=None, a2a_ms=0.0)

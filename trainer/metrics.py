@@ -125,6 +125,9 @@ def format_line(r: dict[str, Any]) -> str:
     ]
     if r.get("mfu") is not None:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    if r.get("a2a_ms") is not None:  # expert parallelism only
+        share = f" ({100 * r['a2a_share']:.0f}%)" if r.get("a2a_share") is not None else ""
+        parts.append(f"a2a {r['a2a_ms']:.1f} ms{share}")
     parts.append(f"mem {r['memory_gib']:.2f}GiB")
     if r.get("load_imbalance") is not None:
         parts.append(f"load max/mean {r['load_imbalance']:.2f}")

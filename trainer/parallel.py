@@ -6,11 +6,13 @@ gloo on CPUs. Data parallelism is DDP or FSDP2 (`fully_shard` per block, then th
 Expert parallelism (parallel.ep = P > 1): a (dp, ep) device mesh of world_size / P x P ranks.
 Ranks [k*P, (k+1)*P) form an EP group; ranks with the same EP index form an expert-data-parallel
 ("dp") group. Every rank sees different data (data parallelism over all ranks). Each MoE layer
-gets an AllToAllDispatcher; its experts keep only their local slice of w1/w2, held as DTensors
-of the full (E, ...) shape, placements (Replicate() over dp, Shard(0) over ep), so DCP saves
-each expert shard once and the optimizer state follows. A forward pre-hook hands the module the
-local shards as plain tensors (the model code never sees a DTensor); autograd brings the
-gradient back onto the DTensor parameter.
+gets an AllToAllDispatcher (FP8 rows on the wire when the experts are FP8 and
+parallel.fp8_dispatch is true; all layers' all-to-alls timed by one CommTimer when given); its
+experts keep only their local slice of w1/w2, held as DTensors of the full (E, ...) shape,
+placements (Replicate() over dp, Shard(0) over ep), so DCP saves each expert shard once and the
+optimizer state follows. A forward pre-hook hands the module the local shards as plain tensors
+(the model code never sees a DTensor); autograd brings the gradient back onto the DTensor
+parameter.
 
 Gradients under EP (`reduce_gradients`, called by the trainer instead of wrapping in DDP, whose
 one process group cannot serve both parameter kinds): each rank's loss is the mean over its own
@@ -30,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moe.comm_timer import CommTimer
 from trainer.config import ParallelConfig, RunConfig
 
 
@@ -119,11 +122,15 @@ def _restore_params(module: nn.Module, args, output) -> None:
         module._parameters[name] = param
 
 
-def apply_expert_parallel(model: nn.Module, env: DistEnv) -> nn.Module:
+def apply_expert_parallel(
+    model: nn.Module, env: DistEnv, *, fp8_dispatch: bool = True, timer: CommTimer | None = None
+) -> nn.Module:
     """Shard every MoE layer's experts over the EP group and install the all-to-all dispatcher.
 
     Call on a built, initialised model (every rank built the same full weights from one seed),
     after the FP8 conversion: each rank keeps experts [r*L, (r+1)*L) of every layer.
+    fp8_dispatch: FP8 experts receive E4M3 rows (false: BF16 rows, quantized after receiving).
+    timer: shared by every layer's dispatcher, so it sums the whole model's all-to-alls.
     """
     if env.ep == 1:
         return model
@@ -148,7 +155,8 @@ def apply_expert_parallel(model: nn.Module, env: DistEnv) -> nn.Module:
         experts.num_experts = L
         experts.register_forward_pre_hook(_use_local_shards)
         experts.register_forward_hook(_restore_params, always_call=True)
-        layer.dispatcher = AllToAllDispatcher(env.ep_group, E, getattr(experts, "recipe", None))
+        recipe = getattr(experts, "recipe", None) if fp8_dispatch else None
+        layer.dispatcher = AllToAllDispatcher(env.ep_group, E, recipe, timer)
     return model
 
 
