@@ -1,0 +1,70 @@
+"""bench/scaling.py on CPU: the job plan, bad EP sizes, and the whole tool over tiny gloo runs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.scaling import Job, max_rel_diff, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_plan_same_global_batch_and_variants():
+    jobs = plan([1, 2, 4], ["bf16", "blockwise"], bf16_wire=True, rerun=True)
+    names = [j.name for j in jobs]
+    assert names == ["ep1_bf16", "ep1_blockwise", "ep1again_bf16", "ep1again_blockwise", "ep2_bf16",
+                     "ep2_blockwise", "ep2_blockwise_bf16wire", "ep4_bf16", "ep4_blockwise",
+                     "ep4_blockwise_bf16wire"]  # fmt: skip
+    wires = {j.name: j.wire for j in jobs}
+    # EP=1 sends nothing; BF16 experts always BF16; FP8 experts FP8 unless told otherwise.
+    assert wires["ep1_blockwise"] == "bf16" and wires["ep2_bf16"] == "bf16"
+    assert wires["ep2_blockwise"] == "fp8" and wires["ep4_blockwise_bf16wire"] == "bf16"
+    assert Job("x", 1, "bf16").wire == "bf16"
+
+
+def test_max_rel_diff_counts_non_finite_as_infinite():
+    assert max_rel_diff({1: 2.0, 2: 4.0}, {1: 2.0, 2: 4.4}) == pytest.approx(0.1)
+    assert max_rel_diff({1: 2.0}, {1: float("nan")}) == float("inf")
+    assert max_rel_diff({1: 2.0}, {2: 2.0}) is None
+
+
+def test_bad_ep_sizes_are_refused():
+    cmd = [sys.executable, "-m", "bench.scaling", "--device", "cpu", "--tiny", "--gpus", "2", "--eps", "1,3"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--eps [3]" in proc.stderr and "divide the largest" in proc.stderr
+
+
+@pytest.mark.slow
+def test_scaling_tool_cpu_smoke(tmp_path):
+    """EP=1 (twice) and EP=2 with BF16 and FP8 (emulated) experts, FP8 and BF16 on the wire."""
+    out = tmp_path / "scaling.json"
+    # TRITON_INTERPRET=0: the torch paths (the kernels under the interpreter have their own tests)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "bench.scaling", "--device", "cpu", "--tiny", "--gpus", "2", "--eps", "1,2",
+           "--steps", "3", "--skip", "1", "--root", str(tmp_path / "runs"), "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for key in ("commit", "gpu", "settings", "rows", "loss_checks", "fp8_vs_bf16_per_gpu"):
+        assert key in result, key
+    rows = {r["run"]: r for r in result["rows"]}
+    assert len(rows) == 7 and all(r["ok"] for r in rows.values())
+    for name, r in rows.items():
+        assert r["tokens_per_s"] > 0 and r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s"] / r["ep"])
+        if r["ep"] == 1:
+            assert r["a2a_ms"] is None and r["a2a_share"] is None
+        else:
+            assert r["a2a_ms"] > 0 and 0 < r["a2a_share"] < 1, name
+    # The same global batch at every EP size: EP=2 follows EP=1 to float tolerance on CPU.
+    checks = {(c["a"], c["b"]): c for c in result["loss_checks"]}
+    for recipe in ("bf16", "blockwise"):
+        assert checks[f"ep1_{recipe}", f"ep1again_{recipe}"]["max_rel_diff"] == 0.0  # CPU is deterministic
+        assert checks[f"ep1_{recipe}", f"ep2_{recipe}"]["matches"] is True
+    assert len(result["losses"]["ep2_blockwise_bf16wire"]) == 3
+    assert out.with_suffix(".png").stat().st_size > 1000
+    # checkpoint.at_end=false: throughput runs leave no checkpoint behind
+    assert not any((tmp_path / "runs").glob("*/checkpoints/step_*"))
