@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.scaling import Job, max_rel_diff, plan
+from argparse import Namespace
+
+from bench.scaling import Job, grad_accum, max_rel_diff, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,6 +26,12 @@ def test_plan_same_global_batch_and_variants():
     assert wires["ep1_blockwise"] == "bf16" and wires["ep2_bf16"] == "bf16"
     assert wires["ep2_blockwise"] == "fp8" and wires["ep4_blockwise_bf16wire"] == "bf16"
     assert Job("x", 1, "bf16").wire == "bf16"
+
+
+def test_grad_accum_same_global_batch_or_weak():
+    strong, weak = Namespace(weak=False), Namespace(weak=True)
+    assert [grad_accum(Job("x", ep, "bf16"), strong, 4) for ep in (1, 2, 4)] == [4, 2, 1]
+    assert [grad_accum(Job("x", ep, "bf16"), weak, 4) for ep in (1, 2, 4)] == [4, 4, 4]
 
 
 def test_max_rel_diff_counts_non_finite_as_infinite():
