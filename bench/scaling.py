@@ -29,8 +29,10 @@ all-to-all of dispatch and combine, forward and backward, including the wait for
 and its share of the step, each the median over steps > --skip (compilation, autotuning and
 allocator warm-up excluded). Loss check: per-step relative loss difference of every EP > 1 run
 against EP=1 and against the next smaller EP size; it "matches" when its largest difference over
-the steps is at most twice that of the EP=1 rerun of the same recipe (nondeterministic reductions
-alone), with a floor of 1e-3 where reruns agree bitwise.
+the steps is at most twice the run-to-run noise, the largest difference between an EP=1 run and
+its identical rerun over all recipes (nondeterministic reductions alone, amplified by training:
+one rerun pair is one sample of it, 1.7% for rowwise against 6.8% for BF16 in the same Mixtral
+-width call), with a floor of 1e-3 where reruns agree bitwise.
 Writes bench/results/scaling.json and bench/results/scaling.png (tokens/s per GPU against GPUs)
 and prints a table last.
 """
@@ -222,10 +224,11 @@ def summarize(jobs: list[Job], root: Path, args, timing: dict[str, dict]) -> dic
     checks = []
     recipes = sorted({j.recipe for j in jobs}, key=[j.recipe for j in jobs].index)
     eps = sorted({j.ep for j in jobs})
+    noise = {r: max_rel_diff(losses.get(f"ep1_{r}") or {}, losses.get(f"ep1again_{r}") or {}) for r in recipes}
+    known = [n for n in noise.values() if n is not None and math.isfinite(n)]
+    bound = max(2 * max(known), 1e-3) if known else None
     for recipe in recipes:
-        noise = max_rel_diff(losses.get(f"ep1_{recipe}") or {}, losses.get(f"ep1again_{recipe}") or {})
-        bound = max(2 * noise, 1e-3) if noise is not None and math.isfinite(noise) else None
-        checks.append({"a": f"ep1_{recipe}", "b": f"ep1again_{recipe}", "max_rel_diff": noise, "what": "noise"})
+        checks.append({"a": f"ep1_{recipe}", "b": f"ep1again_{recipe}", "max_rel_diff": noise[recipe], "what": "noise"})
         for ep in (e for e in eps if e > 1):
             for ref_ep in sorted({1, max(e for e in eps if e < ep)}):
                 a, b = f"ep{ref_ep}_{recipe}", f"ep{ep}_{recipe}"
@@ -348,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         info["torch"] = torch.__version__
     except ImportError:
         pass
+    if args.report_only and Path(args.out).exists():  # re-summarised elsewhere: keep where it ran
+        before = json.loads(Path(args.out).read_text())
+        info = {k: before[k] for k in ("commit", "gpu", "torch") if k in before} or info
     summary = {**info, **summary}
     out = write_json(args.out, summary)
     png = plot(summary, out.with_suffix(".png"))
