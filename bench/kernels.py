@@ -1,6 +1,12 @@
 """Memory-bound kernel benchmarks against the device-to-device copy ceiling (Hopper GPU).
 
     python -m bench.kernels [--only quantize_rows,quantize_weight] [--shapes seed,...] [--out PATH]
+    python -m bench.kernels --merge PART.json [PART.json ...] [--out PATH]
+
+On a fresh machine the full set takes ~10 minutes, mostly compiling (each new specialisation of
+ours and torchao's autotuned kernels); several GPUs can each run some families (--only, --out
+PART.json) side by side, and --merge joins the parts: rows concatenated, each row's frac_of_copy
+against the copy measured on its own GPU (kept per part in "parts"), copy_gbps their mean.
 
 Writes bench/results/kernels.json: {"commit", "gpu", "torch", "triton", "copy_gbps", "rows": [
 {"kernel", "shape", "experts", "ms", "gbps", "frac_of_copy", "torchao_ms", "peak_gib"}]} and prints
@@ -16,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -291,7 +299,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list from: {', '.join(SHAPES)}")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "kernels.json"))
     parser.add_argument("--no-torchao", action="store_true", help="skip torchao's counterparts")
+    parser.add_argument("--merge", nargs="+", metavar="PART", help="join JSON parts written by --only runs")
     args = parser.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     names, shapes = args.only.split(","), args.shapes.split(",")
     for n, known in [(n, BENCHES) for n in names] + [(s, SHAPES) for s in shapes]:
         if n not in known:
@@ -315,6 +327,26 @@ def main(argv: list[str] | None = None) -> None:
         path = write_json(args.out, {**info, "copy_gbps": ctx.copy_gbps, "rows": ctx.rows})
     print(f"wrote {path} (+{time.perf_counter() - t0:.0f}s)")
     print_table(ctx.rows, ["kernel", "shape", "experts", "ms", "gbps", "frac_of_copy", "torchao_ms", "peak_gib"])
+
+
+def merge(parts: list[str], out: str) -> None:
+    """Join kernels.json parts measured side by side (module docstring)."""
+    loaded = [json.loads(Path(p).read_text()) for p in parts]
+    for key in ("commit", "gpu", "torch", "triton"):
+        if len({d.get(key) for d in loaded}) > 1:
+            sys.exit(f"--merge: the parts differ in {key}: {[d.get(key) for d in loaded]}")
+    rows = [r for d in loaded for r in d["rows"]]
+    merged = {k: loaded[0][k] for k in ("commit", "gpu", "torch", "triton")}
+    merged.update({
+        "complete": all(d.get("complete", False) for d in loaded),
+        "benches": [b for d in loaded for b in d.get("benches", [])],
+        "copy_gbps": sum(d["copy_gbps"] for d in loaded) / len(loaded),
+        "parts": [{"benches": d.get("benches"), "copy_gbps": d["copy_gbps"], "rows": len(d["rows"])} for d in loaded],
+        "rows": rows,
+    })  # fmt: skip
+    path = write_json(out, merged)
+    print(f"wrote {path}: {len(rows)} rows from {len(parts)} parts")
+    print_table(rows, ["kernel", "shape", "experts", "ms", "gbps", "frac_of_copy", "torchao_ms", "peak_gib"])
 
 
 if __name__ == "__main__":
