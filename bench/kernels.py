@@ -254,6 +254,24 @@ def bench_quantize_weight_experts(ctx: Context) -> list[dict]:
     return ctx.rows
 
 
+def bench_cast(ctx: Context) -> list[dict]:
+    """fp32 <-> bf16 of an experts block's w1 (kernels/cast.py), against torch's `.to` (torch_ms)."""
+    from kernels.cast import cast
+
+    for name, s in ctx.shapes.items():
+        w32 = torch.randn(s.E, s.F1, s.H, device="cuda")
+        w16 = w32.to(torch.bfloat16)
+        nbytes = w32.numel() * 6
+        for label, src, dtype in (("fp32->bf16", w32, torch.bfloat16), ("bf16->fp32", w16, torch.float32)):
+            row = ctx.measure(f"cast[{label}]", name, s.E, lambda: cast(src, dtype), nbytes)
+            row["torch_ms"] = time_ms(lambda: src.to(dtype), **_TIMING)
+            print(f"    torch .to: {row['torch_ms']:.3f} ms ({nbytes / row['torch_ms'] / 1e6:.0f} GB/s)", flush=True)
+        del w32, w16
+        gc.collect()
+        torch.cuda.empty_cache()
+    return ctx.rows
+
+
 # ---- activation kernels (kernels/act_quant.py) -------------------------------------------------
 
 
@@ -290,6 +308,7 @@ BENCHES: dict[str, Callable[[Context], list[dict]]] = {
     "quantize_weight": bench_quantize_weight,
     "quantize_weight_experts": bench_quantize_weight_experts,
     "act_rows": bench_act_rows,
+    "cast": bench_cast,
 }
 
 

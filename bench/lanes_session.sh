@@ -10,6 +10,7 @@
 #   linear_compiled       bench.linear, compiled impls, into linear_compiled.json
 #   linear_all            bench.linear, every impl (eager and compiled side by side), linear.json
 #   train_step_accum8     bench.train_step, mixtral_2layer, 8 micro-batches a step
+#   kernels_cast          bench.kernels --only cast into kernels_cast.json (ours vs torch's .to)
 #   moe_block_compiled    bench.moe_block, eager and compiled, mixtral and qwen3, skewed
 # Every stage runs under `timeout` (DEADLINE_S, default 560 s from the start, caps them all) and
 # writes logs/<lane>_<stage>.log. Back in $OUT: session.tar.gz (logs/, results/ with the JSON
@@ -40,6 +41,7 @@ stage_cmd() {  # gpu stage -> the command line
         linear_all) echo "python3 -m bench.linear --impls bf16,ours_eager,ours_compiled,torchao_eager,torchao_compiled" ;;
         # 8 micro-batches a step (32k tokens): the optimizer and weight quantization amortised
         # as in real training, FP8 weights cached across the micro-batches
+        kernels_cast) echo "python3 -m bench.kernels --only cast --out bench/results/kernels_cast.json" ;;
         train_step_accum8) echo "python3 -m bench.train_step --models mixtral_2layer --override run.grad_accum=8 --out bench/results/train_step_accum8.json" ;;
         moe_block_compiled) echo "python3 -m bench.moe_block --shapes mixtral_8x7b,qwen3_30b_a3b --routings skewed --impls rowwise,rowwise_compiled,blockwise,blockwise_compiled --out bench/results/moe_block_compiled.json" ;;
         *) echo "python3 -m bench.$stage" ;;

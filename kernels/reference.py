@@ -489,3 +489,22 @@ def torch_quantize_tensor(
     q = (xf / scale.reshape(())).clamp(-fmax, fmax).to(fp8_dtype)
     amax = xf.abs().amax() if xf.numel() else torch.zeros((), dtype=torch.float32, device=x.device)
     return q, amax
+
+
+# ---- cast (kernels/cast.py) -------------------------------------------------------------------
+
+CAST_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def check_cast_args(x: torch.Tensor, dtype: torch.dtype) -> None:
+    if x.dtype not in CAST_DTYPES or dtype not in CAST_DTYPES:
+        raise ValueError(f"cast: fp32 <-> bf16 only, got {x.dtype} -> {dtype}")
+    if not x.is_contiguous():
+        # A strided cast would need a gather: callers pass parameters and GEMM outputs, which
+        # are contiguous; anything else is a bug upstream, not a case to copy silently.
+        raise ValueError(f"cast: x must be contiguous, got shape {tuple(x.shape)} strides {x.stride()}")
+
+
+def torch_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    check_cast_args(x, dtype)
+    return x.to(dtype)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.cast import cast
 from kernels.grouped_gemm import triton_fp8_grouped_mm, triton_fp8_grouped_mm_wgrad
 from moe.fp8.recipe import Fp8Recipe
 
@@ -88,10 +89,11 @@ def grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end_E, recipe: Fp8Recipe
         return emulated_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end_E, 0).to(out_dtype)
     # CUTLASS's 2d x 2d form takes scales flattened group-major: (E*N,) and (E*K,). It writes bf16
     # only: an fp32 gradient (fp32 master weights) is a cast afterwards (at Mixtral-8x7B width,
-    # 8.4 GB moved, 1.4 ms of an H200, and a bf16 copy held); our blockwise GEMM writes fp32.
+    # 8.4 GB moved: ~4 ms through torch's converting copy, ~2 ms through kernels/cast.py, and a
+    # bf16 copy held); our blockwise GEMM writes fp32.
     out = torch._scaled_grouped_mm(
         a_q, b_q.t(), a_scale.t().reshape(-1), b_scale.t().reshape(-1), offs=padded_end_E,
         out_dtype=torch.bfloat16, use_fast_accum=False,
     )
-    return out.to(out_dtype)
+    return cast(out, out_dtype)
 

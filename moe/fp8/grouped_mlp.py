@@ -38,6 +38,7 @@ import torch
 
 from kernels.act_quant import act_quant_fwd
 from kernels.act_quant_bwd import act_quant_bwd
+from kernels.cast import cast
 from kernels.quantize_grouped import quantize_cols_grouped, quantize_rows_and_cols_grouped
 from kernels.quantize_weight import QuantizedWeight, quantize_weight
 from moe.experts import GroupedMLP
@@ -51,9 +52,10 @@ def quantize_expert_weight(w_ENK: torch.Tensor, recipe: Fp8Recipe) -> QuantizedW
     master or bf16), no bf16 copy first (at Mixtral-8x7B width that copy is 1.4G params x 6 bytes
     of traffic per step, ~2 ms on an H200, and a second rounding). blockwise: from the bf16
     compute copy, on every device so that CPU and GPU quantize the same values (on the GPU the
-    kernel refuses fp32 for this mode: kernels/quantize_weight.py says why)."""
+    kernel refuses fp32 for this mode: kernels/quantize_weight.py says why), made by
+    kernels/cast.py (torch's dtype-converting copy runs at half the copy bandwidth)."""
     if recipe.name != "rowwise":
-        w_ENK = w_ENK.to(torch.bfloat16)
+        w_ENK = cast(w_ENK, torch.bfloat16)
     return quantize_weight(w_ENK, recipe.name, recipe.pow2_scales)
 
 
