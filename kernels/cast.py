@@ -2,11 +2,11 @@
 
     cast(x, dtype) -> x.to(dtype), same bytes (round to nearest even), contiguous in, contiguous out
 
-Why not `x.to(dtype)`: torch's CUDA copy between dtypes runs `unrolled_elementwise_kernel` (no
-vector loads), measured at ~2 TB/s on an H200 (torch.profiler, bench/NOTES.md) against the
-4.27 TB/s of a same-dtype copy. At Mixtral-8x7B width the experts hold 1.41G parameters: the
-fp32 -> bf16 copy the blockwise recipe quantizes from and the bf16 -> fp32 weight gradient the
-CUTLASS rowwise GEMM leaves (it writes bf16 only) move 8.4 GB each, ~4 ms at 2 TB/s and ~2 ms here.
+Why not `x.to(dtype)`: torch's CUDA copy from bf16 to fp32 runs `unrolled_elementwise_kernel`
+(no vector loads): 2.16 TB/s on an H200 against 3.98 TB/s here (bench.kernels cast family,
+kernels_cast.json). The CUTLASS rowwise GEMM writes the expert weight gradient in bf16 only, so
+fp32 master weights need that cast every step: at Mixtral-8x7B width (8.4 GB moved for w1 and
+w2) 3.9 ms with torch, 2.1 ms here. fp32 -> bf16 is at copy speed in torch already (4.37 TB/s, as here): callers use `.to`.
 
 One program casts BLOCK consecutive elements (16 per thread: 64-byte fp32 / 32-byte bf16 vector
 accesses); the grid covers the tensor, the tail under a mask. Triton's CPU interpreter truncates

@@ -39,12 +39,11 @@ def fake_quant_lastdim(x: torch.Tensor, tile: int, pow2: bool) -> torch.Tensor:
 def fake_quant_weight(w_ENK: torch.Tensor, recipe: Fp8Recipe, along: str) -> torch.Tensor:
     """Weights: rowwise scales along the GEMM's reduction dim `along` ('K' = last, 'N' = middle);
     blockwise 128x128 blocks, the same blocks for either orientation. Quantized as the fast
-    path does: rowwise from the parameter itself, blockwise from its bf16 copy. (With this
-    emulation quantizing the fp32 values while the module quantized the bf16 copy, an H200 test
-    put the block's output 3.5% from it; with both on the bf16 copy every stage agreed there:
-    same FP8 bytes for x and w, GEMM1 within bf16 rounding, 2 of 3.1M activation bytes apart.)"""
-    if recipe.block:
-        w_ENK = w_ENK.to(torch.bfloat16)
+    path does: from the parameter's bf16 copy, every recipe. (With this emulation quantizing the
+    fp32 values while the module quantized the bf16 copy, an H200 test put the block's output
+    3.5% from it; with both on the bf16 copy every stage agreed there: same FP8 bytes for x and
+    w, GEMM1 within bf16 rounding, 2 of 3.1M activation bytes apart.)"""
+    w_ENK = w_ENK.to(torch.bfloat16)
     if recipe.block:
         E, N, K = w_ENK.shape
         b = w_ENK.float().reshape(E, N // 128, 128, K // 128, 128)
