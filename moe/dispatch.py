@@ -107,7 +107,7 @@ class _AllToAll(torch.autograd.Function):
 
     Our own Function rather than torch.distributed.nn.functional.all_to_all_single (not tried with
     gloo and uneven splits): ten lines whose backward is plainly the transpose, tested on gloo
-    with uneven and empty splits (tests/test_expert_parallel.py).
+    with uneven and empty splits (tests/test_ep_dispatch.py).
     """
 
     @staticmethod

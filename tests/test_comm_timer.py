@@ -1,5 +1,5 @@
 """CommTimer on the host clock (CPU); the dispatcher's use of it is tested over gloo in
-tests/test_expert_parallel.py, its CUDA-event path on a GPU."""
+tests/test_ep_dispatch.py, its CUDA-event path on a GPU."""
 
 import time
 
