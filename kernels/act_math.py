@@ -17,8 +17,9 @@ rcp.approx.ftz.f32 within 1 ulp, PTX ISA):
 - Scales: kernels/common.py's rule bit for bit on the amax (`_fp8_scale`), so they differ from
   the reference's only as far as the amax does. Out of contract: amax < 2^-100, where
   `_fp8_scale` stops being exact and 1 / scale overflows.
-tests/test_kernels_act.py checks the fp32 values and the FP8 outputs against kernels/reference.py
-(exact to a few ulp) within these bounds plus the reference's own error.
+tests/test_kernels_act_math.py checks the fp32 values and tests/test_kernels_act_quant.py the FP8
+outputs against kernels/reference.py (exact to a few ulp) within these bounds plus the reference's
+own error.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _fp8_scale(amax, POW2: tl.constexpr):
     """tl_fp8_scale (kernels/common.py) bit for bit, dividing by 448 with Markstein's step
     instead of tl.math.div_rn, whose slow-path subroutine call makes ptxas keep every live
     register of the tile around it (spills); exact for amax >= 2^-100 (checked on GPU by
-    tests/test_kernels_act.py::test_kernel_division_is_ieee[cuda])."""
+    tests/test_kernels_act_math.py::test_kernel_division_is_ieee[cuda])."""
     q0 = amax * _INV_448
     scale = tl.fma(tl.fma(-q0, 448.0, amax), _INV_448, q0)
     if POW2:

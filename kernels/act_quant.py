@@ -22,7 +22,7 @@ Numerics: hardware exp2 / reciprocal with FMA contraction. The fp32 activations 
 (kernels/act_math.py), and the outputs agree with kernels/reference.py (fp32 polynomials, GELU
 the exact-erf form) to one E4M3 step per value, with at most 3e-4 of the values differing in
 the CPU tests; the scales follow kernels/common.py's rule on amaxes that differ only by those
-fp32 errors. tests/test_kernels_act.py states and checks the contract.
+fp32 errors. tests/test_kernels_act_quant.py states and checks the contract.
 
 Passes over memory (the kernels are meant to be memory-bound):
 - forward, rowwise: a program owns whole rows; a row longer than one chunk is read twice, the

@@ -2,7 +2,7 @@
 
 Tests compare each kernel with its reference here (bitwise for FP8 bytes and scales where the
 arithmetic is the same; the activation kernels, which use hardware exp2 / reciprocals, within
-the bound stated in tests/test_kernels_act.py), and CPU runs outside Triton's interpreter use
+the bound stated in tests/test_kernels_act_quant.py), and CPU runs outside Triton's interpreter use
 these directly.
 Shape letters: M rows (tokens, routed), K reduction dim, N output dim, E experts, P padded rows.
 """
@@ -193,7 +193,7 @@ def torch_quantize_weight(
 # backend: torch.exp on CPU and numpy's exp (Triton's interpreter) disagree in the last bit for
 # ~40% of inputs, and a GPU's expf is not guaranteed to match libdevice's. Every line below is
 # one fp32 rounding (never fused). The kernels (kernels/act_math.py) compute the same functions
-# with hardware exp2 / reciprocals and FMAs instead, within tests/test_kernels_act.py's bound.
+# with hardware exp2 / reciprocals and FMAs instead, within tests/test_kernels_act_quant.py's bound.
 # Accuracy against fp64 (measured over 4M points): exp <= 5 ulp; Phi <= 8 ulp for x >= 0 and
 # relative 70 ulp at x = -12.5 (the rounding of x*x, amplified by exp); beyond |x| = 12.5
 # Phi saturates (Phi(-12.5) = 4e-36 instead of ~0). GELU is the exact-erf form, F.gelu's default.
