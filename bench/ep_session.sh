@@ -17,15 +17,10 @@
 # room (else /tmp) and each checkpoint is deleted as soon as its run ends: nothing large travels.
 # The tree travels without .git: pass FP8MOE_COMMIT=<hash> in the command.
 set -uo pipefail
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 stages=${STAGES:-tests bench train}
 out=${OUT:-/tmp/fp8moe_out}
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 FP8MOE_CACHE=/tmp/fp8moe_cache
+source bench/device_env.sh
 t_start=$SECONDS
 stamp() { echo "[ep_session +$((SECONDS - t_start))s] $*"; }
 nvidia-smi --query-gpu=index,name,memory.used,clocks.sm,temperature.gpu,power.draw --format=csv,noheader

@@ -42,8 +42,6 @@
 #   DRY=1                   CPU check of the plumbing: tests collected only, benches --help, the
 #                           corpus capped at 3 MB, the parity runs 4 steps of 2 x 64 tokens, serial
 set -uo pipefail
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1
 
 t_start=$(date +%s)
 deadline=$(( t_start + ${DEADLINE_S:-555} ))
@@ -102,15 +100,7 @@ pack() {  # the staging directory into $out/session.tar.gz (+ loose copies); saf
 }
 
 # ---- set-up -------------------------------------------------------------------------------------
-if compgen -G ".whl/*.whl" >/dev/null; then  # the lent machine has no registry: wheels travel in .whl/
-    if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl > "$work/logs/pip.log" 2>&1; then
-        export PYTHONPATH=/tmp/site
-    else
-        echo "warning: pip could not install .whl/*.whl (logs/pip.log):"; tail -n 3 "$work/logs/pip.log"
-    fi
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$repo"
+PIP_LOG="$work/logs/pip.log" source bench/device_env.sh  # wheels, PYTHONPATH (with $repo = $PWD)
 [[ -n ${FP8MOE_COMMIT:-} ]] || echo "warning: FP8MOE_COMMIT is unset (the tree travels without .git): results say 'unknown'"
 if [[ $dry == 1 ]]; then
     ngpu=0

@@ -16,17 +16,12 @@
 # writes logs/<lane>_<stage>.log. Back in $OUT: session.tar.gz (logs/, results/ with the JSON
 # files this call wrote) and summary.txt (each stage's status and the tails of its log).
 set -uo pipefail
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/fp8moe_out}
 work=/tmp/fp8moe_lanes
 rm -rf "$work" && mkdir -p "$work/logs" "$work/results" "$out"
 t_start=$(date +%s)
 deadline=$(( t_start + ${DEADLINE_S:-560} ))
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        > "$work/logs/pip.log" 2>&1 && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" FP8MOE_CACHE=/tmp/fp8moe_cache
+PIP_LOG="$work/logs/pip.log" source bench/device_env.sh
 touch -d "@$(( t_start - 1 ))" "$work/.start"
 echo "commit ${FP8MOE_COMMIT:-unknown}; lanes: $#" | tee "$work/summary.txt"
 nvidia-smi --query-gpu=index,name,memory.used,clocks.sm,temperature.gpu --format=csv,noheader

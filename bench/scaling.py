@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from bench.common import REPO, git_commit, print_table, write_json
+from bench.common import REPO, print_table, run_info, write_json
 
 DEFAULT_MODEL_ARGS = (
     # Qwen3-30B-A3B width (dim 2048, 128 experts of ffn 768, top-8), 4 layers: 3.0B parameters,
@@ -222,7 +222,7 @@ def summarize(jobs: list[Job], root: Path, args, timing: dict[str, dict]) -> dic
 
     losses = {n: (run["losses"] if run else None) for n, run in runs.items()}
     checks = []
-    recipes = sorted({j.recipe for j in jobs}, key=[j.recipe for j in jobs].index)
+    recipes = list(dict.fromkeys(j.recipe for j in jobs))  # in plan order
     eps = sorted({j.ep for j in jobs})
     noise = {r: max_rel_diff(losses.get(f"ep1_{r}") or {}, losses.get(f"ep1again_{r}") or {}) for r in recipes}
     known = [n for n in noise.values() if n is not None and math.isfinite(n)]
@@ -344,13 +344,13 @@ def main(argv: list[str] | None = None) -> int:
         timing = json.loads((root / "timing.json").read_text())
 
     summary = summarize(jobs, root, args, timing)
-    info = {"commit": os.environ.get("FP8MOE_COMMIT") or git_commit(), "gpu": _gpu_name(args.device)}
-    try:
+    info = run_info()
+    if args.device == "cpu":
+        info["gpu"] = "none (cpu)"
+    else:
         import torch
 
-        info["torch"] = torch.__version__
-    except ImportError:
-        pass
+        info["gpu"] = f"{torch.cuda.device_count()} x {info['gpu']}"
     if args.report_only and Path(args.out).exists():  # re-summarised elsewhere: keep where it ran
         before = json.loads(Path(args.out).read_text())
         info = {k: before[k] for k in ("commit", "gpu", "torch") if k in before} or info
@@ -365,15 +365,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loss {c['a']} vs {c['b']}: max rel diff {d if d is None else f'{d:.2e}'}{verdict}")
     print_table(summary["rows"], COLUMNS)
     return 0 if all(r["ok"] for r in summary["rows"]) else 1
-
-
-def _gpu_name(device: str) -> str:
-    if device == "cpu":
-        return "none (cpu)"
-    import torch
-
-    n = torch.cuda.device_count()
-    return f"{n} x {torch.cuda.get_device_name(0)}" if n else "none"
 
 
 if __name__ == "__main__":

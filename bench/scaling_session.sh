@@ -8,14 +8,9 @@
 # two invocations in one call (say NAME=scaling_weak ... --weak) keep both. The tree travels without .git: pass
 # FP8MOE_COMMIT. Wheels in .whl/ (../shared/tools/gpu-wheels.sh) are installed first.
 set -uo pipefail
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/fp8moe_out}
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" FP8MOE_CACHE=/tmp/fp8moe_cache
+source bench/device_env.sh
 nvidia-smi --query-gpu=index,name,memory.used,clocks.sm,temperature.gpu,power.draw --format=csv,noheader
 name=${NAME:-scaling}
 root=/dev/shm/fp8moe_$name

@@ -43,6 +43,7 @@ inside `timer.span()`; the trainer reports their share of step time (a2a_ms, a2a
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -89,10 +90,7 @@ class LocalDispatcher:
 def _all_to_all_single(out: Tensor, x: Tensor, out_splits, in_splits, group, timer) -> None:
     """dist.all_to_all_single, inside timer.span() when there is a timer (only the call is timed:
     buffers are allocated and made contiguous before it)."""
-    if timer is None:
-        dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
-        return
-    with timer.span():
+    with timer.span() if timer is not None else contextlib.nullcontext():
         dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
 
 
