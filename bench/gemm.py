@@ -12,6 +12,10 @@ For DESIGN.md's four shapes, times in one run and on the same operands:
   bf16      torch._grouped_mm
   rowwise   torch._scaled_grouped_mm, fp8 with scale_a (M,), scale_b (E, N); for 2d x 2d
             flat (E*N,) and (E*K,) group-major scales
+  wgrad only, fp32 out (the gradient of fp32 master weights):
+  ours_rowwise      triton_fp8_grouped_mm_wgrad_rowwise, per-group scales in the epilogue
+  rowwise_fp32      torch._scaled_grouped_mm (bf16 out only) then kernels.cast to fp32: the
+                    rowwise weight gradient before ours replaced it
 Groups are uniform (M / E rows, multiples of 128). Timing: bench.common.time_ms (CUDA events,
 warm-up, L2 flushed, median) after a first call that autotunes. extra_gib: peak memory above
 what was allocated before the call (output and workspace). --sweep also times every config of
@@ -28,6 +32,7 @@ import torch
 
 from bench.common import SHAPES, GIB, REPO, print_table, run_info, time_ms, write_json
 from kernels import grouped_gemm as gg
+from kernels.cast import cast
 from kernels.common import FP8_DTYPE
 
 GEMMS = ("fwd1", "fwd2", "wgrad1", "wgrad2")
@@ -82,11 +87,15 @@ def make_cases(gemm: str, M: int, N: int, K: int, E: int) -> dict:
     a_bf, b_bf = a_q.to(torch.bfloat16), b_q.to(torch.bfloat16)
     ra, rb = scales(E * N), scales(E * K)
     out = torch.empty(E, N, K, device="cuda", dtype=torch.bfloat16)
+    cutlass = lambda: torch._scaled_grouped_mm(  # noqa: E731
+        a_q, b_q.t(), ra, rb, offs=offs, out_dtype=torch.bfloat16)
     return dict(
         ours=lambda: gg.triton_fp8_grouped_mm_wgrad(a_q, a_s, b_q, b_s, offs),
         bf16=lambda: torch._grouped_mm(a_bf, b_bf.t(), offs=offs),
-        rowwise=lambda: torch._scaled_grouped_mm(
-            a_q, b_q.t(), ra, rb, offs=offs, out_dtype=torch.bfloat16),
+        rowwise=cutlass,
+        ours_rowwise=lambda: gg.triton_fp8_grouped_mm_wgrad_rowwise(
+            a_q, ra.view(E, N).t(), b_q, rb.view(E, K).t(), offs, torch.float32),
+        rowwise_fp32=lambda: cast(cutlass(), torch.float32),
         config=lambda cfg, tma: gg._launch_wgrad(a_q, a_s, b_q, b_s, offs, out, tma, cfg),
         configs=gg._grouped_mm_wgrad.configs,
     )
@@ -112,7 +121,9 @@ def run_case(shape: str, gemm: str, paths: list[str], sweep: bool) -> list[dict]
     flops = 2 * M * N * K
     cases = make_cases(gemm, M, N, K, E)
     row = dict(shape=shape, gemm=gemm, M=M, N=N, K=K, E=E)
-    for name in ("bf16", "rowwise"):
+    for name in ("bf16", "rowwise", "ours_rowwise", "rowwise_fp32"):
+        if name not in cases:
+            continue
         ms, tf, gib, err = measure(cases[name], flops)
         row.update({f"{name}_ms": ms, f"{name}_tflops": tf, f"{name}_extra_gib": gib})
         if err:
@@ -172,7 +183,9 @@ def main(argv=None) -> None:
     path = write_json(args.out, {**run_info(), "rows": rows})
     print(f"\nwrote {path}\n")
     print_table(rows, ["shape", "gemm", "N", "K", "path", "config", "ours_ms", "ours_tflops",
-                       "bf16_tflops", "rowwise_tflops", "vs_bf16", "vs_rowwise", "ours_extra_gib"])
+                       "bf16_tflops", "rowwise_tflops", "vs_bf16", "vs_rowwise", "ours_extra_gib",
+                       "ours_rowwise_ms", "rowwise_fp32_ms", "ours_rowwise_extra_gib",
+                       "rowwise_fp32_extra_gib"])
 
 
 if __name__ == "__main__":

@@ -10,16 +10,24 @@ contiguous), the only layout Hopper's fp8 wgmma accepts, so no kernel transposes
     triton_fp8_grouped_mm_wgrad(a_q_NP, a_scale_NPb, b_q_KP, b_scale_KPb, padded_end_E, out_dtype)
         -> out_ENK, out[e] = dequant(a[:, tokens of e]) @ dequant(b[:, tokens of e]).T
         the weight gradient dW_e = dY_e^T X_e, tokens padded per expert to multiples of 128.
+    triton_fp8_grouped_mm_wgrad_rowwise(a_q_NP, a_scale_NE, b_q_KP, b_scale_KE, padded_end_E, out_dtype)
+        the same GEMM with the rowwise recipe's scales: one per row and expert group.
 
 Scales are dequantization multipliers (x ~= q * scale, see kernels/common.py): 1x128 tiles for
-activations (a_scale[m, k // 128]), 128x128 blocks for weights (b_scale[e, n // 128, k // 128]).
+activations (a_scale[m, k // 128]), 128x128 blocks for weights (b_scale[e, n // 128, k // 128]);
+in the rowwise weight gradient, a_scale[n, e] and b_scale[k, e] for the tokens of group e.
 
 Scale promotion (DeepSeek-V3): the K loop steps 128 at a time, one scale block per step. Each
 step's fp8 dot starts from zero (Hopper's tensor core keeps ~14 mantissa bits while it sums fp8
 products, so it never sums more than 128 of them) and its fp32 result is promoted:
 acc += dot(a_blk, b_blk) * sa[:, None] * sb[None, :]. A tile's N side is SPLIT_N halves of 128
 columns with their own accumulators, so each half meets one weight block (a scalar scale: one
-FMA per element) and a 128x256 tile holds 3 fp32 tiles in registers, not 4.
+FMA per element) and a 128x256 tile holds 3 fp32 tiles in registers, not 4. Rowwise weight
+gradients keep the per-128 promotion (acc += dot: one FADD per element; triton leaves fp8 dots
+with an imprecise-accumulation limit unfused with the add) and scale once, in the epilogue: their
+scales are constant over an expert's tokens. (Blockwise promotion costs an FMUL + FFMA per
+element and step there, which the CTA's wgmma waits on: 559 TFLOP/s at Mixtral against 845 for
+the forward's one FFMA: torch.profiler over bench.moe_block, H200, commit ce4f306.)
 
 2d x 3d schedule (group sizes stay on the device, no host sync): a persistent grid of
 PROGRAMS_PER_SM x #SMs programs. Each loads group_end once (E_PAD lanes), adds a pseudo-group
@@ -51,7 +59,7 @@ import triton
 import triton.language as tl
 
 from kernels.common import FP8_DTYPE, triton_interpret, use_triton
-from kernels.reference import torch_fp8_grouped_mm, torch_fp8_grouped_mm_wgrad
+from kernels.reference import torch_fp8_grouped_mm, torch_fp8_grouped_mm_wgrad, torch_fp8_grouped_mm_wgrad_rowwise
 
 try:  # host-side TMA descriptors: triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -101,10 +109,10 @@ def _set_block_shapes(nargs):
         nargs["b"].block_shape = [SCALE_BLOCK, SCALE_BLOCK]  # one 128-row half at a time
 
 
-def _autotuned(kernel, configs: list[triton.Config]):
+def _autotuned(kernel, configs: list[triton.Config], key: list[str]):
     for c in configs:
         c.pre_hook = _set_block_shapes
-    return triton.autotune(configs=configs, key=["N", "K", "USE_TMA"])(kernel)
+    return triton.autotune(configs=configs, key=key)(kernel)
 
 
 # ---- shared device helpers -------------------------------------------------------------------
@@ -226,8 +234,9 @@ def _fp8_grouped_mm_wgrad_kernel(
     stride_san, stride_sap, stride_sbk, stride_sbp,
     stride_oe, stride_on,
     BLOCK_M: tl.constexpr, SPLIT_N: tl.constexpr, GROUP_M: tl.constexpr,
-    USE_TMA: tl.constexpr, PIN: tl.constexpr,
+    USE_TMA: tl.constexpr, PIN: tl.constexpr, ROWWISE: tl.constexpr,
 ):
+    """ROWWISE: scales (N, E) and (K, E), applied in the epilogue; else (N, P/128), (K, P/128)."""
     BLOCK_K: tl.constexpr = 128
     BLOCK_N: tl.constexpr = 128 * SPLIT_N
     n_tiles = tl.cdiv(N, BLOCK_M)
@@ -252,17 +261,28 @@ def _fp8_grouped_mm_wgrad_kernel(
     acc_hi = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
     for ps in range(step_lo, step_hi):  # an expert with no tokens: zero steps, zero block
         a_t = _load_tile(a, n0, ps * BLOCK_K, N, stride_an, BLOCK_M, BLOCK_K, USE_TMA)
-        sa = tl.load(sa_ptrs + ps * stride_sap, mask=rows < N, other=0.0)
-        # each 128-token step is one scale tile of both operands: promote by the outer product,
-        # (d * sa) * sb in place (a materialized sa x sb tile would cost 64 more registers)
         b_lo = _load_tile(b, k0, ps * BLOCK_K, K, stride_bk, 128, BLOCK_K, USE_TMA)
-        sb_lo = tl.load(sb_lo_ptrs + ps * stride_sbp, mask=cols_lo < K, other=0.0)
-        acc_lo += (tl.dot(a_t, b_lo.T) * sa[:, None]) * sb_lo[None, :]
+        if ROWWISE:
+            acc_lo += tl.dot(a_t, b_lo.T)
+        else:
+            # each 128-token step is one scale tile of both operands: promote by the outer
+            # product, (d * sa) * sb in place (a materialized sa x sb tile: 64 more registers)
+            sa = tl.load(sa_ptrs + ps * stride_sap, mask=rows < N, other=0.0)
+            sb_lo = tl.load(sb_lo_ptrs + ps * stride_sbp, mask=cols_lo < K, other=0.0)
+            acc_lo += (tl.dot(a_t, b_lo.T) * sa[:, None]) * sb_lo[None, :]
         if SPLIT_N == 2:
             acc_lo = _pin(acc_lo, PIN)
             b_hi = _load_tile(b, k0 + 128, ps * BLOCK_K, K, stride_bk, 128, BLOCK_K, USE_TMA)
-            sb_hi = tl.load(sb_hi_ptrs + ps * stride_sbp, mask=cols_hi < K, other=0.0)
-            acc_hi += (tl.dot(a_t, b_hi.T) * sa[:, None]) * sb_hi[None, :]
+            if ROWWISE:
+                acc_hi += tl.dot(a_t, b_hi.T)
+            else:
+                sb_hi = tl.load(sb_hi_ptrs + ps * stride_sbp, mask=cols_hi < K, other=0.0)
+                acc_hi += (tl.dot(a_t, b_hi.T) * sa[:, None]) * sb_hi[None, :]
+    if ROWWISE:  # this expert's scales: column e of (N, E) and (K, E)
+        sa_e = tl.load(sa_ptrs + e * stride_sap, mask=rows < N, other=0.0)[:, None]
+        acc_lo *= sa_e * tl.load(sb_lo_ptrs + e * stride_sbp, mask=cols_lo < K, other=0.0)[None, :]
+        if SPLIT_N == 2:
+            acc_hi *= sa_e * tl.load(sb_hi_ptrs + e * stride_sbp, mask=cols_hi < K, other=0.0)[None, :]
 
     out_ptrs = (out_ptr + e.to(tl.int64) * stride_oe + rows[:, None].to(tl.int64) * stride_on
                 + cols_lo[None, :])
@@ -273,8 +293,9 @@ def _fp8_grouped_mm_wgrad_kernel(
                  mask=row_ok & (cols_hi < K)[None, :])
 
 
-_grouped_mm = _autotuned(_fp8_grouped_mm_kernel, _mm_configs(triton_interpret()))
-_grouped_mm_wgrad = _autotuned(_fp8_grouped_mm_wgrad_kernel, _wgrad_configs(triton_interpret()))
+_grouped_mm = _autotuned(_fp8_grouped_mm_kernel, _mm_configs(triton_interpret()), ["N", "K", "USE_TMA"])
+_grouped_mm_wgrad = _autotuned(_fp8_grouped_mm_wgrad_kernel, _wgrad_configs(triton_interpret()),
+                               ["N", "K", "USE_TMA", "ROWWISE"])
 
 
 # ---- path selection: TMA once, pointer fallback ----------------------------------------------
@@ -423,25 +444,26 @@ def _(a_q, a_scale, b_q, b_scale, group_end, out_dtype=torch.bfloat16):
 # ---- 2d x 2d launcher ------------------------------------------------------------------------
 
 
-def _check_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype):
+def _check_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise: bool):
     _expect(a_q.dim() == 2 and b_q.dim() == 2 and a_q.shape[1] == b_q.shape[1],
             f"a_q must be (N, P) and b_q (K, P), got {tuple(a_q.shape)}, {tuple(b_q.shape)}")
     (N, P), K = a_q.shape, b_q.shape[0]
     _expect(P % 128 == 0, f"P (padded tokens) must be a multiple of 128, got {P}")
-    _check_common(a_q, a_scale, b_q, b_scale, padded_end, out_dtype,
-                  (N, P // 128), (K, P // 128))
+    per_scale = padded_end.shape[0] if rowwise else P // 128  # groups, or 128-token tiles
+    _check_common(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, (N, per_scale), (K, per_scale))
 
 
 def _launch_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out, use_tma: bool,
-                  config: dict | None = None) -> None:
+                  config: dict | None = None, rowwise: bool = False) -> None:
     """Write out (E, N, K) in place, every block (zeros for experts without tokens)."""
     (N, P), K, E = a_q.shape, b_q.shape[0], padded_end.shape[0]
     a_q, b_q = a_q.contiguous(), b_q.contiguous()
     a_arg, b_arg = (_desc(a_q), _desc(b_q)) if use_tma else (a_q, b_q)
-    # b's scales index the tile's columns: with stride 1 along K their addresses are immediates
-    # off one register; a runtime stride keeps 64 pointer registers live per 128 columns, and
-    # 128x256 tiles then spill ~500 bytes (ptxas -v). A (P//128, K) copy is 2 MB at most.
-    if b_scale.stride(0) != 1 and K > 1:
+    # Blockwise: b's scales index the tile's columns in every K step; with stride 1 along K their
+    # addresses are immediates off one register; a runtime stride keeps 64 pointer registers live
+    # per 128 columns, and 128x256 tiles then spill ~500 bytes (ptxas -v). A (P//128, K) copy is
+    # 2 MB at most. (Rowwise reads them once, in the epilogue.)
+    if not rowwise and b_scale.stride(0) != 1 and K > 1:
         b_scale = b_scale.t().contiguous().t()
 
     def grid(meta):
@@ -451,7 +473,7 @@ def _launch_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out, use_tma: bool,
             *a_scale.stride(), *b_scale.stride(), out.stride(0), out.stride(1))
     if config is not None:
         config = {k: v for k, v in config.items() if k != "PROGRAMS_PER_SM"}
-    _run(_grouped_mm_wgrad, grid, args, use_tma, config)
+    _run(_grouped_mm_wgrad, grid, args, use_tma, config, ROWWISE=rowwise)
 
 
 @torch.library.custom_op("fp8moe::triton_fp8_grouped_mm_wgrad", mutates_args=())
@@ -466,9 +488,39 @@ def triton_fp8_grouped_mm_wgrad(
     ends along P, each a multiple of 128 (not checked: that would need a host sync), groups may
     be empty (their block is written as zeros). P must be a multiple of 128.
     """
-    _check_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype)
+    _check_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise=False)
     if not use_triton(a_q):
         return torch_fp8_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype)
+    return _wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise=False)
+
+
+@triton_fp8_grouped_mm_wgrad.register_fake
+def _(a_q, a_scale, b_q, b_scale, padded_end, out_dtype=torch.bfloat16):
+    return a_q.new_empty(padded_end.shape[0], a_q.shape[0], b_q.shape[0], dtype=out_dtype)
+
+
+@torch.library.custom_op("fp8moe::triton_fp8_grouped_mm_wgrad_rowwise", mutates_args=())
+def triton_fp8_grouped_mm_wgrad_rowwise(
+    a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+    padded_end: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """`triton_fp8_grouped_mm_wgrad` with per-group row scales: a_scale (N, E), b_scale (K, E)
+    (the rowwise recipe's column copies), out[e] = (a_q[:, tokens of e] @ b_q[:, tokens of e].T)
+    * a_scale[:, e, None] * b_scale[None, :, e]. Writes fp32 directly, where CUTLASS's
+    `torch._scaled_grouped_mm` writes bf16 only (a cast and a bf16 copy held for fp32 masters).
+    """
+    _check_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise=True)
+    if not use_triton(a_q):
+        return torch_fp8_grouped_mm_wgrad_rowwise(a_q, a_scale, b_q, b_scale, padded_end, out_dtype)
+    return _wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise=True)
+
+
+@triton_fp8_grouped_mm_wgrad_rowwise.register_fake
+def _(a_q, a_scale, b_q, b_scale, padded_end, out_dtype=torch.bfloat16):
+    return a_q.new_empty(padded_end.shape[0], a_q.shape[0], b_q.shape[0], dtype=out_dtype)
+
+
+def _wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise: bool) -> torch.Tensor:
     E, N, K = padded_end.shape[0], a_q.shape[0], b_q.shape[0]
     out = torch.empty(E, N, K, dtype=out_dtype, device=a_q.device)
     if out.numel() == 0 or a_q.shape[1] == 0:
@@ -476,11 +528,6 @@ def triton_fp8_grouped_mm_wgrad(
     _check_aligned(a_q=a_q, b_q=b_q)
     _launch_with_path(
         "fp8_grouped_mm_wgrad",
-        lambda tma: _launch_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out, tma),
+        lambda tma: _launch_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out, tma, rowwise=rowwise),
     )
     return out
-
-
-@triton_fp8_grouped_mm_wgrad.register_fake
-def _(a_q, a_scale, b_q, b_scale, padded_end, out_dtype=torch.bfloat16):
-    return a_q.new_empty(padded_end.shape[0], a_q.shape[0], b_q.shape[0], dtype=out_dtype)

@@ -455,13 +455,35 @@ def torch_fp8_grouped_mm_wgrad(
     """out (E, N, K): out[e] = dequant(a_q)[:, tokens of e] @ dequant(b_q)[:, tokens of e].T.
     a_q (N, P), a_scale (N, P//128), b_q (K, P), b_scale (K, P//128), padded_end (E,) cumulative
     token ends (multiples of 128); an expert without tokens gets a zero block."""
-    (N, P), K, E = a_q.shape, b_q.shape[0], padded_end.shape[0]
-    a, b = _dequant_rows(a_q, a_scale), _dequant_rows(b_q, b_scale)
-    out = torch.zeros(E, N, K, dtype=torch.float32, device=a_q.device)
+    return _wgrad_loop(_dequant_rows(a_q, a_scale), _dequant_rows(b_q, b_scale), padded_end, out_dtype)
+
+
+def torch_fp8_grouped_mm_wgrad_rowwise(
+    a_q: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_q: torch.Tensor,
+    b_scale: torch.Tensor,
+    padded_end: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """`torch_fp8_grouped_mm_wgrad` with one scale per row and group: a_scale (N, E), b_scale
+    (K, E), the column scales `quantize_cols_grouped` writes for the rowwise recipe, so
+    out[e] = (a_q[:, tokens of e] @ b_q[:, tokens of e].T) * a_scale[:, e, None] * b_scale[None, :, e]."""
+    P = a_q.shape[1]
+    group_of_P = torch.searchsorted(padded_end.to(torch.int64), torch.arange(P, device=a_q.device), right=True)
+    group_of_P = group_of_P.clamp_max(padded_end.shape[0] - 1)  # padding past every group: zero bytes
+    a = a_q.float() * a_scale.float()[:, group_of_P]
+    b = b_q.float() * b_scale.float()[:, group_of_P]
+    return _wgrad_loop(a, b, padded_end, out_dtype)
+
+
+def _wgrad_loop(a_NP: torch.Tensor, b_KP: torch.Tensor, padded_end: torch.Tensor, out_dtype: torch.dtype):
+    (N, P), K, E = a_NP.shape, b_KP.shape[0], padded_end.shape[0]
+    out = torch.zeros(E, N, K, dtype=torch.float32, device=a_NP.device)
     start = 0
     for e, end in enumerate(padded_end.clamp(max=P).tolist()):
         if end > start:
-            out[e] = a[:, start:end] @ b[:, start:end].T
+            out[e] = a_NP[:, start:end] @ b_KP[:, start:end].T
         start = max(start, end)
     return out.to(out_dtype)
 

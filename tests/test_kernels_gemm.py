@@ -1,4 +1,5 @@
-"""FP8 blockwise grouped GEMMs (kernels/grouped_gemm.py) against their references.
+"""FP8 grouped GEMMs (kernels/grouped_gemm.py: blockwise, and the rowwise weight gradient)
+against their references.
 
 Shape letters: M routed rows, K reduction dim, N output features, E experts, P padded tokens.
 
@@ -23,8 +24,12 @@ import torch
 
 from kernels import grouped_gemm as gg
 from kernels.common import FP8_DTYPE
-from kernels.grouped_gemm import triton_fp8_grouped_mm, triton_fp8_grouped_mm_wgrad
-from kernels.reference import torch_fp8_grouped_mm, torch_fp8_grouped_mm_wgrad
+from kernels.grouped_gemm import (
+    triton_fp8_grouped_mm,
+    triton_fp8_grouped_mm_wgrad,
+    triton_fp8_grouped_mm_wgrad_rowwise,
+)
+from kernels.reference import torch_fp8_grouped_mm, torch_fp8_grouped_mm_wgrad, torch_fp8_grouped_mm_wgrad_rowwise
 
 PATHS = [True, False]  # use_tma
 CONFIGS = [None, dict(BLOCK_M=32, SPLIT_N=2, GROUP_M=3, num_warps=4)]  # autotuned / 2 halves
@@ -54,11 +59,13 @@ def grouped_inputs(M, K, N, sizes, device="cpu", seed=0):
     return a_q, a_s, b_q, b_s, group_end
 
 
-def wgrad_inputs(N, K, padded_sizes, device="cpu", seed=0):
+def wgrad_inputs(N, K, padded_sizes, device="cpu", seed=0, rowwise=False):
+    """Blockwise scales (N, P/128), (K, P/128); rowwise: (N, E), (K, E), one per row and group."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    P = sum(padded_sizes)
-    a_q, a_s = rand_fp8(N, P, device=device, gen=gen), rand_scale(N, P // 128, device=device, gen=gen)
-    b_q, b_s = rand_fp8(K, P, device=device, gen=gen), rand_scale(K, P // 128, device=device, gen=gen)
+    P, E = sum(padded_sizes), len(padded_sizes)
+    per_scale = E if rowwise else P // 128
+    a_q, a_s = rand_fp8(N, P, device=device, gen=gen), rand_scale(N, per_scale, device=device, gen=gen)
+    b_q, b_s = rand_fp8(K, P, device=device, gen=gen), rand_scale(K, per_scale, device=device, gen=gen)
     padded_end = torch.tensor(padded_sizes, device=device).cumsum(0).to(torch.int32)
     return a_q, a_s, b_q, b_s, padded_end
 
@@ -123,6 +130,32 @@ def test_wgrad_matches_reference_and_writes_zero_blocks(use_tma, config):
     assert rel_l2(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=["autotuned", "bm32_bn256"])
+@pytest.mark.parametrize("use_tma", PATHS, ids=["tma", "pointer"])
+def test_wgrad_rowwise_matches_reference_and_writes_zero_blocks(use_tma, config):
+    """Per-group scales applied once, in the epilogue: the same sum as the reference's."""
+    a_q, a_s, b_q, b_s, padded_end = wgrad_inputs(WN, WK, PADDED, rowwise=True)
+    E = len(PADDED)
+    out = torch.full((E, WN, WK), float("nan"))
+    gg._launch_wgrad(a_q, a_s, b_q, b_s, padded_end, out, use_tma, config, rowwise=True)
+    ref = torch_fp8_grouped_mm_wgrad_rowwise(a_q, a_s, b_q, b_s, padded_end, torch.float32)
+    for e, size in enumerate(PADDED):
+        if size == 0:
+            assert torch.equal(out[e], torch.zeros(WN, WK)), f"expert {e} has no tokens"
+    assert rel_l2(out, ref) < 1e-5
+
+
+def test_wgrad_rowwise_public_op_fp32_and_non_128_features():
+    """fp32 out (the fp32 master weights' gradient); N and K not multiples of 128 (the rowwise
+    recipe's feature sizes need only 16): the tile edges are masked."""
+    a_q, a_s, b_q, b_s, padded_end = wgrad_inputs(200, 144, [256, 0, 128], seed=6, rowwise=True)
+    out = triton_fp8_grouped_mm_wgrad_rowwise(a_q, a_s, b_q, b_s, padded_end, torch.float32)
+    ref = torch_fp8_grouped_mm_wgrad_rowwise(a_q, a_s, b_q, b_s, padded_end, torch.float32)
+    assert out.dtype == torch.float32 and out.shape == (3, 200, 144)
+    assert torch.equal(out[1], torch.zeros(200, 144))
+    assert rel_l2(out, ref) < 1e-5
+
+
 def test_wgrad_public_op_bf16():
     a_q, a_s, b_q, b_s, padded_end = wgrad_inputs(WN, WK, [128, 0, 256], seed=3)
     out = triton_fp8_grouped_mm_wgrad(a_q, a_s, b_q, b_s, padded_end)
@@ -159,6 +192,13 @@ def test_references_against_fp64():
     got = torch_fp8_grouped_mm_wgrad(a_q, a_s, b_q, b_s, padded_end, torch.float32)
     assert rel_l2(got, want) < 1e-6
 
+    a_q, a_s, b_q, b_s, padded_end = wgrad_inputs(WN, WK, PADDED, seed=7, rowwise=True)
+    group_of_P = owner.tolist()  # each token's scale column is its group's
+    a64, b64 = a_q.double() * a_s.double()[:, group_of_P], b_q.double() * b_s.double()[:, group_of_P]
+    want = torch.stack([(a64 * (owner == e)) @ b64.T for e in range(len(PADDED))])
+    got = torch_fp8_grouped_mm_wgrad_rowwise(a_q, a_s, b_q, b_s, padded_end, torch.float32)
+    assert rel_l2(got, want) < 1e-6
+
 
 def test_bad_arguments_raise():
     a_q, a_s, b_q, b_s, group_end = grouped_inputs(M, K, N, SIZES)
@@ -173,6 +213,8 @@ def test_bad_arguments_raise():
     w = wgrad_inputs(WN, WK, [128, 256])
     with pytest.raises(ValueError, match="P"):
         triton_fp8_grouped_mm_wgrad(w[0][:, :100], w[1], w[2][:, :100], w[3], w[4])
+    with pytest.raises(ValueError, match="a_scale must be"):  # blockwise tiles given to the rowwise op
+        triton_fp8_grouped_mm_wgrad_rowwise(*wgrad_inputs(WN, WK, [128, 256, 128]))
 
 
 def test_custom_ops_pass_opcheck():
@@ -183,6 +225,8 @@ def test_custom_ops_pass_opcheck():
                           test_utils=utils)
     torch.library.opcheck(triton_fp8_grouped_mm_wgrad, wgrad_inputs(128, 256, [128, 0, 128]),
                           test_utils=utils)
+    torch.library.opcheck(triton_fp8_grouped_mm_wgrad_rowwise,
+                          wgrad_inputs(128, 256, [128, 0, 128], rowwise=True), test_utils=utils)
 
 
 # ---- GPU (real shapes) -----------------------------------------------------------------------
@@ -258,6 +302,24 @@ def test_gpu_wgrad_real_shapes(shape, gemm, exact_fp32_matmul):
     if gemm == "wgrad1":
         out32 = triton_fp8_grouped_mm_wgrad(a_q, a_s, b_q, b_s, pe, torch.float32)
         assert rel_l2(out32, ref) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gemm", ["wgrad1", "wgrad2"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_gpu_wgrad_rowwise_real_shapes(shape, gemm, exact_fp32_matmul):
+    """fp32 out, as the module asks for fp32 master weights, up to ~8k tokens per expert; the
+    same 1e-3 bound as the blockwise kernel's fp32 output (see the tolerances above)."""
+    tokens, N, K, E = gemm_problem(shape, gemm)
+    sizes = uneven_sizes(tokens, E, multiple=128)
+    a_q, a_s, b_q, b_s, pe = wgrad_inputs(N, K, sizes, device="cuda", rowwise=True)
+    out = triton_fp8_grouped_mm_wgrad_rowwise(a_q, a_s, b_q, b_s, pe, torch.float32)
+    ref = torch_fp8_grouped_mm_wgrad_rowwise(a_q, a_s, b_q, b_s, pe, torch.float32)
+    for e in (e for e, s in enumerate(sizes) if s == 0):
+        assert not out[e].any(), f"expert {e} has no tokens: its block must be zeros"
+    err = rel_l2(out, ref)
+    print(f"rel L2 {err:.2e}")
+    assert err < 1e-3
 
 
 @pytest.mark.gpu

@@ -6,19 +6,27 @@ K reduction dim, N output dim, E experts.
     grouped_mm(a_MK, b_ENK)        out[rows of e] = a[rows of e] @ b[e]^T     (forward, dgrad)
     grouped_mm_wgrad(a_NP, b_KP)   out[e] = a[:, tokens of e] @ b[:, tokens of e]^T   (wgrad)
 
-Engines, by measurement (see bench/results/gemm.json): rowwise goes to CUTLASS through
-`torch._scaled_grouped_mm` (1060-1090 TFLOP/s raw on the large DESIGN.md shapes); blockwise
-goes to our Triton kernel (kernels/grouped_gemm.py), the only one that takes 1x128 x 128x128
-scales on Hopper. On a CPU both are emulated: dequantize to fp32, then `torch._grouped_mm` —
-the same arithmetic up to accumulation order, which is what the numerics tests rely on.
+Engines, by measurement (see bench/results/gemm.json): the rowwise forward and dgrad go to
+CUTLASS through `torch._scaled_grouped_mm` (1060-1090 TFLOP/s raw on the large DESIGN.md
+shapes); the rowwise weight gradient and every blockwise GEMM go to our Triton kernels
+(kernels/grouped_gemm.py): blockwise because nothing else takes 1x128 x 128x128 scales on
+Hopper, the rowwise wgrad because CUTLASS writes it in bf16 only, so fp32 master weights paid a
+cast (2.1 ms at Mixtral-8x7B width, H200) and held a bf16 copy (1.75 GiB) that put the block's
+peak above BF16's; ours scales in its epilogue and writes fp32. The rowwise forward/dgrad are
+emulated on a CPU (dequantize to fp32, then `torch._grouped_mm`: the same arithmetic up to
+accumulation order, which is what the numerics tests rely on); the Triton ops take their torch
+references there.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.cast import cast
-from kernels.grouped_gemm import triton_fp8_grouped_mm, triton_fp8_grouped_mm_wgrad
+from kernels.grouped_gemm import (
+    triton_fp8_grouped_mm,
+    triton_fp8_grouped_mm_wgrad,
+    triton_fp8_grouped_mm_wgrad_rowwise,
+)
 from moe.fp8.recipe import Fp8Recipe
 
 
@@ -49,24 +57,6 @@ def emulated_grouped_mm(a_q, a_scale, b_q, b_scale, group_end_E, block: int) -> 
     return torch._grouped_mm(a, b.transpose(-2, -1), offs=group_end_E)
 
 
-def emulated_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end_E, block: int) -> torch.Tensor:
-    """CPU emulation of `grouped_mm_wgrad`. Scales: (N, E) / (K, E) per group, or (N, P/128) tiles."""
-    if block:
-        a = dequantize(a_q, a_scale, 1, block)
-        b = dequantize(b_q, b_scale, 1, block)
-    else:
-        a = _expand_group_scales(a_q, a_scale, padded_end_E)
-        b = _expand_group_scales(b_q, b_scale, padded_end_E)
-    return torch._grouped_mm(a, b.t(), offs=padded_end_E)
-
-
-def _expand_group_scales(q_XP: torch.Tensor, scale_XE: torch.Tensor, padded_end_E: torch.Tensor) -> torch.Tensor:
-    P = q_XP.shape[1]
-    group_of_P = torch.searchsorted(padded_end_E.to(torch.int64), torch.arange(P, device=q_XP.device), right=True)
-    group_of_P = group_of_P.clamp_max(scale_XE.shape[1] - 1)  # padding past the last group is zero anyway
-    return q_XP.float() * scale_XE[:, group_of_P]
-
-
 def grouped_mm(a_q, a_scale, b_q, b_scale, group_end_E, recipe: Fp8Recipe, out_dtype=torch.bfloat16):
     """(M, K) x (E, N, K) -> (M, N) in `out_dtype`; scales per `recipe` (see module docstring)."""
     if recipe.name == "blockwise":
@@ -82,18 +72,8 @@ def grouped_mm(a_q, a_scale, b_q, b_scale, group_end_E, recipe: Fp8Recipe, out_d
 
 
 def grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end_E, recipe: Fp8Recipe, out_dtype=torch.bfloat16):
-    """(N, P) x (K, P) -> (E, N, K): per expert, a sum over that expert's (padded) tokens."""
+    """(N, P) x (K, P) -> (E, N, K): per expert, a sum over that expert's (padded) tokens.
+    Rowwise scales are (N, E) and (K, E), blockwise (N, P/128) and (K, P/128)."""
     if recipe.name == "blockwise":
         return triton_fp8_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end_E, out_dtype)
-    if not a_q.is_cuda:
-        return emulated_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end_E, 0).to(out_dtype)
-    # CUTLASS's 2d x 2d form takes scales flattened group-major: (E*N,) and (E*K,). It writes bf16
-    # only: an fp32 gradient (fp32 master weights) is a cast afterwards (at Mixtral-8x7B width,
-    # 8.4 GB moved: 3.9 ms through torch's converting copy, 2.1 ms through kernels/cast.py, and
-    # a bf16 copy held); our blockwise GEMM writes fp32.
-    out = torch._scaled_grouped_mm(
-        a_q, b_q.t(), a_scale.t().reshape(-1), b_scale.t().reshape(-1), offs=padded_end_E,
-        out_dtype=torch.bfloat16, use_fast_accum=False,
-    )
-    return cast(out, out_dtype)
-
+    return triton_fp8_grouped_mm_wgrad_rowwise(a_q, a_scale, b_q, b_scale, padded_end_E, out_dtype)
