@@ -262,7 +262,7 @@ def test_quantize_weight_amax_steps(ref, monkeypatch):
     import kernels.quantize_weight as kw
 
     monkeypatch.setattr(kw, "_AMAX_BLOCKS", (16, 16, 1))
-    monkeypatch.setattr(kw, "_AMAX_MIN_PROGRAMS", 8)
+    monkeypatch.setattr(kw, "_AMAX_MIN_PROGRAMS", {"rowwise": 8, "tensorwise": 8})
     w = odd_x(2 * 72, 200).view(2, 72, 200)
     for mode in ("rowwise", "tensorwise"):
         assert_same(tuple(quantize_weight(w, mode, True)), ref.torch_quantize_weight(w, mode, True))
