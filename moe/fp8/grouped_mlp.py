@@ -21,7 +21,7 @@ writes the copy the next GEMM needs, so no BF16 activation is stored for backwar
 Saved for backward: xt (FP8), h (FP8), their scales, the group offsets, and the transposed FP8
 weights that dgrad reads (the forward orientation is dropped once GEMM2 ran); backward lets go of
 each FP8 weight as soon as its dgrad ran, and the weight gradients come out in the parameter's
-dtype (fp32 master weights: the blockwise GEMM writes fp32 directly, no bf16 copy to cast).
+dtype (fp32 master weights: both recipes' weight-gradient GEMMs write fp32, no bf16 copy to cast).
 
 Weights, two policies (`cache_weights`):
 - False (default, one micro-batch per optimizer step): quantized in every forward, both
