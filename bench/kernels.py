@@ -32,6 +32,10 @@ from typing import Callable
 import torch
 
 from bench.common import SHAPES as DESIGN_SHAPES, REPO, copy_gbps, peak_gib, print_table, run_info, time_ms, write_json
+from moe.fp8.recipe import RECIPES, Fp8Recipe
+
+# Token-group alignment of the weight-gradient copies, as the experts run them per recipe.
+ALIGN = {name: Fp8Recipe(name).align for name in RECIPES}
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,7 @@ def bench_quantize_cols_grouped(ctx: Context) -> list[dict]:
         ends = _group_ends(s.M, s.E)
         for K in (s.H, s.F1):  # x (M, H) for the w1 gradient, the w1 output grad (M, F1) likewise
             x = _x(s.M, K)
-            for block, align, label in [(0, 16, "rowwise"), (128, 128, "128x1")]:
+            for block, align, label in [(0, ALIGN["rowwise"], "rowwise"), (128, ALIGN["blockwise"], "128x1")]:
                 P = s.M + s.E * align
                 nbytes = s.M * K * 2 + K * P + _scale_bytes(K * (P // 128 if block else s.E))
                 if block:
@@ -183,7 +187,7 @@ def bench_quantize_rows_and_cols_grouped(ctx: Context) -> list[dict]:
     for name, s in ctx.shapes.items():
         ends = _group_ends(s.M, s.E)
         x = _x(s.M, s.H)
-        for block, align, label in [(0, 16, "rowwise"), (128, 128, "blockwise")]:
+        for block, align, label in [(0, ALIGN["rowwise"], "rowwise"), (128, ALIGN["blockwise"], "blockwise")]:
             P = s.M + s.E * align
             n_scales = s.M * s.H // 128 + s.H * P // 128 if block else s.M + s.H * s.E
             nbytes = s.M * s.H * 3 + s.H * P + _scale_bytes(n_scales)
@@ -282,7 +286,7 @@ def bench_act_rows(ctx: Context) -> list[dict]:
 
     for name, s in ctx.shapes.items():
         h, da, ends = _x(s.M, s.F1), _x(s.M, s.F), _group_ends(s.M, s.E)
-        for block, align, label in [(0, 16, "rowwise"), (128, 128, "1x128")]:
+        for block, align, label in [(0, ALIGN["rowwise"], "rowwise"), (128, ALIGN["blockwise"], "1x128")]:
             n_row_scales = s.M * (s.F + s.F1) // 128 if block else 2 * s.M
             ctx.measure(
                 f"act_quant_fwd[{label}]", name, s.E, lambda: act_quant_fwd(h, s.act, block),
