@@ -18,8 +18,9 @@ Impls: fp8.experts = bf16 | rowwise | blockwise (the dense layers stay BF16 in a
 All six rows take ~1.5-2 min on an H200 (per row: building the model and optimizer, FP8 autotuning,
 13 steps of ~0.1 s for mixtral_2layer and ~0.05 s for parity_300m).
 
-Timing: `--warmup` steps untimed, then `--steps` steps between two CUDA events (one interval, so
-the per-step host synchronisation is counted, as in training). tokens_per_s = tokens / time;
+Timing: `--warmup` steps untimed, then `--steps` steps with a CUDA event between consecutive steps
+(the per-step host synchronisation is counted, as in training); the median step gives
+tokens_per_s = tokens per step / median step time;
 tflops_per_gpu uses the trainer's FLOP count (moe.counting.training_flops_per_token: 6 x active
 matmul parameters + causal attention); mfu divides by trainer.metrics.peak_tflops (dense BF16
 peak, also for the FP8 rows, so the MFU column compares like with like); peak_gib is the peak
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import sys
 import traceback
 
@@ -85,13 +87,15 @@ def measure(model: str, impl: str, warmup: int, steps: int, extra: list[str], sc
             trainer.train_step(train_iter)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
+        # An event between steps and the median step: one slow step (a GC pause, a host hiccup)
+        # moved the mean of 10 parity_300m steps (~50 ms each) by up to 25% between runs.
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        events[0].record()
+        for i in range(steps):
             trainer.train_step(train_iter)
-        end.record()
+            events[i + 1].record()
         torch.cuda.synchronize()
-        ms_per_step = start.elapsed_time(end) / steps
+        ms_per_step = statistics.median(a.elapsed_time(b) for a, b in zip(events, events[1:]))
         tokens_per_s = trainer.global_batch * cfg.run.seq_len / (ms_per_step / 1e3)
         tflops = tokens_per_s * trainer.flops_per_token / 1e12
         peak = peak_tflops(env.device)

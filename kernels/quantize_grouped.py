@@ -3,8 +3,9 @@
 x_MK holds tokens grouped by expert; group e is rows [group_end_E[e-1], group_end_E[e]) (sizes on
 the device, any size including 0). The weight gradient of expert e reduces over its tokens, so
 its FP8 operand is qt_KP: each group's rows transposed (tokens contiguous), quantized along the
-tokens separately per group, each group starting at a multiple of `align` (16 for
-torch._scaled_grouped_mm, 128 for blockwise), zeros in the padding:
+tokens separately per group, each group starting at a multiple of `align` (any multiple of 16,
+the least an FP8 TMA row start allows; both expert recipes use 128, the weight-gradient GEMM's
+K step), zeros in the padding:
 
     quantize_cols_grouped(x_MK, group_end_E, align, block_m, pow2_scale, row_index_M, return_amax)
         -> GroupedColsFP8(qt_KP, scale, padded_end_E, amax_E)
@@ -32,6 +33,7 @@ still quantized into q, as the "tail" group E.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -218,14 +220,33 @@ def _cols_quant_kernel(
                 tl.store(qt_cols + pp[:, None], tl_fp8_quantize_by(x, cs, cr, cf), mask=col_ok[None, :])
 
 
-def _grouped_launch_config(block: int, rows: bool):
-    """((BLOCK_M, BLOCK_K, num_warps) of the amax pass, (BLOCK_P, BLOCK_K, SUB_P, N_CHUNKS,
-    num_warps) of the quantize pass). BLOCK_P must divide align: 16 rowwise, 128 (the scale
-    tile) blockwise, swept in SUB_P-row slices; fused blockwise needs BLOCK_K == 128 (the 1x128
-    row tile). A program does N_CHUNKS column blocks after one group lookup."""
-    if block:  # H200, M=32768, K=4096: 0.45 of copy (cols), 0.29 (fused: 4 bytes/element)
-        return (0, 0, 0), (128, 128, 32, 1, 4) if rows else (128, 64, 32, 1, 2)
-    return (128, 64, 4), (16, 256, 16, 1, 8)  # 0.31, fused 0.34 (two reads of x: at most 0.6)
+# ((BLOCK_M, BLOCK_K, num_warps) of the amax pass, (BLOCK_P, BLOCK_K, SUB_P, N_CHUNKS, num_warps)
+# of the quantize pass), by (blockwise, fused rows). A program does N_CHUNKS column blocks after
+# one group lookup, sweeping BLOCK_P tokens in SUB_P-row slices; fused blockwise needs BLOCK_K ==
+# 128 (the 1x128 row tile). Sweep on H200 (commit 8ab448b, the four DESIGN.md shapes, K = H and
+# 2F, skewed groups aligned to 128): rowwise 128-token tiles (a qt store writes 128 contiguous
+# bytes per column, where 16-token tiles wrote half a sector) took cols-only 0.91 -> 0.66 ms at
+# Mixtral K=28672, 0.40 -> 0.23 at Qwen3 K=2048, 0.54 -> 0.36 at DeepSeek K=7168, and fused
+# rows+cols 1.19 -> 0.99, 0.46 -> 0.34, 0.68 -> 0.53; 32- and 64-token tiles and 8 warps were
+# slower, 128x64 tiles tied on the fused op. The amax pass's 128x64 beat 256x64, 64x128, 128x128,
+# 256x32 and 512x32; the blockwise shapes beat 16/64-row slices, 1/4/8 warps and 32-wide tiles.
+_LAUNCH_CONFIGS = {
+    (True, False): ((0, 0, 0), (128, 64, 32, 1, 2)),
+    (True, True): ((0, 0, 0), (128, 128, 32, 1, 4)),
+    (False, False): ((128, 64, 4), (128, 128, 32, 1, 4)),
+    (False, True): ((128, 64, 4), (128, 128, 32, 1, 4)),
+}
+
+
+def _grouped_launch_config(block: int, rows: bool, align: int):
+    """The launch shapes for this call. BLOCK_P must divide align (a tile lies in one group):
+    blockwise it is the 128-token scale tile; rowwise the configured height, lowered to the
+    largest power of two dividing align (align is a multiple of 16), SUB_P with it."""
+    amax_cfg, (BLOCK_P, BLOCK_K, SUB_P, N_CHUNKS, warps) = _LAUNCH_CONFIGS[(bool(block), rows)]
+    if not block:
+        BLOCK_P = math.gcd(align, BLOCK_P)
+        SUB_P = min(SUB_P, BLOCK_P)
+    return amax_cfg, (BLOCK_P, BLOCK_K, SUB_P, N_CHUNKS, warps)
 
 
 def _grouped_impl(x_MK, group_end_E, align, block, pow2_scale, row_index_M, return_amax, rows):
@@ -253,7 +274,7 @@ def _grouped_impl(x_MK, group_end_E, align, block, pow2_scale, row_index_M, retu
     rscale = torch.empty(((M, K // block) if block else (M,)) if rows else (0,), dtype=torch.float32, device=dev)
     idx = row_index_M if row_index_M is not None else x_MK
     E_PAD = triton.next_power_of_2(E + 1)
-    (BLOCK_M, BLOCK_KA, warps_a), (BLOCK_P, BLOCK_K, SUB_P, N_CHUNKS, warps) = _grouped_launch_config(block, rows)
+    (BLOCK_M, BLOCK_KA, warps_a), (BLOCK_P, BLOCK_K, SUB_P, N_CHUNKS, warps) = _grouped_launch_config(block, rows, align)
     assert align % BLOCK_P == 0 and BLOCK_P % SUB_P == 0 and (not (block and rows) or BLOCK_K == block)
     if not block and M > 0:
         _amax_pass_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(K, BLOCK_KA))](
