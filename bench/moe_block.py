@@ -19,7 +19,10 @@ Impls (same weights and inputs):
                    of one micro-batch per optimizer step, the worst case)
   rowwise_compiled, blockwise_compiled  the same module under torch.compile (issue 5: eager
                    within 5% of compiled); not in the default list, ask for them by name
-ms: median of CUDA-event timings after warm-up (bench.common.time_ms); tflops: 3 x forward
+ms: the median of --repeats (3) measurements, each the median of CUDA-event timings after
+warm-up (bench.common.time_ms), listed in ms_repeats: one H200 run at 12665eb timed Mixtral
+rowwise at 29.3 ms where the same row took 26.0 a minute later (a slow spell of the machine;
+single measurements of that row spread 25.9-29.3 over four runs); tflops: 3 x forward
 GEMM FLOPs / time; peak_gib: peak allocated memory during one fwd+bwd, everything alive counted;
 ms_weights_cached (FP8 eager rows): the same step reusing the FP8 weights, as every micro-batch of
 a step after the first does (with n micro-batches: ms + (n - 1) * ms_weights_cached per step).
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 
 import torch
 
@@ -73,7 +77,8 @@ def _padded_for_torchao(x_MH: torch.Tensor, counts: torch.Tensor, align: int = 1
     return out, torch.cumsum(padded, 0).to(torch.int32).cuda()
 
 
-def bench_one(shape: str, impl: str, routing: str, weights: str = "fp32", profile: bool = False) -> dict:
+def bench_one(shape: str, impl: str, routing: str, weights: str = "fp32", profile: bool = False,
+              repeats: int = 3) -> dict:
     M, H, F, E, act = SHAPES[shape]
     counts = routed_counts(M, E, routing)
     torch.manual_seed(0)
@@ -116,15 +121,19 @@ def bench_one(shape: str, impl: str, routing: str, weights: str = "fp32", profil
             y.backward(dy)
 
     step()  # compile / autotune outside the timing
-    ms = time_ms(step)
-    ms_cached = None
-    if recipe in ("rowwise", "blockwise") and impl == recipe:
-        # Micro-batches after the first of an optimizer step reuse the FP8 weights: with gradient
-        # accumulation over n micro-batches a step costs ms + (n - 1) * ms_weights_cached.
-        mod.cache_weights = True
-        ms_cached = time_ms(step)
-        mod.cache_weights = False
-        mod.invalidate_weight_cache()
+    # Micro-batches after the first of an optimizer step reuse the FP8 weights: with gradient
+    # accumulation over n micro-batches a step costs ms + (n - 1) * ms_weights_cached.
+    cached = recipe in ("rowwise", "blockwise") and impl == recipe
+    times, times_cached = [], []
+    for _ in range(repeats):  # the two timings interleaved, so a slow spell meets both
+        times.append(time_ms(step))
+        if cached:
+            mod.cache_weights = True
+            times_cached.append(time_ms(step))
+            mod.cache_weights = False
+            mod.invalidate_weight_cache()
+    ms = statistics.median(times)
+    ms_cached = statistics.median(times_cached) if cached else None
     if profile:
         _print_kernel_breakdown(f"{shape} {routing} {impl} weights={weights}", step)
     torch.cuda.synchronize()
@@ -136,7 +145,7 @@ def bench_one(shape: str, impl: str, routing: str, weights: str = "fp32", profil
     flops = 3 * (2 * M * H * X + 2 * M * F * H)
     row = {"shape": shape, "dims": {"M": M, "H": H, "F": F, "E": E, "act": act}, "impl": impl, "routing": routing,
            "weights": weights, "ms": ms, "tflops": flops / ms / 1e9, "peak_gib": peak,
-           "ms_weights_cached": ms_cached}
+           "ms_weights_cached": ms_cached, "ms_repeats": times}
     del mod, x, dy
     gc.collect()
     torch.cuda.empty_cache()
@@ -166,15 +175,18 @@ def main() -> None:
     ap.add_argument("--routings", default=",".join(ROUTINGS))
     ap.add_argument("--weights", default="fp32", choices=WEIGHTS)
     ap.add_argument("--profile", action="store_true", help="print each row's GPU time per kernel")
+    ap.add_argument("--repeats", type=int, default=3, help="timings per row (their median is ms)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "moe_block.json"))
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     rows = []
     for shape in args.shapes.split(","):
         for routing in args.routings.split(","):
             base = None
             for impl in args.impls.split(","):
                 try:
-                    row = bench_one(shape, impl, routing, args.weights, args.profile)
+                    row = bench_one(shape, impl, routing, args.weights, args.profile, args.repeats)
                 except Exception as err:  # one impl failing must not hide the others' numbers
                     row = {"shape": shape, "impl": impl, "routing": routing, "weights": args.weights,
                            "ms": None, "tflops": None, "peak_gib": None,
