@@ -488,15 +488,7 @@ def triton_fp8_grouped_mm_wgrad(
     ends along P, each a multiple of 128 (not checked: that would need a host sync), groups may
     be empty (their block is written as zeros). P must be a multiple of 128.
     """
-    _check_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise=False)
-    if not use_triton(a_q):
-        return torch_fp8_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype)
     return _wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise=False)
-
-
-@triton_fp8_grouped_mm_wgrad.register_fake
-def _(a_q, a_scale, b_q, b_scale, padded_end, out_dtype=torch.bfloat16):
-    return a_q.new_empty(padded_end.shape[0], a_q.shape[0], b_q.shape[0], dtype=out_dtype)
 
 
 @torch.library.custom_op("fp8moe::triton_fp8_grouped_mm_wgrad_rowwise", mutates_args=())
@@ -509,18 +501,23 @@ def triton_fp8_grouped_mm_wgrad_rowwise(
     * a_scale[:, e, None] * b_scale[None, :, e]. Writes fp32 directly, where CUTLASS's
     `torch._scaled_grouped_mm` writes bf16 only (a cast and a bf16 copy held for fp32 masters).
     """
-    _check_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise=True)
-    if not use_triton(a_q):
-        return torch_fp8_grouped_mm_wgrad_rowwise(a_q, a_scale, b_q, b_scale, padded_end, out_dtype)
     return _wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise=True)
 
 
-@triton_fp8_grouped_mm_wgrad_rowwise.register_fake
-def _(a_q, a_scale, b_q, b_scale, padded_end, out_dtype=torch.bfloat16):
+def _wgrad_fake(a_q, a_scale, b_q, b_scale, padded_end, out_dtype=torch.bfloat16):
     return a_q.new_empty(padded_end.shape[0], a_q.shape[0], b_q.shape[0], dtype=out_dtype)
 
 
+triton_fp8_grouped_mm_wgrad.register_fake(_wgrad_fake)
+triton_fp8_grouped_mm_wgrad_rowwise.register_fake(_wgrad_fake)
+
+
 def _wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise: bool) -> torch.Tensor:
+    """Both scalings: checks, the torch reference on a plain CPU, else the kernel."""
+    _check_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise)
+    if not use_triton(a_q):
+        ref = torch_fp8_grouped_mm_wgrad_rowwise if rowwise else torch_fp8_grouped_mm_wgrad
+        return ref(a_q, a_scale, b_q, b_scale, padded_end, out_dtype)
     E, N, K = padded_end.shape[0], a_q.shape[0], b_q.shape[0]
     out = torch.empty(E, N, K, dtype=out_dtype, device=a_q.device)
     if out.numel() == 0 or a_q.shape[1] == 0:
