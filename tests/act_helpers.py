@@ -18,7 +18,8 @@ import math
 import torch
 
 from kernels import reference as ref
-from kernels.common import FP8_DTYPE
+
+from fp8_inputs import group_ends, rows_with_specials
 
 SIZES = [0, 1, 15, 17, 0, 129, 3]  # empty groups, 1, odd sizes, one past a multiple of 128
 DROPPED = 5  # rows past the last group (dropped by capacity): garbage, even NaN, in the inputs
@@ -27,21 +28,8 @@ DROPPED = 5  # rows past the last group (dropped by capacity): garbage, even NaN
 def odd_h(M: int, X: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
     """bf16 rows with the awkward cases: zeros, values at and past the E4M3 limit, a huge dynamic
     range (E4M3 subnormals and underflow), a constant row."""
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(M, X, generator=g) * scale
-    specials = [
-        torch.zeros(X),
-        torch.tensor([448.0, -448.0, 60.0, -30.0, 449.0, 0.5]).repeat(X)[:X],
-        torch.tensor([20.0, -1e-3, 2e-2, 7.0, -1e-6, 0.0]).repeat(X)[:X],
-        torch.full((X,), -2.5),
-    ]
-    for i, row in zip(range(1, M, 7), specials):
-        h[i] = row
-    return h.bfloat16()
-
-
-def group_ends(sizes) -> torch.Tensor:
-    return torch.tensor(sizes, dtype=torch.int64).cumsum(0).to(torch.int32)
+    patterns = [[448.0, -448.0, 60.0, -30.0, 449.0, 0.5], [20.0, -1e-3, 2e-2, 7.0, -1e-6, 0.0]]
+    return rows_with_specials(M, X, patterns, seed, scale)
 
 
 def bwd_inputs(activation: str, F: int, block: int, sizes=SIZES, seed=0, device="cpu", zero_last=True):
@@ -57,15 +45,6 @@ def bwd_inputs(activation: str, F: int, block: int, sizes=SIZES, seed=0, device=
     da[sum(sizes) :] = float("nan")
     h_q.view(torch.uint8)[sum(sizes) :] = 0x7F  # E4M3 NaN
     return tuple(t.to(device) for t in (da, h_q, h_scale, group_ends(sizes)))
-
-
-def assert_same(out, expected):
-    assert len(out) == len(expected)
-    for i, (a, b) in enumerate(zip(out, expected)):
-        assert a.dtype == b.dtype and a.shape == b.shape, (i, a.dtype, b.dtype, a.shape, b.shape)
-        if a.dtype == FP8_DTYPE:
-            a, b = a.view(torch.uint8), b.view(torch.uint8)
-        assert torch.equal(a.cpu(), b.cpu()), f"output {i} differs at {(a != b).nonzero()[:5].tolist()}"
 
 
 def _error_budget(activation: str, h64: torch.Tensor, da64: torch.Tensor | None = None):

@@ -32,7 +32,8 @@ import torch
 
 import kernels.act_quant as act_quant
 import kernels.act_quant_bwd as act_quant_bwd_mod
-from act_helpers import DROPPED, _act_error_bound, assert_same, bwd_inputs, group_ends, odd_h
+from act_helpers import DROPPED, _act_error_bound, bwd_inputs, group_ends, odd_h
+from fp8_inputs import assert_same
 from kernels import reference as ref
 from kernels.act_quant import act_quant_fwd, triton_act_quant_fwd
 from kernels.act_quant_bwd import act_quant_bwd, triton_act_quant_bwd

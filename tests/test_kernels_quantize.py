@@ -33,6 +33,8 @@ from kernels.quantize_grouped import (
 )
 from kernels.quantize_weight import quantize_weight, triton_quantize_weight
 
+from fp8_inputs import assert_same, group_ends, rows_with_specials
+
 SIZES = [0, 1, 15, 17, 0, 129, 3]  # group sizes: empty groups, 1, odd, one past a multiple of 128
 
 
@@ -63,33 +65,11 @@ def ref(monkeypatch):
     return reference
 
 
-def assert_same(out, expected):
-    assert len(out) == len(expected)
-    for i, (a, b) in enumerate(zip(out, expected)):
-        assert a.dtype == b.dtype and a.shape == b.shape, (i, a.dtype, b.dtype, a.shape, b.shape)
-        if a.dtype == FP8_DTYPE:
-            a, b = a.view(torch.uint8), b.view(torch.uint8)
-        assert torch.equal(a.cpu(), b.cpu()), f"output {i} differs at {(a != b).nonzero()[:5].tolist()}"
-
-
 def odd_x(M: int, K: int, seed: int = 0, device="cpu") -> torch.Tensor:
     """bf16 rows with the awkward cases: zeros, values at and past the E4M3 limit, huge dynamic
     range (E4M3 subnormals and underflow to zero), a constant row."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(M, K, generator=g) * 3
-    specials = [
-        torch.zeros(K),
-        torch.tensor([448.0, -448.0, 1000.0, -3e5, 449.0, 0.5]).repeat(K)[:K],
-        torch.tensor([1e4, -1e-3, 2e-2, 7.0, -1e-6, 0.0]).repeat(K)[:K],
-        torch.full((K,), -2.5),
-    ]
-    for i, row in zip(range(1, M, 7), specials):
-        x[i] = row
-    return x.bfloat16().to(device)
-
-
-def group_ends(sizes, device="cpu", dtype=torch.int32) -> torch.Tensor:
-    return torch.tensor(sizes, dtype=torch.int64).cumsum(0).to(dtype=dtype, device=device)
+    patterns = [[448.0, -448.0, 1000.0, -3e5, 449.0, 0.5], [1e4, -1e-3, 2e-2, 7.0, -1e-6, 0.0]]
+    return rows_with_specials(M, K, patterns, seed).to(device)
 
 
 # ---- the interpreter's cast: what the `ref` fixture hides ----------------------------------------
