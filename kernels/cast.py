@@ -1,4 +1,6 @@
-"""fp32 <-> bf16 casts at copy speed, for the experts' weights and weight gradients.
+"""fp32 <-> bf16 casts at copy speed. Off the training path since 72c0dad: the rowwise weight
+gradient, its one user, moved to our Triton GEMM, which writes fp32 itself; bench/gemm.py still
+times the replaced path (CUTLASS bf16 out, then this cast) beside it.
 
     cast(x, dtype) -> x.to(dtype), same bytes (round to nearest even), contiguous in, contiguous out
 
