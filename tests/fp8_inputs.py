@@ -1,4 +1,4 @@
-"""Shared by the FP8 kernel tests: bf16 rows with special rows planted among random ones,
+"""Shared by the kernel tests: bf16 rows with special rows planted among random ones,
 cumulative group ends, and a bitwise comparison of kernel outputs."""
 
 from __future__ import annotations

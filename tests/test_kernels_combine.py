@@ -12,14 +12,9 @@ import torch
 from kernels import reference as ref
 from kernels.combine import UnpermuteCombine, unpermute_combine, unpermute_combine_bwd
 
+from fp8_inputs import assert_same
+
 U32 = 2.0**-24  # fp32 unit roundoff
-
-
-def assert_same(out, expected):
-    assert len(out) == len(expected)
-    for i, (a, b) in enumerate(zip(out, expected)):
-        assert a.dtype == b.dtype and a.shape == b.shape, (i, a.dtype, b.dtype, a.shape, b.shape)
-        assert torch.equal(a.cpu(), b.cpu()), f"output {i} differs at {(a != b).nonzero()[:5].tolist()}"
 
 
 # ---- combine -------------------------------------------------------------------------------------
