@@ -56,6 +56,7 @@ class Shape:
 
 SHAPES = {name: Shape(*dims) for name, dims in DESIGN_SHAPES.items()}  # DESIGN.md's four shapes
 WEIGHT_SWEEP_E = (1, 4, 16, 64, 128)
+WEIGHT_MODES = ("rowwise", "blockwise", "tensorwise")
 # Kernels of 0.05-3 ms: 40 ms of repetitions give a stable median, and ~110 rows fit in ~3 minutes.
 _TIMING = dict(warmup_ms=10, rep_ms=40)
 WEIGHT_SWEEP_SHAPES = ("qwen3_30b_a3b", "deepseek_v3_ep8")  # per-expert w1 sizes for the E sweep
@@ -212,36 +213,46 @@ def bench_quantize_rows_and_cols_grouped(ctx: Context) -> list[dict]:
     return ctx.rows
 
 
-def _weight_rows(ctx: Context, kernel: str, shape: str, w_ENK: torch.Tensor) -> None:
+def _weight_rows(ctx: Context, kernel: str, shape: str, w_ENK: torch.Tensor, modes=WEIGHT_MODES) -> None:
+    """One row per mode. An fp32 w_ENK is an fp32 master, quantized as the layer does it (rounded to
+    bf16 in registers, round_bf16=True): its bytes count 4 per element read, and torchao's
+    counterpart is timed with the fp32 -> bf16 copy its users pay first."""
     from kernels.quantize_weight import quantize_weight
 
     ao = _torchao()
     f8 = torch.float8_e4m3fn
     E, N, K = w_ENK.shape
+    master = w_ENK.dtype == torch.float32
+    to_bf16 = (lambda w: w.to(torch.bfloat16)) if master else (lambda w: w)  # noqa: E731
     w_EKN = w_ENK.transpose(-2, -1)  # torchao's B_t layout: (E, K, N), column-major per expert
-    for mode in ("rowwise", "blockwise", "tensorwise"):
+    for mode in modes:
         n_scales = {"rowwise": E * (N + K), "blockwise": 2 * E * (N // 128) * (K // 128), "tensorwise": 2 * E}[mode]
         ao_fn = None
         if ao and mode == "rowwise":
             ao_fn = lambda: (  # noqa: E731
-                ao["moe"].triton_fp8_colwise_3d_scale_and_cast(w_EKN, f8, False),
-                ao["moe"].triton_fp8_rowwise_3d_transpose_rhs(w_EKN, f8, False),
+                ao["moe"].triton_fp8_colwise_3d_scale_and_cast(w := to_bf16(w_EKN), f8, False),
+                ao["moe"].triton_fp8_rowwise_3d_transpose_rhs(w, f8, False),
             )
         elif ao and mode == "blockwise":
             ao_fn = lambda: (  # noqa: E731
-                ao["grouped"].triton_fp8_blockwise_weight_quant_grouped_transposed_rhs(w_EKN, 128),
-                ao["grouped"].triton_fp8_blockwise_weight_quant_grouped_rhs(w_EKN, 128),
+                ao["grouped"].triton_fp8_blockwise_weight_quant_grouped_transposed_rhs(w := to_bf16(w_EKN), 128),
+                ao["grouped"].triton_fp8_blockwise_weight_quant_grouped_rhs(w, 128),
             )
         ctx.measure(
-            f"{kernel}[{mode}]", shape, E, lambda: quantize_weight(w_ENK, mode),
-            E * N * K * 4 + _scale_bytes(n_scales), ao_fn,
+            f"{kernel}[{mode}{',fp32 master' if master else ''}]", shape, E,
+            lambda: quantize_weight(w_ENK, mode, round_bf16=master),
+            E * N * K * (w_ENK.element_size() + 2) + _scale_bytes(n_scales), ao_fn,
         )  # fmt: skip
 
 
 def bench_quantize_weight(ctx: Context) -> list[dict]:
     for name, s in ctx.shapes.items():
-        _weight_rows(ctx, f"quantize_weight_w1[N={s.F1},K={s.H}]", name, _x(s.E, s.F1, s.H))
-        _weight_rows(ctx, f"quantize_weight_w2[N={s.H},K={s.F}]", name, _x(s.E, s.H, s.F))
+        for w_ENK in (_x(s.E, s.F1, s.H), _x(s.E, s.F1, s.H).float()):
+            modes = WEIGHT_MODES if w_ENK.dtype == torch.bfloat16 else ("rowwise", "blockwise")  # the recipes'
+            _weight_rows(ctx, f"quantize_weight_w1[N={s.F1},K={s.H}]", name, w_ENK, modes)
+        for w_ENK in (_x(s.E, s.H, s.F), _x(s.E, s.H, s.F).float()):
+            modes = WEIGHT_MODES if w_ENK.dtype == torch.bfloat16 else ("rowwise", "blockwise")
+            _weight_rows(ctx, f"quantize_weight_w2[N={s.H},K={s.F}]", name, w_ENK, modes)
         gc.collect()
         torch.cuda.empty_cache()
     return ctx.rows

@@ -19,10 +19,12 @@ Impls (same weights and inputs):
                    of one micro-batch per optimizer step, the worst case)
   rowwise_compiled, blockwise_compiled  the same module under torch.compile (issue 5: eager
                    within 5% of compiled); not in the default list, ask for them by name
-ms: the median of --repeats (3) measurements, each the median of CUDA-event timings after
-warm-up (bench.common.time_ms), listed in ms_repeats: one H200 run at 12665eb timed Mixtral
-rowwise at 29.3 ms where the same row took 26.0 a minute later (a slow spell of the machine;
-single measurements of that row spread 25.9-29.3 over four runs); tflops: 3 x forward
+ms: the median of --repeats (3) measurements, each the median of CUDA-event timings over
+_TIMING's 500 ms after warm-up (bench.common.time_ms), listed in ms_repeats: one H200 run at
+12665eb timed Mixtral rowwise at 29.3 ms where the same row took 26.0 a minute later (a slow
+spell of the machine; single measurements of that row spread 25.9-29.3 over four runs), and at
+a0beeba, with 100 ms per measurement (3 steps of ~28 ms), its three measurements were 28.7 /
+26.3 / 28.2; tflops: 3 x forward
 GEMM FLOPs / time; peak_gib: peak allocated memory during one fwd+bwd, everything alive counted;
 ms_weights_cached (FP8 eager rows): the same step reusing the FP8 weights, as every micro-batch of
 a step after the first does (with n micro-batches: ms + (n - 1) * ms_weights_cached per step).
@@ -77,6 +79,11 @@ def _padded_for_torchao(x_MH: torch.Tensor, counts: torch.Tensor, align: int = 1
     return out, torch.cumsum(padded, 0).to(torch.int32).cuda()
 
 
+# ~18 steps at Mixtral's 28 ms (the default 100 ms gave 3), ~75 at Qwen3's 6.7: a slow spell of a
+# second or two moves one measurement's median less, and the median of three moves it little.
+_TIMING = dict(warmup_ms=100, rep_ms=500)
+
+
 def bench_one(shape: str, impl: str, routing: str, weights: str = "fp32", profile: bool = False,
               repeats: int = 3) -> dict:
     M, H, F, E, act = SHAPES[shape]
@@ -126,10 +133,10 @@ def bench_one(shape: str, impl: str, routing: str, weights: str = "fp32", profil
     cached = recipe in ("rowwise", "blockwise") and impl == recipe
     times, times_cached = [], []
     for _ in range(repeats):  # the two timings interleaved, so a slow spell meets both
-        times.append(time_ms(step))
+        times.append(time_ms(step, **_TIMING))
         if cached:
             mod.cache_weights = True
-            times_cached.append(time_ms(step))
+            times_cached.append(time_ms(step, **_TIMING))
             mod.cache_weights = False
             mod.invalidate_weight_cache()
     ms = statistics.median(times)

@@ -1,6 +1,6 @@
 """Expert weights to FP8, both orientations the grouped GEMMs need, from one call.
 
-    quantize_weight(w_ENK, mode, pow2_scale) -> QuantizedWeight(q_ENK, scale, qt_EKN, scale_t)
+    quantize_weight(w_ENK, mode, pow2_scale, round_bf16) -> QuantizedWeight(q_ENK, scale, qt_EKN, scale_t)
 
 q_ENK (forward operand, nn.Linear layout) is scaled along K, qt_EKN (contiguous (E, K, N), the
 operand of the transposed GEMM) along N:
@@ -13,6 +13,11 @@ One grid over (tiles of an expert) x experts, so time grows linearly with E and 
 blockwise is one pass (read w once, write q and qt). rowwise and tensorwise need amaxes spanning
 a whole row / column / expert first: an amax pass (atomic max of fp32 bits as int32) then the
 quantize pass, so w is read twice. Scale rule and division: kernels/common.py.
+
+fp32 master weights go in as they are, with round_bf16=True: each tile is rounded to bf16 in
+registers, so the FP8 bytes equal those of their bf16 copy, which is never written. Against
+torch's fp32 -> bf16 copy followed by the bf16 quantizer (H200, Mixtral-8x7B width, both weights):
+rowwise 4.32 -> 3.62 ms, blockwise 3.67 -> 2.76 ms (the copy alone is 1.93 ms).
 """
 
 from __future__ import annotations
@@ -48,10 +53,16 @@ def _tile_coords(N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _load(ptrs, mask, EVEN: tl.constexpr):
+def _load(ptrs, mask, EVEN: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """The tile as fp32; ROUND_BF16: fp32 input rounded to the bf16 grid first (to nearest even,
+    as torch's .to(torch.bfloat16)), so an fp32 master quantizes exactly as its bf16 copy would."""
     if EVEN:
-        return tl.load(ptrs).to(tl.float32)
-    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(ptrs)
+    else:
+        w = tl.load(ptrs, mask=mask, other=0.0)
+    if ROUND_BF16:
+        w = w.to(tl.bfloat16)
+    return w.to(tl.float32)
 
 
 @triton.jit
@@ -65,8 +76,8 @@ def _store(ptrs, v, mask, EVEN: tl.constexpr):
 @triton.jit
 def _weight_amax_kernel(
     w_ptr, row_amax_ptr, col_amax_ptr, N, K,
-    MODE: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    KSTEPS: tl.constexpr,
+    MODE: tl.constexpr, EVEN: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, KSTEPS: tl.constexpr,
 ):  # fmt: skip
     """rowwise: row_amax (E, N) and col_amax (E, K); tensorwise: row_amax (E,). int32 bits.
 
@@ -78,7 +89,7 @@ def _weight_amax_kernel(
     rmax = tl.zeros([BLOCK_N], dtype=tl.float32)
     for i in range(KSTEPS):
         k = (pid_k * KSTEPS + i) * BLOCK_K + tl.arange(0, BLOCK_K)
-        aw = tl.abs(_load(w_ptr + base + n[:, None] * K + k[None, :], (n < N)[:, None] & (k < K)[None, :], EVEN))
+        aw = tl.abs(_load(w_ptr + base + n[:, None] * K + k[None, :], (n < N)[:, None] & (k < K)[None, :], EVEN, ROUND_BF16))
         rmax = tl.maximum(rmax, tl.max(aw, axis=1))
         if MODE == 0:
             cmax = tl.max(aw, axis=0).to(tl.int32, bitcast=True)
@@ -92,7 +103,7 @@ def _weight_amax_kernel(
 @triton.jit
 def _weight_quant_kernel(
     w_ptr, row_amax_ptr, col_amax_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, N, K,
-    MODE: tl.constexpr, POW2: tl.constexpr, EVEN: tl.constexpr,
+    MODE: tl.constexpr, POW2: tl.constexpr, EVEN: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_N: tl.constexpr,
 ):  # fmt: skip
     """Writes q (E, N, K) and qt (E, K, N) for one BLOCK_N x BLOCK_K tile, in SUB_N-row slices.
@@ -108,7 +119,7 @@ def _weight_quant_kernel(
         amax = 0.0
         for i in range(0, BLOCK_N, SUB_N):
             n = pid_n * BLOCK_N + i + tl.arange(0, SUB_N)
-            w = _load(w_ptr + base + n[:, None] * K + k[None, :], (n < N)[:, None] & k_ok[None, :], EVEN)
+            w = _load(w_ptr + base + n[:, None] * K + k[None, :], (n < N)[:, None] & k_ok[None, :], EVEN, ROUND_BF16)
             amax = tl.maximum(amax, tl.max(tl.max(tl.abs(w), axis=1), axis=0))
         scale = tl_fp8_scale(amax, POW2)
         n_blk_n = N // BLOCK_N
@@ -140,7 +151,7 @@ def _weight_quant_kernel(
                 tl.store(s_ptr + e * N + n, rscale, mask=n_ok)
             rs, rr, rf = tl_fp8_divisor(rscale[:, None])
         mask = n_ok[:, None] & k_ok[None, :]
-        w = _load(w_ptr + base + n[:, None] * K + k[None, :], mask, EVEN)
+        w = _load(w_ptr + base + n[:, None] * K + k[None, :], mask, EVEN, ROUND_BF16)
         _store(q_ptr + base + n[:, None] * K + k[None, :], tl_fp8_quantize_by(w, rs, rr, rf), mask, EVEN)
         # The transposed copy is transposed in registers (tl.trans) and stored row-major. Storing
         # the untransposed tile through transposed pointers (k * N + n) left ~25% of the rowwise
@@ -150,15 +161,20 @@ def _weight_quant_kernel(
 
 
 def _quantize_weight_impl(
-    w_ENK: torch.Tensor, mode: str, pow2_scale: bool
+    w_ENK: torch.Tensor, mode: str, pow2_scale: bool, round_bf16: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check_quantize_weight_args(w_ENK, mode)
-    if w_ENK.is_cuda and w_ENK.dtype != torch.bfloat16 and mode != "rowwise":
+    round_bf16 = round_bf16 and w_ENK.dtype != torch.bfloat16
+    if w_ENK.is_cuda and w_ENK.dtype != torch.bfloat16 and mode != "rowwise" and not round_bf16:
         # Measured on H200 with triton 3.6 (tests/test_kernels_quantize.py::test_quantize_weight_gpu):
-        # from fp32 tiles the transposed qt of the blockwise and tensorwise modes came back with
-        # rows of wrong bytes (q and the scales right; bf16 input bitwise right). Transposing the
-        # fp8 tile in registers (below) fixed the rowwise mode only. Callers pass bf16 there.
-        raise ValueError(f"quantize_weight({mode!r}) takes bfloat16 weights on the GPU, got {w_ENK.dtype}")
+        # from fp32 tiles the transposed qt of the blockwise and tensorwise modes comes back with
+        # ~25% wrong bytes (q and the scales right), whether the fp8 or the fp32 tile is
+        # transposed in registers. The same fp32 tiles rounded to bf16 in registers (round_bf16,
+        # the layer's path) come back bitwise right at every shape tried, as do bf16 inputs.
+        raise ValueError(
+            f"quantize_weight({mode!r}) takes bfloat16 weights, or fp32 with round_bf16=True, on the GPU; "
+            f"got {w_ENK.dtype} with round_bf16=False"
+        )
     w_ENK = w_ENK.contiguous()
     E, N, K = w_ENK.shape
     dev = w_ENK.device
@@ -170,7 +186,8 @@ def _quantize_weight_impl(
     if E == 0:
         return q_ENK, scale, qt_EKN, scale_t
     MODE = _MODES[mode]
-    BLOCK_N, BLOCK_K, SUB_N, num_warps = _weight_launch_config(mode)
+    wide = w_ENK.element_size() == 4
+    BLOCK_N, BLOCK_K, SUB_N, num_warps = _weight_launch_config(mode, wide)
     EVEN = N % BLOCK_N == 0 and K % BLOCK_K == 0
     grid = (triton.cdiv(N, BLOCK_N) * triton.cdiv(K, BLOCK_K), E)
     row_amax = col_amax = scale  # placeholders, unused by blockwise
@@ -178,7 +195,7 @@ def _quantize_weight_impl(
         n_row = E * N if MODE == 0 else E
         amax = torch.zeros((n_row + (E * K if MODE == 0 else 0),), dtype=torch.int32, device=dev)
         row_amax, col_amax = amax[:n_row], amax[n_row:]
-        ABN, ABK, a_warps = _AMAX_BLOCKS
+        ABN, ABK, a_warps = _AMAX_BLOCKS[wide]
         tiles_k = triton.cdiv(K, ABK)
         # Fewer, longer programs while _AMAX_MIN_PROGRAMS remain: less atomic contention.
         min_programs = _AMAX_MIN_PROGRAMS[mode]
@@ -186,18 +203,22 @@ def _quantize_weight_impl(
         ksteps = 1 << (ksteps.bit_length() - 1)  # a power of two <= tiles_k
         _weight_amax_kernel[(triton.cdiv(N, ABN) * triton.cdiv(K, ABK * ksteps), E)](
             w_ENK, row_amax, col_amax, N, K, MODE=MODE, EVEN=N % ABN == 0 and K % (ABK * ksteps) == 0,
-            BLOCK_N=ABN, BLOCK_K=ABK, KSTEPS=ksteps, num_warps=a_warps, num_stages=_NUM_STAGES,
+            ROUND_BF16=round_bf16, BLOCK_N=ABN, BLOCK_K=ABK, KSTEPS=ksteps, num_warps=a_warps,
+            num_stages=_NUM_STAGES,
         )  # fmt: skip
     _weight_quant_kernel[grid](
         w_ENK, row_amax, col_amax, q_ENK, qt_EKN, scale, scale_t, N, K,
-        MODE=MODE, POW2=pow2_scale, EVEN=EVEN, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SUB_N=SUB_N,
-        num_warps=num_warps, num_stages=_NUM_STAGES,
+        MODE=MODE, POW2=pow2_scale, EVEN=EVEN, ROUND_BF16=round_bf16,
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SUB_N=SUB_N, num_warps=num_warps,
+        num_stages=_NUM_STAGES,
     )  # fmt: skip
     return q_ENK, scale, qt_EKN, scale_t
 
 
-# (BLOCK_N, BLOCK_K, num_warps) of the amax pass (rowwise, tensorwise).
-_AMAX_BLOCKS = (128, 64, 4)
+# (BLOCK_N, BLOCK_K, num_warps) of the amax pass (rowwise, tensorwise), by input: [bf16, fp32].
+# fp32 masters: 64x64 tiles took Mixtral w2 from 1.30 to 1.26 ms and DeepSeek w13 from 2.56 to
+# 2.47 (amax + quantize passes, H200, wq sweep at the commit after a0beeba); Qwen3 w2 0.54 -> 0.55.
+_AMAX_BLOCKS = ((128, 64, 4), (64, 64, 4))
 # Programs the amax pass keeps before it lengthens them (fewer atomics on one address). Rowwise
 # atomics spread over E x (N + K) words: 16384 (~120 per SM) against 1024 took the pass + the
 # quantize pass at Mixtral-8x7B width from 1.69 to 1.60 ms (w13) and 0.96 to 0.81 ms (w2), Qwen3
@@ -205,14 +226,17 @@ _AMAX_BLOCKS = (128, 64, 4)
 _AMAX_MIN_PROGRAMS = {"rowwise": 16384, "tensorwise": 1024}
 
 
-def _weight_launch_config(mode: str) -> tuple[int, int, int, int]:
+def _weight_launch_config(mode: str, wide: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, SUB_N, num_warps) of the quantize pass; blockwise tiles are the 128x128
-    scale blocks, swept in SUB_N-row slices. Rowwise 64-row slices: within 1-4% of 32 and of
-    128x128 tiles with 8 warps in that sweep, ahead at most shapes; 64x256 tiles were 2x slower."""
+    scale blocks, swept in SUB_N-row slices. wide: fp32 input. Rowwise from bf16, 64-row slices:
+    within 1-4% of 32 and of 128x128 tiles with 8 warps in that sweep, ahead at most shapes;
+    64x256 tiles were 2x slower. From fp32, 32-row slices (half the registers of a 64-row fp32
+    slice): Mixtral w13 2.54 -> 2.40 ms, w2 1.30 -> 1.22, Qwen3 w13 1.10 -> 1.04 (both passes);
+    blockwise from fp32 keeps 64-row slices and 8 warps (32 rows: 1.83 -> 2.13 ms at Mixtral w13)."""
     if mode == "blockwise":
         return 128, 128, 64, 8
     if mode == "rowwise":
-        return 64, 128, 64, 4
+        return (64, 128, 32, 4) if wide else (64, 128, 64, 4)
     return 64, 128, 32, 4
 
 
@@ -228,7 +252,7 @@ triton_quantize_weight = torch.library.custom_op("fp8moe::quantize_weight", muta
 
 
 @triton_quantize_weight.register_fake
-def _(w_ENK, mode, pow2_scale):
+def _(w_ENK, mode, pow2_scale, round_bf16=False):
     check_quantize_weight_args(w_ENK, mode)
     E, N, K = w_ENK.shape
     scale_shape, scale_t_shape = _scale_shapes(E, N, K, mode)
@@ -240,11 +264,15 @@ def _(w_ENK, mode, pow2_scale):
     )
 
 
-def quantize_weight(w_ENK: torch.Tensor, mode: str = "rowwise", pow2_scale: bool = False) -> QuantizedWeight:
-    """Both FP8 orientations of w_ENK (see the module docstring). Eager calls skip the custom
-    op's dispatch (~15 us of host time); torch.compile traces the op."""
+def quantize_weight(
+    w_ENK: torch.Tensor, mode: str = "rowwise", pow2_scale: bool = False, round_bf16: bool = False
+) -> QuantizedWeight:
+    """Both FP8 orientations of w_ENK (see the module docstring). round_bf16: quantize the bf16
+    rounding of an fp32 w_ENK (bitwise what quantizing w_ENK.to(torch.bfloat16) gives) without
+    writing that copy. Eager calls skip the custom op's dispatch (~15 us of host time);
+    torch.compile traces the op."""
     if not use_triton(w_ENK):
-        return QuantizedWeight(*torch_quantize_weight(w_ENK, mode, pow2_scale))
+        return QuantizedWeight(*torch_quantize_weight(w_ENK, mode, pow2_scale, round_bf16))
     if torch.compiler.is_compiling():
-        return QuantizedWeight(*triton_quantize_weight(w_ENK, mode, pow2_scale))
-    return QuantizedWeight(*_quantize_weight_impl(w_ENK, mode, pow2_scale))
+        return QuantizedWeight(*triton_quantize_weight(w_ENK, mode, pow2_scale, round_bf16))
+    return QuantizedWeight(*_quantize_weight_impl(w_ENK, mode, pow2_scale, round_bf16))

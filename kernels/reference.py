@@ -157,7 +157,7 @@ def torch_quantize_rows_and_cols_grouped(
 
 
 def torch_quantize_weight(
-    w_ENK: torch.Tensor, mode: str = "rowwise", pow2_scale: bool = False
+    w_ENK: torch.Tensor, mode: str = "rowwise", pow2_scale: bool = False, round_bf16: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both FP8 operands of the expert weights, for the forward and the transposed GEMMs.
 
@@ -165,9 +165,10 @@ def torch_quantize_weight(
     scaled along N. rowwise: scale (E, N), scale_t (E, K); blockwise (128x128 blocks, N and K
     multiples of 128): scale (E, N//128, K//128) and scale_t its transpose (E, K//128, N//128),
     qt_EKN is exactly q_ENK transposed; tensorwise: scale and scale_t (E,), qt_EKN = q_ENK^T.
+    round_bf16: the values quantized are w_ENK rounded to bf16 first.
     """
     check_quantize_weight_args(w_ENK, mode)
-    w = w_ENK.float()
+    w = (w_ENK.to(torch.bfloat16) if round_bf16 else w_ENK).float()
     E, N, K = w.shape
     if mode == "rowwise":
         scale = torch_fp8_scale(w.abs().amax(dim=2), pow2_scale)

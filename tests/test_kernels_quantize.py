@@ -235,17 +235,24 @@ def test_quantize_weight(ref, mode, pow2, dtype):
         w = w * (1 + 1e-3 * torch.rand(w.shape, generator=torch.Generator().manual_seed(1)))
     w[1] = 0  # an all-zero expert
     assert_same(tuple(quantize_weight(w, mode, pow2)), ref.torch_quantize_weight(w, mode, pow2))
+    # round_bf16: an fp32 master quantizes exactly as its bf16 copy (a no-op on bf16 input)
+    rounded = tuple(quantize_weight(w, mode, pow2, round_bf16=True))
+    assert_same(rounded, ref.torch_quantize_weight(w, mode, pow2, round_bf16=True))
+    assert_same(rounded, ref.torch_quantize_weight(w.to(torch.bfloat16), mode, pow2))
 
 
 def test_quantize_weight_amax_steps(ref, monkeypatch):
     """The amax pass's multi-block programs (KSTEPS > 1, a ragged last one), at a tiny size."""
     import kernels.quantize_weight as kw
 
-    monkeypatch.setattr(kw, "_AMAX_BLOCKS", (16, 16, 1))
+    monkeypatch.setattr(kw, "_AMAX_BLOCKS", ((16, 16, 1), (16, 32, 1)))  # bf16, fp32 input
     monkeypatch.setattr(kw, "_AMAX_MIN_PROGRAMS", {"rowwise": 8, "tensorwise": 8})
     w = odd_x(2 * 72, 200).view(2, 72, 200)
+    w32 = w.float() * (1 + 1e-3 * torch.rand(w.shape, generator=torch.Generator().manual_seed(2)))
     for mode in ("rowwise", "tensorwise"):
         assert_same(tuple(quantize_weight(w, mode, True)), ref.torch_quantize_weight(w, mode, True))
+        got = tuple(quantize_weight(w32, mode, True, round_bf16=True))
+        assert_same(got, ref.torch_quantize_weight(w32, mode, True, round_bf16=True))
 
 
 def test_bad_arguments():
@@ -342,8 +349,12 @@ def test_quantize_weight_gpu(mode, E, N, K):
     w32 = w.float() * (1 + 1e-3 * torch.rand(w.shape, device="cuda"))
     for pow2 in (False, True):
         assert_same(tuple(quantize_weight(w, mode, pow2)), reference.torch_quantize_weight(w, mode, pow2))
+        # the layer's path: fp32 masters rounded to bf16 in registers, bitwise their bf16 copy's bytes
+        rounded = tuple(quantize_weight(w32, mode, pow2, round_bf16=True))
+        assert_same(rounded, reference.torch_quantize_weight(w32, mode, pow2, round_bf16=True))
+        assert_same(rounded, tuple(quantize_weight(w32.to(torch.bfloat16), mode, pow2)))
         if mode == "rowwise":
             assert_same(tuple(quantize_weight(w32, mode, pow2)), reference.torch_quantize_weight(w32, mode, pow2))
         else:  # refused until triton's miscompile of the transposed store is found
-            with pytest.raises(ValueError, match="bfloat16"):
+            with pytest.raises(ValueError, match="round_bf16"):
                 quantize_weight(w32, mode, pow2)
