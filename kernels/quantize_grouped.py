@@ -21,9 +21,9 @@ launches and no small torch ops.
 Passes (memory-bound; bytes per element of x: read 2, write 1 per output). A quantize-pass
 program owns BLOCK_P padded token positions x BLOCK_K columns with BLOCK_P dividing align, so
 its tile lies inside one group and the padding is just the rows its masked loads leave at zero.
-- block 128 (blockwise recipe): one pass over HBM. BLOCK_P = 128 is one scale tile; the program
-  sweeps it twice in 32-row slices: first for the column amax (fused: also writing q with each
-  row's own 1x128 scale), then again, from L1/L2, to write qt.
+- block 128 (blockwise recipe): one pass over HBM. BLOCK_P = 128 is one scale tile, held in
+  registers: the column amax (fused: also q with each row's own 1x128 scale), then qt. (The
+  kernel can also sweep it twice in smaller slices, the second from L1/L2: slower, see below.)
 - block 0 (rowwise recipe): the scale of a column spans the whole group, so an amax pass (atomic
   max of fp32 bits as int32, relaxed) precedes the quantize pass: x is read twice. Fused, the
   amax pass also takes row amaxes, and the quantize pass writes both q and qt from one tile.
@@ -134,20 +134,30 @@ def _gather_rows(x_ptr, idx_ptr, stride_xm, r, in_g, cols, col_ok, HAS_IDX: tl.c
 
 
 @triton.jit
+def _store_rows_1x128(x, r, in_g, cols, col_ok, kb, q_ptr, rscale_ptr, K, POW2: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Fused blockwise: q rows of the tile, each scaled by its own 1x128 amax, and those scales."""
+    rscale = tl_fp8_scale(tl.max(tl.abs(x), axis=1), POW2)
+    tl.store(rscale_ptr + r * (K // BLOCK_K) + kb, rscale, mask=in_g)
+    q_ptrs = q_ptr + r.to(tl.int64)[:, None] * K + cols[None, :]
+    tl.store(q_ptrs, tl_fp8_quantize(x, rscale[:, None]), mask=in_g[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def _cols_quant_kernel(
     x_ptr, idx_ptr, ge_ptr, col_amax_ptr, gamax_ptr, qt_ptr, cscale_ptr, pend_ptr,
     row_amax_ptr, q_ptr, rscale_ptr,
     M, K, P, stride_xm, E, align,
     HAS_IDX: tl.constexpr, POW2: tl.constexpr, BLOCKWISE: tl.constexpr, ROWS: tl.constexpr,
     RETURN_AMAX: tl.constexpr, E_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-    SUB_P: tl.constexpr, N_CHUNKS: tl.constexpr,
+    SUB_P: tl.constexpr, N_CHUNKS: tl.constexpr, ONE_SLICE: tl.constexpr,
 ):  # fmt: skip
     """Writes qt[k, p] for BLOCK_P padded token positions x BLOCK_K columns, zeros in padding.
 
     BLOCK_P divides align, so a tile lies in one group, in the tail (ROWS) or past every group:
     one scale vector per tile, and the padding is the rows the masked loads leave at zero.
     BLOCKWISE (BLOCK_P == 128): the column amax is this tile's, taken in a first sweep over
-    SUB_P-row slices; the second sweep re-reads them (L1/L2) to quantize. Else the column
+    SUB_P-row slices; the second sweep re-reads them (L1/L2) to quantize; ONE_SLICE (SUB_P ==
+    BLOCK_P): the tile is loaded once and kept in registers for both. Else the column
     scales come from col_amax (pass 1) and there is one sweep.
     ROWS (fused): also writes q[m, k] for the tile's rows, scaled by row_amax (rowwise) or by
     the rows' own 1x128 amax (BLOCKWISE, BLOCK_K == 128).
@@ -179,18 +189,24 @@ def _cols_quant_kernel(
                         tl.atomic_max(gamax_ptr + pid_p, tl.max(amax, 0).to(tl.int32, bitcast=True), sem="relaxed")
             qt_cols = qt_ptr + cols.to(tl.int64)[None, :] * P
             if BLOCKWISE:  # sweep 1 over the 128 tokens: column amax (and the q rows, fused)
-                cmax = tl.zeros([BLOCK_K], dtype=tl.float32)
-                for i in range(0, BLOCK_P, SUB_P):
-                    pp = first + i + tl.arange(0, SUB_P)
+                if ONE_SLICE:  # the whole tile in registers: one load, no second sweep
+                    pp = first + tl.arange(0, BLOCK_P)
                     in_g = (pp >= ps) & (pp < ps + size)
                     r = st + pp - ps
-                    x = _gather_rows(x_ptr, idx_ptr, stride_xm, r, in_g, cols, col_ok, HAS_IDX)
+                    x_tile = _gather_rows(x_ptr, idx_ptr, stride_xm, r, in_g, cols, col_ok, HAS_IDX)
                     if ROWS:
-                        rscale = tl_fp8_scale(tl.max(tl.abs(x), axis=1), POW2)
-                        tl.store(rscale_ptr + r * (K // BLOCK_K) + kb, rscale, mask=in_g)
-                        q_ptrs = q_ptr + r.to(tl.int64)[:, None] * K + cols[None, :]
-                        tl.store(q_ptrs, tl_fp8_quantize(x, rscale[:, None]), mask=in_g[:, None] & col_ok[None, :])
-                    cmax = tl.maximum(cmax, tl.max(tl.abs(x), axis=0))
+                        _store_rows_1x128(x_tile, r, in_g, cols, col_ok, kb, q_ptr, rscale_ptr, K, POW2, BLOCK_K)
+                    cmax = tl.max(tl.abs(x_tile), axis=0)
+                else:
+                    cmax = tl.zeros([BLOCK_K], dtype=tl.float32)
+                    for i in range(0, BLOCK_P, SUB_P):
+                        pp = first + i + tl.arange(0, SUB_P)
+                        in_g = (pp >= ps) & (pp < ps + size)
+                        r = st + pp - ps
+                        x = _gather_rows(x_ptr, idx_ptr, stride_xm, r, in_g, cols, col_ok, HAS_IDX)
+                        if ROWS:
+                            _store_rows_1x128(x, r, in_g, cols, col_ok, kb, q_ptr, rscale_ptr, K, POW2, BLOCK_K)
+                        cmax = tl.maximum(cmax, tl.max(tl.abs(x), axis=0))
                 cmax = tl.where(g < E, cmax, 0.0)  # no group (or the tail): scale 1, zeros
                 cscale = tl_fp8_scale(cmax, POW2)
                 tl.store(cscale_ptr + cols * (P // BLOCK_P) + pid_p, cscale, mask=col_ok)
@@ -201,23 +217,28 @@ def _cols_quant_kernel(
                 amax = tl.load(col_amax_ptr + tl.minimum(g, E - 1) * K + cols, mask=col_ok, other=0)
                 cscale = tl_fp8_scale(amax.to(tl.float32, bitcast=True), POW2)
             cs, cr, cf = tl_fp8_divisor(cscale[None, :])  # before the tile loads (see tl_fp8_divisor)
-            for i in range(0, BLOCK_P, SUB_P):  # BLOCKWISE: sweep 2, the same rows again (L1/L2)
-                pp = first + i + tl.arange(0, SUB_P)
-                in_g = (pp >= ps) & (pp < ps + size)
-                r = st + pp - ps
-                if ROWS and not BLOCKWISE:
-                    ramax = tl.load(row_amax_ptr + r, mask=in_g, other=0).to(tl.float32, bitcast=True)
-                    rscale = tl_fp8_scale(ramax, POW2)
-                    if kb == 0:
-                        tl.store(rscale_ptr + r, rscale, mask=in_g)
-                    rs, rr, rf = tl_fp8_divisor(rscale[:, None])
-                x = _gather_rows(x_ptr, idx_ptr, stride_xm, r, in_g, cols, col_ok, HAS_IDX)
+            if ONE_SLICE:
                 if ROWS:
-                    if not BLOCKWISE:
-                        q_ptrs = q_ptr + r.to(tl.int64)[:, None] * K + cols[None, :]
-                        tl.store(q_ptrs, tl_fp8_quantize_by(x, rs, rr, rf), mask=in_g[:, None] & col_ok[None, :])
-                    x = tl.where(g < E, x, 0.0)  # the tail's rows go to q only
-                tl.store(qt_cols + pp[:, None], tl_fp8_quantize_by(x, cs, cr, cf), mask=col_ok[None, :])
+                    x_tile = tl.where(g < E, x_tile, 0.0)  # the tail's rows go to q only
+                tl.store(qt_cols + pp[:, None], tl_fp8_quantize_by(x_tile, cs, cr, cf), mask=col_ok[None, :])
+            else:
+                for i in range(0, BLOCK_P, SUB_P):  # BLOCKWISE: sweep 2, the same rows again (L1/L2)
+                    pp = first + i + tl.arange(0, SUB_P)
+                    in_g = (pp >= ps) & (pp < ps + size)
+                    r = st + pp - ps
+                    if ROWS and not BLOCKWISE:
+                        ramax = tl.load(row_amax_ptr + r, mask=in_g, other=0).to(tl.float32, bitcast=True)
+                        rscale = tl_fp8_scale(ramax, POW2)
+                        if kb == 0:
+                            tl.store(rscale_ptr + r, rscale, mask=in_g)
+                        rs, rr, rf = tl_fp8_divisor(rscale[:, None])
+                    x = _gather_rows(x_ptr, idx_ptr, stride_xm, r, in_g, cols, col_ok, HAS_IDX)
+                    if ROWS:
+                        if not BLOCKWISE:
+                            q_ptrs = q_ptr + r.to(tl.int64)[:, None] * K + cols[None, :]
+                            tl.store(q_ptrs, tl_fp8_quantize_by(x, rs, rr, rf), mask=in_g[:, None] & col_ok[None, :])
+                        x = tl.where(g < E, x, 0.0)  # the tail's rows go to q only
+                    tl.store(qt_cols + pp[:, None], tl_fp8_quantize_by(x, cs, cr, cf), mask=col_ok[None, :])
 
 
 # ((BLOCK_M, BLOCK_K, num_warps) of the amax pass, (BLOCK_P, BLOCK_K, SUB_P, N_CHUNKS, num_warps)
@@ -229,10 +250,14 @@ def _cols_quant_kernel(
 # Mixtral K=28672, 0.40 -> 0.23 at Qwen3 K=2048, 0.54 -> 0.36 at DeepSeek K=7168, and fused
 # rows+cols 1.19 -> 0.99, 0.46 -> 0.34, 0.68 -> 0.53; 32- and 64-token tiles and 8 warps were
 # slower, 128x64 tiles tied on the fused op. The amax pass's 128x64 beat 256x64, 64x128, 128x128,
-# 256x32 and 512x32; the blockwise shapes beat 16/64-row slices, 1/4/8 warps and 32-wide tiles.
+# 256x32 and 512x32. Blockwise: the whole 128-token tile in registers (ONE_SLICE) against 32-row
+# slices swept twice (H200, commit after 1a72659, skewed groups): cols-only 128x64 tiles, 2 warps,
+# 0.668 -> 0.575 ms at Mixtral K=28672, 0.359 -> 0.330 at DeepSeek K=7168, 0.228 -> 0.218 at
+# Qwen3 K=2048; fused rows+cols 128x128, 4 warps, 1.434 -> 1.177, 0.755 -> 0.648, 0.489 -> 0.411
+# (8 warps, 128-wide cols-only tiles, 64-row slices and software pipelining were slower or tied).
 _LAUNCH_CONFIGS = {
-    (True, False): ((0, 0, 0), (128, 64, 32, 1, 2)),
-    (True, True): ((0, 0, 0), (128, 128, 32, 1, 4)),
+    (True, False): ((0, 0, 0), (128, 64, 128, 1, 2)),
+    (True, True): ((0, 0, 0), (128, 128, 128, 1, 4)),
     (False, False): ((128, 64, 4), (128, 128, 32, 1, 4)),
     (False, True): ((128, 64, 4), (128, 128, 32, 1, 4)),
 }
@@ -288,7 +313,8 @@ def _grouped_impl(x_MK, group_end_E, align, block, pow2_scale, row_index_M, retu
         M, K, P, x_MK.stride(0), E, align,
         HAS_IDX=row_index_M is not None, POW2=pow2_scale, BLOCKWISE=bool(block), ROWS=rows,
         RETURN_AMAX=return_amax, E_PAD=E_PAD, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K,
-        SUB_P=SUB_P, N_CHUNKS=N_CHUNKS, num_warps=warps, num_stages=_NUM_STAGES,
+        SUB_P=SUB_P, N_CHUNKS=N_CHUNKS, ONE_SLICE=bool(block) and SUB_P == BLOCK_P,
+        num_warps=warps, num_stages=_NUM_STAGES,
     )  # fmt: skip
     amax_E = gamax.view(torch.float32) if return_amax else amax_buf.new_empty((0,), dtype=torch.float32)
     cols = (qt_KP, cscale, padded_end_E, amax_E)

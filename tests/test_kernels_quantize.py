@@ -212,6 +212,24 @@ def test_quantize_cols_grouped(ref, block, align, pow2, gather, tail, K):
     assert_same(tuple(quantize_rows_and_cols_grouped(*args)), ref.torch_quantize_rows_and_cols_grouped(*args))
 
 
+@pytest.mark.parametrize("tile", [(128, 128, 32, 1, 4), (128, 128, 128, 1, 4), (128, 128, 128, 2, 8)])
+def test_quantize_grouped_blockwise_tiles(ref, monkeypatch, tile):
+    """The blockwise programs' two forms: 32-row slices swept twice, and the whole 128-token tile
+    kept in registers (ONE_SLICE), with several column blocks per program; the tail rows and
+    the gather included."""
+    import kernels.quantize_grouped as kg
+
+    for rows in (False, True):
+        monkeypatch.setitem(kg._LAUNCH_CONFIGS, (True, rows), ((0, 0, 0), tile))
+    x = odd_x(sum(SIZES) + 5, 384)
+    ends = group_ends(SIZES)
+    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(4))
+    for gather in (None, idx):
+        args = (x, ends, 128, 128, False, gather, True)
+        assert_same(tuple(quantize_cols_grouped(*args)), ref.torch_quantize_cols_grouped(*args))
+        assert_same(tuple(quantize_rows_and_cols_grouped(*args)), ref.torch_quantize_rows_and_cols_grouped(*args))
+
+
 @pytest.mark.parametrize("block", [0, 128])
 def test_quantize_grouped_empty_and_single(ref, block):
     align = 128 if block else 16
