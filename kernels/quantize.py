@@ -71,7 +71,10 @@ def _rows_launch_config(K: int, block_k: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_K, num_warps), from a sweep on H200 at M=32768: 1x128 tiles 32 rows a
     program (0.80 of copy); whole rows in registers, 4096 elements a program for K <= 4096
     (0.79 at K=2048, 0.91 at 4096), two 8192-wide rows on 8 warps for K <= 8192 (0.85 at 7168);
-    longer rows two passes of 4096 (the second from L2)."""
+    longer rows two passes of 4096 (the second from L2). 1x128 programs that took 2-8 tiles of a
+    row (one wider load reshaped to (rows, tiles, 128), an amax per tile) were 0-30% slower at
+    every DESIGN.md shape (H200 sweep on 98534ce with that knob, since removed; 8-64 rows, 2-8
+    warps)."""
     if block_k:
         return 32, block_k, 4
     block = triton.next_power_of_2(K)
