@@ -89,7 +89,8 @@ def _weight_amax_kernel(
     rmax = tl.zeros([BLOCK_N], dtype=tl.float32)
     for i in range(KSTEPS):
         k = (pid_k * KSTEPS + i) * BLOCK_K + tl.arange(0, BLOCK_K)
-        aw = tl.abs(_load(w_ptr + base + n[:, None] * K + k[None, :], (n < N)[:, None] & (k < K)[None, :], EVEN, ROUND_BF16))
+        mask = (n < N)[:, None] & (k < K)[None, :]
+        aw = tl.abs(_load(w_ptr + base + n[:, None] * K + k[None, :], mask, EVEN, ROUND_BF16))
         rmax = tl.maximum(rmax, tl.max(aw, axis=1))
         if MODE == 0:
             cmax = tl.max(aw, axis=0).to(tl.int32, bitcast=True)

@@ -219,6 +219,7 @@ def test_fwd_kernel_matches_reference(activation, F, block, chunked, pow2, monke
 
 @pytest.mark.parametrize("pow2", [False, True])
 @pytest.mark.parametrize("activation, F, block, align", [("swiglu", 96, 0, 16), ("gelu", 80, 0, 32),
+                                                         ("swiglu", 96, 0, 128), ("gelu", 80, 0, 128),
                                                          ("swiglu", 128, 128, 128), ("gelu", 384, 128, 128)])  # fmt: skip
 def test_bwd_kernel_matches_reference(activation, F, block, align, pow2):
     da, h_q, h_scale, ends = bwd_inputs(activation, F, block, seed=2)
@@ -274,9 +275,9 @@ def _gpu_sizes(M: int, E: int, seed: int) -> list[int]:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block, pow2", [(0, False), (128, False), (0, True)])
+@pytest.mark.parametrize("block, pow2, align", [(0, False, 16), (0, False, 128), (128, False, 128), (0, True, 128)])
 @pytest.mark.parametrize("activation, M, F, E", GPU_SHAPES)
-def test_gpu_act_kernels_match_reference(activation, M, F, E, block, pow2, device):
+def test_gpu_act_kernels_match_reference(activation, M, F, E, block, pow2, align, device):
     X = 2 * F if activation == "swiglu" else F
     g = torch.Generator(device=device).manual_seed(0)
     h = (torch.randn(M, X, device=device, generator=g) * 3).bfloat16()
@@ -290,7 +291,6 @@ def test_gpu_act_kernels_match_reference(activation, M, F, E, block, pow2, devic
     ends = group_ends(sizes).to(device)
     da = torch.randn(M, F, device=device, generator=g).bfloat16()
     da[sum(sizes) :] = float("nan")
-    align = 128 if block else 16
     out = act_quant_bwd(da, h_q, h_scale, activation, ends, align, block, pow2)
     expected = ref.torch_act_quant_bwd(da, h_q, h_scale, activation, ends, align, block, pow2)
     _check_bwd(da, h_q, h_scale, activation, ends, block, pow2, out, expected, "bwd")
