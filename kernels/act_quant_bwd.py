@@ -125,12 +125,11 @@ def _act_bwd_amax_kernel(
     da_ptr, h_ptr, hs_ptr, map_ptr, row_amax_ptr, dht_amax_ptr, at_amax_ptr,
     F, E, P, stride_da, stride_h,
     SWIGLU: tl.constexpr, INTERP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr,
-    ONE_GROUP: tl.constexpr,
 ):  # fmt: skip
     """Rowwise recipe, pass 1: atomic max (on int32 views of non-negative fp32) of |dh| per row
     and of |dh|, |a| per (group, feature) into zeroed workspaces laid out (E, X) and (E, F), so
     that a warp's atomics (and the quantize pass's loads of the inverses) are contiguous along
-    features. ONE_GROUP (align a multiple of BLOCK_P): the tile lies in one group or in none."""
+    features."""
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = f < F
@@ -143,18 +142,6 @@ def _act_bwd_amax_kernel(
     # Relaxed: max commutes, and the next kernel (stream order) reads the result. The default
     # acq_rel ordering puts a MEMBAR.ALL.GPU before every atomic (sm_90 SASS).
     tl.atomic_max(row_amax_ptr + row, row_max.to(tl.int32, bitcast=True), mask=in_group, sem="relaxed")
-    if ONE_GROUP:  # rows in no group hold zeros (see _bwd_values): the tile's maxima are the group's
-        grp = tl.max(tl.where(in_group, gid, -1), axis=0)
-        if grp >= 0:
-            g_ok = f_ok
-            tl.atomic_max(dht_amax_ptr + grp * X + f, tl.max(dg, axis=0).to(tl.int32, bitcast=True), mask=g_ok,
-                          sem="relaxed")  # fmt: skip
-            if SWIGLU:
-                tl.atomic_max(dht_amax_ptr + grp * X + F + f, tl.max(du, axis=0).to(tl.int32, bitcast=True),
-                              mask=g_ok, sem="relaxed")  # fmt: skip
-            tl.atomic_max(at_amax_ptr + grp * F + f, tl.max(a, axis=0).to(tl.int32, bitcast=True), mask=g_ok,
-                          sem="relaxed")  # fmt: skip
-        return
     # A tile may hold the end of one group and the start of the next (align < BLOCK_P).
     g_first = tl.min(tl.where(in_group, gid, E))
     g_last = tl.max(tl.where(in_group, gid, -1))
@@ -212,7 +199,6 @@ def _act_bwd_quant_kernel(
     M, F, E, P, stride_da, stride_h,
     SWIGLU: tl.constexpr, BLOCK: tl.constexpr, POW2: tl.constexpr, INTERP: tl.constexpr,
     SEARCH_STEPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr, CHUNK: tl.constexpr,
-    ONE_GROUP: tl.constexpr,
 ):  # fmt: skip
     """Writes dh rows, dh^T and a^T for BLOCK_P padded token positions x BLOCK_F features.
 
@@ -234,25 +220,13 @@ def _act_bwd_quant_kernel(
         # Workspace: inverse scales of the (group, feature) columns of dh (E, X) and a (E, F),
         # then of the rows (M,). Rows in no group get zeros, whatever the inverse.
         ri = tl.load(ws_inv_ptr + E * (X + F) + row, mask=is_row, other=1.0)[:, None]
-        if ONE_GROUP:  # one group (or none) per tile: one inverse per feature, not per element
-            # the tile's group (-1: none), along f: the interpreter's masks take no scalars
-            grp = tl.max(tl.where(in_group, gid, -1), axis=0) + tl.zeros_like(f)
-            g_ok = f_ok & (grp >= 0)
-            g64 = tl.maximum(grp, 0).to(tl.int64)
-            dh_cols = ws_inv_ptr + g64 * X + f
-            dg_ci = tl.load(dh_cols, mask=g_ok, other=1.0)[None, :]
-            a_ci = tl.load(ws_inv_ptr + E * X + g64 * F + f, mask=g_ok, other=1.0)[None, :]
-            du_ci = dg_ci
-            if SWIGLU:
-                du_ci = tl.load(dh_cols + F, mask=g_ok, other=1.0)[None, :]
-        else:
-            col_mask = in_group[:, None] & f_ok[None, :]
-            dh_cols = ws_inv_ptr + gid.to(tl.int64)[:, None] * X + f[None, :]
-            dg_ci = tl.load(dh_cols, mask=col_mask, other=1.0)
-            a_ci = tl.load(ws_inv_ptr + E * X + gid.to(tl.int64)[:, None] * F + f[None, :], mask=col_mask, other=1.0)
-            du_ci = dg_ci
-            if SWIGLU:
-                du_ci = tl.load(dh_cols + F, mask=col_mask, other=1.0)
+        col_mask = in_group[:, None] & f_ok[None, :]
+        dh_cols = ws_inv_ptr + gid.to(tl.int64)[:, None] * X + f[None, :]
+        dg_ci = tl.load(dh_cols, mask=col_mask, other=1.0)
+        a_ci = tl.load(ws_inv_ptr + E * X + gid.to(tl.int64)[:, None] * F + f[None, :], mask=col_mask, other=1.0)
+        du_ci = dg_ci
+        if SWIGLU:
+            du_ci = tl.load(dh_cols + F, mask=col_mask, other=1.0)
         _bwd_store(dh_ptr, dht_ptr, at_ptr, row, is_row, p, p < P, f, f_ok, F, P, dg, du, a,
                    ri, ri, dg_ci, du_ci, a_ci, SWIGLU, INTERP)  # fmt: skip
     else:
@@ -322,6 +296,9 @@ def _bwd_outputs(da_MF: torch.Tensor, X: int, E: int, align: int, block: int):
 # sweep (before the column amaxes were kept elementwise across chunks): Mixtral-8x7B width 2.44 ->
 # 1.47 ms, Qwen3 0.578 -> 0.357 (H200, commit after 1a72659); 8 and 64 rows, 8 warps and
 # software pipelining slower or tied.
+# A variant that used align % tile height == 0 (the layer's align 128: every tile in one group)
+# for one column reduction per feature in the amax pass and one inverse load per feature in the
+# quantize pass was within -1% / +5% of this (H200, commit 3d97640): not kept.
 _ROWWISE_AMAX_TILE = (128, 32, 4)
 _ROWWISE_QUANT_TILE = (32, 64, 4)
 _BLOCKWISE_CHUNK, _BLOCKWISE_WARPS = 32, 4
@@ -363,12 +340,11 @@ def _act_quant_bwd_impl(
     )
     if block:
         grid = (P // block, F // block)
-        tile = dict(BLOCK_P=block, BLOCK_F=block, CHUNK=_BLOCKWISE_CHUNK, num_warps=_BLOCKWISE_WARPS, ONE_GROUP=True)
+        tile = dict(BLOCK_P=block, BLOCK_F=block, CHUNK=_BLOCKWISE_CHUNK, num_warps=_BLOCKWISE_WARPS)
     else:
         BLOCK_P, BLOCK_F, num_warps = _ROWWISE_QUANT_TILE
         grid = (triton.cdiv(P, BLOCK_P), triton.cdiv(F, BLOCK_F))
-        tile = dict(BLOCK_P=BLOCK_P, BLOCK_F=BLOCK_F, CHUNK=BLOCK_P, num_warps=num_warps,
-                    ONE_GROUP=align % BLOCK_P == 0)
+        tile = dict(BLOCK_P=BLOCK_P, BLOCK_F=BLOCK_F, CHUNK=BLOCK_P, num_warps=num_warps)
         _token_map_kernel[(triton.cdiv(P, _PREP_BLOCK),)](
             group_end_E, padded_end_E, token_map, M, E, P, SEARCH_STEPS=E.bit_length(), BLOCK=_PREP_BLOCK
         )
@@ -376,7 +352,7 @@ def _act_quant_bwd_impl(
         _act_bwd_amax_kernel[(triton.cdiv(P, AP), triton.cdiv(F, AF))](
             da_MF, h_fp8, h_scale, token_map, ws_i32[n_col:], ws_i32, ws_i32[X * E :],
             F, E, P, da_MF.stride(0), h_fp8.stride(0),
-            **common, BLOCK_P=AP, BLOCK_F=AF, ONE_GROUP=align % AP == 0, num_warps=a_warps, **_LAUNCH,
+            **common, BLOCK_P=AP, BLOCK_F=AF, num_warps=a_warps, **_LAUNCH,
         )  # fmt: skip
         _amax_to_scale_kernel[(triton.cdiv(n_ws, _PREP_BLOCK),)](
             ws, dh_scale, dht_scale, at_scale, M, X, F, E, POW2=pow2_scale, INTERP=common["INTERP"], BLOCK=_PREP_BLOCK
