@@ -360,6 +360,27 @@ def note(stage):
     return ""
 
 
+def clocks():
+    """One line from logs/gpu_clocks.csv: SM clocks and how often the power cap held them, over
+    the samples drawing > 300 W (the GPU at work)."""
+    path = work / "logs" / "gpu_clocks.csv"
+    busy = []
+    for line in (path.read_text(errors="replace").splitlines()[1:] if path.is_file() else []):
+        f = [x.strip() for x in line.split(",")]
+        try:
+            sm, watts, reasons = int(f[2].split()[0]), float(f[4].split()[0]), int(f[6], 16)
+        except (IndexError, ValueError):
+            continue
+        if watts > 300:
+            busy.append((sm, reasons))
+    if not busy:
+        return []
+    sms = sorted(sm for sm, _ in busy)
+    capped = sum(1 for _, r in busy if r & 0x4) / len(busy)  # 0x4: software power cap
+    return [f"gpu clocks (logs/gpu_clocks.csv, {len(busy)} samples > 300 W): SM {sms[0]}-{sms[-1]} MHz, "
+            f"median {sms[len(sms) // 2]}; power cap active in {capped:.0%}"]
+
+
 failed = [r[1] for r in rows if r[2] != "ok"]
 lines = [f"== session summary: {(work / 'env.txt').read_text().splitlines()[0]}",
          f"{'stage':26} {'lane':4} {'status':14} {'secs':>5} {'start':>6}  note"]
@@ -368,6 +389,7 @@ for lane, stage, status, secs, start in rows:
 for md in ("parity/parity.md", "parity/partial/parity.md"):
     if (work / md).is_file():
         lines += [f"-- {md}", (work / md).read_text().rstrip()]
+lines += clocks()
 lines.append(f"not ok: {', '.join(failed)}" if failed else "all stages ok")
 text = "\n".join(lines) + "\n"
 (work / "summary.txt").write_text(text)
