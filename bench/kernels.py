@@ -57,6 +57,7 @@ class Shape:
 SHAPES = {name: Shape(*dims) for name, dims in DESIGN_SHAPES.items()}  # DESIGN.md's four shapes
 WEIGHT_SWEEP_E = (1, 4, 16, 64, 128)
 WEIGHT_MODES = ("rowwise", "blockwise", "tensorwise")
+RECIPE_MODES = ("rowwise", "blockwise")  # the expert recipes' weight modes
 # Kernels of 0.05-3 ms: 40 ms of repetitions give a stable median, and ~110 rows fit in ~3 minutes.
 _TIMING = dict(warmup_ms=10, rep_ms=40)
 WEIGHT_SWEEP_SHAPES = ("qwen3_30b_a3b", "deepseek_v3_ep8")  # per-expert w1 sizes for the E sweep
@@ -246,13 +247,11 @@ def _weight_rows(ctx: Context, kernel: str, shape: str, w_ENK: torch.Tensor, mod
 
 
 def bench_quantize_weight(ctx: Context) -> list[dict]:
+    """Both expert weights of every shape: bf16 in every mode, then as fp32 masters in the recipes'."""
     for name, s in ctx.shapes.items():
-        for w_ENK in (_x(s.E, s.F1, s.H), _x(s.E, s.F1, s.H).float()):
-            modes = WEIGHT_MODES if w_ENK.dtype == torch.bfloat16 else ("rowwise", "blockwise")  # the recipes'
-            _weight_rows(ctx, f"quantize_weight_w1[N={s.F1},K={s.H}]", name, w_ENK, modes)
-        for w_ENK in (_x(s.E, s.H, s.F), _x(s.E, s.H, s.F).float()):
-            modes = WEIGHT_MODES if w_ENK.dtype == torch.bfloat16 else ("rowwise", "blockwise")
-            _weight_rows(ctx, f"quantize_weight_w2[N={s.H},K={s.F}]", name, w_ENK, modes)
+        for label, dims in ((f"w1[N={s.F1},K={s.H}]", (s.E, s.F1, s.H)), (f"w2[N={s.H},K={s.F}]", (s.E, s.H, s.F))):
+            _weight_rows(ctx, f"quantize_weight_{label}", name, _x(*dims))
+            _weight_rows(ctx, f"quantize_weight_{label}", name, _x(*dims).float(), RECIPE_MODES)
         gc.collect()
         torch.cuda.empty_cache()
     return ctx.rows
