@@ -14,9 +14,8 @@ rcp.approx.ftz.f32 within 1 ulp, PTX ISA):
   for power-of-two scales, within 3 u otherwise, so a byte differs from the IEEE quotient's
   only where that quotient lies within 3 u of an E4M3 rounding boundary (or on it: x * inv
   breaks exact ties either way, where the reference rounds to even).
-- Scales: kernels/common.py's rule bit for bit on the amax (`_fp8_scale`), so they differ from
-  the reference's only as far as the amax does. Out of contract: amax < 2^-100, where
-  `_fp8_scale` stops being exact and 1 / scale overflows.
+- Scales: kernels/common.py's rule bit for bit on the amax (`tl_fp8_scale`, no division), so
+  they differ from the reference's only as far as the amax does.
 tests/test_kernels_act_math.py checks the fp32 values and tests/test_kernels_act_quant.py the FP8
 outputs against kernels/reference.py (exact to a few ulp) within these bounds plus the reference's
 own error.
@@ -32,7 +31,6 @@ from kernels.common import tl_round_to_fp8_grid
 _NEG_LOG2E = tl.constexpr(-1.4426950408889634)  # exp(-g) = exp2(g * -log2(e))
 _NEG_HALF_LOG2E = tl.constexpr(-0.7213475204444817)  # exp(-x^2/2) = exp2(x * x * -log2(e)/2)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
-_INV_448 = tl.constexpr(0.0022321429569274187)  # RN(1 / 448) in fp32
 # Phi(-|x|) = exp(-x^2/2) R(t), t = 1 / (1 + 0.4 |x|): R is a degree-8 polynomial, a weighted
 # least-squares fit (Lawson's iteration towards minimax relative error) of 0.5 erfcx(|x|/sqrt 2)
 # on |x| in [0, 13]: 6.7e-8 relative in exact arithmetic, 3.1e-7 (5 u) evaluated in fp32 with
@@ -49,18 +47,6 @@ _LAUNCH = dict(enable_fp_fusion=True)
 # ---- per scale: once per row / column / tile -------------------------------------------------------
 
 
-@triton.jit
-def _fp8_scale(amax, POW2: tl.constexpr):
-    """tl_fp8_scale (kernels/common.py) bit for bit, dividing by 448 with Markstein's step
-    instead of tl.math.div_rn, whose slow-path subroutine call makes ptxas keep every live
-    register of the tile around it (spills); exact for amax >= 2^-100 (checked on GPU by
-    tests/test_kernels_act_math.py::test_kernel_division_is_ieee[cuda])."""
-    q0 = amax * _INV_448
-    scale = tl.fma(tl.fma(-q0, 448.0, amax), _INV_448, q0)
-    if POW2:
-        scale = ((scale.to(tl.int32, bitcast=True) + 0x007FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
-    scale = tl.maximum(scale, 1.1754943508222875e-38)  # the rule's floor, 2^-126 (kernels/common.py)
-    return tl.where(amax == 0.0, 1.0, scale)
 
 
 @triton.jit

@@ -5,11 +5,13 @@ docstring for the layouts and the passes over memory).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels.act_math import _LAUNCH, _act_bwd, _fp8_scale, _inv_scale, _quant
+from kernels.act_math import _LAUNCH, _act_bwd, _inv_scale, _quant
 from kernels.common import FP8_DTYPE, tl_fp8_scale, triton_interpret, use_triton
 from kernels.reference import check_act_quant_bwd_args, padded_size, torch_act_quant_bwd
 
@@ -86,6 +88,16 @@ def _mapped_tokens(p, map_ptr, E, P):
 
 
 @triton.jit
+def _tile_ids(F_MAJOR: tl.constexpr):
+    """(token tile, feature tile) of this program. F_MAJOR: consecutive programs take
+    consecutive feature tiles of the same tokens (grid (n_f, n_p)), so the programs resident
+    together read whole 128-byte lines of a row; else consecutive token tiles (grid (n_p, n_f))."""
+    if F_MAJOR:
+        return tl.program_id(1), tl.program_id(0)
+    return tl.program_id(0), tl.program_id(1)
+
+
+@triton.jit
 def _bwd_values(da_ptr, h_ptr, hs_ptr, row, in_group, f, f_ok, fb, F, stride_da, stride_h,
                 SWIGLU: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr):  # fmt: skip
     """fp32 (d gate, d up, a) at (row, f); zero where the row is in no group or f >= F (every
@@ -121,39 +133,65 @@ def _tile_chunk(da_ptr, h_ptr, hs_ptr, p, gid, p_start, r_start, r_end, E, f, f_
 
 
 @triton.jit
+def _amax_flush(dg_acc, du_acc, a_acc, grp, dht_amax_ptr, at_amax_ptr, f, f_ok, F, E, SWIGLU: tl.constexpr):
+    """Column maxima of group grp's accumulated chunks -> atomics (none past every group)."""
+    X = 2 * F if SWIGLU else F
+    ok = f_ok & (tl.zeros_like(f) + grp < E)  # a vector mask: the interpreter refuses scalar & vector
+    # Relaxed: max commutes, and the next kernel (stream order) reads the result. The default
+    # acq_rel ordering puts a MEMBAR.ALL.GPU before every atomic (sm_90 SASS).
+    tl.atomic_max(dht_amax_ptr + grp * X + f, tl.max(dg_acc, axis=0).to(tl.int32, bitcast=True), mask=ok,
+                  sem="relaxed")  # fmt: skip
+    if SWIGLU:
+        tl.atomic_max(dht_amax_ptr + grp * X + F + f, tl.max(du_acc, axis=0).to(tl.int32, bitcast=True), mask=ok,
+                      sem="relaxed")  # fmt: skip
+    tl.atomic_max(at_amax_ptr + grp * F + f, tl.max(a_acc, axis=0).to(tl.int32, bitcast=True), mask=ok, sem="relaxed")
+
+
+@triton.jit
 def _act_bwd_amax_kernel(
     da_ptr, h_ptr, hs_ptr, map_ptr, row_amax_ptr, dht_amax_ptr, at_amax_ptr,
     F, E, P, stride_da, stride_h,
     SWIGLU: tl.constexpr, INTERP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr,
+    CHUNK: tl.constexpr, F_MAJOR: tl.constexpr,
 ):  # fmt: skip
     """Rowwise recipe, pass 1: atomic max (on int32 views of non-negative fp32) of |dh| per row
     and of |dh|, |a| per (group, feature) into zeroed workspaces laid out (E, X) and (E, F), so
     that a warp's atomics (and the quantize pass's loads of the inverses) are contiguous along
-    features."""
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    features.
+
+    The program sweeps BLOCK_P padded token positions in chunks of CHUNK rows. CHUNK divides
+    align, so a chunk lies in one group (or past every group): the column maxima are kept
+    elementwise across the chunks of a group and reduced over tokens once per group run, where
+    a reduction per 128-row tile was 12 of the 52 sm_90 instructions per element.
+    """
+    pid_p, pid_f = _tile_ids(F_MAJOR)
+    f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = f < F
-    X = 2 * F if SWIGLU else F
-    row, in_group, is_row, gid = _mapped_tokens(p, map_ptr, E, P)
-    dg, du, a = _bwd_values(da_ptr, h_ptr, hs_ptr, row, in_group, f, f_ok, 0, F, stride_da, stride_h, SWIGLU, 0,
-                            INTERP)  # fmt: skip
-    dg, du, a = tl.abs(dg), tl.abs(du), tl.abs(a)
-    row_max = tl.maximum(tl.max(dg, axis=1), tl.max(du, axis=1))
-    # Relaxed: max commutes, and the next kernel (stream order) reads the result. The default
-    # acq_rel ordering puts a MEMBAR.ALL.GPU before every atomic (sm_90 SASS).
-    tl.atomic_max(row_amax_ptr + row, row_max.to(tl.int32, bitcast=True), mask=in_group, sem="relaxed")
-    # A tile may hold the end of one group and the start of the next (align < BLOCK_P).
-    g_first = tl.min(tl.where(in_group, gid, E))
-    g_last = tl.max(tl.where(in_group, gid, -1))
-    for grp in range(g_first, g_last + 1):
-        sel = (in_group & (gid == grp))[:, None]
-        dg_max = tl.max(tl.where(sel, dg, 0.0), axis=0).to(tl.int32, bitcast=True)
-        tl.atomic_max(dht_amax_ptr + grp * X + f, dg_max, mask=f_ok, sem="relaxed")
-        if SWIGLU:
-            du_max = tl.max(tl.where(sel, du, 0.0), axis=0).to(tl.int32, bitcast=True)
-            tl.atomic_max(dht_amax_ptr + grp * X + F + f, du_max, mask=f_ok, sem="relaxed")
-        a_max = tl.max(tl.where(sel, a, 0.0), axis=0).to(tl.int32, bitcast=True)
-        tl.atomic_max(at_amax_ptr + grp * F + f, a_max, mask=f_ok, sem="relaxed")
+    p0 = pid_p * BLOCK_P
+    grp = tl.load(map_ptr + P + p0)  # the group of the first chunk (E: past every group)
+    dg_acc = tl.zeros([CHUNK, BLOCK_F], dtype=tl.float32)
+    du_acc = tl.zeros([CHUNK, BLOCK_F], dtype=tl.float32)
+    a_acc = tl.zeros([CHUNK, BLOCK_F], dtype=tl.float32)
+    for c in range(0, BLOCK_P, CHUNK):
+        # a chunk past P (the last program) has no rows: any group will do, P - 1's is at hand
+        g_c = tl.load(map_ptr + P + tl.minimum(p0 + c, P - 1))
+        if g_c != grp:
+            _amax_flush(dg_acc, du_acc, a_acc, grp, dht_amax_ptr, at_amax_ptr, f, f_ok, F, E, SWIGLU)
+            dg_acc = tl.zeros([CHUNK, BLOCK_F], dtype=tl.float32)
+            du_acc = tl.zeros([CHUNK, BLOCK_F], dtype=tl.float32)
+            a_acc = tl.zeros([CHUNK, BLOCK_F], dtype=tl.float32)
+            grp = g_c
+        p = p0 + c + tl.arange(0, CHUNK)
+        row, in_group, is_row, gid = _mapped_tokens(p, map_ptr, E, P)
+        dg, du, a = _bwd_values(da_ptr, h_ptr, hs_ptr, row, in_group, f, f_ok, 0, F, stride_da, stride_h, SWIGLU, 0,
+                                INTERP)  # fmt: skip
+        dg, du, a = tl.abs(dg), tl.abs(du), tl.abs(a)
+        row_max = tl.max(tl.maximum(dg, du), axis=1)
+        tl.atomic_max(row_amax_ptr + row, row_max.to(tl.int32, bitcast=True), mask=in_group, sem="relaxed")
+        dg_acc = tl.maximum(dg_acc, dg)
+        du_acc = tl.maximum(du_acc, du)
+        a_acc = tl.maximum(a_acc, a)
+    _amax_flush(dg_acc, du_acc, a_acc, grp, dht_amax_ptr, at_amax_ptr, f, f_ok, F, E, SWIGLU)
 
 
 @triton.jit
@@ -199,6 +237,7 @@ def _act_bwd_quant_kernel(
     M, F, E, P, stride_da, stride_h,
     SWIGLU: tl.constexpr, BLOCK: tl.constexpr, POW2: tl.constexpr, INTERP: tl.constexpr,
     SEARCH_STEPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr, CHUNK: tl.constexpr,
+    F_MAJOR: tl.constexpr,
 ):  # fmt: skip
     """Writes dh rows, dh^T and a^T for BLOCK_P padded token positions x BLOCK_F features.
 
@@ -207,8 +246,7 @@ def _act_bwd_quant_kernel(
     BLOCK_F): the program's tile is one scale tile in every layout; it sweeps the tile CHUNK
     tokens at a time, once for the column amaxes and once to quantize.
     """
-    pid_p = tl.program_id(0)
-    fb = tl.program_id(1)
+    pid_p, fb = _tile_ids(F_MAJOR)
     f = fb * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = f < F
     X = 2 * F if SWIGLU else F
@@ -246,9 +284,9 @@ def _act_bwd_quant_kernel(
             dg_amax = tl.maximum(dg_amax, tl.abs(dg))
             du_amax = tl.maximum(du_amax, tl.abs(du))
             a_amax = tl.maximum(a_amax, tl.abs(a))
-        dg_cs = _fp8_scale(tl.max(dg_amax, axis=0), POW2)
-        du_cs = _fp8_scale(tl.max(du_amax, axis=0), POW2)
-        a_cs = _fp8_scale(tl.max(a_amax, axis=0), POW2)
+        dg_cs = tl_fp8_scale(tl.max(dg_amax, axis=0), POW2)
+        du_cs = tl_fp8_scale(tl.max(du_amax, axis=0), POW2)
+        a_cs = tl_fp8_scale(tl.max(a_amax, axis=0), POW2)
         n_tiles = P // BLOCK
         tl.store(dht_scale_ptr + f * n_tiles + pid_p, dg_cs)
         tl.store(at_scale_ptr + f * n_tiles + pid_p, a_cs)
@@ -260,8 +298,8 @@ def _act_bwd_quant_kernel(
             p = p0 + c + tl.arange(0, CHUNK)
             row, is_row, dg, du, a = _tile_chunk(da_ptr, h_ptr, hs_ptr, p, gid, p_start, r_start, r_end, E, f, f_ok,
                                                  fb, F, stride_da, stride_h, SWIGLU, BLOCK, INTERP)  # fmt: skip
-            dg_rs = _fp8_scale(tl.max(tl.abs(dg), axis=1), POW2)
-            du_rs = _fp8_scale(tl.max(tl.abs(du), axis=1), POW2)
+            dg_rs = tl_fp8_scale(tl.max(tl.abs(dg), axis=1), POW2)
+            du_rs = tl_fp8_scale(tl.max(tl.abs(du), axis=1), POW2)
             scale_row = dh_scale_ptr + row.to(tl.int64) * (X // BLOCK)
             tl.store(scale_row + fb, dg_rs, mask=is_row)
             if SWIGLU:
@@ -296,13 +334,30 @@ def _bwd_outputs(da_MF: torch.Tensor, X: int, E: int, align: int, block: int):
 # sweep (before the column amaxes were kept elementwise across chunks): Mixtral-8x7B width 2.44 ->
 # 1.47 ms, Qwen3 0.578 -> 0.357 (H200, commit after 1a72659); 8 and 64 rows, 8 warps and
 # software pipelining slower or tied.
+# The amax pass in 16-row chunks, 256 tokens a program, 2 warps (column maxima kept elementwise
+# across a group's chunks: 80 registers and 32 instructions per element where the 128x32 tile
+# took 168 and 52), with the quantize pass's grid feature-major, against the 128x32 tile (H200,
+# the whole op, skewed groups): Mixtral-8x7B width 1.637 -> 1.348 ms, Qwen3 0.430 -> 0.360,
+# DeepSeek-V3 0.506 -> 0.431; 512-token programs within 1% (3% slower at Qwen3), 32-row chunks
+# and 64- or 128-wide ones slower. The feature-major grid alone: +1-6% (the blockwise pass
+# 1.04-1.06x); for the amax pass -1%.
 # A variant that used align % tile height == 0 (the layer's align 128: every tile in one group)
 # for one column reduction per feature in the amax pass and one inverse load per feature in the
-# quantize pass was within -1% / +5% of this (H200, commit 3d97640): not kept.
-_ROWWISE_AMAX_TILE = (128, 32, 4)
+# quantize pass was within -1% / +5% of the 128x32 tile (H200, commit 3d97640): not kept.
+_ROWWISE_AMAX_TILE = (256, 32, 16, 2)  # (BLOCK_P, BLOCK_F, CHUNK, warps)
 _ROWWISE_QUANT_TILE = (32, 64, 4)
+# Grid order (F_MAJOR, see `_tile_ids`) of the amax pass, the quantize pass and the blockwise pass.
+_F_MAJOR = {"amax": False, "quant": True, "blockwise": True}
 _BLOCKWISE_CHUNK, _BLOCKWISE_WARPS = 32, 4
+_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension
 _PREP_BLOCK = 1024
+
+
+def _grid(n_p: int, n_f: int, f_major: bool) -> tuple[tuple[int, int], bool]:
+    """(grid, F_MAJOR): feature-major unless the token tiles outnumber the second grid dimension's
+    limit (P > 2M tokens with 32-token tiles), where the order is only a few percent."""
+    f_major = f_major and n_p <= _MAX_GRID_Y
+    return ((n_f, n_p) if f_major else (n_p, n_f)), f_major
 
 
 def _act_quant_bwd_impl(
@@ -339,20 +394,22 @@ def _act_quant_bwd_impl(
         group_end_E, padded_end_E, ws, E, align, n_ws, E_POW2=triton.next_power_of_2(E), BLOCK=_PREP_BLOCK
     )
     if block:
-        grid = (P // block, F // block)
-        tile = dict(BLOCK_P=block, BLOCK_F=block, CHUNK=_BLOCKWISE_CHUNK, num_warps=_BLOCKWISE_WARPS)
+        grid, f_major = _grid(P // block, F // block, _F_MAJOR["blockwise"])
+        tile = dict(BLOCK_P=block, BLOCK_F=block, CHUNK=_BLOCKWISE_CHUNK, num_warps=_BLOCKWISE_WARPS, F_MAJOR=f_major)
     else:
         BLOCK_P, BLOCK_F, num_warps = _ROWWISE_QUANT_TILE
-        grid = (triton.cdiv(P, BLOCK_P), triton.cdiv(F, BLOCK_F))
-        tile = dict(BLOCK_P=BLOCK_P, BLOCK_F=BLOCK_F, CHUNK=BLOCK_P, num_warps=num_warps)
+        grid, f_major = _grid(triton.cdiv(P, BLOCK_P), triton.cdiv(F, BLOCK_F), _F_MAJOR["quant"])
+        tile = dict(BLOCK_P=BLOCK_P, BLOCK_F=BLOCK_F, CHUNK=BLOCK_P, num_warps=num_warps, F_MAJOR=f_major)
         _token_map_kernel[(triton.cdiv(P, _PREP_BLOCK),)](
             group_end_E, padded_end_E, token_map, M, E, P, SEARCH_STEPS=E.bit_length(), BLOCK=_PREP_BLOCK
         )
-        AP, AF, a_warps = _ROWWISE_AMAX_TILE
-        _act_bwd_amax_kernel[(triton.cdiv(P, AP), triton.cdiv(F, AF))](
+        AP, AF, a_chunk, a_warps = _ROWWISE_AMAX_TILE
+        a_chunk = math.gcd(a_chunk, align)  # a chunk lies in one group (align is a multiple of 16)
+        a_grid, a_f_major = _grid(triton.cdiv(P, AP), triton.cdiv(F, AF), _F_MAJOR["amax"])
+        _act_bwd_amax_kernel[a_grid](
             da_MF, h_fp8, h_scale, token_map, ws_i32[n_col:], ws_i32, ws_i32[X * E :],
             F, E, P, da_MF.stride(0), h_fp8.stride(0),
-            **common, BLOCK_P=AP, BLOCK_F=AF, num_warps=a_warps, **_LAUNCH,
+            **common, BLOCK_P=AP, BLOCK_F=AF, CHUNK=a_chunk, F_MAJOR=a_f_major, num_warps=a_warps, **_LAUNCH,
         )  # fmt: skip
         _amax_to_scale_kernel[(triton.cdiv(n_ws, _PREP_BLOCK),)](
             ws, dh_scale, dht_scale, at_scale, M, X, F, E, POW2=pow2_scale, INTERP=common["INTERP"], BLOCK=_PREP_BLOCK

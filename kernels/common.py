@@ -9,13 +9,24 @@ Scale rule (all recipes): for a set of values with absolute maximum `amax`,
 
 How the rule is computed, so that kernels and references agree bit for bit (fp32 throughout):
 - Both divisions are IEEE round-to-nearest. Triton's `/` on fp32 lowers to the approximate
-  `div.full.f32` on NVIDIA GPUs, so kernels never use it. `tl_fp8_scale` calls `tl.math.div_rn`;
-  `tl_fp8_quantize` takes one IEEE reciprocal per scale (`tl_fp8_divisor`), then a product and
-  Markstein's FMA correction (`tl_fp8_quantize_by`), which rounds like `x / scale`: checked
-  against torch for every finite bf16 x with 7M scales, the fp8 bytes always agree (fp32 bits
-  differ only where |x / scale| < 5e-19, far below E4M3's smallest value). Per element that is
-  two multiplies and two FMAs instead of div.rn's sequence, which cost 20% of bandwidth in the
-  rowwise row kernel at K=7168 (H100). `tl.math.div_rn(x, scale)` gives the same fp8 bytes.
+  `div.full.f32` on NVIDIA GPUs, so kernels never use it for a result. `tl_fp8_scale` divides
+  by 448 with Markstein's FMA step on RN(1/448); `tl_fp8_quantize` takes one IEEE reciprocal
+  per scale (`tl_fp8_divisor`), then a product and Markstein's FMA correction
+  (`tl_fp8_quantize_by`), which rounds like `x / scale`: checked against torch for every finite
+  bf16 x with 7M scales, the fp8 bytes always agree (fp32 bits differ only where |x / scale| <
+  5e-19, far below E4M3's smallest value). Per element that is two multiplies and two FMAs
+  instead of div.rn's sequence, which cost 20% of bandwidth in the rowwise row kernel at K=7168
+  (H100). `tl.math.div_rn(x, scale)` gives the same fp8 bytes.
+- No `tl.math.div_rn` by default: its slow path is a subroutine call, around which ptxas keeps
+  every live register of the tile (the 128x64 blockwise column kernel: 254 registers, 160
+  without; 0.577 -> 0.488 ms at Mixtral-8x7B width, K=28672, H200, with its tile held in bf16).
+  Both replacements are exact for
+  every input that matters, checked exhaustively on the CPU (every fp32 significand, with the
+  interpreter's exact fp32 FMA): amax / 448 for all 254 normal binades (tiny amaxes scaled by
+  2**64 first, so that the FMA residual cannot underflow); 1 / s for s in [2**-62, 2**125]
+  from any start within 4 ulp (div.full.f32 is within 2), after two Newton steps and the one
+  significand (all ones) that they leave an ulp low. tests/test_kernels_quantize.py repeats
+  both checks on the GPU.
   torch's tensor/tensor division is IEEE on CPU and CUDA, but `cuda_tensor / python_float`
   multiplies by a rounded reciprocal, so references divide by a 0-dim tensor (`torch_fp8_scale`).
 - "2 ** ceil(log2(scale))" is taken on the fp32 bits, `(bits + 0x7FFFFF) & 0x7F800000`, which is
@@ -80,10 +91,44 @@ def torch_fp8_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
+_INV_448 = tl.constexpr(0.0022321429569274187)  # RN(1 / 448) in fp32, exactly
+_TWO_64, _TWO_M64, _TWO_M60 = tl.constexpr(1.8446744073709552e19), tl.constexpr(5.421010862427522e-20), \
+    tl.constexpr(8.673617379884035e-19)  # fmt: skip
+
+
 @triton.jit
-def tl_fp8_scale(amax, POW2: tl.constexpr):
-    """Triton twin of `torch_fp8_scale` (amax: fp32 scalar or block)."""
-    scale = tl.math.div_rn(amax, 448.0)
+def tl_div_448(amax):
+    """RN(amax / 448) for fp32 amax >= 0 whose quotient is normal (smaller ones end at the scale
+    rule's floor either way), inf and NaN passed through: Markstein's step on RN(1/448), with
+    amax < 2**-60 scaled by 2**64 and back so that the residual FMA cannot underflow (see the
+    module docstring for the exhaustive check)."""
+    tiny = amax < _TWO_M60
+    a = tl.where(tiny, amax * _TWO_64, amax)
+    q0 = a * _INV_448
+    q = tl.fma(tl.fma(-q0, 448.0, a), _INV_448, q0)
+    q = tl.where(tiny, q * _TWO_M64, q)
+    return tl.where(amax * 0.0 == 0.0, q, amax)  # inf * 0 and NaN * 0 are NaN
+
+
+@triton.jit
+def tl_rcp_rn(s):
+    """RN(1 / s) for s in [2**-62, 2**125] without a division: div.full.f32 (within 2 ulp; IEEE
+    under the interpreter), two Newton steps with FMAs, and the all-ones significand, which the
+    steps can leave an ulp low, set directly: 1 / ((2 - 2**-23) 2**e) rounds to (1 + 2**-23)
+    2**(-e-1)."""
+    r = 1.0 / s
+    r = tl.fma(tl.fma(-s, r, 1.0), r, r)
+    r = tl.fma(tl.fma(-s, r, 1.0), r, r)
+    bits = s.to(tl.int32, bitcast=True)
+    all_ones = ((253 << 23) - (bits & 0x7F800000) + 1).to(tl.float32, bitcast=True)
+    return tl.where((bits & 0x7FFFFF) == 0x7FFFFF, all_ones, r)
+
+
+@triton.jit
+def tl_fp8_scale(amax, POW2: tl.constexpr, DIV_RN: tl.constexpr = False):
+    """Triton twin of `torch_fp8_scale` (amax: fp32 scalar or block). DIV_RN: the same bits by
+    tl.math.div_rn, for a kernel that spills anyway (see `tl_fp8_divisor`)."""
+    scale = tl.math.div_rn(amax, 448.0) if DIV_RN else tl_div_448(amax)
     if POW2:
         scale = ((scale.to(tl.int32, bitcast=True) + 0x007FFFFF) & 0x7F800000).to(
             tl.float32, bitcast=True
@@ -93,17 +138,20 @@ def tl_fp8_scale(amax, POW2: tl.constexpr):
 
 
 @triton.jit
-def tl_fp8_divisor(scale):
+def tl_fp8_divisor(scale, DIV_RN: tl.constexpr = False):
     """(s, r, f) for `tl_fp8_quantize_by`: f = 2**64 for scales below 2**-60 (so that the
     residual below cannot underflow) else 1, s = scale * f (exact), r = 1 / s (IEEE).
 
-    Take it once per scale (pass scale un-broadcast, e.g. [BLOCK_M, 1]) and before loading the
-    tile it divides: div.rn calls a slow-path subroutine, around which ptxas keeps every live
-    register (computed after the tile load it took the weight kernel from 48 to 128 registers).
+    Take it once per scale (pass scale un-broadcast, e.g. [BLOCK_M, 1]). Scales lie in
+    [2**-126, 2**120] (amax <= 3.4e38), so s lies in [2**-62, 2**120], `tl_rcp_rn`'s range.
+    DIV_RN: r by tl.math.div_rn (the same bits). Its never-taken slow-path call is where ptxas
+    parks a spilling kernel's spills: the fused 128x128 blockwise rows+cols kernel (255
+    registers either way) ran 1.181 ms with it and 1.327 without at Mixtral-8x7B width
+    (K=28672, H200), where every other kernel was as fast or faster without.
     """
-    f = tl.where(scale < 8.673617379884035e-19, 1.8446744073709552e19, 1.0)  # 2**-60, 2**64
+    f = tl.where(scale < _TWO_M60, _TWO_64, 1.0)
     s = scale * f
-    return s, tl.math.div_rn(1.0, s), f
+    return s, (tl.math.div_rn(1.0, s) if DIV_RN else tl_rcp_rn(s)), f
 
 
 @triton.jit
@@ -122,9 +170,9 @@ def tl_fp8_quantize_by(x, s, r, f):
 
 
 @triton.jit
-def tl_fp8_quantize(x, scale):
+def tl_fp8_quantize(x, scale, DIV_RN: tl.constexpr = False):
     """Triton twin of `torch_fp8_quantize`; x fp32, scale broadcastable, result float8e4nv."""
-    s, r, f = tl_fp8_divisor(scale)
+    s, r, f = tl_fp8_divisor(scale, DIV_RN)
     return tl_fp8_quantize_by(x, s, r, f)
 
 

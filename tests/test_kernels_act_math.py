@@ -7,7 +7,7 @@ values are compared within a derived bound instead of bitwise: each value a kern
 within delta = eps * B (+ 1e-33 where the reference saturates) of the reference's:
 eps = (2|g| + 32) u for SwiGLU, (3 x^2 + 64) u for GELU, u = 2^-24, B the sum of the magnitudes
 of the formula's terms (`_act_error_bound`, tests/act_helpers.py), checked by
-`test_kernel_activation_math_within_bound`. The once-per-scale division (`_fp8_scale`,
+`test_kernel_activation_math_within_bound`. The once-per-scale division (`tl_fp8_scale`,
 `_inv_scale`) is checked by `test_kernel_division_is_ieee`.
 On CPU the kernels run in Triton's interpreter (numpy's exp2 and IEEE division stand in for the
 hardware approximations), whose fp32 -> fp8 cast drops a carry into the next binade (7.935 ->
@@ -28,7 +28,7 @@ import triton.language as tl
 import kernels.act_math as act_math
 from act_helpers import _act_error_bound
 from kernels import reference as ref
-from kernels.common import FP8_DTYPE, tl_round_to_bf16_grid, tl_round_to_fp8_grid, triton_interpret
+from kernels.common import FP8_DTYPE, tl_fp8_scale, tl_round_to_bf16_grid, tl_round_to_fp8_grid, triton_interpret
 
 # Under the interpreter exp2 overflows to inf for gates below -88, by design (sigmoid -> 0).
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
@@ -68,12 +68,12 @@ def _scale_kernel(s_ptr, amax_ptr, r_ptr, sc_ptr, n, POW2: tl.constexpr, INTERP:
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     s = tl.load(s_ptr + offs, mask=offs < n, other=1.0)
     tl.store(r_ptr + offs, act_math._inv_scale(s, INTERP), mask=offs < n)
-    tl.store(sc_ptr + offs, act_math._fp8_scale(tl.load(amax_ptr + offs, mask=offs < n), POW2), mask=offs < n)
+    tl.store(sc_ptr + offs, tl_fp8_scale(tl.load(amax_ptr + offs, mask=offs < n), POW2), mask=offs < n)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_kernel_division_is_ieee(device):
-    """Once per scale the kernels divide without div.rn. `_fp8_scale` (amax / 448, Markstein's
+    """Once per scale the kernels divide without div.rn. `tl_fp8_scale` (amax / 448, Markstein's
     step) is bitwise the IEEE quotient torch computes, zero amaxes giving scale 1, for amaxes
     across 2^-60..2^60. `_inv_scale` (1 / scale, which `_quant` multiplies by) is exact for
     powers of two and within 1 ulp otherwise (rcp.approx on the GPU; exact in the interpreter)."""

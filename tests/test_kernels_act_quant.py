@@ -228,6 +228,20 @@ def test_bwd_kernel_matches_reference(activation, F, block, align, pow2):
     _check_bwd(da, h_q, h_scale, activation, ends, block, pow2, out, expected)
 
 
+@pytest.mark.parametrize("f_major", [False, True])
+@pytest.mark.parametrize("block", [0, 128])
+def test_bwd_kernel_grid_orders(block, f_major, monkeypatch):
+    """Both grid orders of every pass give the reference's bytes (the launcher picks one per pass
+    and falls back to token-major past CUDA's 65535 limit on the grid's second dimension)."""
+    monkeypatch.setattr(act_quant_bwd_mod, "_F_MAJOR", dict.fromkeys(("amax", "quant", "blockwise"), f_major))
+    da, h_q, h_scale, ends = bwd_inputs("swiglu", 256 if block else 96, block, seed=5)
+    args = (da, h_q, h_scale, "swiglu", ends, 128 if block else 32, block, False)
+    out = act_quant_bwd_mod._act_quant_bwd_impl(*args)
+    _check_bwd(*args[:5], block, False, out, ref.torch_act_quant_bwd(*args))
+    assert act_quant_bwd_mod._grid(70000, 3, True) == ((70000, 3), False)
+    assert act_quant_bwd_mod._grid(700, 3, True) == ((3, 700), True)
+
+
 @pytest.mark.parametrize("sizes", [[0, 0, 0], [40], [7, 0]])
 def test_bwd_kernel_edge_groups(sizes):
     """No rows in any group (everything dropped), one group holding every row, a trailing empty group."""

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 import kernels.reference as reference
-from kernels.common import FP8_DTYPE, round_up, torch_fp8_quantize, triton_interpret
+from kernels.common import FP8_DTYPE, round_up, tl_div_448, tl_rcp_rn, torch_fp8_quantize, triton_interpret
 from kernels.quantize import quantize_rows, triton_quantize_rows
 from kernels.quantize_grouped import (
     quantize_cols_grouped,
@@ -89,6 +89,53 @@ def test_interpreter_cast_bug_is_the_known_one():
     assert diff.any(), "interpreter cast now matches torch: drop the `ref` fixture's swap"
     assert not (diff & ~(carry | tie | subnormal)).any(), v[diff & ~(carry | tie | subnormal)][:5]
     assert torch.equal(ours[diff & carry & ~subnormal], torchs[diff & carry & ~subnormal] / 2)
+
+
+# ---- the scale rule's two divisions, taken without a division ------------------------------------
+
+
+@triton.jit
+def _div_rcp_kernel(a_ptr, q_ptr, s_ptr, r_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    tl.store(q_ptr + offs, tl_div_448(tl.load(a_ptr + offs, mask=ok, other=1.0)), mask=ok)
+    tl.store(r_ptr + offs, tl_rcp_rn(tl.load(s_ptr + offs, mask=ok, other=1.0)), mask=ok)
+
+
+def _binade(exponent: int, significands: torch.Tensor) -> torch.Tensor:
+    return (significands | ((exponent + 127) << 23)).view(torch.float32)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_division_free_scale_and_reciprocal_are_ieee(device):
+    """tl_div_448 (amax / 448) and tl_rcp_rn (1 / s) bitwise against torch's IEEE division. GPU:
+    every fp32 significand in 40 binades of amax (from 2^-126, where the quotient is subnormal
+    and the rule floors it, to 2^127) and 17 of s across [2^-62, 2^125] (div.full.f32 then
+    Newton). CPU (the interpreter divides exactly, so only the steps after it are checked):
+    2^14 random significands and the all-ones and all-zeros ones. inf and NaN amaxes pass."""
+    gen = torch.Generator().manual_seed(0)
+    if device == "cuda":
+        sig = torch.arange(1 << 23, dtype=torch.int32)
+    else:
+        sig = torch.cat([torch.randint(0, 1 << 23, (1 << 14,), generator=gen, dtype=torch.int32),
+                         torch.tensor([0, (1 << 23) - 1], dtype=torch.int32)])  # fmt: skip
+    sig = sig.to(device)
+    a_exps = sorted({*range(-126, 128, 7), -61, -60, -59, 127})
+    s_exps = sorted({*range(-62, 126, 12), 125})
+    for i, a_exp in enumerate(a_exps):
+        s_exp = s_exps[i % len(s_exps)]
+        a, s = _binade(a_exp, sig), _binade(s_exp, sig)
+        q, r = torch.empty_like(a), torch.empty_like(s)
+        _div_rcp_kernel[(triton.cdiv(a.numel(), 4096),)](a, q, s, r, a.numel(), BLOCK=4096)
+        exact_q = a / torch.full((), 448.0, device=device)
+        normal = exact_q >= 2.0**-126  # smaller quotients end at the rule's floor 2^-126 either way
+        assert torch.equal(q[normal].view(torch.int32), exact_q[normal].view(torch.int32)), a_exp
+        assert torch.all(q[~normal] <= 2.0**-126), a_exp
+        assert torch.equal(r.view(torch.int32), (torch.ones_like(s) / s).view(torch.int32)), s_exp
+    special = torch.tensor([float("inf"), float("nan"), 0.0], device=device)
+    q = torch.empty_like(special)
+    _div_rcp_kernel[(1,)](special, q, torch.ones_like(special), torch.empty_like(special), 3, BLOCK=4)
+    assert q[0] == float("inf") and q[1].isnan() and q[2] == 0.0
 
 
 # ---- references against an independent definition ---------------------------------------------
