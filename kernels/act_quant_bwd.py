@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from kernels.act_math import _LAUNCH, _act_bwd, _inv_scale, _quant
-from kernels.common import FP8_DTYPE, tl_fp8_scale, triton_interpret, use_triton
+from kernels.common import FP8_DTYPE, tile_grid, tl_fp8_scale, triton_interpret, use_triton
 from kernels.reference import check_act_quant_bwd_args, padded_size, torch_act_quant_bwd
 
 
@@ -340,24 +340,20 @@ def _bwd_outputs(da_MF: torch.Tensor, X: int, E: int, align: int, block: int):
 # the whole op, skewed groups): Mixtral-8x7B width 1.637 -> 1.348 ms, Qwen3 0.430 -> 0.360,
 # DeepSeek-V3 0.506 -> 0.431; 512-token programs within 1% (3% slower at Qwen3), 32-row chunks
 # and 64- or 128-wide ones slower. The feature-major grid alone: +1-6% (the blockwise pass
-# 1.04-1.06x); for the amax pass -1%.
+# 1.04-1.06x); for the amax pass -1% (again -1% to +0.5% in session 7).
 # A variant that used align % tile height == 0 (the layer's align 128: every tile in one group)
 # for one column reduction per feature in the amax pass and one inverse load per feature in the
 # quantize pass was within -1% / +5% of the 128x32 tile (H200, commit 3d97640): not kept.
+# The quantize pass 64x32 against 32x64 (H200, session 7, the whole op, uniform routing): seed
+# 0.973 -> 0.904 ms, Mixtral-8x7B width 1.347 -> 1.290, DeepSeek-V3 0.432 -> 0.410, Qwen3 0.359
+# -> 0.340; 32x32 / 2 warps next (-1 to -4%); 128x32, 64x16, 64x32 at 2 or 8 warps and 128x16
+# slower or tied.
 _ROWWISE_AMAX_TILE = (256, 32, 16, 2)  # (BLOCK_P, BLOCK_F, CHUNK, warps)
-_ROWWISE_QUANT_TILE = (32, 64, 4)
+_ROWWISE_QUANT_TILE = (64, 32, 4)
 # Grid order (F_MAJOR, see `_tile_ids`) of the amax pass, the quantize pass and the blockwise pass.
 _F_MAJOR = {"amax": False, "quant": True, "blockwise": True}
 _BLOCKWISE_CHUNK, _BLOCKWISE_WARPS = 32, 4
-_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension
 _PREP_BLOCK = 1024
-
-
-def _grid(n_p: int, n_f: int, f_major: bool) -> tuple[tuple[int, int], bool]:
-    """(grid, F_MAJOR): feature-major unless the token tiles outnumber the second grid dimension's
-    limit (P > 2M tokens with 32-token tiles), where the order is only a few percent."""
-    f_major = f_major and n_p <= _MAX_GRID_Y
-    return ((n_f, n_p) if f_major else (n_p, n_f)), f_major
 
 
 def _act_quant_bwd_impl(
@@ -394,18 +390,18 @@ def _act_quant_bwd_impl(
         group_end_E, padded_end_E, ws, E, align, n_ws, E_POW2=triton.next_power_of_2(E), BLOCK=_PREP_BLOCK
     )
     if block:
-        grid, f_major = _grid(P // block, F // block, _F_MAJOR["blockwise"])
+        grid, f_major = tile_grid(P // block, F // block, _F_MAJOR["blockwise"])
         tile = dict(BLOCK_P=block, BLOCK_F=block, CHUNK=_BLOCKWISE_CHUNK, num_warps=_BLOCKWISE_WARPS, F_MAJOR=f_major)
     else:
         BLOCK_P, BLOCK_F, num_warps = _ROWWISE_QUANT_TILE
-        grid, f_major = _grid(triton.cdiv(P, BLOCK_P), triton.cdiv(F, BLOCK_F), _F_MAJOR["quant"])
+        grid, f_major = tile_grid(triton.cdiv(P, BLOCK_P), triton.cdiv(F, BLOCK_F), _F_MAJOR["quant"])
         tile = dict(BLOCK_P=BLOCK_P, BLOCK_F=BLOCK_F, CHUNK=BLOCK_P, num_warps=num_warps, F_MAJOR=f_major)
         _token_map_kernel[(triton.cdiv(P, _PREP_BLOCK),)](
             group_end_E, padded_end_E, token_map, M, E, P, SEARCH_STEPS=E.bit_length(), BLOCK=_PREP_BLOCK
         )
         AP, AF, a_chunk, a_warps = _ROWWISE_AMAX_TILE
         a_chunk = math.gcd(a_chunk, align)  # a chunk lies in one group (align is a multiple of 16)
-        a_grid, a_f_major = _grid(triton.cdiv(P, AP), triton.cdiv(F, AF), _F_MAJOR["amax"])
+        a_grid, a_f_major = tile_grid(triton.cdiv(P, AP), triton.cdiv(F, AF), _F_MAJOR["amax"])
         _act_bwd_amax_kernel[a_grid](
             da_MF, h_fp8, h_scale, token_map, ws_i32[n_col:], ws_i32, ws_i32[X * E :],
             F, E, P, da_MF.stride(0), h_fp8.stride(0),

@@ -17,9 +17,9 @@ How the rule is computed, so that kernels and references agree bit for bit (fp32
   5e-19, far below E4M3's smallest value). Per element that is two multiplies and two FMAs
   instead of div.rn's sequence, which cost 20% of bandwidth in the rowwise row kernel at K=7168
   (H100). `tl.math.div_rn(x, scale)` gives the same fp8 bytes.
-- No `tl.math.div_rn` by default: its slow path is a subroutine call, around which ptxas keeps
-  every live register of the tile (the 128x64 blockwise column kernel: 254 registers, 160
-  without; 0.577 -> 0.488 ms at Mixtral-8x7B width, K=28672, H200, with its tile held in bf16).
+- No `tl.math.div_rn`: its slow path is a subroutine call, around which ptxas keeps every live
+  register of the tile (the 128x64 blockwise column kernel: 254 registers, 160 without; 0.577
+  -> 0.488 ms at Mixtral-8x7B width, K=28672, H200, with its tile held in bf16).
   Both replacements are exact for
   every input that matters, checked exhaustively on the CPU (every fp32 significand, with the
   interpreter's exact fp32 FMA): amax / 448 for all 254 normal binades (tiny amaxes scaled by
@@ -35,7 +35,8 @@ How the rule is computed, so that kernels and references agree bit for bit (fp32
   overflows to inf (and flush-to-zero arithmetic makes the scale 0), so a GELU tile of values
   around -1e-38 once quantized to NaN and -448 on an H200.
 - The fp8 cast rounds to nearest even on both sides (PTX `cvt.rn.satfinite.e4m3x2.f32`, torch's
-  software conversion); the clamp comes first because torch's cast turns values past 448 into NaN.
+  software conversion); the clamp comes first because torch's cast turns values past 448 into NaN
+  (the GPU's cast saturates by itself, so kernels leave the clamp out: `tl_fp8_quantize_by`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,18 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or triton_interpret()
 
 
+_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension
+
+
+def tile_grid(n_outer: int, n_inner: int, inner_first: bool) -> tuple[tuple[int, int], bool]:
+    """(grid, inner_first) over n_outer x n_inner tiles. inner_first: program_id(0) is the inner
+    index, so consecutive programs take consecutive inner tiles of the same outer one (e.g. the
+    column blocks of the same tokens, reading whole lines of their rows together); it falls back
+    to outer-first when the outer tiles outnumber the grid's second dimension (65535)."""
+    inner_first = inner_first and n_outer <= _MAX_GRID_Y
+    return ((n_inner, n_outer) if inner_first else (n_outer, n_inner)), inner_first
+
+
 def round_up(n: int, multiple: int) -> int:
     """Smallest multiple of `multiple` that is >= n (host integers only)."""
     return (n + multiple - 1) // multiple * multiple
@@ -91,6 +104,9 @@ def torch_fp8_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
+# Triton's jit decides at import whether kernels run in the interpreter; so does this constant.
+_INTERPRETED = tl.constexpr(triton_interpret())
+_SIGN_BIT = tl.constexpr(-(2**31))  # 0x80000000 as an int32
 _INV_448 = tl.constexpr(0.0022321429569274187)  # RN(1 / 448) in fp32, exactly
 _TWO_64, _TWO_M64, _TWO_M60 = tl.constexpr(1.8446744073709552e19), tl.constexpr(5.421010862427522e-20), \
     tl.constexpr(8.673617379884035e-19)  # fmt: skip
@@ -125,10 +141,9 @@ def tl_rcp_rn(s):
 
 
 @triton.jit
-def tl_fp8_scale(amax, POW2: tl.constexpr, DIV_RN: tl.constexpr = False):
-    """Triton twin of `torch_fp8_scale` (amax: fp32 scalar or block). DIV_RN: the same bits by
-    tl.math.div_rn, for a kernel that spills anyway (see `tl_fp8_divisor`)."""
-    scale = tl.math.div_rn(amax, 448.0) if DIV_RN else tl_div_448(amax)
+def tl_fp8_scale(amax, POW2: tl.constexpr):
+    """Triton twin of `torch_fp8_scale` (amax: fp32 scalar or block)."""
+    scale = tl_div_448(amax)
     if POW2:
         scale = ((scale.to(tl.int32, bitcast=True) + 0x007FFFFF) & 0x7F800000).to(
             tl.float32, bitcast=True
@@ -138,41 +153,48 @@ def tl_fp8_scale(amax, POW2: tl.constexpr, DIV_RN: tl.constexpr = False):
 
 
 @triton.jit
-def tl_fp8_divisor(scale, DIV_RN: tl.constexpr = False):
+def tl_fp8_divisor(scale):
     """(s, r, f) for `tl_fp8_quantize_by`: f = 2**64 for scales below 2**-60 (so that the
     residual below cannot underflow) else 1, s = scale * f (exact), r = 1 / s (IEEE).
 
     Take it once per scale (pass scale un-broadcast, e.g. [BLOCK_M, 1]). Scales lie in
     [2**-126, 2**120] (amax <= 3.4e38), so s lies in [2**-62, 2**120], `tl_rcp_rn`'s range.
-    DIV_RN: r by tl.math.div_rn (the same bits). Its never-taken slow-path call is where ptxas
-    parks a spilling kernel's spills: the fused 128x128 blockwise rows+cols kernel (255
-    registers either way) ran 1.181 ms with it and 1.327 without at Mixtral-8x7B width
-    (K=28672, H200), where every other kernel was as fast or faster without.
     """
     f = tl.where(scale < _TWO_M60, _TWO_64, 1.0)
     s = scale * f
-    return s, (tl.math.div_rn(1.0, s) if DIV_RN else tl_rcp_rn(s)), f
+    return s, tl_rcp_rn(s), f
 
 
 @triton.jit
 def tl_fp8_quantize_by(x, s, r, f):
-    """clamp(x / scale, -448, 448) to float8e4nv, given `tl_fp8_divisor(scale)`.
+    """clamp(x / scale, -448, 448) to float8e4nv, given `tl_fp8_divisor(scale)`, for scales
+    taken from the amax of the values quantized (so |x / scale| <= 448 (1 + 2**-23)).
 
     The quotient is x*f * r corrected by Markstein's FMA step, which rounds like IEEE division
-    (see the module docstring); zeros keep their sign.
+    (see the module docstring); zeros keep their sign. No clamp on the GPU: the cast is
+    cvt.rn.satfinite.e4m3x2.f32 (PTX's only f32 -> e4m3 form), which saturates, and quotients up
+    to 448 (1 + 2**-23) round to 448 either way; the clamp's two FMNMX per element were ~10% of
+    the 128x64 blockwise column kernel's sm_90 instructions (2416 -> 2160 per thread). The
+    interpreter's cast does not saturate: it clamps there.
+    Tried and not kept: the x*f multiply behind a per-tile branch (a predicated FMUL per element
+    costs the same issue slot; a copy of the quotient in each branch gave wrong bytes on triton
+    3.6 / H200, not investigated further),
+    and the sign of zero from -fma(q, s, -x) instead of the select (the compiler lost it, -0
+    came back +0 on the H200).
     """
     xs = x * f
     q = xs * r
     q = tl.fma(tl.fma(-q, s, xs), r, q)
     q = tl.where(x == 0.0, x, q)
-    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    if _INTERPRETED:
+        q = tl.minimum(tl.maximum(q, -448.0), 448.0)
     return q.to(tl.float8e4nv)
 
 
 @triton.jit
-def tl_fp8_quantize(x, scale, DIV_RN: tl.constexpr = False):
+def tl_fp8_quantize(x, scale):
     """Triton twin of `torch_fp8_quantize`; x fp32, scale broadcastable, result float8e4nv."""
-    s, r, f = tl_fp8_divisor(scale, DIV_RN)
+    s, r, f = tl_fp8_divisor(scale)
     return tl_fp8_quantize_by(x, s, r, f)
 
 

@@ -18,7 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import FP8_DTYPE, tl_fp8_divisor, tl_fp8_quantize, tl_fp8_quantize_by, tl_fp8_scale, use_triton
+from kernels.common import (
+    FP8_DTYPE,
+    tile_grid,
+    tl_fp8_divisor,
+    tl_fp8_quantize,
+    tl_fp8_quantize_by,
+    tl_fp8_scale,
+    use_triton,
+)
 from kernels.reference import check_quantize_rows_args, torch_quantize_rows
 
 # Loops here run over a few chunks, never a pipeline's worth: no software pipelining.
@@ -26,6 +34,10 @@ _NUM_STAGES = 1
 
 # A row up to this many elements is held in registers (one read); longer rows loop twice.
 _MAX_ROW_IN_REGISTERS = 8192
+# 1x128 tiles: consecutive programs take consecutive 128-wide spans of the same rows (H200,
+# session 7, with 16x128 tiles on 2 warps, against rows first with 32x128 on 4: seed 0.120 ->
+# 0.110 ms, Mixtral-8x7B width 0.062 -> 0.060, DeepSeek-V3 0.205 -> 0.187, Qwen3 0.121 -> 0.110).
+_SPAN_FIRST = True
 
 
 @triton.jit
@@ -33,10 +45,10 @@ def _quantize_rows_kernel(
     x_ptr, idx_ptr, q_ptr, s_ptr,
     M, K, stride_xm, SPAN,
     HAS_IDX: tl.constexpr, POW2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr, SPAN_FIRST: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)  # which span of the row (always 0 when SPAN == K)
+    # which span of the row (always 0 when SPAN == K); SPAN_FIRST: see `kernels.common.tile_grid`
+    pid_m, pid_s = (tl.program_id(1), tl.program_id(0)) if SPAN_FIRST else (tl.program_id(0), tl.program_id(1))
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     if HAS_IDX:
@@ -68,15 +80,15 @@ def _quantize_rows_kernel(
 
 
 def _rows_launch_config(K: int, block_k: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_K, num_warps), from a sweep on H200 at M=32768: 1x128 tiles 32 rows a
-    program (0.80 of copy); whole rows in registers, 4096 elements a program for K <= 4096
-    (0.79 at K=2048, 0.91 at 4096), two 8192-wide rows on 8 warps for K <= 8192 (0.85 at 7168);
-    longer rows two passes of 4096 (the second from L2). 1x128 programs that took 2-8 tiles of a
-    row (one wider load reshaped to (rows, tiles, 128), an amax per tile) were 0-30% slower at
-    every DESIGN.md shape (H200 sweep on 98534ce with that knob, since removed; 8-64 rows, 2-8
-    warps)."""
+    """(BLOCK_M, BLOCK_K, num_warps), from a sweep on H200 at M=32768: 1x128 tiles 16 rows a program
+    on 2 warps (32 on 4 within 1%, 64 slower; see _SPAN_FIRST); whole rows in registers, 4096
+    elements a program for K <= 4096 (0.79 at K=2048, 0.91 at 4096), two 8192-wide rows on 8 warps
+    for K <= 8192 (0.85 at 7168); longer rows two passes of 4096 (the second from L2). 1x128
+    programs that took 2-8 tiles of a row (one wider load reshaped to (rows, tiles, 128), an amax
+    per tile) were 0-30% slower at every DESIGN.md shape (H200 sweep on 98534ce with that knob,
+    since removed; 8-64 rows, 2-8 warps)."""
     if block_k:
-        return 32, block_k, 4
+        return 16, block_k, 2
     block = triton.next_power_of_2(K)
     if block <= 4096:
         return max(1, 4096 // block), block, 4
@@ -99,11 +111,13 @@ def _quantize_rows_impl(
     if M == 0:
         return q_MK, scale
     BLOCK_M, BLOCK_K, num_warps = _rows_launch_config(K, block_k)
-    _quantize_rows_kernel[(triton.cdiv(M, BLOCK_M), K // span)](
+    grid, span_first = tile_grid(triton.cdiv(M, BLOCK_M), K // span, _SPAN_FIRST and span < K)
+    _quantize_rows_kernel[grid](
         x_MK, row_index_M if row_index_M is not None else x_MK, q_MK, scale,
         M, K, x_MK.stride(0), span,
         HAS_IDX=row_index_M is not None, POW2=pow2_scale,
-        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, ONE_CHUNK=span <= BLOCK_K, num_warps=num_warps, num_stages=_NUM_STAGES,
+        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, ONE_CHUNK=span <= BLOCK_K, SPAN_FIRST=span_first,
+        num_warps=num_warps, num_stages=_NUM_STAGES,
     )  # fmt: skip
     return q_MK, scale
 

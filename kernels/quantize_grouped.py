@@ -22,8 +22,12 @@ Passes (memory-bound; bytes per element of x: read 2, write 1 per output). A qua
 program owns BLOCK_P padded token positions x BLOCK_K columns with BLOCK_P dividing align, so
 its tile lies inside one group and the padding is just the rows its masked loads leave at zero.
 - block 128 (blockwise recipe): one pass over HBM. BLOCK_P = 128 is one scale tile, held in
-  registers: the column amax (fused: also q with each row's own 1x128 scale), then qt. (The
-  kernel can also sweep it twice in smaller slices, the second from L1/L2: slower, see below.)
+  registers: the column amax, then qt. (The kernel can also sweep it twice in smaller slices,
+  the second from L1/L2: slower, see below.) Fused with the rows, it is two launches, this one
+  and kernels/quantize.py's 1x128 rows: x is read twice, and that was 18-21% faster than one
+  kernel doing both from one 128x128 tile (which spilled at 4 warps and ran at half the
+  occupancy at 8; H200, session 7 sweep: Mixtral-8x7B width 0.178 -> 0.146 ms, DeepSeek-V3
+  0.646 -> 0.517, Qwen3 0.410 -> 0.322).
 - block 0 (rowwise recipe): the scale of a column spans the whole group, so an amax pass (atomic
   max of fp32 bits as int32, relaxed) precedes the quantize pass: x is read twice. Fused, the
   amax pass also takes row amaxes, and the quantize pass writes both q and qt from one tile.
@@ -40,7 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import FP8_DTYPE, tl_fp8_divisor, tl_fp8_quantize, tl_fp8_quantize_by, tl_fp8_scale, use_triton
+from kernels.common import FP8_DTYPE, tile_grid, tl_fp8_divisor, tl_fp8_quantize_by, tl_fp8_scale, use_triton
+from kernels.quantize import _quantize_rows_impl
 from kernels.reference import (
     check_quantize_cols_grouped_args,
     check_quantize_rows_args,
@@ -137,22 +142,13 @@ def _gather_rows(x_ptr, idx_ptr, stride_xm, r, in_g, cols, col_ok, HAS_IDX: tl.c
 
 
 @triton.jit
-def _store_rows_1x128(x, r, in_g, cols, col_ok, kb, q_ptr, rscale_ptr, K, POW2: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Fused blockwise: q rows of the tile, each scaled by its own 1x128 amax, and those scales."""
-    rscale = tl_fp8_scale(tl.max(tl.abs(x), axis=1), POW2, DIV_RN=True)  # DIV_RN: see _cols_quant_kernel
-    tl.store(rscale_ptr + r * (K // BLOCK_K) + kb, rscale, mask=in_g)
-    q_ptrs = q_ptr + r.to(tl.int64)[:, None] * K + cols[None, :]
-    tl.store(q_ptrs, tl_fp8_quantize(x, rscale[:, None], DIV_RN=True), mask=in_g[:, None] & col_ok[None, :])
-
-
-@triton.jit
 def _cols_quant_kernel(
     x_ptr, idx_ptr, ge_ptr, col_amax_ptr, gamax_ptr, qt_ptr, cscale_ptr, pend_ptr,
     row_amax_ptr, q_ptr, rscale_ptr,
     M, K, P, stride_xm, E, align,
     HAS_IDX: tl.constexpr, POW2: tl.constexpr, BLOCKWISE: tl.constexpr, ROWS: tl.constexpr,
     RETURN_AMAX: tl.constexpr, E_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-    SUB_P: tl.constexpr, N_CHUNKS: tl.constexpr, ONE_SLICE: tl.constexpr,
+    SUB_P: tl.constexpr, N_CHUNKS: tl.constexpr, ONE_SLICE: tl.constexpr, K_MAJOR: tl.constexpr,
 ):  # fmt: skip
     """Writes qt[k, p] for BLOCK_P padded token positions x BLOCK_K columns, zeros in padding.
 
@@ -160,17 +156,15 @@ def _cols_quant_kernel(
     one scale vector per tile, and the padding is the rows the masked loads leave at zero.
     BLOCKWISE (BLOCK_P == 128): the column amax is this tile's, taken in a first sweep over
     SUB_P-row slices; the second sweep re-reads them (L1/L2) to quantize; ONE_SLICE (SUB_P ==
-    BLOCK_P): the tile is loaded once and kept in registers for both. Else the column
-    scales come from col_amax (pass 1) and there is one sweep.
-    ROWS (fused): also writes q[m, k] for the tile's rows, scaled by row_amax (rowwise) or by
-    the rows' own 1x128 amax (BLOCKWISE, BLOCK_K == 128).
-    Registers decide the speed (occupancy): rowwise, divisors are taken before the tiles are
-    loaded; blockwise, the cols-only tile stays bf16 in registers (160 where fp32 took 254),
-    and the fused one (fp32, 255 registers and spills either way) divides with div_rn
-    (`tl_fp8_divisor`'s DIV_RN: 1.18 vs 1.33 ms at Mixtral-8x7B width, K=28672, H200).
+    BLOCK_P): the tile is loaded once and kept in registers for both, in bf16 (160 registers
+    where fp32 took 254 at 128x64). Else (rowwise) the column scales come from col_amax (pass
+    1), their divisors are taken before the tiles are loaded, and there is one sweep.
+    ROWS (fused, rowwise only): also writes q[m, k] for the tile's rows, scaled by row_amax.
+    K_MAJOR: consecutive programs take consecutive column blocks of the same tokens (grid
+    (n_k, n_p)), so the programs resident together read whole lines of x's rows.
     """
-    pid_p = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    tl.static_assert(not (ROWS and BLOCKWISE), "fused blockwise is two launches")
+    pid_p, pid_k = (tl.program_id(1), tl.program_id(0)) if K_MAJOR else (tl.program_id(0), tl.program_id(1))
     start, end, pstart, pend = _group_bounds(ge_ptr, E, M, align, E_PAD)
     lanes = tl.arange(0, E_PAD)
     if (pid_p == 0) & (pid_k == 0):
@@ -194,14 +188,12 @@ def _cols_quant_kernel(
                     if RETURN_AMAX:
                         tl.atomic_max(gamax_ptr + pid_p, tl.max(amax, 0).to(tl.int32, bitcast=True), sem="relaxed")
             qt_cols = qt_ptr + cols.to(tl.int64)[None, :] * P
-            if BLOCKWISE:  # sweep 1 over the 128 tokens: column amax (and the q rows, fused)
+            if BLOCKWISE:  # sweep 1 over the 128 tokens: column amax
                 if ONE_SLICE:  # the whole tile in registers: one load, no second sweep
                     pp = first + tl.arange(0, BLOCK_P)
                     in_g = (pp >= ps) & (pp < ps + size)
                     r = st + pp - ps
-                    x_tile = _gather_rows(x_ptr, idx_ptr, stride_xm, r, in_g, cols, col_ok, HAS_IDX, FP32=ROWS)
-                    if ROWS:
-                        _store_rows_1x128(x_tile, r, in_g, cols, col_ok, kb, q_ptr, rscale_ptr, K, POW2, BLOCK_K)
+                    x_tile = _gather_rows(x_ptr, idx_ptr, stride_xm, r, in_g, cols, col_ok, HAS_IDX, FP32=False)
                     cmax = tl.max(tl.abs(x_tile), axis=0).to(tl.float32)
                 else:
                     cmax = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -210,11 +202,9 @@ def _cols_quant_kernel(
                         in_g = (pp >= ps) & (pp < ps + size)
                         r = st + pp - ps
                         x = _gather_rows(x_ptr, idx_ptr, stride_xm, r, in_g, cols, col_ok, HAS_IDX)
-                        if ROWS:
-                            _store_rows_1x128(x, r, in_g, cols, col_ok, kb, q_ptr, rscale_ptr, K, POW2, BLOCK_K)
                         cmax = tl.maximum(cmax, tl.max(tl.abs(x), axis=0))
-                cmax = tl.where(g < E, cmax, 0.0)  # no group (or the tail): scale 1, zeros
-                cscale = tl_fp8_scale(cmax, POW2, DIV_RN=ROWS)
+                cmax = tl.where(g < E, cmax, 0.0)  # past every group: scale 1, zeros
+                cscale = tl_fp8_scale(cmax, POW2)
                 tl.store(cscale_ptr + cols * (P // BLOCK_P) + pid_p, cscale, mask=col_ok)
                 if RETURN_AMAX:
                     if g < E:
@@ -222,18 +212,16 @@ def _cols_quant_kernel(
             else:  # column scales from pass 1
                 amax = tl.load(col_amax_ptr + tl.minimum(g, E - 1) * K + cols, mask=col_ok, other=0)
                 cscale = tl_fp8_scale(amax.to(tl.float32, bitcast=True), POW2)
-            cs, cr, cf = tl_fp8_divisor(cscale[None, :], DIV_RN=BLOCKWISE and ROWS)
+            cs, cr, cf = tl_fp8_divisor(cscale[None, :])
             if ONE_SLICE:
-                x32 = x_tile.to(tl.float32)
-                if ROWS:
-                    x32 = tl.where(g < E, x32, 0.0)  # the tail's rows go to q only
-                tl.store(qt_cols + pp[:, None], tl_fp8_quantize_by(x32, cs, cr, cf), mask=col_ok[None, :])
+                qt = tl_fp8_quantize_by(x_tile.to(tl.float32), cs, cr, cf)
+                tl.store(qt_cols + pp[:, None], qt, mask=col_ok[None, :])
             else:
                 for i in range(0, BLOCK_P, SUB_P):  # BLOCKWISE: sweep 2, the same rows again (L1/L2)
                     pp = first + i + tl.arange(0, SUB_P)
                     in_g = (pp >= ps) & (pp < ps + size)
                     r = st + pp - ps
-                    if ROWS and not BLOCKWISE:
+                    if ROWS:
                         ramax = tl.load(row_amax_ptr + r, mask=in_g, other=0).to(tl.float32, bitcast=True)
                         rscale = tl_fp8_scale(ramax, POW2)
                         if kb == 0:
@@ -241,33 +229,40 @@ def _cols_quant_kernel(
                         rs, rr, rf = tl_fp8_divisor(rscale[:, None])
                     x = _gather_rows(x_ptr, idx_ptr, stride_xm, r, in_g, cols, col_ok, HAS_IDX)
                     if ROWS:
-                        if not BLOCKWISE:
-                            q_ptrs = q_ptr + r.to(tl.int64)[:, None] * K + cols[None, :]
-                            tl.store(q_ptrs, tl_fp8_quantize_by(x, rs, rr, rf), mask=in_g[:, None] & col_ok[None, :])
+                        q_ptrs = q_ptr + r.to(tl.int64)[:, None] * K + cols[None, :]
+                        tl.store(q_ptrs, tl_fp8_quantize_by(x, rs, rr, rf), mask=in_g[:, None] & col_ok[None, :])
                         x = tl.where(g < E, x, 0.0)  # the tail's rows go to q only
                     tl.store(qt_cols + pp[:, None], tl_fp8_quantize_by(x, cs, cr, cf), mask=col_ok[None, :])
 
 
-# ((BLOCK_M, BLOCK_K, num_warps) of the amax pass, (BLOCK_P, BLOCK_K, SUB_P, N_CHUNKS, num_warps)
-# of the quantize pass), by (blockwise, fused rows). A program does N_CHUNKS column blocks after
-# one group lookup, sweeping BLOCK_P tokens in SUB_P-row slices; fused blockwise needs BLOCK_K ==
-# 128 (the 1x128 row tile). Sweep on H200 (commit 8ab448b, the four DESIGN.md shapes, K = H and
-# 2F, skewed groups aligned to 128): rowwise 128-token tiles (a qt store writes 128 contiguous
-# bytes per column, where 16-token tiles wrote half a sector) took cols-only 0.91 -> 0.66 ms at
-# Mixtral K=28672, 0.40 -> 0.23 at Qwen3 K=2048, 0.54 -> 0.36 at DeepSeek K=7168, and fused
-# rows+cols 1.19 -> 0.99, 0.46 -> 0.34, 0.68 -> 0.53; 32- and 64-token tiles and 8 warps were
-# slower, 128x64 tiles tied on the fused op. The amax pass's 128x64 beat 256x64, 64x128, 128x128,
-# 256x32 and 512x32. Blockwise: the whole 128-token tile in registers (ONE_SLICE) against 32-row
-# slices swept twice (H200, commit after 1a72659, skewed groups): cols-only 128x64 tiles, 2 warps,
-# 0.668 -> 0.575 ms at Mixtral K=28672, 0.359 -> 0.330 at DeepSeek K=7168, 0.228 -> 0.218 at
-# Qwen3 K=2048; fused rows+cols 128x128, 4 warps, 1.434 -> 1.177, 0.755 -> 0.648, 0.489 -> 0.411
-# (8 warps, 128-wide cols-only tiles, 64-row slices and software pipelining were slower or tied).
+# ((BLOCK_M, BLOCK_K, num_warps) of the amax pass, (BLOCK_P, BLOCK_K, SUB_P, N_CHUNKS, num_warps) of
+# the quantize pass), by (blockwise, fused rows). A program does N_CHUNKS column blocks after one
+# group lookup, sweeping BLOCK_P tokens in SUB_P-row slices. Sweep on H200 (commit 8ab448b, the four
+# DESIGN.md shapes, K = H and 2F, skewed groups aligned to 128): rowwise 128-token tiles (a qt store
+# writes 128 contiguous bytes per column, where 16-token tiles wrote half a sector) took cols-only
+# 0.91 -> 0.66 ms at Mixtral K=28672, 0.40 -> 0.23 at Qwen3 K=2048, 0.54 -> 0.36 at DeepSeek K=7168,
+# and fused rows+cols 1.19 -> 0.99, 0.46 -> 0.34, 0.68 -> 0.53; 32- and 64-token tiles and 8 warps
+# were slower, 128x64 tiles tied on the fused op. The amax pass's 128x64 beat 256x64, 64x128,
+# 128x128, 256x32 and 512x32. Blockwise: the whole 128-token tile in registers (ONE_SLICE) against
+# 32-row slices swept twice (H200, commit after 1a72659, skewed groups): cols-only 128x64 tiles, 2
+# warps, 0.668 -> 0.575 ms at Mixtral K=28672, 0.359 -> 0.330 at DeepSeek K=7168, 0.228 -> 0.218 at
+# Qwen3 K=2048; fused rows+cols 128x128, 4 warps, 1.434 -> 1.177, 0.755 -> 0.648, 0.489 -> 0.411 (8
+# warps, 128-wide cols-only tiles, 64-row slices and software pipelining were slower or tied; the
+# fused blockwise kernel is gone since, see the module docstring).
+# Session 7 (H200, uniform routing, after the quotient lost its clamp): blockwise cols-only 128x32
+# tiles on one warp, column blocks first in the grid (K_MAJOR), against 128x64 on 2 warps token
+# tiles first: seed K=4096 0.168 -> 0.135 ms, K=6400 0.257 -> 0.207, DeepSeek-V3 K=7168 0.314 ->
+# 0.245, K=4096 0.183 -> 0.143, Qwen3 K=2048 0.206 -> 0.172, K=1536 0.156 -> 0.132, Mixtral-8x7B
+# K=4096 0.073 -> 0.073, K=28672 0.451 -> 0.474 (the one shape where it loses). 128x16 and 128x64 on
+# one warp, two or four column blocks a program: slower. Column blocks first was 5-40% slower for
+# the rowwise quantize pass, tied for the fused one, and within +-2% for the rowwise amax pass.
 _LAUNCH_CONFIGS = {
-    (True, False): ((0, 0, 0), (128, 64, 128, 1, 2)),
-    (True, True): ((0, 0, 0), (128, 128, 128, 1, 4)),
+    (True, False): ((0, 0, 0), (128, 32, 128, 1, 1)),
     (False, False): ((128, 64, 4), (128, 128, 32, 1, 4)),
     (False, True): ((128, 64, 4), (128, 128, 32, 1, 4)),
 }
+# Grid order of the quantize pass (K_MAJOR, see `_cols_quant_kernel`), by (blockwise, fused rows).
+_K_MAJOR = {(True, False): True, (False, False): False, (False, True): False}
 
 
 def _grouped_launch_config(block: int, rows: bool, align: int):
@@ -288,6 +283,10 @@ def _grouped_impl(x_MK, group_end_E, align, block, pow2_scale, row_index_M, retu
         check_quantize_rows_args(x_MK, block)
     if x_MK.stride(1) != 1:
         x_MK = x_MK.contiguous()
+    if rows and block:  # two launches (module docstring)
+        q_MK, rscale = _quantize_rows_impl(x_MK, block, pow2_scale, row_index_M)
+        cols = _grouped_impl(x_MK, group_end_E, align, block, pow2_scale, row_index_M, return_amax, False)
+        return (q_MK, rscale, *cols)
     dev = x_MK.device
     M = x_MK.shape[0] if row_index_M is None else row_index_M.shape[0]
     K = x_MK.shape[1]
@@ -297,30 +296,32 @@ def _grouped_impl(x_MK, group_end_E, align, block, pow2_scale, row_index_M, retu
     padded_end_E = torch.empty((E,), dtype=torch.int32, device=dev)
     # One zeroed int32 buffer for every atomic-max target: [amax (E) | col amax (E, K) | row amax (M)].
     n_col = 0 if block else E * K
-    n_row = M if rows and not block else 0
+    n_row = M if rows else 0
     n_amax = E if return_amax else 0
     amax_buf = torch.zeros((n_amax + n_col + n_row,), dtype=torch.int32, device=dev)
     gamax, col_amax, row_amax = amax_buf.split([n_amax, n_col, n_row])
     cscale = torch.empty((K, P // block) if block else (K, E), dtype=torch.float32, device=dev)
     q_MK = torch.empty((M, K) if rows else (0,), dtype=FP8_DTYPE, device=dev)
-    rscale = torch.empty(((M, K // block) if block else (M,)) if rows else (0,), dtype=torch.float32, device=dev)
+    rscale = torch.empty((M,) if rows else (0,), dtype=torch.float32, device=dev)
     idx = row_index_M if row_index_M is not None else x_MK
     E_PAD = triton.next_power_of_2(E + 1)
     (BLOCK_M, BLOCK_KA, warps_a), (BLOCK_P, BLOCK_K, SUB_P, N_CHUNKS, warps) = _grouped_launch_config(block, rows, align)
-    assert align % BLOCK_P == 0 and BLOCK_P % SUB_P == 0 and (not (block and rows) or BLOCK_K == block)
+    assert align % BLOCK_P == 0 and BLOCK_P % SUB_P == 0
     if not block and M > 0:
         _amax_pass_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(K, BLOCK_KA))](
             x_MK, idx, group_end_E, col_amax, row_amax, M, K, x_MK.stride(0), E,
             HAS_IDX=row_index_M is not None, ROW_AMAX=rows,
             E_PAD=E_PAD, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_KA, num_warps=warps_a, num_stages=_NUM_STAGES,
         )  # fmt: skip
-    _cols_quant_kernel[(triton.cdiv(P, BLOCK_P), triton.cdiv(K, BLOCK_K * N_CHUNKS))](
+    n_p, n_k = triton.cdiv(P, BLOCK_P), triton.cdiv(K, BLOCK_K * N_CHUNKS)
+    grid, k_major = tile_grid(n_p, n_k, _K_MAJOR[(bool(block), rows)])
+    _cols_quant_kernel[grid](
         x_MK, idx, group_end_E, col_amax, gamax, qt_KP, cscale, padded_end_E,
         row_amax, q_MK, rscale,
         M, K, P, x_MK.stride(0), E, align,
         HAS_IDX=row_index_M is not None, POW2=pow2_scale, BLOCKWISE=bool(block), ROWS=rows,
         RETURN_AMAX=return_amax, E_PAD=E_PAD, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K,
-        SUB_P=SUB_P, N_CHUNKS=N_CHUNKS, ONE_SLICE=bool(block) and SUB_P == BLOCK_P,
+        SUB_P=SUB_P, N_CHUNKS=N_CHUNKS, ONE_SLICE=bool(block) and SUB_P == BLOCK_P, K_MAJOR=k_major,
         num_warps=warps, num_stages=_NUM_STAGES,
     )  # fmt: skip
     amax_E = gamax.view(torch.float32) if return_amax else amax_buf.new_empty((0,), dtype=torch.float32)
@@ -423,8 +424,10 @@ def quantize_rows_and_cols_grouped(
     row_index_M: torch.Tensor | None = None,
     return_amax: bool = False,
 ) -> RowsAndColsFP8:
-    """quantize_rows(block_k=block) and quantize_cols_grouped(block_m=block) of the same x, fused:
-    one read of x for block=128, two for block=0 (instead of three)."""
+    """quantize_rows(block_k=block) and quantize_cols_grouped(block_m=block) of the same x in one
+    call: for block=128 the two kernels one after the other (faster than one kernel holding a
+    128x128 tile, see the module docstring), for block=0 fused into an amax pass and one
+    quantize pass (two reads of x instead of three)."""
     fn = _pick(
         x_MK,
         _quantize_rows_and_cols_grouped_impl,

@@ -67,8 +67,8 @@ def ref(monkeypatch):
 
 def odd_x(M: int, K: int, seed: int = 0, device="cpu") -> torch.Tensor:
     """bf16 rows with the awkward cases: zeros, values at and past the E4M3 limit, huge dynamic
-    range (E4M3 subnormals and underflow to zero), a constant row."""
-    patterns = [[448.0, -448.0, 1000.0, -3e5, 449.0, 0.5], [1e4, -1e-3, 2e-2, 7.0, -1e-6, 0.0]]
+    range (E4M3 subnormals and underflow to zero), signed zeros, a constant row."""
+    patterns = [[448.0, -448.0, 1000.0, -3e5, 449.0, 0.5], [1e4, -1e-3, 2e-2, 7.0, -1e-6, 0.0, -0.0]]
     return rows_with_specials(M, K, patterns, seed).to(device)
 
 
@@ -230,7 +230,10 @@ def test_reference_weight_definition(mode):
         (5, 9000, 0, True, False),  # longer than _MAX_ROW_IN_REGISTERS: two passes over the row
     ],
 )
-def test_quantize_rows(ref, M, K, block_k, pow2, gather):
+def test_quantize_rows(ref, monkeypatch, M, K, block_k, pow2, gather):
+    import kernels.quantize as kq
+
+    monkeypatch.setattr(kq, "_SPAN_FIRST", not pow2)  # both grid orders of the 1x128 tiles
     x = odd_x(M + 3, K)
     idx = torch.randint(0, M + 3, (M,), generator=torch.Generator().manual_seed(M)) if gather else None
     if not gather:
@@ -259,15 +262,19 @@ def test_quantize_cols_grouped(ref, block, align, pow2, gather, tail, K):
     assert_same(tuple(quantize_rows_and_cols_grouped(*args)), ref.torch_quantize_rows_and_cols_grouped(*args))
 
 
-@pytest.mark.parametrize("tile", [(128, 128, 32, 1, 4), (128, 128, 128, 1, 4), (128, 128, 128, 2, 8)])
-def test_quantize_grouped_blockwise_tiles(ref, monkeypatch, tile):
+@pytest.mark.parametrize(
+    "tile, k_major",
+    [((128, 128, 32, 1, 4), True), ((128, 128, 128, 1, 4), False), ((128, 128, 128, 2, 8), True),
+     ((128, 32, 128, 1, 1), False)],
+)  # fmt: skip
+def test_quantize_grouped_blockwise_tiles(ref, monkeypatch, tile, k_major):
     """The blockwise programs' two forms: 32-row slices swept twice, and the whole 128-token tile
-    kept in registers (ONE_SLICE), with several column blocks per program; the tail rows and
-    the gather included."""
+    kept in registers (ONE_SLICE), with several column blocks per program, in both grid orders;
+    the tail rows and the gather included."""
     import kernels.quantize_grouped as kg
 
-    for rows in (False, True):
-        monkeypatch.setitem(kg._LAUNCH_CONFIGS, (True, rows), ((0, 0, 0), tile))
+    monkeypatch.setitem(kg._LAUNCH_CONFIGS, (True, False), ((0, 0, 0), tile))
+    monkeypatch.setitem(kg._K_MAJOR, (True, False), k_major)
     x = odd_x(sum(SIZES) + 5, 384)
     ends = group_ends(SIZES)
     idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(4))
