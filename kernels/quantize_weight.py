@@ -233,7 +233,10 @@ def _weight_launch_config(mode: str, wide: bool = False) -> tuple[int, int, int,
     within 1-4% of 32 and of 128x128 tiles with 8 warps in that sweep, ahead at most shapes;
     64x256 tiles were 2x slower. From fp32, 32-row slices (half the registers of a 64-row fp32
     slice): Mixtral w13 2.54 -> 2.40 ms, w2 1.30 -> 1.22, Qwen3 w13 1.10 -> 1.04 (both passes);
-    blockwise from fp32 keeps 64-row slices and 8 warps (32 rows: 1.83 -> 2.13 ms at Mixtral w13)."""
+    blockwise from fp32 keeps 64-row slices and 8 warps (32 rows: 1.83 -> 2.13 ms at Mixtral w13).
+    The 128x128 block loaded once and held in registers for both sweeps was 1.2-1.7x slower at
+    4, 8 and 16 warps (H200, session 7: Mixtral w13 bf16 1.12 -> 1.75-1.90 ms, fp32 1.73 ->
+    2.08-2.81), every shape."""
     if mode == "blockwise":
         return 128, 128, 64, 8
     if mode == "rowwise":
