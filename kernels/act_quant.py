@@ -169,13 +169,19 @@ def _fwd_config(F: int, block_k: int) -> tuple[int, int, int]:
     (F=14336, two chunks) 0.617 -> 0.447 ms, seed (GELU F=6400, one chunk) 0.426 -> 0.351,
     DeepSeek-V3 (F=2048, one chunk, 4 warps) 0.127 -> 0.116. 8192-wide chunks with 32 warps and
     2048-4096-wide ones with 8-16 warps were slower: with 1024-wide chunks ~16 rows share an SM,
-    and their 57 KB rows (Mixtral) outgrow the 50 MB L2 before the second sweep re-reads them."""
+    and their 57 KB rows (Mixtral) outgrow the 50 MB L2 before the second sweep re-reads them.
+    A row held whole: 1024 features a warp, at least 2, one row a program (H200, session 7,
+    against 512 a warp): seed 0.356 -> 0.309 ms (8 warps; 4 and 16 slower), Qwen3 (F=768, 2
+    warps, was 2 rows on 4) 0.098 -> 0.091, DeepSeek-V3 0.115 either way. Rows up to 512
+    features: several a program, as before (not measured again)."""
     if block_k:
         return 16, block_k, 2
     block_f = min(triton.next_power_of_2(F), 8192)
-    if block_f <= 1024:
-        return max(1, 2048 // block_f), block_f, 4
-    return 1, block_f, max(4, block_f // 512)
+    if block_f <= 512:
+        return 2048 // block_f, block_f, 4
+    if F <= block_f:
+        return 1, block_f, max(2, block_f // 1024)
+    return 1, block_f, block_f // 512
 
 
 def _act_quant_fwd_impl(
