@@ -106,7 +106,6 @@ def torch_fp8_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 # Triton's jit decides at import whether kernels run in the interpreter; so does this constant.
 _INTERPRETED = tl.constexpr(triton_interpret())
-_SIGN_BIT = tl.constexpr(-(2**31))  # 0x80000000 as an int32
 _INV_448 = tl.constexpr(0.0022321429569274187)  # RN(1 / 448) in fp32, exactly
 _TWO_64, _TWO_M64, _TWO_M60 = tl.constexpr(1.8446744073709552e19), tl.constexpr(5.421010862427522e-20), \
     tl.constexpr(8.673617379884035e-19)  # fmt: skip
@@ -178,9 +177,8 @@ def tl_fp8_quantize_by(x, s, r, f):
     interpreter's cast does not saturate: it clamps there.
     Tried and not kept: the x*f multiply behind a per-tile branch (a predicated FMUL per element
     costs the same issue slot; a copy of the quotient in each branch gave wrong bytes on triton
-    3.6 / H200, not investigated further),
-    and the sign of zero from -fma(q, s, -x) instead of the select (the compiler lost it, -0
-    came back +0 on the H200).
+    3.6 / H200, not investigated further), and the sign of zero from -fma(q, s, -x) instead of
+    the select (the compiler lost it: -0 came back +0 on the H200).
     """
     xs = x * f
     q = xs * r
