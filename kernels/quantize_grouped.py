@@ -76,8 +76,9 @@ class RowsAndColsFP8(NamedTuple):
 
 @triton.jit
 def _group_bounds(ge_ptr, E, M, align, E_PAD: tl.constexpr):
-    """Vectors over E_PAD lanes: start, end, padded start, padded end of each group. Lane E is
-    the tail, rows [group_end[E-1], M) placed unpadded at padded_end[E-1]; lanes past E are empty."""
+    """Vectors over E_PAD lanes: start, end, padded start, padded end of each group. Lane E, when
+    E_PAD > E, is the tail, rows [group_end[E-1], M) placed unpadded at padded_end[E-1]; lanes
+    past E are empty."""
     e = tl.arange(0, E_PAD)
     end = tl.load(ge_ptr + e, mask=e < E, other=0).to(tl.int32)
     start = tl.load(ge_ptr + e - 1, mask=(e > 0) & (e <= E), other=0).to(tl.int32)
@@ -304,7 +305,10 @@ def _grouped_impl(x_MK, group_end_E, align, block, pow2_scale, row_index_M, retu
     q_MK = torch.empty((M, K) if rows else (0,), dtype=FP8_DTYPE, device=dev)
     rscale = torch.empty((M,) if rows else (0,), dtype=torch.float32, device=dev)
     idx = row_index_M if row_index_M is not None else x_MK
-    E_PAD = triton.next_power_of_2(E + 1)
+    # Lanes of the in-kernel group lookup: the E groups, and lane E for the fused op's tail rows
+    # only. At E = 128 (Qwen3) the power of two above E + 1 doubled them: 2512 -> 2328 sm_90
+    # instructions per thread of the 128x1 column kernel, 0.204 -> 0.196 ms at K=2048 (H200).
+    E_PAD = triton.next_power_of_2(max(1, E + rows))
     (BLOCK_M, BLOCK_KA, warps_a), (BLOCK_P, BLOCK_K, SUB_P, N_CHUNKS, warps) = _grouped_launch_config(block, rows, align)
     assert align % BLOCK_P == 0 and BLOCK_P % SUB_P == 0
     if not block and M > 0:
