@@ -47,9 +47,9 @@ element covers gate and up; loops counted by their trip counts), before -> now:
 pass's 55; see kernels/act_quant_bwd.py's launch notes.)
 Measured before, on H200 as a fraction of the 4.3 TB/s copy (bytes counted once): forward 1x128
 0.52-0.54 for SwiGLU and 0.27 for GELU, rowwise 0.35-0.37 and 0.15; backward rowwise 0.12-0.16,
-blockwise 0.08-0.10 (M=16384 F=14336, M=65536 F=768, M=32768 F=6400 GELU). Now (commit 7e0c19f,
+blockwise 0.08-0.10 (M=16384 F=14336, M=65536 F=768, M=32768 F=6400 GELU). Now (commit f8a3c4e,
 bench/results/kernels.json): forward rowwise 0.64-0.96, 1x128 0.79-0.91 (0.64-0.75 before the
-feature-first grid, `_F_FIRST`); backward rowwise 0.31-0.39, blockwise 0.30-0.35.
+feature-first grid, `_F_FIRST`); backward rowwise 0.33-0.39, blockwise 0.30-0.35.
 """
 
 from __future__ import annotations
