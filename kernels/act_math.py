@@ -47,8 +47,6 @@ _LAUNCH = dict(enable_fp_fusion=True)
 # ---- per scale: once per row / column / tile -------------------------------------------------------
 
 
-
-
 @triton.jit
 def _inv_scale(scale, INTERP: tl.constexpr):
     """1 / scale for `_quant`, once per scale: exact for power-of-two scales (the exponent

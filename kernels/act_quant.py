@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 
 from kernels.act_math import _LAUNCH, _act, _inv_scale, _quant
-from kernels.common import FP8_DTYPE, tile_grid, tl_fp8_scale, triton_interpret, use_triton
+from kernels.common import FP8_DTYPE, tile_grid, tl_fp8_scale, tl_tile_ids, triton_interpret, use_triton
 from kernels.reference import check_act_quant_args, torch_act_quant_fwd
 
 
@@ -96,8 +96,7 @@ def _act_fwd_kernel(
     INTERP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, ONE_CHUNK: tl.constexpr,
     F_FIRST: tl.constexpr,
 ):  # fmt: skip
-    # (row tile, 128-feature tile); F_FIRST: see `kernels.common.tile_grid`
-    pid_m, fb = (tl.program_id(1), tl.program_id(0)) if F_FIRST else (tl.program_id(0), tl.program_id(1))
+    pid_m, fb = tl_tile_ids(F_FIRST)  # (row tile, 128-feature tile)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     X = 2 * F if SWIGLU else F

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from kernels.act_math import _LAUNCH, _act_bwd, _inv_scale, _quant
-from kernels.common import FP8_DTYPE, tile_grid, tl_fp8_scale, triton_interpret, use_triton
+from kernels.common import FP8_DTYPE, tile_grid, tl_fp8_scale, tl_tile_ids, triton_interpret, use_triton
 from kernels.reference import check_act_quant_bwd_args, padded_size, torch_act_quant_bwd
 
 
@@ -88,16 +88,6 @@ def _mapped_tokens(p, map_ptr, E, P):
 
 
 @triton.jit
-def _tile_ids(F_MAJOR: tl.constexpr):
-    """(token tile, feature tile) of this program. F_MAJOR: consecutive programs take
-    consecutive feature tiles of the same tokens (grid (n_f, n_p)), so the programs resident
-    together read whole 128-byte lines of a row; else consecutive token tiles (grid (n_p, n_f))."""
-    if F_MAJOR:
-        return tl.program_id(1), tl.program_id(0)
-    return tl.program_id(0), tl.program_id(1)
-
-
-@triton.jit
 def _bwd_values(da_ptr, h_ptr, hs_ptr, row, in_group, f, f_ok, fb, F, stride_da, stride_h,
                 SWIGLU: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr):  # fmt: skip
     """fp32 (d gate, d up, a) at (row, f); zero where the row is in no group or f >= F (every
@@ -164,7 +154,7 @@ def _act_bwd_amax_kernel(
     elementwise across the chunks of a group and reduced over tokens once per group run, where
     a reduction per 128-row tile was 12 of the 52 sm_90 instructions per element.
     """
-    pid_p, pid_f = _tile_ids(F_MAJOR)
+    pid_p, pid_f = tl_tile_ids(F_MAJOR)  # F_MAJOR: feature tiles of the same tokens in a row
     f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = f < F
     p0 = pid_p * BLOCK_P
@@ -246,7 +236,7 @@ def _act_bwd_quant_kernel(
     BLOCK_F): the program's tile is one scale tile in every layout; it sweeps the tile CHUNK
     tokens at a time, once for the column amaxes and once to quantize.
     """
-    pid_p, fb = _tile_ids(F_MAJOR)
+    pid_p, fb = tl_tile_ids(F_MAJOR)
     f = fb * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = f < F
     X = 2 * F if SWIGLU else F
@@ -350,7 +340,7 @@ def _bwd_outputs(da_MF: torch.Tensor, X: int, E: int, align: int, block: int):
 # slower or tied.
 _ROWWISE_AMAX_TILE = (256, 32, 16, 2)  # (BLOCK_P, BLOCK_F, CHUNK, warps)
 _ROWWISE_QUANT_TILE = (64, 32, 4)
-# Grid order (F_MAJOR, see `_tile_ids`) of the amax pass, the quantize pass and the blockwise pass.
+# Grid order (F_MAJOR, see `kernels.common.tile_grid`) of the amax pass, the quantize pass and the blockwise pass.
 _F_MAJOR = {"amax": False, "quant": True, "blockwise": True}
 _BLOCKWISE_CHUNK, _BLOCKWISE_WARPS = 32, 4
 _PREP_BLOCK = 1024

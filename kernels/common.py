@@ -73,9 +73,18 @@ def tile_grid(n_outer: int, n_inner: int, inner_first: bool) -> tuple[tuple[int,
     """(grid, inner_first) over n_outer x n_inner tiles. inner_first: program_id(0) is the inner
     index, so consecutive programs take consecutive inner tiles of the same outer one (e.g. the
     column blocks of the same tokens, reading whole lines of their rows together); it falls back
-    to outer-first when the outer tiles outnumber the grid's second dimension (65535)."""
+    to outer-first when the outer tiles outnumber the grid's second dimension (65535). The
+    kernel reads its tile back with `tl_tile_ids(inner_first)`."""
     inner_first = inner_first and n_outer <= _MAX_GRID_Y
     return ((n_inner, n_outer) if inner_first else (n_outer, n_inner)), inner_first
+
+
+@triton.jit
+def tl_tile_ids(INNER_FIRST: tl.constexpr):
+    """(outer, inner) tile of this program in a `tile_grid` grid; INNER_FIRST: the flag it returned."""
+    if INNER_FIRST:
+        return tl.program_id(1), tl.program_id(0)
+    return tl.program_id(0), tl.program_id(1)
 
 
 def round_up(n: int, multiple: int) -> int:

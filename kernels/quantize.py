@@ -25,6 +25,7 @@ from kernels.common import (
     tl_fp8_quantize,
     tl_fp8_quantize_by,
     tl_fp8_scale,
+    tl_tile_ids,
     use_triton,
 )
 from kernels.reference import check_quantize_rows_args, torch_quantize_rows
@@ -47,8 +48,7 @@ def _quantize_rows_kernel(
     HAS_IDX: tl.constexpr, POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr, SPAN_FIRST: tl.constexpr,
 ):  # fmt: skip
-    # which span of the row (always 0 when SPAN == K); SPAN_FIRST: see `kernels.common.tile_grid`
-    pid_m, pid_s = (tl.program_id(1), tl.program_id(0)) if SPAN_FIRST else (tl.program_id(0), tl.program_id(1))
+    pid_m, pid_s = tl_tile_ids(SPAN_FIRST)  # pid_s: which span of the row (always 0 when SPAN == K)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     if HAS_IDX:

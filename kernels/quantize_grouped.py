@@ -44,7 +44,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import FP8_DTYPE, tile_grid, tl_fp8_divisor, tl_fp8_quantize_by, tl_fp8_scale, use_triton
+from kernels.common import (
+    FP8_DTYPE,
+    tile_grid,
+    tl_fp8_divisor,
+    tl_fp8_quantize_by,
+    tl_fp8_scale,
+    tl_tile_ids,
+    use_triton,
+)
 from kernels.quantize import _quantize_rows_impl
 from kernels.reference import (
     check_quantize_cols_grouped_args,
@@ -165,7 +173,7 @@ def _cols_quant_kernel(
     (n_k, n_p)), so the programs resident together read whole lines of x's rows.
     """
     tl.static_assert(not (ROWS and BLOCKWISE), "fused blockwise is two launches")
-    pid_p, pid_k = (tl.program_id(1), tl.program_id(0)) if K_MAJOR else (tl.program_id(0), tl.program_id(1))
+    pid_p, pid_k = tl_tile_ids(K_MAJOR)
     start, end, pstart, pend = _group_bounds(ge_ptr, E, M, align, E_PAD)
     lanes = tl.arange(0, E_PAD)
     if (pid_p == 0) & (pid_k == 0):
