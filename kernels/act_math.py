@@ -10,10 +10,10 @@ rcp.approx.ftz.f32 within 1 ulp, PTX ISA):
   backward's sigmoid is the same; its dsilu error is bounded likewise against the sum of the
   magnitudes of its terms (it cancels near g = -1.28).
 - GELU: |a - exact| <= (1.5 x^2 + 18) u |a|: x * x rounded before ex2, then the erfc fit (5 u).
-- Quantization: inv = 1 / scale once per scale (`_inv_scale`), then x * inv: exactly x / scale
-  for power-of-two scales, within 3 u otherwise, so a byte differs from the IEEE quotient's
-  only where that quotient lies within 3 u of an E4M3 rounding boundary (or on it: x * inv
-  breaks exact ties either way, where the reference rounds to even).
+- Quantization: x * inv as the scale rule has it (kernels/common.py), inv = 1 / scale once per
+  scale (`_inv_scale`): the reference's RN(1 / scale) exactly for power-of-two scales, within
+  1.5 ulp of it otherwise, so a byte differs from the reference's only where its x * (1 / scale)
+  lies within 3 u of an E4M3 rounding boundary.
 - Scales: kernels/common.py's rule bit for bit on the amax (`tl_fp8_scale`, no division), so
   they differ from the reference's only as far as the amax does.
 tests/test_kernels_act_math.py checks the fp32 values and tests/test_kernels_act_quant.py the FP8
@@ -50,10 +50,10 @@ _LAUNCH = dict(enable_fp_fusion=True)
 @triton.jit
 def _inv_scale(scale, INTERP: tl.constexpr):
     """1 / scale for `_quant`, once per scale: exact for power-of-two scales (the exponent
-    negated), so that the exact E4M3 ties x / scale has with bf16 x (1 in 16 values at a
+    negated), so that the exact E4M3 ties x * (1 / scale) has with bf16 x (1 in 16 values at a
     power-of-two scale) round to even as the reference's; otherwise rcp.approx, within 1 ulp.
-    5 instructions where an IEEE reciprocal took 17, in every thread holding the scale (a [128]
-    column-scale vector sits in 16 threads of the backward's tile)."""
+    5 instructions where the IEEE reciprocal (`tl_fp8_inverse`) takes 17, in every thread
+    holding the scale (a [128] column-scale vector sits in 16 threads of the backward's tile)."""
     bits = scale.to(tl.int32, bitcast=True)
     pow2_inv = ((254 << 23) - bits).to(tl.float32, bitcast=True)  # scales lie in [2^-126, 2^120]
     return tl.where((bits & 0x7FFFFF) == 0, pow2_inv, _rcp(scale, INTERP))
@@ -129,7 +129,7 @@ def _act_bwd(da, g, u, SWIGLU: tl.constexpr, INTERP: tl.constexpr):
 
 @triton.jit
 def _quant(x, inv, INTERP: tl.constexpr):
-    """x / scale -> E4M3 as x * inv, inv = `_inv_scale(scale)` computed once per scale. No clamp
+    """x * (1 / scale) -> E4M3, inv = `_inv_scale(scale)` computed once per scale. No clamp
     on the GPU: |x| <= amax, so |x * inv| <= 448 (1 + 4u), below 464 where rounding would leave
     448, and the cast (cvt.rn.satfinite.e4m3x2.f32, PTX's only f32 -> e4m3 form) saturates."""
     q = x * inv

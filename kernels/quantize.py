@@ -9,7 +9,7 @@
 Memory-bound: one read of x, one write of q. A program owns BLOCK_M rows and one span of
 columns (the whole row, or one 128-wide tile); a row that fits in BLOCK_K stays in registers
 between the amax and the cast, longer rows are read twice, the second time from L2.
-Scale rule and division: kernels/common.py.
+Scale rule and quantization (x * (1 / scale)): kernels/common.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import triton.language as tl
 from kernels.common import (
     FP8_DTYPE,
     tile_grid,
-    tl_fp8_divisor,
+    tl_fp8_inverse,
     tl_fp8_quantize,
     tl_fp8_quantize_by,
     tl_fp8_scale,
@@ -71,11 +71,11 @@ def _quantize_rows_kernel(
             x = tl.load(x_rows[:, None] + k + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
         scale = tl_fp8_scale(amax, POW2)
-        s, r, f = tl_fp8_divisor(scale[:, None])
+        inv = tl_fp8_inverse(scale[:, None])
         for k in range(0, SPAN, BLOCK_K):
             mask = row_ok[:, None] & (k + cols[None, :] < SPAN)
             x = tl.load(x_rows[:, None] + k + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            tl.store(q_rows[:, None] + k + cols[None, :], tl_fp8_quantize_by(x, s, r, f), mask=mask)
+            tl.store(q_rows[:, None] + k + cols[None, :], tl_fp8_quantize_by(x, inv), mask=mask)
     tl.store(s_ptr + rows * (K // SPAN) + pid_s, scale, mask=row_ok)
 
 

@@ -9,7 +9,7 @@ first (a separate read; inherent: the scale must exist before the first element 
 
 Partial amaxes instead of an atomic max: deterministic, and no float atomics in the interpreter.
 E4M3 (max 448) or E5M2 (max 57344): the clamp bound is a constexpr, the format is q's dtype.
-Scale rule and the division: kernels/common.py. Under Triton's interpreter the fp32 -> fp8 cast
+Scale rule and quantization (x * (1 / scale)): kernels/common.py. Under Triton's interpreter the fp32 -> fp8 cast
 can round wrongly across a binade (kernels/common.py): there the kernel rounds to the grid first.
 Launch shape (4096 elements, 8 warps a program) is a first guess, not yet swept on a GPU.
 """
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import FP8_DTYPE, tl_fp8_divisor, triton_interpret, use_triton
+from kernels.common import FP8_DTYPE, tl_fp8_inverse, triton_interpret, use_triton
 from kernels.reference import check_quantize_tensor_args, torch_quantize_tensor
 
 _BLOCK = 4096
@@ -38,12 +38,9 @@ def _quantize_tensor_kernel(
     mask = offs < N
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(partial_amax_ptr + pid, tl.max(tl.abs(x), axis=0))
-    s, r, f = tl_fp8_divisor(tl.load(scale_ptr))
-    # x / scale rounded like IEEE division (Markstein step, as tl_fp8_quantize_by), any FMAX.
-    xs = x * f
-    q = xs * r
-    q = tl.fma(tl.fma(-q, s, xs), r, q)
-    q = tl.where(x == 0.0, x, q)
+    # The clamp stays on the GPU: a delayed scale comes from earlier steps' amaxes, so |x * inv|
+    # can pass FMAX by any factor (and E5M2's bound is its own).
+    q = x * tl_fp8_inverse(tl.load(scale_ptr))
     q = tl.minimum(tl.maximum(q, -FMAX), FMAX)
     if INTERPRET:
         # The interpreter's fp8 cast mis-rounds across binades (kernels/common.py): round to the

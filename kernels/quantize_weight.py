@@ -12,7 +12,7 @@ operand of the transposed GEMM) along N:
 One grid over (tiles of an expert) x experts, so time grows linearly with E and nothing syncs.
 blockwise is one pass (read w once, write q and qt). rowwise and tensorwise need amaxes spanning
 a whole row / column / expert first: an amax pass (atomic max of fp32 bits as int32) then the
-quantize pass, so w is read twice. Scale rule and division: kernels/common.py.
+quantize pass, so w is read twice. Scale rule and quantization: kernels/common.py.
 
 fp32 master weights go in as they are, with round_bf16=True: each tile is rounded to bf16 in
 registers, so the FP8 bytes equal those of their bf16 copy, which is never written. Against
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import FP8_DTYPE, tl_fp8_divisor, tl_fp8_quantize_by, tl_fp8_scale, use_triton
+from kernels.common import FP8_DTYPE, tl_fp8_inverse, tl_fp8_quantize_by, tl_fp8_scale, use_triton
 from kernels.reference import check_quantize_weight_args, torch_quantize_weight
 
 # Loops here run over a few chunks or groups, never a pipeline's worth: no software pipelining.
@@ -109,7 +109,7 @@ def _weight_quant_kernel(
 ):  # fmt: skip
     """Writes q (E, N, K) and qt (E, K, N) for one BLOCK_N x BLOCK_K tile, in SUB_N-row slices.
 
-    Scales and their divisors come first, before any slice is loaded (see tl_fp8_divisor). In
+    Scales and their inverses come first, before any slice is loaded (see tl_fp8_inverse). In
     blockwise mode the block's amax needs the whole block: a first sweep over the slices takes
     it, the second re-reads them (from L1/L2, not HBM) to quantize.
     """
@@ -127,21 +127,21 @@ def _weight_quant_kernel(
         n_blk_k = K // BLOCK_K
         tl.store(s_ptr + (e * n_blk_n + pid_n) * n_blk_k + pid_k, scale)
         tl.store(st_ptr + (e * n_blk_k + pid_k) * n_blk_n + pid_n, scale)
-        rs, rr, rf = tl_fp8_divisor(scale)
-        cs, cr, cf = rs, rr, rf
+        rinv = tl_fp8_inverse(scale)
+        cinv = rinv
     elif MODE == 2:  # tensorwise
         scale = tl_fp8_scale(tl.load(row_amax_ptr + e).to(tl.float32, bitcast=True), POW2)
         if (pid_n == 0) & (pid_k == 0):
             tl.store(s_ptr + e, scale)
             tl.store(st_ptr + e, scale)
-        rs, rr, rf = tl_fp8_divisor(scale)
-        cs, cr, cf = rs, rr, rf
+        rinv = tl_fp8_inverse(scale)
+        cinv = rinv
     else:  # rowwise: along K for q (column vector per slice, below), along N for qt
         col_amax = tl.load(col_amax_ptr + e * K + k, mask=k_ok, other=0).to(tl.float32, bitcast=True)
         cscale = tl_fp8_scale(col_amax, POW2)
         if pid_n == 0:
             tl.store(st_ptr + e * K + k, cscale, mask=k_ok)
-        cs, cr, cf = tl_fp8_divisor(cscale[None, :])
+        cinv = tl_fp8_inverse(cscale[None, :])
     for i in range(0, BLOCK_N, SUB_N):
         n = pid_n * BLOCK_N + i + tl.arange(0, SUB_N)
         n_ok = n < N
@@ -150,14 +150,14 @@ def _weight_quant_kernel(
             rscale = tl_fp8_scale(row_amax, POW2)
             if pid_k == 0:
                 tl.store(s_ptr + e * N + n, rscale, mask=n_ok)
-            rs, rr, rf = tl_fp8_divisor(rscale[:, None])
+            rinv = tl_fp8_inverse(rscale[:, None])
         mask = n_ok[:, None] & k_ok[None, :]
         w = _load(w_ptr + base + n[:, None] * K + k[None, :], mask, EVEN, ROUND_BF16)
-        _store(q_ptr + base + n[:, None] * K + k[None, :], tl_fp8_quantize_by(w, rs, rr, rf), mask, EVEN)
+        _store(q_ptr + base + n[:, None] * K + k[None, :], tl_fp8_quantize_by(w, rinv), mask, EVEN)
         # The transposed copy is transposed in registers (tl.trans) and stored row-major. Storing
         # the untransposed tile through transposed pointers (k * N + n) left ~25% of the rowwise
         # qt's bytes wrong from fp32 input on triton 3.6 / H200 (bf16 input was right).
-        qt_KN = tl.trans(tl_fp8_quantize_by(w, cs, cr, cf))
+        qt_KN = tl.trans(tl_fp8_quantize_by(w, cinv))
         _store(qt_ptr + base + k[:, None] * N + n[None, :], qt_KN, k_ok[:, None] & n_ok[None, :], EVEN)
 
 

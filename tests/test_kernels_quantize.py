@@ -5,7 +5,7 @@ On CPU the kernels run in Triton's interpreter, whose float32 -> float8e4nv cast
 hardware's: it rounds ties away from zero and drops a carry into the next binade (7.935 -> 4.0
 where torch and the GPU give 8.0), and E4M3 subnormals can come out wrong too. So on CPU the
 reference's final cast (`kernels.reference.torch_fp8_quantize`) is swapped for that same
-interpreter cast (fixture `ref`): everything before the cast (amax, scale, IEEE division, clamp,
+interpreter cast (fixture `ref`): everything before the cast (amax, scale, inverse, product, clamp,
 gather, transpose, padding, scale layouts) is still compared bit for bit, and
 `test_interpreter_cast_bug_is_the_known_one` pins down what the swap hides. GPU tests (`-m gpu`)
 swap nothing: bitwise on every element.
@@ -23,7 +23,16 @@ import triton
 import triton.language as tl
 
 import kernels.reference as reference
-from kernels.common import FP8_DTYPE, round_up, tl_div_448, tl_rcp_rn, torch_fp8_quantize, triton_interpret
+from kernels.common import (
+    FP8_DTYPE,
+    round_up,
+    tl_div_448,
+    tl_fp8_quantize,
+    tl_rcp_rn,
+    torch_fp8_inverse,
+    torch_fp8_quantize,
+    triton_interpret,
+)
 from kernels.quantize import quantize_rows, triton_quantize_rows
 from kernels.quantize_grouped import (
     quantize_cols_grouped,
@@ -54,7 +63,7 @@ def _interpreter_cast(v: torch.Tensor) -> torch.Tensor:
 
 def _interpreter_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """torch_fp8_quantize with the interpreter's cast in place of torch's."""
-    return _interpreter_cast((x.float() / scale).clamp(-448.0, 448.0))
+    return _interpreter_cast((x.float() * torch_fp8_inverse(scale)).clamp(-448.0, 448.0))
 
 
 @pytest.fixture
@@ -136,6 +145,44 @@ def test_division_free_scale_and_reciprocal_are_ieee(device):
     q = torch.empty_like(special)
     _div_rcp_kernel[(1,)](special, q, torch.ones_like(special), torch.empty_like(special), 3, BLOCK=4)
     assert q[0] == float("inf") and q[1].isnan() and q[2] == 0.0
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, s_ptr, q_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    j = tl.program_id(1)  # one scale per grid column, every x under each
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(q_ptr + j * n + offs, tl_fp8_quantize(x, tl.load(s_ptr + j)), mask=offs < n)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_quantize_is_x_times_ieee_inverse(device):
+    """tl_fp8_quantize bitwise torch_fp8_quantize, clamp(x * RN(1 / scale)) cast, for every
+    finite bf16 x (signed zeros, subnormals, up to 3.4e38, so that most scales saturate some)
+    at powers of two from the floor 2^-126 to 2^120, the all-ones significand, scales either
+    side of 2^-60 (below it the inverse is taken on the scale times 2^64) and random ones.
+    GPU: 584 scales and torch's cast; CPU: 40, the interpreter's cast (as fixture `ref`) and
+    no subnormal x."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    x = x[torch.isfinite(x)]
+    if device == "cpu":  # the interpreter converts subnormal bf16 wrongly (1e-39 -> 4.4e-39)
+        x = x[(x.float().abs() >= 2.0**-126) | (x == 0)]
+    n_random = 520 if device == "cuda" else 10
+    exps = torch.randint(-126, 121, (n_random,), generator=gen, dtype=torch.int32)
+    random_s = torch.randint(0, 1 << 23, (n_random,), generator=gen, dtype=torch.int32) | ((exps + 127) << 23)
+    # the floor, 2^-60 and its neighbours (the inverse's two paths), the largest, plain ones
+    special = torch.tensor([2.0**-126, 2.0**-61 * (2 - 2.0**-23), 2.0**-60, 2.0**-60 * (1 + 2.0**-23), 2.0**120,
+                            1.0, 3.0, 1 / 448]).view(torch.int32)  # fmt: skip
+    pow2 = (torch.arange(-126, 121, 9 if device == "cuda" else 24, dtype=torch.int32) + 127) << 23
+    all_ones = pow2 | 0x7FFFFF
+    scale = torch.cat([random_s, special, pow2, all_ones]).view(torch.float32).to(device)
+    x = x.to(device)
+    q = torch.empty(scale.numel(), x.numel(), dtype=FP8_DTYPE, device=device)
+    _quantize_kernel[(triton.cdiv(x.numel(), 4096), scale.numel())](x, scale, q, x.numel(), BLOCK=4096)
+    quantize = _interpreter_quantize if triton_interpret() else torch_fp8_quantize
+    expected = quantize(x[None, :], scale[:, None])
+    assert_same([q], [expected])
 
 
 # ---- references against an independent definition ---------------------------------------------
@@ -265,7 +312,7 @@ def test_quantize_cols_grouped(ref, block, align, pow2, gather, tail, K):
 @pytest.mark.parametrize(
     "tile, k_major",
     [((128, 128, 32, 1, 4), True), ((128, 128, 128, 1, 4), False), ((128, 128, 128, 2, 8), True),
-     ((128, 32, 128, 1, 1), False)],
+     ((128, 64, 128, 1, 2), True)],
 )  # fmt: skip
 def test_quantize_grouped_blockwise_tiles(ref, monkeypatch, tile, k_major):
     """The blockwise programs' two forms: 32-row slices swept twice, and the whole 128-token tile

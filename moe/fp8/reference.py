@@ -32,7 +32,7 @@ def fake_quant_lastdim(x: torch.Tensor, tile: int, pow2: bool) -> torch.Tensor:
     tile = tile or shape[-1]
     xt = x.float().reshape(*shape[:-1], shape[-1] // tile, tile)
     s = _scale(xt.abs().amax(-1, keepdim=True), pow2)
-    q = (xt / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    q = (xt * torch.reciprocal(s)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return (q.float() * s).reshape(shape)
 
 
@@ -48,7 +48,7 @@ def fake_quant_weight(w_ENK: torch.Tensor, recipe: Fp8Recipe, along: str) -> tor
         E, N, K = w_ENK.shape
         b = w_ENK.float().reshape(E, N // 128, 128, K // 128, 128)
         s = _scale(b.abs().amax(dim=(2, 4), keepdim=True), recipe.pow2_scales)
-        q = (b / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        q = (b * torch.reciprocal(s)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
         return (q.float() * s).reshape(E, N, K)
     if along == "K":
         return fake_quant_lastdim(w_ENK, 0, recipe.pow2_scales)
