@@ -369,10 +369,13 @@ def merge(parts: list[str], out: str) -> None:
         if len({d.get(key) for d in loaded}) > 1:
             sys.exit(f"--merge: the parts differ in {key}: {[d.get(key) for d in loaded]}")
     rows = [r for d in loaded for r in d["rows"]]
+    benches = [b for d in loaded for b in d.get("benches", [])]  # each part lists the families it finished
     merged = {k: loaded[0][k] for k in ("commit", "gpu", "torch", "triton")}
     merged.update({
-        "complete": all(d.get("complete", False) for d in loaded),
-        "benches": [b for d in loaded for b in d.get("benches", [])],
+        # every part ran what it was asked, or a part cut short is made up by the others (a rerun
+        # of the families it did not reach)
+        "complete": all(d.get("complete", False) for d in loaded) or set(BENCHES) <= set(benches),
+        "benches": benches,
         "copy_gbps": sum(d["copy_gbps"] for d in loaded) / len(loaded),
         "parts": [{"benches": d.get("benches"), "copy_gbps": d["copy_gbps"], "rows": len(d["rows"])} for d in loaded],
         "rows": rows,

@@ -13,10 +13,10 @@ Markstein's two FMAs, the select that kept the sign of zero). For power-of-two s
 product is the quotient; otherwise it is within 1.5 fp32 ulp of it, so a byte differs from the
 quotient's only where x / scale lies that close to an E4M3 rounding boundary, and then by one
 step (CPU count: no byte of 6.5M bf16 values, each under 200 amax-derived scales; 2.3e-7 of 52M
-normal fp32 values, each tensor at its own amax's scale). What it bought
-(H200, session 8, same kernels otherwise): the 128x1 grouped column kernel 2208 -> 1648 sm_90
+normal fp32 values, each tensor at its own amax's scale). What it bought (H200, session 8,
+launch shapes unchanged; bench/NOTES.md): the 128x1 grouped column kernel 2208 -> 1648 sm_90
 instructions per thread and 17-24% less time, fused rows + columns blockwise 13-17%, blockwise
-weights 7%, 1x128 rows 6%.
+weights 7-9%, 1x128 rows 4-6%.
 
 How the rule is computed, so that kernels and references agree bit for bit (fp32 throughout):
 - The divisions (amax / 448, 1 / scale) are IEEE round-to-nearest. Triton's `/` on fp32 lowers

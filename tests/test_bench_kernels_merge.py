@@ -7,11 +7,12 @@ import pytest
 from bench.kernels import merge
 
 
-def _part(path, bench, copy_gbps, n, commit="abc"):
-    row = {"kernel": bench, "shape": "seed", "experts": 16, "ms": 0.1, "gbps": 3000.0,
+def _part(path, bench, copy_gbps, n, commit="abc", complete=True):
+    row = {"kernel": str(bench), "shape": "seed", "experts": 16, "ms": 0.1, "gbps": 3000.0,
            "frac_of_copy": 3000.0 / copy_gbps, "torchao_ms": None, "peak_gib": 1.0}  # fmt: skip
     info = {"commit": commit, "gpu": "NVIDIA H200", "torch": "2.11", "triton": "3.6.0"}
-    path.write_text(json.dumps({**info, "complete": True, "benches": [bench], "copy_gbps": copy_gbps,
+    benches = bench if isinstance(bench, list) else [bench]
+    path.write_text(json.dumps({**info, "complete": complete, "benches": benches, "copy_gbps": copy_gbps,
                                 "rows": [row] * n}))  # fmt: skip
     return str(path)
 
@@ -32,3 +33,15 @@ def test_merge_refuses_parts_from_other_commits(tmp_path):
     b = _part(tmp_path / "b.json", "act_rows", 4300.0, 1, commit="def")
     with pytest.raises(SystemExit, match="differ in commit"):
         merge([a, b], str(tmp_path / "kernels.json"))
+
+
+def test_merge_of_a_cut_short_part_and_the_rest_is_complete(tmp_path):
+    from bench.kernels import BENCHES
+
+    names = list(BENCHES)
+    a = _part(tmp_path / "a.json", names[:-2], 4200.0, 1, complete=False)  # cut short by its time limit
+    b = _part(tmp_path / "b.json", names[-2:], 4300.0, 1)  # the families it did not reach
+    merge([a, b], str(tmp_path / "kernels.json"))
+    assert json.loads((tmp_path / "kernels.json").read_text())["complete"] is True
+    merge([a], str(tmp_path / "kernels.json"))
+    assert json.loads((tmp_path / "kernels.json").read_text())["complete"] is False
