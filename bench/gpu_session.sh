@@ -240,7 +240,9 @@ lane_a() {
         prep_pid=$!
     fi
     if has tests; then
-        local args=(-m gpu -q -p no:cacheprovider --continue-on-collection-errors)
+        # --durations: the tests took ~230 s on a fresh H200 in session 8 (~150-180 before), near
+        # the 240 s limit they get beside the parity runs: the log says which grew.
+        local args=(-m gpu -q -p no:cacheprovider --continue-on-collection-errors --durations=15)
         python3 -c 'import pytest_timeout' 2>/dev/null && args+=(--timeout 120)
         [[ -n ${KEXPR:-} ]] && args+=(-k "$KEXPR")
         [[ $dry == 1 ]] && args+=(--co tests/test_router.py tests/test_permute.py)
