@@ -39,8 +39,9 @@ def _quantize_tensor_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(partial_amax_ptr + pid, tl.max(tl.abs(x), axis=0))
     # The clamp stays on the GPU: a delayed scale comes from earlier steps' amaxes, so |x * inv|
-    # can pass FMAX by any factor (and E5M2's bound is its own).
-    q = x * tl_fp8_inverse(tl.load(scale_ptr))
+    # can pass FMAX by any factor (and E5M2's bound is its own). Scales below the rule's floor
+    # act as the floor (see torch_quantize_tensor).
+    q = x * tl_fp8_inverse(tl.maximum(tl.load(scale_ptr), 1.1754943508222875e-38))  # FP32_MIN_NORMAL
     q = tl.minimum(tl.maximum(q, -FMAX), FMAX)
     if INTERPRET:
         # The interpreter's fp8 cast mis-rounds across binades (kernels/common.py): round to the

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from kernels.common import FP8_DTYPE
-from kernels.common import round_up, torch_fp8_inverse, torch_fp8_quantize, torch_fp8_scale
+from kernels.common import FP32_MIN_NORMAL, round_up, torch_fp8_inverse, torch_fp8_quantize, torch_fp8_scale
 
 # ---- quantization references (kernels/quantize*.py) -------------------------------------------
 
@@ -505,11 +505,15 @@ def check_quantize_tensor_args(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: 
 def torch_quantize_tensor(
     x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype = FP8_DTYPE
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, amax): q = clamp(x * (1 / scale), -fmax, fmax) in fp8_dtype (x's shape), amax = max|x| (fp32, 0-dim)."""
+    """(q, amax): q = clamp(x * (1 / scale), -fmax, fmax) in fp8_dtype (x's shape), amax = max|x| (fp32, 0-dim).
+
+    A scale below the scale rule's floor 2**-126 (which the rule never gives) acts as the floor:
+    the inverse of a subnormal scale is inf, and 0 * inf would turn zeros into NaN."""
     check_quantize_tensor_args(x, scale, fp8_dtype)
     fmax = torch.finfo(fp8_dtype).max
     xf = x.float()
-    q = (xf * torch_fp8_inverse(scale.reshape(()))).clamp(-fmax, fmax).to(fp8_dtype)
+    inv = torch_fp8_inverse(scale.reshape(()).float().clamp_min(FP32_MIN_NORMAL))
+    q = (xf * inv).clamp(-fmax, fmax).to(fp8_dtype)
     amax = xf.abs().amax() if xf.numel() else torch.zeros((), dtype=torch.float32, device=x.device)
     return q, amax
 

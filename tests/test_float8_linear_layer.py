@@ -20,7 +20,7 @@ from float8_helpers import _rel
 from kernels.quantize_tensor import quantize_tensor
 from kernels.reference import torch_quantize_tensor
 import moe.fp8.float8_linear as f8l
-from moe.fp8.float8_linear import Float8Linear, Fp8Operand, scaled_mm
+from moe.fp8.float8_linear import Float8Linear, Fp8Operand, amax_to_scale, scaled_mm
 from moe.fp8.linear_convert import convert_from_float8_training, sync_float8_amax_and_scale_history
 from moe.fp8.recipe import Float8LinearRecipe
 
@@ -93,6 +93,25 @@ def test_quantize_tensor_kernel_matches_reference(fp8_dtype):
     q_ref, amax_ref = torch_quantize_tensor(x, scale, fp8_dtype)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
     assert amax.item() == amax_ref.item() == x.abs().max().item()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("fp8_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_quantize_tensor_tiny_scales_give_no_nan(fp8_dtype, device):
+    """Quantizing multiplies by 1 / scale, and 1 / a subnormal scale is inf (0 * inf: NaN). A
+    tensor of tiny values (amax 1e-38 < 448 * 2**-126) gets the scale rule's floor 2**-126 from
+    amax_to_scale, and a subnormal scale handed in directly acts as that floor: zeros stay zeros
+    (signs kept), nothing is NaN, kernel and reference agree."""
+    x = torch.tensor([0.0, -0.0, 1e-38, -3e-39, 2.0**-126, 1.5e-39] * 700, device=device)
+    scale = amax_to_scale(x.abs().amax(), torch.finfo(fp8_dtype).max)
+    assert scale.item() == 2.0**-126
+    for s in (scale, torch.tensor(1e-40, device=device)):
+        q, _ = quantize_tensor(x, s, fp8_dtype)
+        q_ref, _ = torch_quantize_tensor(x, s, fp8_dtype)
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+        assert not q.float().isnan().any()
+        assert torch.equal(q.float()[x == 0].view(torch.int32), x[x == 0].view(torch.int32))
+        assert q.float().abs().max() > 0  # 1e-38 / 2**-126 = 0.85: representable, not flushed
 
 
 # M (tokens) 48: every GEMM operand aligned; 40: wgrad's operands padded to 48 token columns.

@@ -37,6 +37,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from kernels.common import FP32_MIN_NORMAL
 from kernels.quantize import quantize_rows
 from kernels.quantize_tensor import quantize_tensor
 from kernels.reference import torch_quantize_rows, torch_quantize_tensor
@@ -70,10 +71,12 @@ def fp8_dtype_of(name: str) -> torch.dtype:
 
 
 def amax_to_scale(amax: torch.Tensor, fmax: torch.Tensor | float) -> torch.Tensor:
-    """Dequantization scale amax / fmax (fp32, IEEE division by a tensor), 1 where amax == 0."""
+    """Dequantization scale amax / fmax (fp32, IEEE division by a tensor), 1 where amax == 0,
+    floored at 2**-126 as kernels/common.py's scale rule (quantizing multiplies by 1 / scale,
+    which a subnormal scale would make inf)."""
     amax = amax.float()
     fmax = torch.as_tensor(fmax, dtype=torch.float32, device=amax.device)
-    return torch.where(amax == 0, torch.ones_like(amax), amax / fmax)
+    return torch.where(amax == 0, torch.ones_like(amax), (amax / fmax).clamp_min(FP32_MIN_NORMAL))
 
 
 class Fp8Operand(NamedTuple):
