@@ -27,7 +27,9 @@ its tile lies inside one group and the padding is just the rows its masked loads
   and kernels/quantize.py's 1x128 rows: x is read twice, and that was 18-21% faster than one
   kernel doing both from one 128x128 tile (which spilled at 4 warps and ran at half the
   occupancy at 8; H200, session 7 sweep: Mixtral-8x7B width 0.178 -> 0.146 ms, DeepSeek-V3
-  0.646 -> 0.517, Qwen3 0.410 -> 0.322).
+  0.646 -> 0.517, Qwen3 0.410 -> 0.322). Session 8, with quantizing a multiply, the one kernel
+  held its tile in bf16 without spills (138 registers at 8 warps) and was still 11-31% slower
+  (bench/NOTES.md).
 - block 0 (rowwise recipe): the scale of a column spans the whole group, so an amax pass (atomic
   max of fp32 bits as int32, relaxed) precedes the quantize pass: x is read twice. Fused, the
   amax pass also takes row amaxes, and the quantize pass writes both q and qt from one tile.
