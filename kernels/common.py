@@ -57,6 +57,7 @@ import triton.language as tl
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite E4M3 value
 FP32_MIN_NORMAL = 2.0**-126  # scale floor: 1 / scale stays finite (see the scale rule above)
+TL_FP32_MIN_NORMAL = tl.constexpr(FP32_MIN_NORMAL)  # the same floor inside Triton kernels
 
 
 def triton_interpret() -> bool:
@@ -168,7 +169,7 @@ def tl_fp8_scale(amax, POW2: tl.constexpr):
         scale = ((scale.to(tl.int32, bitcast=True) + 0x007FFFFF) & 0x7F800000).to(
             tl.float32, bitcast=True
         )
-    scale = tl.maximum(scale, 1.1754943508222875e-38)  # FP32_MIN_NORMAL
+    scale = tl.maximum(scale, TL_FP32_MIN_NORMAL)
     return tl.where(amax == 0.0, 1.0, scale)
 
 

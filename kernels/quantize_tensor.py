@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import FP8_DTYPE, tl_fp8_inverse, triton_interpret, use_triton
+from kernels.common import FP8_DTYPE, TL_FP32_MIN_NORMAL, tl_fp8_inverse, triton_interpret, use_triton
 from kernels.reference import check_quantize_tensor_args, torch_quantize_tensor
 
 _BLOCK = 4096
@@ -41,7 +41,7 @@ def _quantize_tensor_kernel(
     # The clamp stays on the GPU: a delayed scale comes from earlier steps' amaxes, so |x * inv|
     # can pass FMAX by any factor (and E5M2's bound is its own). Scales below the rule's floor
     # act as the floor (see torch_quantize_tensor).
-    q = x * tl_fp8_inverse(tl.maximum(tl.load(scale_ptr), 1.1754943508222875e-38))  # FP32_MIN_NORMAL
+    q = x * tl_fp8_inverse(tl.maximum(tl.load(scale_ptr), TL_FP32_MIN_NORMAL))
     q = tl.minimum(tl.maximum(q, -FMAX), FMAX)
     if INTERPRET:
         # The interpreter's fp8 cast mis-rounds across binades (kernels/common.py): round to the

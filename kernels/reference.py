@@ -512,7 +512,7 @@ def torch_quantize_tensor(
     check_quantize_tensor_args(x, scale, fp8_dtype)
     fmax = torch.finfo(fp8_dtype).max
     xf = x.float()
-    inv = torch_fp8_inverse(scale.reshape(()).float().clamp_min(FP32_MIN_NORMAL))
+    inv = torch_fp8_inverse(scale.reshape(()).clamp_min(FP32_MIN_NORMAL))
     q = (xf * inv).clamp(-fmax, fmax).to(fp8_dtype)
     amax = xf.abs().amax() if xf.numel() else torch.zeros((), dtype=torch.float32, device=x.device)
     return q, amax
