@@ -323,7 +323,10 @@ def _bwd_outputs(da_MF: torch.Tensor, X: int, E: int, align: int, block: int):
 # warps slower). Blockwise: chunks of 32 rows with 4 warps, against the 16 that won an earlier
 # sweep (before the column amaxes were kept elementwise across chunks): Mixtral-8x7B width 2.44 ->
 # 1.47 ms, Qwen3 0.578 -> 0.357 (H200, commit after 1a72659); 8 and 64 rows, 8 warps and
-# software pipelining slower or tied.
+# software pipelining slower or tied. Session 9 (H200): chunks of different heights for the two
+# sweeps, 32 amax rows then 16 or 8 quantize rows (168 registers where 32/32 takes 255: 3 CTAs an
+# SM, not 2), 1.3-2.6x slower at all four shapes (Mixtral-8x7B width 1.47 -> 2.65 ms with 16);
+# 8 warps with 64-row quantize chunks 1.2-1.4x slower: loads in flight per thread beat occupancy.
 # The amax pass in 16-row chunks, 256 tokens a program, 2 warps (column maxima kept elementwise
 # across a group's chunks: 80 registers and 32 instructions per element where the 128x32 tile
 # took 168 and 52), with the quantize pass's grid feature-major, against the 128x32 tile (H200,
