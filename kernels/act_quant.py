@@ -21,8 +21,9 @@ Numerics: hardware exp2 / reciprocal with FMA contraction. The fp32 activations 
 (2|g| + 11) u (SwiGLU) and (1.5 x^2 + 18) u (GELU) of exact, u = 2^-24 relative
 (kernels/act_math.py), and the outputs agree with kernels/reference.py (fp32 polynomials, GELU
 the exact-erf form) to one E4M3 step per value, with at most 7.8e-5 of the values differing in
-the GPU tests (H200; 3.1e-5 in the interpreter); the scales follow kernels/common.py's rule on amaxes that differ only by those
-fp32 errors. tests/test_kernels_act_quant.py states and checks the contract.
+the GPU tests (H200; 3.1e-5 in the interpreter); the scales follow kernels/common.py's rule on
+amaxes that differ only by those fp32 errors. tests/test_kernels_act_quant.py states and checks
+the contract.
 
 Passes over memory (the kernels are meant to be memory-bound):
 - forward, rowwise: a program owns whole rows; a row longer than one chunk is read twice, the
