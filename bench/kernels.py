@@ -315,6 +315,60 @@ def bench_act_rows(ctx: Context) -> list[dict]:
     return ctx.rows
 
 
+# ---- permutation (moe/permute.py, kernels/combine.py) --------------------------------------------
+
+# Top-k of the models behind DESIGN.md's shapes (configs/model/*.yaml; the seed model routes top-2):
+# the permutation's T = M / K tokens.
+TOP_K = {"seed": 2, "mixtral_8x7b": 2, "deepseek_v3_ep8": 8, "qwen3_30b_a3b": 8}
+
+
+def bench_permute(ctx: Context) -> list[dict]:
+    """The layer's permutation at EP=1: gather-quantize (rows and wgrad columns straight from the
+    T bf16 tokens), the backward's gather_sum (bf16 rows -> fp32 tokens, as under autocast) with
+    the torch loop it replaced, and unpermute_combine forward and backward."""
+    from kernels.combine import gather_sum, unpermute_combine, unpermute_combine_bwd
+    from kernels.quantize_grouped import quantize_rows_and_cols_grouped
+    from kernels.reference import torch_gather_sum
+    from moe.permute import plan_permute
+
+    for name, s in ctx.shapes.items():
+        K = TOP_K[name]
+        T = s.M // K
+        g = torch.Generator(device="cuda").manual_seed(0)
+        ids_TK = torch.rand(T, s.E, device="cuda", generator=g).topk(K, dim=1).indices
+        counts_E, meta = plan_permute(ids_TK, s.E)
+        ends = counts_E.cumsum(0).int()
+        rows, kept = meta.row_of_TK, meta.kept_TK
+        idx_bytes = s.M * 8 + s.M  # row_of_TK (int64) and kept_TK (bool)
+        x_TH = _x(T, s.H)
+        for block, align, label in [(0, ALIGN["rowwise"], "rowwise"), (128, ALIGN["blockwise"], "blockwise")]:
+            P = s.M + s.E * align
+            n_scales = s.M * s.H // 128 + s.H * P // 128 if block else s.M + s.H * s.E
+            # Each routed row read once (from its token), the index, both FP8 copies and scales.
+            nbytes = s.M * s.H * 3 + s.H * P + _scale_bytes(n_scales) + 8 * s.M
+            ctx.measure(
+                f"quantize_rows_and_cols_grouped[{label},gather]", name, s.E,
+                lambda: quantize_rows_and_cols_grouped(x_TH, ends, align, block, False, meta.token_idx_M), nbytes,
+            )  # fmt: skip
+        dx_MH = _x(s.M, s.H)
+        nbytes = s.M * s.H * 2 + T * s.H * 4 + idx_bytes
+        ctx.measure("permute_bwd[gather_sum]", name, s.E, lambda: gather_sum(dx_MH, rows, kept, torch.float32), nbytes)
+        ctx.measure(
+            "permute_bwd[torch loop, replaced]", name, s.E,
+            lambda: torch_gather_sum(dx_MH, rows, kept, torch.float32), nbytes,
+        )  # fmt: skip
+        w_TK = torch.rand(T, K, device="cuda", generator=g)
+        nbytes = s.M * s.H * 2 + T * s.H * 2 + idx_bytes + 4 * s.M
+        ctx.measure("unpermute_combine", name, s.E, lambda: unpermute_combine(dx_MH, rows, w_TK, kept), nbytes)
+        dout_TH = _x(T, s.H)
+        nbytes = T * s.H * 2 + 2 * s.M * s.H * 2 + idx_bytes + 8 * s.M
+        ctx.measure(
+            "unpermute_combine_bwd", name, s.E, lambda: unpermute_combine_bwd(dout_TH, dx_MH, rows, w_TK, kept), nbytes
+        )
+        del x_TH, dx_MH, dout_TH
+    return ctx.rows
+
+
 BENCHES: dict[str, Callable[[Context], list[dict]]] = {
     "quantize_rows": bench_quantize_rows,
     "quantize_cols_grouped": bench_quantize_cols_grouped,
@@ -323,6 +377,7 @@ BENCHES: dict[str, Callable[[Context], list[dict]]] = {
     "quantize_weight_experts": bench_quantize_weight_experts,
     "act_rows": bench_act_rows,
     "cast": bench_cast,
+    "permute": bench_permute,
 }
 
 

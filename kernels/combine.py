@@ -6,6 +6,10 @@ Legend: T tokens, K top-k, M = T*K permuted rows, H hidden.
         out[t] = sum over kept k (k = 0..K-1, in that order) of w[t, k] * y[row_of_TK[t, k]], in fp32
     unpermute_combine_bwd(dout_TH, y_MH, row_of_TK, weights_TK, kept_TK) -> (dy_MH, dweights_TK)
         dy[row(t, k)] = w[t, k] * dout[t] (0 for a dropped (t, k)); dweights[t, k] = <dout[t], y[row(t, k)]>
+    gather_sum(dx_MH, row_of_TK, kept_TK, out_dtype) -> dx_TH (out_dtype)
+        dx[t] = sum over kept k of dx_MH[row_of_TK[t, k]], in fp32: the backward of the permutation
+        (each token's K copies summed), the forward kernel without weights. out_dtype lets the
+        gradient of an fp32 residual stream keep the fp32 sum of bf16 rows.
 
 A gather formulation: one program per tile of tokens reads the K rows of each token, so there are
 no atomics and the result is deterministic. Dropped assignments are masked before any load, so
@@ -23,17 +27,21 @@ import triton
 import triton.language as tl
 
 from kernels.common import tl_round_to_bf16_grid, triton_interpret, use_triton
-from kernels.reference import torch_unpermute_combine, torch_unpermute_combine_bwd
+from kernels.reference import torch_gather_sum, torch_unpermute_combine, torch_unpermute_combine_bwd
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
-def _assignment(t, t_ok, k, row_ptr, w_ptr, kept_ptr, K: tl.constexpr):
-    """(kept, row, weight) of assignment (t, k); row and weight read only where kept."""
+def _assignment(t, t_ok, k, row_ptr, w_ptr, kept_ptr, K: tl.constexpr, HAS_W: tl.constexpr):
+    """(kept, row, weight) of assignment (t, k); row and weight read only where kept (weight 1
+    without weights)."""
     kept = tl.load(kept_ptr + t * K + k, mask=t_ok, other=0) != 0
     row = tl.load(row_ptr + t * K + k, mask=kept, other=0).to(tl.int64)
-    w = tl.load(w_ptr + t * K + k, mask=kept, other=0.0).to(tl.float32)
+    if HAS_W:
+        w = tl.load(w_ptr + t * K + k, mask=kept, other=0.0).to(tl.float32)
+    else:
+        w = tl.full(t.shape, 1.0, tl.float32)
     return kept, row, w
 
 
@@ -48,16 +56,19 @@ def _to_out(x, ROUND_BF16: tl.constexpr):
 @triton.jit
 def _combine_fwd_kernel(
     y_ptr, row_ptr, w_ptr, kept_ptr, out_ptr, T, H, stride_y,
-    K: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    K: tl.constexpr, HAS_W: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):  # fmt: skip
+    """out = sum_k w * y[row] (HAS_W) or sum_k y[row] (the permutation's backward), fp32 sums."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     t_ok, h_ok = t < T, h < H
     acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
     for k in tl.static_range(K):
-        kept, row, w = _assignment(t, t_ok, k, row_ptr, w_ptr, kept_ptr, K)
+        kept, row, w = _assignment(t, t_ok, k, row_ptr, w_ptr, kept_ptr, K, HAS_W)
         y = tl.load(y_ptr + row[:, None] * stride_y + h[None, :], mask=kept[:, None] & h_ok[None, :], other=0.0)
-        acc = acc + tl.where(kept[:, None], w[:, None] * y.to(tl.float32), 0.0)
+        term = w[:, None] * y.to(tl.float32) if HAS_W else y.to(tl.float32)
+        acc = acc + tl.where(kept[:, None], term, 0.0)
     out = _to_out(acc, ROUND_BF16).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + t.to(tl.int64)[:, None] * H + h[None, :], out, mask=t_ok[:, None] & h_ok[None, :])
 
@@ -79,7 +90,7 @@ def _combine_bwd_kernel(
         g = tl.load(dout_ptr + t.to(tl.int64)[:, None] * stride_dout + h[None, :],
                     mask=t_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
         for k in tl.static_range(K):
-            kept, row, w = _assignment(t, t_ok, k, row_ptr, w_ptr, kept_ptr, K)
+            kept, row, w = _assignment(t, t_ok, k, row_ptr, w_ptr, kept_ptr, K, True)
             y = tl.load(y_ptr + row[:, None] * stride_y + h[None, :], mask=kept[:, None] & h_ok[None, :], other=0.0)
             dw += tl.where(slots[None, :] == k, tl.sum(g * y.to(tl.float32), axis=1)[:, None], 0.0)
             # Every assignment writes its row, a dropped one zeros (its row index is still valid).
@@ -94,16 +105,19 @@ def _combine_bwd_kernel(
              mask=t_ok[:, None] & (slots[None, :] < K))  # fmt: skip
 
 
-def _check(y_MH: torch.Tensor, row_of_TK: torch.Tensor, weights_TK: torch.Tensor, kept_TK: torch.Tensor) -> None:
-    T, K = row_of_TK.shape
+def _check_rows(y_MH: torch.Tensor, row_of_TK: torch.Tensor, kept_TK: torch.Tensor) -> None:
     if y_MH.ndim != 2:
         raise ValueError(f"y_MH must be 2-D (M, H), got shape {tuple(y_MH.shape)}")
-    if weights_TK.shape != (T, K) or kept_TK.shape != (T, K):
-        raise ValueError(
-            f"weights_TK {tuple(weights_TK.shape)} and kept_TK {tuple(kept_TK.shape)} must match row_of_TK {(T, K)}"
-        )
+    if row_of_TK.ndim != 2 or kept_TK.shape != row_of_TK.shape:
+        raise ValueError(f"kept_TK {tuple(kept_TK.shape)} must match row_of_TK {tuple(row_of_TK.shape)}, both (T, K)")
     if kept_TK.dtype != torch.bool or row_of_TK.is_floating_point():
         raise ValueError(f"kept_TK must be bool and row_of_TK integer, got {kept_TK.dtype}, {row_of_TK.dtype}")
+
+
+def _check(y_MH: torch.Tensor, row_of_TK: torch.Tensor, weights_TK: torch.Tensor, kept_TK: torch.Tensor) -> None:
+    _check_rows(y_MH, row_of_TK, kept_TK)
+    if weights_TK.shape != row_of_TK.shape:
+        raise ValueError(f"weights_TK {tuple(weights_TK.shape)} must match row_of_TK {tuple(row_of_TK.shape)}")
 
 
 # Launch shapes, (BLOCK_T, BLOCK_H, num_warps). Measured on H200 (copy 4.3 TB/s) at T=16384 K=8
@@ -131,10 +145,29 @@ def _combine_fwd_impl(
     BLOCK_T, BLOCK_H, num_warps = _FWD_TILE
     _combine_fwd_kernel[(triton.cdiv(T, BLOCK_T), triton.cdiv(H, BLOCK_H))](
         y_MH, row_of_TK, weights_TK, kept_TK, out_TH, T, H, y_MH.stride(0),
-        K=K, ROUND_BF16=_round_bf16(y_MH), BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, num_warps=num_warps,
-        enable_fp_fusion=False,
+        K=K, HAS_W=True, ROUND_BF16=_round_bf16(y_MH), BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H,
+        num_warps=num_warps, enable_fp_fusion=False,
     )  # fmt: skip
     return out_TH
+
+
+def _gather_sum_impl(
+    dx_MH: torch.Tensor, row_of_TK: torch.Tensor, kept_TK: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    _check_rows(dx_MH, row_of_TK, kept_TK)
+    dx_MH, row_of_TK, kept_TK = (x.contiguous() for x in (dx_MH, row_of_TK, kept_TK))
+    T, K = row_of_TK.shape
+    H = dx_MH.shape[1]
+    dx_TH = dx_MH.new_empty((T, H), dtype=out_dtype)
+    if T == 0 or H == 0:
+        return dx_TH
+    BLOCK_T, BLOCK_H, num_warps = _FWD_TILE
+    _combine_fwd_kernel[(triton.cdiv(T, BLOCK_T), triton.cdiv(H, BLOCK_H))](
+        dx_MH, row_of_TK, row_of_TK, kept_TK, dx_TH, T, H, dx_MH.stride(0),
+        K=K, HAS_W=False, ROUND_BF16=_round_bf16(dx_TH), BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H,
+        num_warps=num_warps, enable_fp_fusion=False,
+    )  # fmt: skip
+    return dx_TH
 
 
 def _combine_bwd_impl(
@@ -167,6 +200,7 @@ triton_unpermute_combine = torch.library.custom_op("fp8moe::unpermute_combine", 
 triton_unpermute_combine_bwd = torch.library.custom_op("fp8moe::unpermute_combine_bwd", mutates_args=())(
     _combine_bwd_impl
 )
+triton_gather_sum = torch.library.custom_op("fp8moe::gather_sum", mutates_args=())(_gather_sum_impl)
 
 
 @triton_unpermute_combine.register_fake
@@ -181,16 +215,22 @@ def _(dout_TH, y_MH, row_of_TK, weights_TK, kept_TK):
     return torch.empty_like(y_MH), torch.empty_like(weights_TK)
 
 
-def _kernel_ok(y_MH: torch.Tensor, weights_TK: torch.Tensor) -> bool:
+@triton_gather_sum.register_fake
+def _(dx_MH, row_of_TK, kept_TK, out_dtype):
+    _check_rows(dx_MH, row_of_TK, kept_TK)
+    return dx_MH.new_empty((row_of_TK.shape[0], dx_MH.shape[1]), dtype=out_dtype)
+
+
+def _kernel_ok(y_MH: torch.Tensor, other_dtype: torch.dtype) -> bool:
     """Triton for 16/32-bit floats on GPU (or the interpreter); fp64 (gradcheck) takes the reference."""
-    return use_triton(y_MH) and y_MH.dtype in _KERNEL_DTYPES and weights_TK.dtype in _KERNEL_DTYPES
+    return use_triton(y_MH) and y_MH.dtype in _KERNEL_DTYPES and other_dtype in _KERNEL_DTYPES
 
 
 def unpermute_combine(
     y_MH: torch.Tensor, row_of_TK: torch.Tensor, weights_TK: torch.Tensor, kept_TK: torch.Tensor
 ) -> torch.Tensor:
     """Forward only (no autograd); `UnpermuteCombine.apply` for the differentiable version."""
-    if not _kernel_ok(y_MH, weights_TK):
+    if not _kernel_ok(y_MH, weights_TK.dtype):
         return torch_unpermute_combine(y_MH, row_of_TK, weights_TK, kept_TK)
     if torch.compiler.is_compiling():
         return triton_unpermute_combine(y_MH, row_of_TK, weights_TK, kept_TK)
@@ -205,11 +245,22 @@ def unpermute_combine_bwd(
     kept_TK: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (dout_TH, y_MH, row_of_TK, weights_TK, kept_TK)
-    if not _kernel_ok(y_MH, weights_TK):
+    if not _kernel_ok(y_MH, weights_TK.dtype):
         return torch_unpermute_combine_bwd(*args)
     if torch.compiler.is_compiling():
         return triton_unpermute_combine_bwd(*args)
     return _combine_bwd_impl(*args)
+
+
+def gather_sum(dx_MH: torch.Tensor, row_of_TK: torch.Tensor, kept_TK: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """dx_TH[t] = sum over kept k (in order) of dx_MH[row_of_TK[t, k]], fp32 sums cast to out_dtype:
+    the gradient of a permutation that copied token t into rows row_of_TK[t, :] (moe/permute.py).
+    Dropped assignments' rows are never read. Not differentiable (a backward's building block)."""
+    if not _kernel_ok(dx_MH, out_dtype):
+        return torch_gather_sum(dx_MH, row_of_TK, kept_TK, out_dtype)
+    if torch.compiler.is_compiling():
+        return triton_gather_sum(dx_MH, row_of_TK, kept_TK, out_dtype)
+    return _gather_sum_impl(dx_MH, row_of_TK, kept_TK, out_dtype)
 
 
 class UnpermuteCombine(torch.autograd.Function):

@@ -383,6 +383,20 @@ def torch_unpermute_combine(
     return out_TH.to(y_MH.dtype)
 
 
+def torch_gather_sum(
+    dx_MH: torch.Tensor, row_of_TK: torch.Tensor, kept_TK: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """dx[t] = sum over kept k, in order k = 0..K-1, of dx_MH[row_of_TK[t, k]], in fp32 (fp64 for
+    fp64 rows), cast once to out_dtype: the permutation's backward, unpermute_combine without weights."""
+    T, K = row_of_TK.shape
+    acc = _combine_acc_dtype(dx_MH)
+    dx_TH = torch.zeros(T, dx_MH.shape[1], dtype=acc, device=dx_MH.device)
+    for k in range(K):
+        g_TH = dx_MH.index_select(0, torch.where(kept_TK[:, k], row_of_TK[:, k], 0)).to(acc)
+        dx_TH = dx_TH + torch.where(kept_TK[:, k, None], g_TH, 0.0)
+    return dx_TH.to(out_dtype)
+
+
 def torch_unpermute_combine_bwd(
     dout_TH: torch.Tensor,
     y_MH: torch.Tensor,

@@ -21,9 +21,10 @@ All-to-all dispatch, rank r owning experts [r*L, (r+1)*L):
 dropped rows (past sum(tokens_per_expert), never sent) with zeros: `unpermute` ignores them.
 Both collectives are autograd Functions whose backward is the reverse all-to-all.
 
-Rows travel in the experts' compute dtype: under autocast the permuted activations are fp32,
-and sending them as such would put 4H bytes a row on the wire where the experts read 2H (bf16);
-the experts cast to that dtype first anyway, so casting before the send changes no value.
+Rows travel in the experts' compute dtype: under autocast the residual stream is fp32, and
+sending it as such would put 4H bytes a row on the wire where the experts read 2H (bf16); the
+experts cast to that dtype first anyway, so casting before the send changes no value (the layer's
+`gather_rows` already casts while it permutes; the cast here makes sure of it).
 
 FP8 on the wire (experts are Fp8GroupedMLP, parallel.fp8_dispatch=true): the sender quantizes
 its rows with the recipe's row quantization (a scale per row, or per 1x128 tile for blockwise)
@@ -74,6 +75,10 @@ class DispatchMeta:
 
 class LocalDispatcher:
     """EP=1: every expert is local, so dispatch and combine are identities."""
+
+    # No rows travel, so the layer may hand the experts the tokens and the permutation instead of
+    # the permuted rows (the FP8 experts then gather inside their quantization).
+    moves_rows = False
 
     def dispatch(
         self, x_MH: torch.Tensor, tokens_per_expert_E: torch.Tensor
@@ -162,6 +167,8 @@ class AllToAllDispatcher:
     timer: a CommTimer that times every all-to-all issued here, forward and backward; None
     times nothing (and costs nothing).
     """
+
+    moves_rows = True  # the layer must gather the permuted rows before dispatch
 
     def __init__(
         self, ep_group, num_experts: int, fp8_recipe=None, timer: Optional[CommTimer] = None

@@ -8,7 +8,11 @@ Contract (DESIGN.md): weights are stored like `nn.Linear`, per expert (out_featu
 `forward(x_MH, tokens_per_expert_E)` takes rows grouped by expert (any counts: zero, odd, not
 multiples of 16), returns (M, H), and never synchronises with the host. Rows past
 sum(tokens_per_expert) (tokens dropped by a capacity limit) come back as unspecified values; the
-unpermute step masks them.
+unpermute step masks them. `forward(x_TH, tokens_per_expert_E, token_rows=meta)` takes the
+tokens before the permutation instead, with the `moe.permute.PermuteMeta` that groups them (the
+layer's path when no rows travel, EP=1): the BF16 experts gather the rows first
+(`moe.permute.gather_rows`), the FP8 ones (`gathers_tokens`) gather them inside their
+quantization, so FP8 bytes are what leaves the permutation.
 
 FP8 variants subclass this and override only `grouped_mlp`: same constructor, same parameters.
 """
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.config import ACTIVATIONS, EXPERT_IMPLS
+from moe.permute import PermuteMeta, gather_rows
 
 
 def activation_fn(h_MX: torch.Tensor, activation: str) -> torch.Tensor:
@@ -106,27 +111,38 @@ class GroupedMLP(nn.Module):
 
     # Whether `grouped_mlp` can take rows the dispatcher already quantized (FP8 on the wire).
     accepts_fp8_rows = False
+    # Whether `grouped_mlp` can take the tokens and gather their rows itself (token_rows=...).
+    gathers_tokens = False
 
     def forward(
-        self, x_MH: torch.Tensor, tokens_per_expert_E: torch.Tensor, x_fp8=None
+        self,
+        x: torch.Tensor,
+        tokens_per_expert_E: torch.Tensor,
+        x_fp8=None,
+        token_rows: PermuteMeta | None = None,
     ) -> torch.Tensor:
-        """x_fp8: optional `moe.dispatch.Fp8Rows`, x_MH's rows already quantized by an FP8
+        """x: the permuted rows x_MH, or with token_rows the tokens x_TH they are gathered from.
+        x_fp8: optional `moe.dispatch.Fp8Rows`, x_MH's rows already quantized by an FP8
         all-to-all dispatch (x_MH then holds their dequantized values); FP8 experts only."""
         if x_fp8 is not None and not self.accepts_fp8_rows:
             raise ValueError(f"{type(self).__name__} cannot take FP8 rows; FP8 dispatch needs FP8 experts")
-        if x_MH.dim() != 2 or x_MH.shape[1] != self.dim:
-            raise ValueError(f"experts expect x of shape (M, {self.dim}), got {tuple(x_MH.shape)}")
+        if x_fp8 is not None and token_rows is not None:
+            raise ValueError("x_fp8 and token_rows exclude each other: FP8 rows arrive already permuted")
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"experts expect x of shape (M, {self.dim}), got {tuple(x.shape)}")
         if tokens_per_expert_E.shape != (self.num_experts,):
             raise ValueError(
                 f"tokens_per_expert must have shape ({self.num_experts},), got {tuple(tokens_per_expert_E.shape)}"
             )
-        dtype = compute_dtype(x_MH)
-        x_MH = x_MH.to(dtype)
+        dtype = compute_dtype(x)
+        if token_rows is not None and (self.impl == "loop" or not self.gathers_tokens):
+            x, token_rows = gather_rows(x, token_rows, dtype), None
         if self.impl == "loop":
-            return loop_grouped_mlp(
-                x_MH, self.w1.to(dtype), self.w2.to(dtype), tokens_per_expert_E, self.activation
-            )
+            return loop_grouped_mlp(x.to(dtype), self.w1.to(dtype), self.w2.to(dtype), tokens_per_expert_E, self.activation)
         group_end_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
+        if token_rows is not None:  # x stays in its dtype: the gathering quantizer casts it
+            return self.grouped_mlp(x, group_end_E, token_rows=token_rows)
+        x_MH = x.to(dtype)
         if x_fp8 is not None:
             return self.grouped_mlp(x_MH, group_end_E, x_fp8)
         return self.grouped_mlp(x_MH, group_end_E)

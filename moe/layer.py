@@ -1,6 +1,11 @@
 """One MoE FFN layer: route -> permute -> dispatch -> experts -> combine -> unpermute (+ shared).
 
 Legend: B batch, S sequence, T = B*S tokens, K top-k, E experts, M = T*K routed rows, H hidden.
+
+When no rows travel (EP=1, `LocalDispatcher.moves_rows` false) the experts get the tokens and the
+permutation rather than permuted rows: the FP8 experts gather the rows inside their quantization
+(permute + quantize in one pass), the BF16 ones gather them first. With expert parallelism the
+rows are gathered here, in the experts' compute dtype, and sent.
 """
 
 from __future__ import annotations
@@ -12,8 +17,8 @@ from torch import nn
 
 from moe.config import MoEConfig
 from moe.dispatch import LocalDispatcher
-from moe.experts import DenseMLP, GroupedMLP
-from moe.permute import permute, unpermute
+from moe.experts import DenseMLP, GroupedMLP, compute_dtype
+from moe.permute import gather_rows, plan_permute, unpermute
 from moe.router import Router
 
 
@@ -49,10 +54,14 @@ class MoELayer(nn.Module):
         x_TH = x_BSH.reshape(B * S, H)
 
         route = self.router(x_TH, seq_len=S)
-        x_MH, tokens_per_expert_E, perm = permute(x_TH, route.topk_ids_TK, self.num_experts)
-        x_MH, local_tokens_per_expert, dispatch = self.dispatcher.dispatch(x_MH, tokens_per_expert_E)
-        y_MH = self.experts(x_MH, local_tokens_per_expert, x_fp8=dispatch.x_fp8)
-        y_MH = self.dispatcher.combine(y_MH, dispatch)
+        tokens_per_expert_E, perm = plan_permute(route.topk_ids_TK, self.num_experts)
+        if self.dispatcher.moves_rows:
+            x_MH = gather_rows(x_TH, perm, compute_dtype(x_TH))
+            x_MH, local_tokens_per_expert, dispatch = self.dispatcher.dispatch(x_MH, tokens_per_expert_E)
+            y_MH = self.experts(x_MH, local_tokens_per_expert, x_fp8=dispatch.x_fp8)
+            y_MH = self.dispatcher.combine(y_MH, dispatch)
+        else:
+            y_MH = self.experts(x_TH, tokens_per_expert_E, token_rows=perm)
         out_TH = unpermute(y_MH, perm, route.topk_weights_TK)
 
         if self.shared_experts is not None:

@@ -10,11 +10,20 @@ Layout of the permuted rows (what the experts and the dispatcher rely on):
   their token but belong to no expert: the experts may leave anything there (even NaN), and
   both `unpermute` and the backward of `permute` ignore those rows.
 
+`permute` is two steps, so the FP8 experts can fuse the second into their quantization:
+`plan_permute` (the sort: counts and indices, no activations touched) and `gather_rows` (the
+copy). `gather_rows` casts to the experts' compute dtype before it gathers: under bf16 autocast
+the residual stream is fp32, and casting its T rows once (6 bytes a token-element) then gathering
+bf16 copies (4 a routed element) moves 7 bytes a routed element at top-2 and 4.75 at top-8,
+against 14 for gathering fp32 copies and casting those (the same values either way). The
+gradient is still summed in fp32 and returned in x's dtype.
+
 Both directions are autograd Functions whose backward is a gather over the K assignments of
 each token (no scatter-add): deterministic on a GPU, and the dropped rows can be masked out
-of the gradient as they are out of the forward. `unpermute` is the one-pass Triton kernel of
-kernels/combine.py (forward and backward, 0.75-0.91 of copy on an H200 where the gather-and-add
-loop in torch ran at 0.04-0.05); its torch reference on a CPU and for fp64 (gradcheck).
+of the gradient as they are out of the forward. Both run the one-pass Triton kernels of
+kernels/combine.py (the unweighted `gather_sum` for permute's backward), 0.75-0.91 of copy on an
+H200 where the gather-and-add loop in torch ran at 0.04-0.05; their torch references on a CPU and
+for fp64 (gradcheck).
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels.combine import UnpermuteCombine
+from kernels.combine import UnpermuteCombine, gather_sum
 
 
 @dataclass(frozen=True)
@@ -49,64 +58,68 @@ def count_tokens_per_expert(topk_ids_TK: Tensor, num_experts: int) -> Tensor:
     return counts_E1[:num_experts]
 
 
-def _accumulate_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """fp32 for bf16/fp16/fp32 tensors, fp64 when any is fp64 (gradcheck)."""
-    acc = torch.float32
-    for dtype in dtypes:
-        acc = torch.promote_types(acc, dtype)
-    return acc
-
-
 class _GatherTokens(torch.autograd.Function):
-    """x_MH = x_TH[token_idx_M]; backward sums each token's K kept rows of grad_x_MH.
+    """x_MH = x_TH.to(dtype)[token_idx_M]; backward sums each token's K kept rows of grad_x_MH in
+    fp32 (fp64 for fp64) and returns them in x's dtype.
 
     Dropped rows get no gradient path: grouped GEMMs leave rows past the last group untouched,
     so their gradient rows may be garbage, and must not reach x.
     """
 
     @staticmethod
-    def forward(ctx, x_TH: Tensor, token_idx_M: Tensor, row_of_TK: Tensor, kept_TK: Tensor) -> Tensor:
+    def forward(ctx, x_TH: Tensor, token_idx_M: Tensor, row_of_TK: Tensor, kept_TK: Tensor, dtype: torch.dtype):
         ctx.save_for_backward(row_of_TK, kept_TK)
         ctx.x_dtype = x_TH.dtype
-        return x_TH.index_select(0, token_idx_M)
+        return x_TH.to(dtype).index_select(0, token_idx_M)
 
     @staticmethod
     def backward(ctx, grad_x_MH: Tensor):
         row_of_TK, kept_TK = ctx.saved_tensors
-        T, K = row_of_TK.shape
-        acc = _accumulate_dtype(grad_x_MH.dtype)
-        grad_x_TH = torch.zeros(T, grad_x_MH.shape[1], dtype=acc, device=grad_x_MH.device)
-        # A loop over the K slots keeps the temporaries at (T, H) instead of (T, K, H).
-        for k in range(K):
-            g_TH = grad_x_MH.index_select(0, row_of_TK[:, k]).to(acc)
-            grad_x_TH += torch.where(kept_TK[:, k, None], g_TH, 0.0)
-        return grad_x_TH.to(ctx.x_dtype), None, None, None
+        return gather_sum(grad_x_MH, row_of_TK, kept_TK, ctx.x_dtype), None, None, None, None
 
 
-def permute(x_TH: Tensor, topk_ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, PermuteMeta]:
-    """Copy each token once per assignment and group the copies by expert.
+def plan_permute(topk_ids_TK: Tensor, num_experts: int) -> tuple[Tensor, PermuteMeta]:
+    """Where each (t, k) assignment goes: tokens_per_expert_E (int64, kept assignments only) and
+    the indices of the layout above. Reads only the ids (no activations, no host sync).
 
     topk_ids_TK: int64 in [0, E], E marking a dropped assignment (not checked: that would sync).
-    Returns x_MH (x's dtype), tokens_per_expert_E (int64, x's device, kept assignments only)
-    and the metadata for `unpermute`. Differentiable w.r.t. x_TH.
     """
     T, K = topk_ids_TK.shape
-    assert x_TH.dim() == 2 and x_TH.shape[0] == T, f"x_TH {tuple(x_TH.shape)} vs topk_ids_TK {(T, K)}"
     M = T * K
     ids_M = topk_ids_TK.reshape(-1)
     # Stable: equal ids keep their (t, k) order, so rows inside an expert follow token order and
     # the result is reproducible; dropped (id E) sort after every expert.
     _, order_M = torch.sort(ids_M, stable=True)
-    token_idx_M = order_M // K
     row_of_M = torch.empty_like(order_M).scatter_(0, order_M, torch.arange(M, device=order_M.device))
     meta = PermuteMeta(
-        token_idx_M=token_idx_M,
+        token_idx_M=order_M // K,
         row_of_TK=row_of_M.view(T, K),
         kept_TK=topk_ids_TK < num_experts,
         num_tokens=T,
     )
-    x_MH = _GatherTokens.apply(x_TH, token_idx_M, meta.row_of_TK, meta.kept_TK)
-    return x_MH, count_tokens_per_expert(topk_ids_TK, num_experts), meta
+    return count_tokens_per_expert(topk_ids_TK, num_experts), meta
+
+
+def gather_rows(x_TH: Tensor, meta: PermuteMeta, dtype: torch.dtype | None = None) -> Tensor:
+    """x_MH: each token copied into its permuted rows, in `dtype` (x's when None). Differentiable
+    w.r.t. x_TH; the gradient comes back in x's dtype."""
+    if x_TH.dim() != 2 or x_TH.shape[0] != meta.num_tokens:
+        raise ValueError(f"x_TH must be ({meta.num_tokens}, H) for this permutation, got {tuple(x_TH.shape)}")
+    dtype = x_TH.dtype if dtype is None else dtype
+    return _GatherTokens.apply(x_TH, meta.token_idx_M, meta.row_of_TK, meta.kept_TK, dtype)
+
+
+def permute(
+    x_TH: Tensor, topk_ids_TK: Tensor, num_experts: int, dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor, PermuteMeta]:
+    """Copy each token once per assignment and group the copies by expert: plan_permute, then
+    gather_rows. Returns x_MH (in `dtype`, x's when None), tokens_per_expert_E and the metadata
+    for `unpermute`. Differentiable w.r.t. x_TH.
+    """
+    T, K = topk_ids_TK.shape
+    assert x_TH.dim() == 2 and x_TH.shape[0] == T, f"x_TH {tuple(x_TH.shape)} vs topk_ids_TK {(T, K)}"
+    tokens_per_expert_E, meta = plan_permute(topk_ids_TK, num_experts)
+    return gather_rows(x_TH, meta, dtype), tokens_per_expert_E, meta
 
 
 def unpermute(y_MH: Tensor, meta: PermuteMeta, topk_weights_TK: Tensor) -> Tensor:

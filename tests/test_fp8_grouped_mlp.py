@@ -85,6 +85,56 @@ def test_recipe_emulation_against_fp64(recipe, activation):
         assert err > 1e-3, (name, err)  # FP8 really happened: bf16 alone lands near 0.4%
 
 
+def _gather_vs_rows(recipe, T, K, E, H, F, device, seed=0):
+    """The experts fed the tokens and the permutation (quantizer gathers) and fed the permuted
+    rows: (y, dx_TH, dw1, dw2) of each, under bf16 autocast with an fp32 token stream as in training."""
+    from moe.permute import gather_rows, plan_permute
+
+    torch.manual_seed(seed)
+    mod = Fp8GroupedMLP(H, F, E, "swiglu", recipe=Fp8Recipe(recipe)).to(device)
+    mod.reset_parameters(0.05)
+    ids_TK = torch.randint(0, E + 1, (T, K), device=device)  # id E: dropped, ~1 in E + 1
+    ids_TK[ids_TK == 2] = 3  # expert 2 gets no rows (group sizes are otherwise random, not x16)
+    counts_E, meta = plan_permute(ids_TK, E)
+    x_TH = torch.randn(T, H, device=device)
+    dy = torch.randn(T * K, H, device=device).to(torch.bfloat16)
+    outs = []
+    for gathered in (True, False):
+        x = x_TH.clone().requires_grad_()
+        mod.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            if gathered:
+                y = mod(x, counts_E, token_rows=meta)
+            else:
+                y = mod(gather_rows(x, meta, torch.bfloat16), counts_E)
+        y.backward(dy)
+        n = int(counts_E.sum())  # rows past the kept ones are unspecified
+        outs.append((y[:n], x.grad, mod.w1.grad, mod.w2.grad))
+    return outs, counts_E
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_gathering_tokens_equals_permuted_rows_bitwise(recipe):
+    """Permute + quantize in one pass (EP=1) computes exactly what gathering the rows first does:
+    the same bytes quantized, the same fp32 sum of each token's dx rows."""
+    (got, want), counts_E = _gather_vs_rows(recipe, T=45, K=3, E=5, H=256, F=128, device="cpu")
+    assert counts_E[2] == 0 and counts_E.sum() < 45 * 3  # an idle expert and dropped rows
+    for name, g, w in zip(("y", "dx", "dw1", "dw2"), got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w), name
+    assert got[1].dtype == torch.float32 and torch.isfinite(got[1]).all()
+
+
+def test_token_rows_and_fp8_rows_exclude_each_other():
+    from moe.dispatch import Fp8Rows
+    from moe.permute import plan_permute
+
+    mod = Fp8GroupedMLP(128, 64, 2)
+    counts_E, meta = plan_permute(torch.zeros(4, 1, dtype=torch.int64), 2)
+    rows = Fp8Rows(torch.zeros(4, 128, dtype=torch.float8_e4m3fn), torch.ones(4))
+    with pytest.raises(ValueError, match="x_fp8 and token_rows exclude each other"):
+        mod(torch.randn(4, 128), counts_E, x_fp8=rows, token_rows=meta)
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_zero_token_experts_get_zero_weight_gradients(recipe):
     counts = [0, 40, 0, 33]
@@ -251,3 +301,12 @@ def test_gpu_matches_emulation_and_fp64(recipe, activation):
         assert _rel(g.cpu(), e) < 0.08, (name, _rel(g.cpu(), e))
     for e in (0,):
         assert torch.count_nonzero(mod.w1.grad[e]) == 0 and torch.count_nonzero(mod.w2.grad[e]) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_gpu_gathering_tokens_equals_permuted_rows_bitwise(recipe):
+    """The real gather-quantize and gather_sum kernels against gathering first (torch index_select)."""
+    (got, want), _ = _gather_vs_rows(recipe, T=3001, K=4, E=8, H=1024, F=768, device="cuda")
+    for name, g, w in zip(("y", "dx", "dw1", "dw2"), got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w), name

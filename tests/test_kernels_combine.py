@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernels import reference as ref
-from kernels.combine import UnpermuteCombine, unpermute_combine, unpermute_combine_bwd
+from kernels.combine import UnpermuteCombine, gather_sum, unpermute_combine, unpermute_combine_bwd
 
 from fp8_inputs import assert_same
 
@@ -112,6 +112,46 @@ def test_combine_kernel_zero_rows_when_not_a_permutation():
     assert torch.all(dy[-4:] == 0)
 
 
+# ---- gather_sum: the permutation's backward -----------------------------------------------------
+
+
+def test_gather_sum_reference_definition():
+    """Each token's kept rows summed: exact in fp64 order-free terms up to K - 1 fp32 additions."""
+    y, rows, _, kept, _ = combine_inputs(T=23, K=4, H=48, seed=6)
+    got = ref.torch_gather_sum(y, rows, kept, torch.float32)
+    want = _combine_loop64(y, rows, torch.ones(rows.shape), kept)
+    terms = sum(torch.where(kept[:, k, None], y[rows[:, k]].double().abs(), 0.0) for k in range(4))
+    assert got.dtype == torch.float32 and not got.isnan().any()  # NaN rows are dropped ones
+    assert torch.all((got.double() - want).abs() <= _gamma(3) * terms)
+
+
+@pytest.mark.parametrize("dtype, out_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                              (torch.float32, torch.float32)])  # fmt: skip
+@pytest.mark.parametrize("T, K, H", [(37, 3, 200), (1, 1, 128), (18, 8, 384)])
+def test_gather_sum_kernel_matches_reference(dtype, out_dtype, T, K, H):
+    """Bitwise: the same fp32 additions in the same order. Odd H (200), one token, top-8,
+    dropped assignments whose rows hold NaN (never read)."""
+    y, rows, _, kept, _ = combine_inputs(T=T, K=K, H=H, seed=7, dtype=dtype)
+    got = gather_sum(y, rows, kept, out_dtype)
+    want = ref.torch_gather_sum(y, rows, kept, out_dtype)
+    assert got.dtype == out_dtype and got.shape == (T, H)
+    assert_same([got], [want])
+    assert not got.isnan().any()
+
+
+def test_gather_sum_equals_unit_weight_combine():
+    y, rows, _, kept, _ = combine_inputs(seed=8)
+    assert_same([gather_sum(y, rows, kept, y.dtype)], [unpermute_combine(y, rows, torch.ones(rows.shape), kept)])
+
+
+def test_gather_sum_bad_input_is_a_clear_error():
+    y, rows, _, kept, _ = combine_inputs(T=5, K=2, H=16, seed=9)
+    with pytest.raises(ValueError, match="kept_TK .* must match row_of_TK"):
+        gather_sum(y, rows, kept[:, :1], torch.float32)
+    with pytest.raises(ValueError, match="y_MH must be 2-D"):
+        gather_sum(y[None], rows, kept, torch.float32)
+
+
 @pytest.mark.gpu
 def test_gpu_combine_bitwise(device):
     T, K, H, E = 16384, 8, 4096, 64
@@ -123,3 +163,12 @@ def test_gpu_combine_bitwise(device):
     assert_same([dy], [dy_ref])
     prods = torch.stack([(dout.double() * y[rows[:, k]].double()).nan_to_num(0).abs().sum(1) for k in range(K)], 1)
     assert torch.all((dw.double() - dw_ref.double()).abs() <= 2 * _gamma(H - 1) * prods)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T, K, H", [(16384, 2, 4096), (4097, 8, 7168)])
+def test_gpu_gather_sum_bitwise(device, T, K, H):
+    y, rows, _, kept, _ = combine_inputs(T, K, H, 64, seed=10, device=device)
+    got = gather_sum(y, rows, kept, torch.float32)
+    assert_same([got], [ref.torch_gather_sum(y, rows, kept, torch.float32)])
+    assert not got.isnan().any()

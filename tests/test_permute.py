@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe.permute import PermuteMeta, count_tokens_per_expert, permute, unpermute
+from moe.permute import PermuteMeta, count_tokens_per_expert, gather_rows, permute, plan_permute, unpermute
 
 
 def loop_moe(x_TH, topk_ids_TK, topk_weights_TK, expert_fns, num_experts):
@@ -166,6 +166,31 @@ def test_permute_backward_ignores_garbage_gradient_in_dropped_rows():
     grad_MH[kept:] = float("nan")
     (gx,) = torch.autograd.grad(x_MH, x_TH, grad_MH)
     torch.testing.assert_close(gx, meta.kept_TK.sum(1, keepdim=True).float().expand(T, H))
+
+
+def test_gather_rows_casts_before_gathering_and_returns_fp32_gradients():
+    """The layer's path under autocast: fp32 tokens, bf16 rows, the gradient summed in fp32 and
+    returned in fp32 (what gathering fp32 rows and casting them gave, with M - T fewer casts)."""
+    T, K, E, H = 13, 3, 5, 40
+    ids_TK = random_routing(T, K, E, seed=10, drop_frac=0.2)
+    x_TH = torch.randn(T, H, requires_grad=True)
+    counts, meta = plan_permute(ids_TK, E)
+    x_MH = gather_rows(x_TH, meta, torch.bfloat16)
+    ref_MH, ref_counts, ref_meta = permute(x_TH, ids_TK, E)  # fp32 rows
+    assert x_MH.dtype == torch.bfloat16 and torch.equal(counts, ref_counts)
+    assert torch.equal(x_MH, ref_MH.to(torch.bfloat16)) and torch.equal(meta.row_of_TK, ref_meta.row_of_TK)
+    # Three kept rows of 1 + 2**-7 sum to 3 + 3 * 2**-7, off the bf16 grid: only an fp32 sum is exact.
+    g_MH = torch.full((T * K, H), 1 + 2**-7, dtype=torch.bfloat16)
+    (gx,) = torch.autograd.grad(x_MH, x_TH, g_MH)
+    assert gx.dtype == torch.float32
+    n_kept = meta.kept_TK.sum(1, keepdim=True).float()
+    assert torch.equal(gx, (n_kept * (1 + 2**-7)).expand(T, H))
+
+
+def test_gather_rows_wrong_token_count_is_a_clear_error():
+    _, meta = plan_permute(random_routing(6, 2, 4, seed=11), 4)
+    with pytest.raises(ValueError, match=r"x_TH must be \(6, H\)"):
+        gather_rows(torch.randn(5, 3), meta)
 
 
 def test_unpermute_keeps_y_dtype_and_sums_in_fp32():

@@ -6,7 +6,8 @@ P padded rows (each expert's token group starts at a multiple of the recipe's `a
 The autograd Function runs six FP8 GEMMs; every operand is quantized by a fused kernel that also
 writes the copy the next GEMM needs, so no BF16 activation is stored for backward:
 
-    forward   x_MH  -> quantize rows (for GEMM1) + per-group transposed columns xt_HP (for wgrad1)
+    forward   x_MH  -> quantize rows (for GEMM1) + per-group transposed columns xt_HP (for wgrad1);
+                     with token_rows (EP=1) gathered from the tokens x_TH in the same pass
               h_MX  = GEMM1(x, w1)                          (M, X) bf16, consumed at once
               a_MF  = act(h) quantized rows (for GEMM2); h kept as FP8 for backward
               y_MH  = GEMM2(a, w2)
@@ -17,6 +18,7 @@ writes the copy the next GEMM needs, so no BF16 activation is stored for backwar
               dw2   = dyt @ at^T  per expert                wgrad2
               dx    = dh @ w1                               dgrad1
               dw1   = dht @ xt^T  per expert                wgrad1
+              dx_TH = each token's K rows of dx summed      with token_rows (kernels/combine.py)
 
 Saved for backward: xt (FP8), h (FP8), their scales, the group offsets, and the transposed FP8
 weights that dgrad reads (the forward orientation is dropped once GEMM2 ran); backward lets go of
@@ -38,12 +40,14 @@ import torch
 
 from kernels.act_quant import act_quant_fwd
 from kernels.act_quant_bwd import act_quant_bwd
+from kernels.combine import gather_sum
 from kernels.quantize_grouped import quantize_cols_grouped, quantize_rows_and_cols_grouped
 from kernels.quantize_weight import QuantizedWeight, quantize_weight
-from moe.experts import GroupedMLP
+from moe.experts import GroupedMLP, compute_dtype
 from moe.fp8.gemm import grouped_mm, grouped_mm_wgrad
 from moe.fp8.recipe import Fp8Recipe
 from moe.fp8.weight_cache import WeightCache
+from moe.permute import PermuteMeta
 
 
 def quantize_expert_weight(w_ENK: torch.Tensor, recipe: Fp8Recipe) -> QuantizedWeight:
@@ -58,24 +62,37 @@ def quantize_expert_weight(w_ENK: torch.Tensor, recipe: Fp8Recipe) -> QuantizedW
 
 
 class _Fp8GroupedMLPFunction(torch.autograd.Function):
+    """x: the permuted rows x_MH, or with `gather` = (token_idx_M, row_of_TK, kept_TK) the tokens
+    x_TH (any float dtype, cast to `dtype` here) whose rows the quantizer gathers; dx then comes
+    back as x_TH's gradient in x's dtype, each token's rows summed in fp32."""
+
     @staticmethod
-    def forward(ctx, x_MH, w1_EXH, w2_EHF, group_end_E, activation, recipe, wq1, wq2, x_fp8=None):
+    def forward(ctx, x, w1_EXH, w2_EHF, group_end_E, activation, recipe, wq1, wq2, x_fp8, gather, dtype):
         block, align, pow2 = recipe.block, recipe.align, recipe.pow2_scales
-        if x_fp8 is None:
+        ctx.x_dtype = x.dtype
+        ctx.gather = gather is not None
+        if gather is not None:
+            token_idx_M, row_of_TK, kept_TK = gather
+            # The T token rows cast once (fp32 residual stream under autocast), the M = T*K
+            # routed rows never written: they exist only as the FP8 bytes below.
             x_q, x_s, xt_q, xt_s, padded_end_E, _ = quantize_rows_and_cols_grouped(
-                x_MH, group_end_E, align, block, pow2
+                x.to(dtype), group_end_E, align, block, pow2, token_idx_M
+            )
+        elif x_fp8 is None:
+            x_q, x_s, xt_q, xt_s, padded_end_E, _ = quantize_rows_and_cols_grouped(
+                x, group_end_E, align, block, pow2
             )
         else:
             # FP8 dispatch: the rows came quantized over the wire (the bytes this function would
             # have made from the sender's bf16 rows); only wgrad1's column copy is built here, from
             # the dequantized rows, since the bf16 rows never left the sender.
             x_q, x_s = x_fp8.q_MH, x_fp8.scale
-            xt_q, xt_s, padded_end_E, _ = quantize_cols_grouped(x_MH, group_end_E, align, block, pow2)
+            xt_q, xt_s, padded_end_E, _ = quantize_cols_grouped(x, group_end_E, align, block, pow2)
         h_MX = grouped_mm(x_q, x_s, wq1.q_ENK, wq1.scale, group_end_E, recipe)
         a_q, a_s, h_q, h_s = act_quant_fwd(h_MX, activation, block, pow2, True)
         del h_MX
         y_MH = grouped_mm(a_q, a_s, wq2.q_ENK, wq2.scale, group_end_E, recipe)
-        ctx.save_for_backward(xt_q, xt_s, h_q, h_s, group_end_E, padded_end_E)
+        ctx.save_for_backward(xt_q, xt_s, h_q, h_s, group_end_E, padded_end_E, *(gather or ()))
         ctx.activation, ctx.recipe = activation, recipe
         # Only dgrad's orientation: with cache_weights=False nothing else holds the forward one.
         ctx.wt1, ctx.wt2 = (wq1.qt_EKN, wq1.scale_t), (wq2.qt_EKN, wq2.scale_t)
@@ -84,7 +101,7 @@ class _Fp8GroupedMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy_MH):
-        xt_q, xt_s, h_q, h_s, group_end_E, padded_end_E = ctx.saved_tensors
+        xt_q, xt_s, h_q, h_s, group_end_E, padded_end_E, *gather = ctx.saved_tensors
         recipe = ctx.recipe
         block, align, pow2 = recipe.block, recipe.align, recipe.pow2_scales
         dy_MH = dy_MH.contiguous()
@@ -102,7 +119,12 @@ class _Fp8GroupedMLPFunction(torch.autograd.Function):
         ctx.wt1 = None
         del dh_q, dh_s
         dw1_EXH = grouped_mm_wgrad(dht_q, dht_s, xt_q, xt_s, padded_end_E, recipe, ctx.w_dtypes[0])
-        return dx_MH, dw1_EXH, dw2_EHF, None, None, None, None, None, None
+        if ctx.gather:
+            _, row_of_TK, kept_TK = gather
+            dx = gather_sum(dx_MH, row_of_TK, kept_TK, ctx.x_dtype)
+        else:
+            dx = dx_MH
+        return dx, dw1_EXH, dw2_EHF, None, None, None, None, None, None, None, None
 
 
 
@@ -111,6 +133,7 @@ class Fp8GroupedMLP(GroupedMLP):
 
     recipe: Fp8Recipe = Fp8Recipe("rowwise")
     accepts_fp8_rows = True
+    gathers_tokens = True  # permute + quantize in one pass (kernels/quantize_grouped.py row_index_M)
     cache_weights: bool = False  # see the module docstring; the trainer sets it per grad_accum
 
     def __init__(self, *args, recipe: Fp8Recipe | None = None, **kwargs) -> None:
@@ -120,10 +143,17 @@ class Fp8GroupedMLP(GroupedMLP):
         self._w1_cache = WeightCache(quantize_expert_weight)
         self._w2_cache = WeightCache(quantize_expert_weight)
 
-    def grouped_mlp(self, x_MH: torch.Tensor, group_end_E: torch.Tensor, x_fp8=None) -> torch.Tensor:
-        """x_fp8: x_MH's rows pre-quantized by an FP8 dispatch (moe.dispatch.Fp8Rows), or None."""
-        if x_MH.dtype != torch.bfloat16 and x_MH.is_cuda:
-            raise ValueError(f"FP8 experts take bfloat16 activations on the GPU, got {x_MH.dtype}")
+    def grouped_mlp(
+        self, x: torch.Tensor, group_end_E: torch.Tensor, x_fp8=None, token_rows: PermuteMeta | None = None
+    ) -> torch.Tensor:
+        """x: permuted rows x_MH, or tokens x_TH with token_rows (gathered in the quantizer);
+        x_fp8: x_MH's rows pre-quantized by an FP8 dispatch (moe.dispatch.Fp8Rows), or None."""
+        dtype = compute_dtype(x)
+        if dtype != torch.bfloat16 and x.is_cuda:
+            raise ValueError(f"FP8 experts take bfloat16 activations on the GPU (or bf16 autocast), got {dtype}")
+        gather = None
+        if token_rows is not None:
+            gather = (token_rows.token_idx_M, token_rows.row_of_TK, token_rows.kept_TK)
         if self.cache_weights:
             wq1 = self._w1_cache.get(self.w1, self.recipe)
             wq2 = self._w2_cache.get(self.w2, self.recipe)
@@ -134,8 +164,9 @@ class Fp8GroupedMLP(GroupedMLP):
                 wq1 = quantize_expert_weight(self.w1.detach(), self.recipe)
                 wq2 = quantize_expert_weight(self.w2.detach(), self.recipe)
         return _Fp8GroupedMLPFunction.apply(
-            x_MH.contiguous(), self.w1, self.w2, group_end_E, self.activation, self.recipe, wq1, wq2, x_fp8
-        )
+            x.contiguous(), self.w1, self.w2, group_end_E, self.activation, self.recipe, wq1, wq2, x_fp8,
+            gather, dtype,
+        )  # fmt: skip
 
     def invalidate_weight_cache(self) -> None:
         self._w1_cache.clear()
