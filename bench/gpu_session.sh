@@ -16,7 +16,9 @@
 # throughput of the same model alone. GPU 1: kernels ~5 min (~310 s on a fresh H200, session 8),
 # moe_block ~5 (3 x 500 ms of steps per row and setting), train_step ~2, gemm ~1.5, linear ~1,
 # linear_compiled what is left (limits: BENCH_CAP below). With one GPU, tests + moe_block fill one
-# call, as do tests (~230 s) + kernels.
+# call; tests (~225 s, 108 of them at 14143dd) + kernels (154 rows, ~5.5 min fresh) no longer do:
+# the kernels bench ran out of time at 258 s after five of its eight families (H200, session 10),
+# so give it a call of its own, or the families left over with `bench.kernels --only`.
 #
 #   FP8MOE_COMMIT=$(git rev-parse HEAD) bash bench/gpu_session.sh [STAGE ...]
 #   STAGE: tests | parity | bench (default: all three; also STAGES="tests bench")

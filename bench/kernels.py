@@ -58,7 +58,7 @@ SHAPES = {name: Shape(*dims) for name, dims in DESIGN_SHAPES.items()}  # DESIGN.
 WEIGHT_SWEEP_E = (1, 4, 16, 64, 128)
 WEIGHT_MODES = ("rowwise", "blockwise", "tensorwise")
 RECIPE_MODES = ("rowwise", "blockwise")  # the expert recipes' weight modes
-# Kernels of 0.05-3 ms: 40 ms of repetitions give a stable median, and ~110 rows fit in ~3 minutes.
+# Kernels of 0.05-3 ms: 40 ms of repetitions give a stable median, and ~150 rows fit in ~4 minutes.
 _TIMING = dict(warmup_ms=10, rep_ms=40)
 WEIGHT_SWEEP_SHAPES = ("qwen3_30b_a3b", "deepseek_v3_ep8")  # per-expert w1 sizes for the E sweep
 
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device-to-device copy: {ctx.copy_gbps:.0f} GB/s; torchao counterparts: {torchao}")
     # Written after every kernel family, "complete" false until the last: a run cut short by its
     # time limit (each new Triton specialisation, ours and torchao's autotuned ones, compiles for
-    # seconds: ~110 rows take 5-10 minutes on a fresh machine) still leaves what it measured.
+    # seconds: ~150 rows take 5-10 minutes on a fresh machine) still leaves what it measured.
     t0 = time.perf_counter()
     for i, n in enumerate(names):
         print(f"{n}: (+{time.perf_counter() - t0:.0f}s)", flush=True)

@@ -192,9 +192,8 @@ def test_tiny_model_trains_bf16_gpu():
 @pytest.mark.parametrize("recipe", ["rowwise", "blockwise"])
 def test_gpu_compiled_fp8_layer_matches_eager(recipe):
     """torch.compile (aot_eager: Dynamo and AOTAutograd around eager kernels) of the FP8 layer's
-    EP=1 path, gather-quantize and gather_sum included: the same output and gradients as eager.
-    The bound: an fp32 op regrouped by AOTAutograd moves an FP8 cast by a step now and then,
-    ~1e-3 relative; a lost branch or gradient is an error of order 1."""
+    EP=1 path, whole (fullgraph), gather-quantize and gather_sum as custom ops: bitwise the output
+    and gradients of eager (H200 at 14143dd: every tensor equal)."""
     from moe.fp8.convert import convert_experts_to_fp8
 
     torch.manual_seed(0)
@@ -213,8 +212,6 @@ def test_gpu_compiled_fp8_layer_matches_eager(recipe):
 
     eager = run(layer)
     compiled = run(torch.compile(layer, backend="aot_eager", fullgraph=True))
+    assert all(e is not None for e in eager) and eager[0].abs().sum() > 0
     for c, e in zip(compiled, eager):
-        assert c is not None and c.dtype == e.dtype
-        rel = ((c.double() - e.double()).norm() / e.double().norm()).item()
-        print(f"compiled vs eager rel L2 {rel:.2e} {tuple(e.shape)}")
-        assert rel < 1e-2, rel
+        assert c is not None and c.dtype == e.dtype and torch.equal(c, e), tuple(e.shape)
