@@ -217,6 +217,18 @@ def test_bad_arguments_raise():
         triton_fp8_grouped_mm_wgrad_rowwise(*wgrad_inputs(WN, WK, [128, 256, 128]))
 
 
+def test_eager_entry_points_equal_the_custom_ops():
+    """The layer's eager calls skip the op's dispatch (host time): same kernels, same bytes."""
+    args = grouped_inputs(40, 128, 256, [0, 17, 23])
+    assert torch.equal(gg.fp8_grouped_mm(*args), triton_fp8_grouped_mm(*args))
+    w = wgrad_inputs(128, 256, [128, 0, 128])
+    assert torch.equal(gg.fp8_grouped_mm_wgrad(*w, torch.float32), triton_fp8_grouped_mm_wgrad(*w, torch.float32))
+    w = wgrad_inputs(128, 256, [128, 0, 128], rowwise=True)
+    assert torch.equal(gg.fp8_grouped_mm_wgrad_rowwise(*w), triton_fp8_grouped_mm_wgrad_rowwise(*w))
+    with pytest.raises(ValueError, match="a_q must be"):  # the same checks
+        gg.fp8_grouped_mm(args[0][:, :100], *args[1:])
+
+
 def test_custom_ops_pass_opcheck():
     """Fake registration, autograd registration and AOT dispatch (torch.compile's view).
     test_schema is left out: its checker multiplies the fp8 inputs, which torch cannot."""

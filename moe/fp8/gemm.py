@@ -22,11 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.grouped_gemm import (
-    triton_fp8_grouped_mm,
-    triton_fp8_grouped_mm_wgrad,
-    triton_fp8_grouped_mm_wgrad_rowwise,
-)
+from kernels.grouped_gemm import fp8_grouped_mm, fp8_grouped_mm_wgrad, fp8_grouped_mm_wgrad_rowwise
 from moe.fp8.recipe import Fp8Recipe
 
 
@@ -60,7 +56,7 @@ def emulated_grouped_mm(a_q, a_scale, b_q, b_scale, group_end_E, block: int) -> 
 def grouped_mm(a_q, a_scale, b_q, b_scale, group_end_E, recipe: Fp8Recipe, out_dtype=torch.bfloat16):
     """(M, K) x (E, N, K) -> (M, N) in `out_dtype`; scales per `recipe` (see module docstring)."""
     if recipe.name == "blockwise":
-        return triton_fp8_grouped_mm(a_q, a_scale, b_q, b_scale, group_end_E, out_dtype)
+        return fp8_grouped_mm(a_q, a_scale, b_q, b_scale, group_end_E, out_dtype)
     if not a_q.is_cuda:
         return emulated_grouped_mm(a_q, a_scale, b_q, b_scale, group_end_E, 0).to(out_dtype)
     # use_fast_accum=False: Hopper's FP8 tensor-core accumulator keeps ~14 bits unless partial sums
@@ -75,5 +71,5 @@ def grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end_E, recipe: Fp8Recipe
     """(N, P) x (K, P) -> (E, N, K): per expert, a sum over that expert's (padded) tokens.
     Rowwise scales are (N, E) and (K, E), blockwise (N, P/128) and (K, P/128)."""
     if recipe.name == "blockwise":
-        return triton_fp8_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end_E, out_dtype)
-    return triton_fp8_grouped_mm_wgrad_rowwise(a_q, a_scale, b_q, b_scale, padded_end_E, out_dtype)
+        return fp8_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end_E, out_dtype)
+    return fp8_grouped_mm_wgrad_rowwise(a_q, a_scale, b_q, b_scale, padded_end_E, out_dtype)
