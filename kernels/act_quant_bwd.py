@@ -142,7 +142,7 @@ def _act_bwd_amax_kernel(
     da_ptr, h_ptr, hs_ptr, map_ptr, row_amax_ptr, dht_amax_ptr, at_amax_ptr,
     F, E, P, stride_da, stride_h,
     SWIGLU: tl.constexpr, INTERP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr,
-    CHUNK: tl.constexpr, F_MAJOR: tl.constexpr,
+    CHUNK: tl.constexpr, F_MAJOR: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """Rowwise recipe, pass 1: atomic max (on int32 views of non-negative fp32) of |dh| per row
     and of |dh|, |a| per (group, feature) into zeroed workspaces laid out (E, X) and (E, F), so
@@ -162,7 +162,7 @@ def _act_bwd_amax_kernel(
     dg_acc = tl.zeros([CHUNK, BLOCK_F], dtype=tl.float32)
     du_acc = tl.zeros([CHUNK, BLOCK_F], dtype=tl.float32)
     a_acc = tl.zeros([CHUNK, BLOCK_F], dtype=tl.float32)
-    for c in range(0, BLOCK_P, CHUNK):
+    for c in tl.range(0, BLOCK_P, CHUNK, num_stages=STAGES):
         # a chunk past P (the last program) has no rows: any group will do, P - 1's is at hand
         g_c = tl.load(map_ptr + P + tl.minimum(p0 + c, P - 1))
         if g_c != grp:
@@ -343,6 +343,12 @@ def _bwd_outputs(da_MF: torch.Tensor, X: int, E: int, align: int, block: int):
 # slower or tied.
 _ROWWISE_AMAX_TILE = (256, 32, 16, 2)  # (BLOCK_P, BLOCK_F, CHUNK, warps)
 _ROWWISE_QUANT_TILE = (64, 32, 4)
+# Software pipelining of the amax pass's chunk loop (num_stages), by activation. Session 10 (H200,
+# the whole op, skewed groups, min of 4): 3 stages against 1 took Mixtral-8x7B width 1.297 ->
+# 1.256 ms, Qwen3 0.341 -> 0.325, DeepSeek-V3 0.409 -> 0.394; the seed shape's GELU went 0.921 ->
+# 0.937 (2 and 4 stages in between or behind at every shape). The quantize pass looping over 2-8
+# feature blocks a program, pipelined or not, was 1.05-2.2x slower (32x64 and 8-warp tiles too).
+_ROWWISE_AMAX_STAGES = {"swiglu": 3, "gelu": 1}
 # Grid order (F_MAJOR, see `kernels.common.tile_grid`) of the amax pass, the quantize pass and the blockwise pass.
 _F_MAJOR = {"amax": False, "quant": True, "blockwise": True}
 _BLOCKWISE_CHUNK, _BLOCKWISE_WARPS = 32, 4
@@ -398,7 +404,8 @@ def _act_quant_bwd_impl(
         _act_bwd_amax_kernel[a_grid](
             da_MF, h_fp8, h_scale, token_map, ws_i32[n_col:], ws_i32, ws_i32[X * E :],
             F, E, P, da_MF.stride(0), h_fp8.stride(0),
-            **common, BLOCK_P=AP, BLOCK_F=AF, CHUNK=a_chunk, F_MAJOR=a_f_major, num_warps=a_warps, **_LAUNCH,
+            **common, BLOCK_P=AP, BLOCK_F=AF, CHUNK=a_chunk, F_MAJOR=a_f_major, num_warps=a_warps,
+            STAGES=_ROWWISE_AMAX_STAGES[activation], **_LAUNCH,
         )  # fmt: skip
         _amax_to_scale_kernel[(triton.cdiv(n_ws, _PREP_BLOCK),)](
             ws, dh_scale, dht_scale, at_scale, M, X, F, E, POW2=pow2_scale, INTERP=common["INTERP"], BLOCK=_PREP_BLOCK
