@@ -252,7 +252,9 @@ def unpermute_combine_bwd(
     return _combine_bwd_impl(*args)
 
 
-def gather_sum(dx_MH: torch.Tensor, row_of_TK: torch.Tensor, kept_TK: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def gather_sum(
+    dx_MH: torch.Tensor, row_of_TK: torch.Tensor, kept_TK: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
     """dx_TH[t] = sum over kept k (in order) of dx_MH[row_of_TK[t, k]], fp32 sums cast to out_dtype:
     the gradient of a permutation that copied token t into rows row_of_TK[t, :] (moe/permute.py).
     Dropped assignments' rows are never read. Not differentiable (a backward's building block)."""

@@ -130,6 +130,10 @@ class GroupedMLP(nn.Module):
             raise ValueError("x_fp8 and token_rows exclude each other: FP8 rows arrive already permuted")
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"experts expect x of shape (M, {self.dim}), got {tuple(x.shape)}")
+        if token_rows is not None and x.shape[0] != token_rows.num_tokens:
+            raise ValueError(
+                f"with token_rows, x must be the {token_rows.num_tokens} tokens they permute, got {x.shape[0]} rows"
+            )
         if tokens_per_expert_E.shape != (self.num_experts,):
             raise ValueError(
                 f"tokens_per_expert must have shape ({self.num_experts},), got {tuple(tokens_per_expert_E.shape)}"
@@ -138,7 +142,8 @@ class GroupedMLP(nn.Module):
         if token_rows is not None and (self.impl == "loop" or not self.gathers_tokens):
             x, token_rows = gather_rows(x, token_rows, dtype), None
         if self.impl == "loop":
-            return loop_grouped_mlp(x.to(dtype), self.w1.to(dtype), self.w2.to(dtype), tokens_per_expert_E, self.activation)
+            w1, w2 = self.w1.to(dtype), self.w2.to(dtype)
+            return loop_grouped_mlp(x.to(dtype), w1, w2, tokens_per_expert_E, self.activation)
         group_end_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
         if token_rows is not None:  # x stays in its dtype: the gathering quantizer casts it
             return self.grouped_mlp(x, group_end_E, token_rows=token_rows)

@@ -124,7 +124,7 @@ def test_gathering_tokens_equals_permuted_rows_bitwise(recipe):
     assert got[1].dtype == torch.float32 and torch.isfinite(got[1]).all()
 
 
-def test_token_rows_and_fp8_rows_exclude_each_other():
+def test_token_rows_bad_input_is_a_clear_error():
     from moe.dispatch import Fp8Rows
     from moe.permute import plan_permute
 
@@ -133,6 +133,8 @@ def test_token_rows_and_fp8_rows_exclude_each_other():
     rows = Fp8Rows(torch.zeros(4, 128, dtype=torch.float8_e4m3fn), torch.ones(4))
     with pytest.raises(ValueError, match="x_fp8 and token_rows exclude each other"):
         mod(torch.randn(4, 128), counts_E, x_fp8=rows, token_rows=meta)
+    with pytest.raises(ValueError, match="x must be the 4 tokens they permute, got 5 rows"):
+        mod(torch.randn(5, 128), counts_E, token_rows=meta)  # would index past x in the gather
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

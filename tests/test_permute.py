@@ -8,7 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe.permute import PermuteMeta, count_tokens_per_expert, gather_rows, permute, plan_permute, unpermute
+from moe.permute import (
+    PermuteMeta,
+    count_tokens_per_expert,
+    gather_rows,
+    permute,
+    plan_permute,
+    unpermute,
+)
 
 
 def loop_moe(x_TH, topk_ids_TK, topk_weights_TK, expert_fns, num_experts):
