@@ -132,42 +132,41 @@ def _round_bf16(t: torch.Tensor) -> bool:
     return triton_interpret() and t.dtype == torch.bfloat16
 
 
-def _combine_fwd_impl(
-    y_MH: torch.Tensor, row_of_TK: torch.Tensor, weights_TK: torch.Tensor, kept_TK: torch.Tensor
+def _launch_fwd(
+    y_MH: torch.Tensor, row_of_TK: torch.Tensor, weights_TK: torch.Tensor | None, kept_TK: torch.Tensor,
+    out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    _check(y_MH, row_of_TK, weights_TK, kept_TK)
-    y_MH, row_of_TK, weights_TK, kept_TK = (x.contiguous() for x in (y_MH, row_of_TK, weights_TK, kept_TK))
+    """The forward kernel over contiguous copies of the inputs: weighted (unpermute_combine) or,
+    with weights_TK None, the plain sum (gather_sum)."""
+    y_MH, row_of_TK, kept_TK = (x.contiguous() for x in (y_MH, row_of_TK, kept_TK))
+    has_w = weights_TK is not None
+    weights_TK = weights_TK.contiguous() if has_w else row_of_TK  # unread without weights
     T, K = row_of_TK.shape
     H = y_MH.shape[1]
-    out_TH = y_MH.new_empty(T, H)
+    out_TH = y_MH.new_empty((T, H), dtype=out_dtype)
     if T == 0 or H == 0:
         return out_TH
     BLOCK_T, BLOCK_H, num_warps = _FWD_TILE
     _combine_fwd_kernel[(triton.cdiv(T, BLOCK_T), triton.cdiv(H, BLOCK_H))](
         y_MH, row_of_TK, weights_TK, kept_TK, out_TH, T, H, y_MH.stride(0),
-        K=K, HAS_W=True, ROUND_BF16=_round_bf16(y_MH), BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H,
+        K=K, HAS_W=has_w, ROUND_BF16=_round_bf16(out_TH), BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H,
         num_warps=num_warps, enable_fp_fusion=False,
     )  # fmt: skip
     return out_TH
+
+
+def _combine_fwd_impl(
+    y_MH: torch.Tensor, row_of_TK: torch.Tensor, weights_TK: torch.Tensor, kept_TK: torch.Tensor
+) -> torch.Tensor:
+    _check(y_MH, row_of_TK, weights_TK, kept_TK)
+    return _launch_fwd(y_MH, row_of_TK, weights_TK, kept_TK, y_MH.dtype)
 
 
 def _gather_sum_impl(
     dx_MH: torch.Tensor, row_of_TK: torch.Tensor, kept_TK: torch.Tensor, out_dtype: torch.dtype
 ) -> torch.Tensor:
     _check_rows(dx_MH, row_of_TK, kept_TK)
-    dx_MH, row_of_TK, kept_TK = (x.contiguous() for x in (dx_MH, row_of_TK, kept_TK))
-    T, K = row_of_TK.shape
-    H = dx_MH.shape[1]
-    dx_TH = dx_MH.new_empty((T, H), dtype=out_dtype)
-    if T == 0 or H == 0:
-        return dx_TH
-    BLOCK_T, BLOCK_H, num_warps = _FWD_TILE
-    _combine_fwd_kernel[(triton.cdiv(T, BLOCK_T), triton.cdiv(H, BLOCK_H))](
-        dx_MH, row_of_TK, row_of_TK, kept_TK, dx_TH, T, H, dx_MH.stride(0),
-        K=K, HAS_W=False, ROUND_BF16=_round_bf16(dx_TH), BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H,
-        num_warps=num_warps, enable_fp_fusion=False,
-    )  # fmt: skip
-    return dx_TH
+    return _launch_fwd(dx_MH, row_of_TK, None, kept_TK, out_dtype)
 
 
 def _combine_bwd_impl(
