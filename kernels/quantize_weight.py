@@ -10,14 +10,16 @@ operand of the transposed GEMM) along N:
     tensorwise  scale (E,) per expert               scale_t (E,) the same; qt_EKN = q_ENK^T
 
 One grid over (tiles of an expert) x experts, so time grows linearly with E and nothing syncs.
-blockwise is one pass (read w once, write q and qt). rowwise and tensorwise need amaxes spanning
-a whole row / column / expert first: an amax pass (atomic max of fp32 bits as int32) then the
-quantize pass, so w is read twice. Scale rule and quantization: kernels/common.py.
+blockwise is one pass (read w once, write q and qt; the 128x128 block held in registers).
+rowwise and tensorwise need amaxes spanning a whole row / column / expert first: an amax pass
+(atomic max of fp32 bits as int32) then the quantize pass, so w is read twice. Scale rule and
+quantization: kernels/common.py.
 
 fp32 master weights go in as they are, with round_bf16=True: each tile is rounded to bf16 in
 registers, so the FP8 bytes equal those of their bf16 copy, which is never written. Against
 torch's fp32 -> bf16 copy followed by the bf16 quantizer (H200, Mixtral-8x7B width, both weights):
-rowwise 4.32 -> 3.62 ms, blockwise 3.67 -> 2.76 ms (the copy alone is 1.93 ms).
+rowwise 4.32 -> 3.62 ms, blockwise 3.67 -> 2.76 ms (the copy alone is 1.93 ms), and blockwise
+1.49x faster again since it holds the block (`_weight_launch_config`).
 """
 
 from __future__ import annotations
@@ -53,16 +55,17 @@ def _tile_coords(N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _load(ptrs, mask, EVEN: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """The tile as fp32; ROUND_BF16: fp32 input rounded to the bf16 grid first (to nearest even,
-    as torch's .to(torch.bfloat16)), so an fp32 master quantizes exactly as its bf16 copy would."""
+def _load(ptrs, mask, EVEN: tl.constexpr, ROUND_BF16: tl.constexpr, FP32: tl.constexpr = True):
+    """The tile as fp32 (FP32=False: in the input's dtype, bf16 with ROUND_BF16, for a tile held
+    in registers); ROUND_BF16: fp32 input rounded to the bf16 grid first (to nearest even, as
+    torch's .to(torch.bfloat16)), so an fp32 master quantizes exactly as its bf16 copy would."""
     if EVEN:
         w = tl.load(ptrs)
     else:
         w = tl.load(ptrs, mask=mask, other=0.0)
     if ROUND_BF16:
         w = w.to(tl.bfloat16)
-    return w.to(tl.float32)
+    return w.to(tl.float32) if FP32 else w
 
 
 @triton.jit
@@ -110,18 +113,19 @@ def _weight_quant_kernel(
     """Writes q (E, N, K) and qt (E, K, N) for one BLOCK_N x BLOCK_K tile, in SUB_N-row slices.
 
     Scales and their inverses come first, before any slice is loaded (see tl_fp8_inverse). In
-    blockwise mode the block's amax needs the whole block: a first sweep over the slices takes
-    it, the second re-reads them (from L1/L2, not HBM) to quantize.
+    blockwise mode the block's amax needs the whole block: it is loaded once and held in
+    registers in bf16 (an fp32 master rounded to bf16 first, as ROUND_BF16 has it anyway; 64
+    registers a thread at 8 warps), then quantized from there (SUB_N == BLOCK_N).
     """
     e, pid_n, pid_k, base = _tile_coords(N, K, BLOCK_N, BLOCK_K)
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = k < K
-    if MODE == 1:  # blockwise: this tile is the 128x128 block
-        amax = 0.0
-        for i in range(0, BLOCK_N, SUB_N):
-            n = pid_n * BLOCK_N + i + tl.arange(0, SUB_N)
-            w = _load(w_ptr + base + n[:, None] * K + k[None, :], (n < N)[:, None] & k_ok[None, :], EVEN, ROUND_BF16)
-            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(w), axis=1), axis=0))
+    if MODE == 1:  # blockwise: this tile is the 128x128 block, loaded once and held
+        tl.static_assert(SUB_N == BLOCK_N, "blockwise holds its whole block")
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (n < N)[:, None] & k_ok[None, :]
+        w_held = _load(w_ptr + base + n[:, None] * K + k[None, :], mask, EVEN, ROUND_BF16, FP32=False)
+        amax = tl.max(tl.max(tl.abs(w_held), axis=1), axis=0).to(tl.float32)  # |w| and max: exact in bf16
         scale = tl_fp8_scale(amax, POW2)
         n_blk_n = N // BLOCK_N
         n_blk_k = K // BLOCK_K
@@ -152,7 +156,10 @@ def _weight_quant_kernel(
                 tl.store(s_ptr + e * N + n, rscale, mask=n_ok)
             rinv = tl_fp8_inverse(rscale[:, None])
         mask = n_ok[:, None] & k_ok[None, :]
-        w = _load(w_ptr + base + n[:, None] * K + k[None, :], mask, EVEN, ROUND_BF16)
+        if MODE == 1:
+            w = w_held.to(tl.float32)
+        else:
+            w = _load(w_ptr + base + n[:, None] * K + k[None, :], mask, EVEN, ROUND_BF16)
         _store(q_ptr + base + n[:, None] * K + k[None, :], tl_fp8_quantize_by(w, rinv), mask, EVEN)
         # The transposed copy is transposed in registers (tl.trans) and stored row-major. Storing
         # the untransposed tile through transposed pointers (k * N + n) left ~25% of the rowwise
@@ -228,17 +235,20 @@ _AMAX_MIN_PROGRAMS = {"rowwise": 16384, "tensorwise": 1024}
 
 
 def _weight_launch_config(mode: str, wide: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, SUB_N, num_warps) of the quantize pass; blockwise tiles are the 128x128
-    scale blocks, swept in SUB_N-row slices. wide: fp32 input. Rowwise from bf16, 64-row slices:
-    within 1-4% of 32 and of 128x128 tiles with 8 warps in that sweep, ahead at most shapes;
-    64x256 tiles were 2x slower. From fp32, 32-row slices (half the registers of a 64-row fp32
-    slice): Mixtral w13 2.54 -> 2.40 ms, w2 1.30 -> 1.22, Qwen3 w13 1.10 -> 1.04 (both passes);
-    blockwise from fp32 keeps 64-row slices and 8 warps (32 rows: 1.83 -> 2.13 ms at Mixtral w13).
-    The 128x128 block loaded once and held in registers for both sweeps was 1.2-1.7x slower at
-    4, 8 and 16 warps (H200, session 7: Mixtral w13 bf16 1.12 -> 1.75-1.90 ms, fp32 1.73 ->
-    2.08-2.81), every shape."""
+    """(BLOCK_N, BLOCK_K, SUB_N, num_warps) of the quantize pass. wide: fp32 input.
+
+    Blockwise: the 128x128 scale block, held whole (SUB_N = 128) in bf16. Against sweeping it
+    twice in 64-row slices, the second sweep from L1/L2 (session 11, H100, copy 3017 GB/s, every
+    byte and scale the same): from fp32 masters 1.47-1.49x faster at all eight weights of the
+    four shapes (Mixtral-8x7B w13 2.793 -> 1.876 ms, 2019 -> 3005 GB/s), from bf16 1.21-1.23x
+    (1.591 -> 1.306 ms); 4 and 16 warps within 1% of 8, 32-row slices swept twice 0.88x. Session
+    7, before quantizing became a multiply, had measured a held block 1.2-1.7x slower.
+    Rowwise from bf16, 64-row slices: within 1-4% of 32 and of 128x128 tiles with 8 warps in
+    that sweep, ahead at most shapes; 64x256 tiles were 2x slower. From fp32, 32-row slices
+    (half the registers of a 64-row fp32 slice): Mixtral w13 2.54 -> 2.40 ms, w2 1.30 -> 1.22,
+    Qwen3 w13 1.10 -> 1.04 (both passes)."""
     if mode == "blockwise":
-        return 128, 128, 64, 8
+        return 128, 128, 128, 8
     if mode == "rowwise":
         return (64, 128, 32, 4) if wide else (64, 128, 64, 4)
     return 64, 128, 32, 4
