@@ -19,7 +19,7 @@ fp32 master weights go in as they are, with round_bf16=True: each tile is rounde
 registers, so the FP8 bytes equal those of their bf16 copy, which is never written. Against
 torch's fp32 -> bf16 copy followed by the bf16 quantizer (H200, Mixtral-8x7B width, both weights):
 rowwise 4.32 -> 3.62 ms, blockwise 3.67 -> 2.76 ms (the copy alone is 1.93 ms), and blockwise
-1.49x faster again since it holds the block (`_weight_launch_config`).
+1.27x faster again since it holds the block: 2.04 ms (`_weight_launch_config`).
 """
 
 from __future__ import annotations
@@ -238,11 +238,13 @@ def _weight_launch_config(mode: str, wide: bool = False) -> tuple[int, int, int,
     """(BLOCK_N, BLOCK_K, SUB_N, num_warps) of the quantize pass. wide: fp32 input.
 
     Blockwise: the 128x128 scale block, held whole (SUB_N = 128) in bf16. Against sweeping it
-    twice in 64-row slices, the second sweep from L1/L2 (session 11, H100, copy 3017 GB/s, every
-    byte and scale the same): from fp32 masters 1.47-1.49x faster at all eight weights of the
-    four shapes (Mixtral-8x7B w13 2.793 -> 1.876 ms, 2019 -> 3005 GB/s), from bf16 1.21-1.23x
-    (1.591 -> 1.306 ms); 4 and 16 warps within 1% of 8, 32-row slices swept twice 0.88x. Session
-    7, before quantizing became a multiply, had measured a held block 1.2-1.7x slower.
+    twice in 64-row slices, the second sweep from L1/L2 (session 11, every byte and scale the
+    same): on an H100 (copy 3017 GB/s) from fp32 masters 1.47-1.49x faster at all eight weights
+    of the four shapes (Mixtral-8x7B w13 2.793 -> 1.876 ms, 2019 -> 3005 GB/s), from bf16
+    1.21-1.23x (1.591 -> 1.306 ms), 4 and 16 warps within 1% of 8, 32-row slices swept twice
+    0.88x; on an H200 (bench/results/kernels.json) 1.26-1.27x and 1.08-1.10x, 0.97-0.995 and
+    0.92-0.96 of copy. Session 7, before quantizing became a multiply, had measured a held
+    block 1.2-1.7x slower.
     Rowwise from bf16, 64-row slices: within 1-4% of 32 and of 128x128 tiles with 8 warps in
     that sweep, ahead at most shapes; 64x256 tiles were 2x slower. From fp32, 32-row slices
     (half the registers of a 64-row fp32 slice): Mixtral w13 2.54 -> 2.40 ms, w2 1.30 -> 1.22,
