@@ -123,9 +123,25 @@ def _check(y_MH: torch.Tensor, row_of_TK: torch.Tensor, weights_TK: torch.Tensor
 # Launch shapes, (BLOCK_T, BLOCK_H, num_warps). Measured on H200 (copy 4.3 TB/s) at T=16384 K=8
 # H=4096, T=8192 K=2 H=4096, T=4096 K=8 H=7168: forward 16x128 ran at 0.91 / 0.84 / 0.88 of copy
 # (32x128: 0.68-0.82); backward 8x256 at 0.85 / 0.85 / 0.75 (16x256: 0.75 / 0.85 / 0.66).
-# torch's gather-and-add reference: 0.04-0.05.
-_FWD_TILE = (16, 128, 4)
-_BWD_TILE = (8, 256, 4)
+# torch's gather-and-add reference: 0.04-0.05. Session 11 (H200, the kernels bench's four shapes,
+# bitwise the same outputs): forward 8x128 against 16x128, at top-8 unpermute_combine 1.05-1.08x
+# (Qwen3-30B-A3B 0.088 -> 0.081 ms, 0.81 -> 0.88 of copy) and gather_sum 1.08-1.10x (0.098 ->
+# 0.089, 0.81 -> 0.89), at top-2 within 1%; 4x128 and 4x256 as good at top-8 but 8% behind at
+# top-2; 16x256, 32x128 and 16x64 on 2 warps behind everywhere.
+_FWD_TILE = (8, 128, 4)
+# The backward's program walks H for BLOCK_T tokens, so its BLOCK_T * K rows set both its loads in
+# flight and the grid (T / BLOCK_T programs). Session 11 (H200, the kernels bench's four shapes):
+# 32 rows at top-8 (BLOCK_T 4 where it was 8) took Qwen3-30B-A3B (T=8192, H=2048) 0.189 -> 0.164
+# ms (0.71 -> 0.81 of copy) and DeepSeek-V3 (T=4096, H=7168) 0.312 -> 0.276 (0.75 -> 0.85); at
+# top-2, 8 rows (BLOCK_T 4) lost 10% at Mixtral-8x7B width and 16 stayed best. 2x512, 8x512, 2
+# warps, and H split over a 2-D grid with partial dweights summed by a second kernel (1.03-1.13x
+# at top-8, 0.88-0.91x at top-2) were behind. K = 4 (32 rows at BLOCK_T 8) was not measured.
+_BWD_ROWS, _BWD_BLOCK_H, _BWD_WARPS = 32, 256, 4
+
+
+def _bwd_block_t(K: int) -> int:
+    """Tokens a backward program owns: ~_BWD_ROWS routed rows, at most 8 tokens (16 rows at top-2)."""
+    return max(1, min(8, _BWD_ROWS // K))
 
 
 def _round_bf16(t: torch.Tensor) -> bool:
@@ -186,11 +202,11 @@ def _combine_bwd_impl(
     dw_TK = torch.empty_like(weights_TK)
     if T == 0:
         return dy_MH, dw_TK
-    BLOCK_T, BLOCK_H, num_warps = _BWD_TILE
+    BLOCK_T = _bwd_block_t(K)
     _combine_bwd_kernel[(triton.cdiv(T, BLOCK_T),)](
         dout_TH, y_MH, row_of_TK, weights_TK, kept_TK, dy_MH, dw_TK, T, H, M, dout_TH.stride(0), y_MH.stride(0),
         K=K, K_POW2=triton.next_power_of_2(K), ROUND_BF16=_round_bf16(dy_MH), BLOCK_T=BLOCK_T,
-        BLOCK_H=BLOCK_H, num_warps=num_warps, enable_fp_fusion=False,
+        BLOCK_H=_BWD_BLOCK_H, num_warps=_BWD_WARPS, enable_fp_fusion=False,
     )  # fmt: skip
     return dy_MH, dw_TK
 
