@@ -21,8 +21,8 @@ gradient is still summed in fp32 and returned in x's dtype.
 Both directions are autograd Functions whose backward is a gather over the K assignments of
 each token (no scatter-add): deterministic on a GPU, and the dropped rows can be masked out
 of the gradient as they are out of the forward. Both run the one-pass Triton kernels of
-kernels/combine.py (the unweighted `gather_sum` for permute's backward), 0.70-0.91 of copy on an
-H200 (gather_sum 0.80-0.90, bench/results/kernels.json) where the gather-and-add loop in torch ran
+kernels/combine.py (the unweighted `gather_sum` for permute's backward), 0.82-0.93 of copy on an
+H200 (gather_sum 0.86-0.93, bench/results/kernels.json) where the gather-and-add loop in torch ran
 at 0.04-0.09; their torch references on a CPU and for fp64 (gradcheck).
 """
 
