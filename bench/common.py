@@ -1,7 +1,8 @@
 """What every benchmark shares: run metadata, GPU timing, peak memory, the copy ceiling, output.
 
-Timing is CUDA events through triton.testing.do_bench (warm-up, L2 flushed before each timed
-call, median). Bandwidth counts each input byte read once and each output byte written once.
+Timing is CUDA events around each call (warm-up, L2 flushed before each timed call, median), with
+the call's host launch time hidden behind GPU work queued ahead of it (`time_ms`). Bandwidth counts
+each input byte read once and each output byte written once.
 """
 
 from __future__ import annotations
@@ -48,10 +49,48 @@ def run_info() -> dict:
 
 
 def time_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> float:
-    """Median milliseconds of fn() on the current CUDA stream (events; L2 flushed between calls)."""
-    import triton.testing
+    """Median milliseconds of fn() on the current CUDA stream: events around each call, the L2
+    flushed (256 MB written) before it, and a GPU sleep of twice fn's host time (at most 0.5
+    ms) queued between the flush and the start event, so that what is timed is the GPU's work,
+    not the host's launch. triton.testing.do_bench, which this replaced, starts the clock right
+    after the flush: where fn takes longer to launch than the flush takes to run (our ops' 40-320 us of
+    Triton launch path against ~0.06 ms), the GPU waits for the host inside the timed span.
+    That was the kernels bench's "slow spells" (session 11, H200, 0.064 ms 128x1 column kernel
+    over 70 s: 53 of 718 do_bench medians above 1.3x, up to 0.27 ms; with the sleep 0 of 718,
+    max 0.0645; torch's copy, cast and transpose, ~5 us to launch, never slowed)."""
+    import time
 
-    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        fn()
+    host_us = (time.perf_counter() - t0) / 3 * 1e6
+    torch.cuda.synchronize()
+    flush = torch.empty(256 * 1024**2, dtype=torch.uint8, device="cuda")
+    # ~2000 cycles a microsecond at Hopper's 1.98 GHz boost clock (longer in time when clocked
+    # lower). At most 0.5 ms: a longer fn (a whole layer step) keeps the GPU busy with its first
+    # kernels while the host launches the rest, and where it cannot, that host time is real.
+    sleep_cycles = int(min(2 * host_us + 20, 500) * 2000)
+
+    def timed(n: int) -> list[float]:
+        events = []
+        for _ in range(n):
+            flush.zero_()
+            torch.cuda._sleep(sleep_cycles)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) for s, e in events]
+
+    estimate = max(sorted(timed(5))[2], 1e-3)
+    timed(max(1, int(warmup_ms / estimate)))
+    times = sorted(timed(max(1, int(rep_ms / estimate))))
+    del flush
+    return float(times[len(times) // 2])
 
 
 def peak_gib(fn: Callable[[], object]) -> float:
