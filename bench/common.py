@@ -53,8 +53,9 @@ def time_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) ->
     flushed (256 MB written) before it, and a GPU sleep of twice fn's host time (at most 0.5
     ms) queued between the flush and the start event, so that what is timed is the GPU's work,
     not the host's launch. triton.testing.do_bench, which this replaced, starts the clock right
-    after the flush: where fn takes longer to launch than the flush takes to run (our ops' 40-320 us of
-    Triton launch path against ~0.06 ms), the GPU waits for the host inside the timed span.
+    after the flush: where fn takes longer to launch than the flush takes to run (our ops'
+    40-320 us of Triton launch path against ~0.06 ms), the GPU waits for the host inside the
+    timed span.
     That was the kernels bench's "slow spells" (session 11, H200, 0.064 ms 128x1 column kernel
     over 70 s: 53 of 718 do_bench medians above 1.3x, up to 0.27 ms; with the sleep 0 of 718,
     max 0.0645; torch's copy, cast and transpose, ~5 us to launch, never slowed)."""

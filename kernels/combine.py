@@ -134,8 +134,9 @@ _FWD_TILE = (8, 128, 4)
 # 32 rows at top-8 (BLOCK_T 4 where it was 8) took Qwen3-30B-A3B (T=8192, H=2048) 0.189 -> 0.164
 # ms (0.71 -> 0.81 of copy) and DeepSeek-V3 (T=4096, H=7168) 0.312 -> 0.276 (0.75 -> 0.85); at
 # top-2, 8 rows (BLOCK_T 4) lost 10% at Mixtral-8x7B width and 16 stayed best. 2x512, 8x512, 2
-# warps, and H split over a 2-D grid with partial dweights summed by a second kernel (1.03-1.13x
-# at top-8, 0.88-0.91x at top-2) were behind. K = 4 (32 rows at BLOCK_T 8) was not measured.
+# warps, and H split over a 2-D grid with partial dweights summed by a second kernel (against
+# 8x256: 1.03-1.13x at top-8, 0.88-0.91x at top-2) were behind. K = 4 (32 rows at BLOCK_T 8) was
+# not measured.
 _BWD_ROWS, _BWD_BLOCK_H, _BWD_WARPS = 32, 256, 4
 
 

@@ -115,7 +115,7 @@ def _weight_quant_kernel(
     Scales and their inverses come first, before any slice is loaded (see tl_fp8_inverse). In
     blockwise mode the block's amax needs the whole block: it is loaded once and held in
     registers in bf16 (an fp32 master rounded to bf16 first, as ROUND_BF16 has it anyway; 64
-    registers a thread at 8 warps), then quantized from there (SUB_N == BLOCK_N).
+    values, 32 registers, a thread at 8 warps), then quantized from there (SUB_N == BLOCK_N).
     """
     e, pid_n, pid_k, base = _tile_coords(N, K, BLOCK_N, BLOCK_K)
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
