@@ -33,6 +33,9 @@ its tile lies inside one group and the padding is just the rows its masked loads
 - block 0 (rowwise recipe): the scale of a column spans the whole group, so an amax pass (atomic
   max of fp32 bits as int32, relaxed) precedes the quantize pass: x is read twice. Fused, the
   amax pass also takes row amaxes, and the quantize pass writes both q and qt from one tile.
+  Columns only, with groups of at most ~1024 rows on average: one kernel whose program owns a
+  group's rows x 32 columns and sweeps them twice, the second time mostly from L2
+  (`_group_strip_kernel`, 1.2-1.25x faster at Qwen3 and DeepSeek-V3 widths).
 Rows past group_end_E[-1] belong to no group: they are left out of qt; in the fused op they are
 still quantized into q, as the "tail" group E.
 """
@@ -64,7 +67,8 @@ from kernels.reference import (
     torch_quantize_rows_and_cols_grouped,
 )
 
-# Loops here run over a few chunks or groups, never a pipeline's worth: no software pipelining.
+# The tile kernels' loops run over a few chunks or groups, never a pipeline's worth: no software
+# pipelining (the strip kernel's sweeps over a group's rows pipeline, `_STRIP_CONFIGS`).
 _NUM_STAGES = 1
 
 
@@ -246,6 +250,56 @@ def _cols_quant_kernel(
                     tl.store(qt_cols + pp[:, None], tl_fp8_quantize_by(x, cinv), mask=col_ok[None, :])
 
 
+
+@triton.jit
+def _group_strip_kernel(
+    x_ptr, idx_ptr, ge_ptr, gamax_ptr, qt_ptr, cscale_ptr, pend_ptr,
+    M, K, P, stride_xm, E, align, n_kb,
+    HAS_IDX: tl.constexpr, POW2: tl.constexpr, RETURN_AMAX: tl.constexpr, E_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """Rowwise, columns only, small groups: program (g, kb) owns group g's rows x BLOCK_K columns
+    (g == E: the zero columns past every group). It sweeps its strip twice, the amax and then
+    qt; the second sweep finds the strip in L2 where the two-pass op's quantize pass, launched
+    after the whole amax pass, reads x from HBM again. Programs of one group's column blocks are
+    consecutive, so those resident together read whole lines of its rows."""
+    g = tl.program_id(0) // n_kb
+    cols = (tl.program_id(0) % n_kb) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    start, end, pstart, pend = _group_bounds(ge_ptr, E, M, align, E_PAD)
+    lanes = tl.arange(0, E_PAD)
+    if tl.program_id(0) == 0:
+        tl.store(pend_ptr + lanes, pend, mask=lanes < E)
+    qt_cols = qt_ptr + cols.to(tl.int64)[None, :] * P
+    t = tl.arange(0, BLOCK_T)
+    if g < E:
+        st = _lane(start, g, E_PAD)
+        en = _lane(end, g, E_PAD)
+        ps = _lane(pstart, g, E_PAD)
+        padded = _lane(pend, g, E_PAD) - ps
+        # Elementwise maxima in x's dtype (|x| and max are exact in it; half the registers of
+        # fp32 for bf16), reduced over the rows once after the sweep.
+        acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=x_ptr.dtype.element_ty)
+        for t0 in tl.range(st, en, BLOCK_T, num_stages=STAGES):
+            r = t0 + t
+            x = _gather_rows(x_ptr, idx_ptr, stride_xm, r, r < en, cols, col_ok, HAS_IDX, FP32=False)
+            acc = tl.maximum(acc, tl.abs(x)).to(acc.dtype)  # triton 3.6 takes the bf16 max in fp32
+        amax = tl.max(acc, axis=0).to(tl.float32)
+        cscale = tl_fp8_scale(amax, POW2)
+        tl.store(cscale_ptr + cols * E + g, cscale, mask=col_ok)
+        if RETURN_AMAX:
+            tl.atomic_max(gamax_ptr + g, tl.max(amax, 0).to(tl.int32, bitcast=True), sem="relaxed")
+        cinv = tl_fp8_inverse(cscale[None, :])
+        for t0 in tl.range(0, padded, BLOCK_T, num_stages=STAGES):  # the padding rows load as zeros
+            r = st + t0 + t
+            x = _gather_rows(x_ptr, idx_ptr, stride_xm, r, r < en, cols, col_ok, HAS_IDX)
+            tl.store(qt_cols + (ps + t0 + t)[:, None], tl_fp8_quantize_by(x, cinv),
+                     mask=(t0 + t < padded)[:, None] & col_ok[None, :])  # fmt: skip
+    else:
+        zero = tl.zeros([BLOCK_T, BLOCK_K], dtype=qt_ptr.dtype.element_ty)
+        for p0 in range(_lane(pend, E - 1, E_PAD), P, BLOCK_T):
+            tl.store(qt_cols + (p0 + t)[:, None], zero, mask=(p0 + t < P)[:, None] & col_ok[None, :])
+
 # ((BLOCK_M, BLOCK_K, num_warps) of the amax pass, (BLOCK_P, BLOCK_K, SUB_P, N_CHUNKS, num_warps) of
 # the quantize pass), by (blockwise, fused rows). A program does N_CHUNKS column blocks after one
 # group lookup, sweeping BLOCK_P tokens in SUB_P-row slices. Sweep on H200 (commit 8ab448b, the four
@@ -280,6 +334,23 @@ _LAUNCH_CONFIGS = {
 }
 # Grid order of the quantize pass (K_MAJOR, see `_cols_quant_kernel`), by (blockwise, fused rows).
 _K_MAJOR = {(True, False): False, (False, False): False, (False, True): False}
+# Rowwise columns only: `_group_strip_kernel` where the mean group (ceil(M / E), known on the host
+# without a sync) has at most this many rows, with its (BLOCK_T, BLOCK_K, num_warps, num_stages);
+# larger groups take the two passes. H200 (session 12, skewed groups aligned to 128, bitwise the
+# same bytes), two passes -> strips: Qwen3 (512 rows a group) K=2048 0.228 -> 0.182 ms, K=1536
+# 0.177 -> 0.145 with 64x32 tiles on 2 warps (128x32 on 4: 1.11x); DeepSeek-V3 (1024 rows) K=7168
+# 0.351 -> 0.288, K=4096 0.206 -> 0.171 with 128x32 on 4 warps, 4 stages (64x32: 1.00-1.02x).
+# At 2048 rows (seed, Mixtral-8x7B) 0.88-1.09x over the tiles tried, 0.88-0.99x at K=28672: the
+# resident programs' strips outgrow the 50 MB L2. 64-row tiles 64 or 128 columns wide were 3x
+# slower at every shape, and a persistent grid of 2-16 programs an SM (to bound the strips in
+# flight) 0.82-1.17x of the plain grid.
+_STRIP_CONFIGS = ((768, (64, 32, 2, 4)), (1024, (128, 32, 4, 4)))
+
+
+def _strip_config(M: int, E: int) -> tuple[int, int, int, int] | None:
+    """The strip kernel's launch shape for a mean group of ceil(M / E) rows, or None: two passes."""
+    mean_rows = -(-M // E)
+    return next((cfg for max_rows, cfg in _STRIP_CONFIGS if mean_rows <= max_rows), None)
 
 
 def _grouped_launch_config(block: int, rows: bool, align: int):
@@ -311,8 +382,9 @@ def _grouped_impl(x_MK, group_end_E, align, block, pow2_scale, row_index_M, retu
     P = padded_size(M, E, align)
     qt_KP = torch.empty((K, P), dtype=FP8_DTYPE, device=dev)
     padded_end_E = torch.empty((E,), dtype=torch.int32, device=dev)
+    strip = None if block or rows else _strip_config(M, E)
     # One zeroed int32 buffer for every atomic-max target: [amax (E) | col amax (E, K) | row amax (M)].
-    n_col = 0 if block else E * K
+    n_col = 0 if block or strip else E * K
     n_row = M if rows else 0
     n_amax = E if return_amax else 0
     amax_buf = torch.zeros((n_amax + n_col + n_row,), dtype=torch.int32, device=dev)
@@ -321,29 +393,40 @@ def _grouped_impl(x_MK, group_end_E, align, block, pow2_scale, row_index_M, retu
     q_MK = torch.empty((M, K) if rows else (0,), dtype=FP8_DTYPE, device=dev)
     rscale = torch.empty((M,) if rows else (0,), dtype=torch.float32, device=dev)
     idx = row_index_M if row_index_M is not None else x_MK
-    # Lanes of the in-kernel group lookup: the E groups, and lane E for the fused op's tail rows
-    # only. At E = 128 (Qwen3) the power of two above E + 1 doubled them: 2512 -> 2328 sm_90
-    # instructions per thread of the 128x1 column kernel, 0.204 -> 0.196 ms at K=2048 (H200).
-    E_PAD = triton.next_power_of_2(max(1, E + rows))
-    (BLOCK_M, BLOCK_KA, warps_a), (BLOCK_P, BLOCK_K, SUB_P, N_CHUNKS, warps) = _grouped_launch_config(block, rows, align)
-    assert align % BLOCK_P == 0 and BLOCK_P % SUB_P == 0
-    if not block and M > 0:
-        _amax_pass_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(K, BLOCK_KA))](
-            x_MK, idx, group_end_E, col_amax, row_amax, M, K, x_MK.stride(0), E,
-            HAS_IDX=row_index_M is not None, ROW_AMAX=rows,
-            E_PAD=E_PAD, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_KA, num_warps=warps_a, num_stages=_NUM_STAGES,
+    if strip:  # the strip kernel's lane E is the zero columns past every group
+        BLOCK_T, BLOCK_K, warps, stages = strip
+        n_kb = triton.cdiv(K, BLOCK_K)
+        _group_strip_kernel[(n_kb * (E + 1),)](
+            x_MK, idx, group_end_E, gamax, qt_KP, cscale, padded_end_E,
+            M, K, P, x_MK.stride(0), E, align, n_kb,
+            HAS_IDX=row_index_M is not None, POW2=pow2_scale, RETURN_AMAX=return_amax,
+            E_PAD=triton.next_power_of_2(E + 1), BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, STAGES=stages, num_warps=warps,
         )  # fmt: skip
-    n_p, n_k = triton.cdiv(P, BLOCK_P), triton.cdiv(K, BLOCK_K * N_CHUNKS)
-    grid, k_major = tile_grid(n_p, n_k, _K_MAJOR[(bool(block), rows)])
-    _cols_quant_kernel[grid](
-        x_MK, idx, group_end_E, col_amax, gamax, qt_KP, cscale, padded_end_E,
-        row_amax, q_MK, rscale,
-        M, K, P, x_MK.stride(0), E, align,
-        HAS_IDX=row_index_M is not None, POW2=pow2_scale, BLOCKWISE=bool(block), ROWS=rows,
-        RETURN_AMAX=return_amax, E_PAD=E_PAD, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K,
-        SUB_P=SUB_P, N_CHUNKS=N_CHUNKS, ONE_SLICE=bool(block) and SUB_P == BLOCK_P, K_MAJOR=k_major,
-        num_warps=warps, num_stages=_NUM_STAGES,
-    )  # fmt: skip
+    else:
+        # Lanes of the in-kernel group lookup: the E groups, and lane E for the fused op's tail rows
+        # only. At E = 128 (Qwen3) the power of two above E + 1 doubled them: 2512 -> 2328 sm_90
+        # instructions per thread of the 128x1 column kernel, 0.204 -> 0.196 ms at K=2048 (H200).
+        E_PAD = triton.next_power_of_2(max(1, E + rows))
+        amax_cfg, quant_cfg = _grouped_launch_config(block, rows, align)
+        (BLOCK_M, BLOCK_KA, warps_a), (BLOCK_P, BLOCK_K, SUB_P, N_CHUNKS, warps) = amax_cfg, quant_cfg
+        assert align % BLOCK_P == 0 and BLOCK_P % SUB_P == 0
+        if not block and M > 0:
+            _amax_pass_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(K, BLOCK_KA))](
+                x_MK, idx, group_end_E, col_amax, row_amax, M, K, x_MK.stride(0), E,
+                HAS_IDX=row_index_M is not None, ROW_AMAX=rows,
+                E_PAD=E_PAD, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_KA, num_warps=warps_a, num_stages=_NUM_STAGES,
+            )  # fmt: skip
+        n_p, n_k = triton.cdiv(P, BLOCK_P), triton.cdiv(K, BLOCK_K * N_CHUNKS)
+        grid, k_major = tile_grid(n_p, n_k, _K_MAJOR[(bool(block), rows)])
+        _cols_quant_kernel[grid](
+            x_MK, idx, group_end_E, col_amax, gamax, qt_KP, cscale, padded_end_E,
+            row_amax, q_MK, rscale,
+            M, K, P, x_MK.stride(0), E, align,
+            HAS_IDX=row_index_M is not None, POW2=pow2_scale, BLOCKWISE=bool(block), ROWS=rows,
+            RETURN_AMAX=return_amax, E_PAD=E_PAD, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K,
+            SUB_P=SUB_P, N_CHUNKS=N_CHUNKS, ONE_SLICE=bool(block) and SUB_P == BLOCK_P, K_MAJOR=k_major,
+            num_warps=warps, num_stages=_NUM_STAGES,
+        )  # fmt: skip
     amax_E = gamax.view(torch.float32) if return_amax else amax_buf.new_empty((0,), dtype=torch.float32)
     cols = (qt_KP, cscale, padded_end_E, amax_E)
     return (q_MK, rscale, *cols) if rows else cols

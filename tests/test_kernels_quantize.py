@@ -309,6 +309,41 @@ def test_quantize_cols_grouped(ref, block, align, pow2, gather, tail, K):
     assert_same(tuple(quantize_rows_and_cols_grouped(*args)), ref.torch_quantize_rows_and_cols_grouped(*args))
 
 
+@pytest.mark.parametrize("strip", [(16, 32, 1, 2), (32, 64, 2, 3), None])
+@pytest.mark.parametrize(
+    "align, pow2, gather, tail, K",
+    [(16, False, False, 3, 200), (32, True, True, 0, 96), (128, False, True, 5, 384), (16, True, False, 0, 32)],
+)
+def test_quantize_cols_grouped_rowwise_paths(ref, monkeypatch, strip, align, pow2, gather, tail, K):
+    """Rowwise columns only, both kernels: the strip kernel (a program per group x column block,
+    sweeping the group's rows twice; tiles taller and shorter than some groups, column blocks
+    past K) and the two passes, chosen by the mean group size (`_STRIP_CONFIGS`)."""
+    import kernels.quantize_grouped as kg
+
+    monkeypatch.setattr(kg, "_STRIP_CONFIGS", ((10**9, strip),) if strip else ())
+    assert (kg._strip_config(4, 2) is None) == (strip is None)
+    x = odd_x(sum(SIZES) + tail, K, seed=K)
+    x[1:16] = 0  # an all-zero group
+    ends = group_ends(SIZES)
+    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(5)) if gather else None
+    for return_amax in (True, False):
+        args = (x, ends, align, 0, pow2, idx, return_amax)
+        expected = ref.torch_quantize_cols_grouped(*args)
+        out = tuple(quantize_cols_grouped(*args))
+        assert_same(out if return_amax else out[:3], expected if return_amax else expected[:3])
+
+
+def test_strip_config_by_mean_group():
+    """The strip kernel where the mean group is small, the two passes past the last threshold."""
+    import kernels.quantize_grouped as kg
+
+    for max_rows, cfg in kg._STRIP_CONFIGS:
+        assert kg._strip_config(max_rows * 8, 8) == cfg
+    last = kg._STRIP_CONFIGS[-1][0]
+    assert kg._strip_config(last * 8 + 1, 8) is None
+    assert kg._strip_config(0, 8) == kg._STRIP_CONFIGS[0][1]  # no rows: the zero columns only
+
+
 @pytest.mark.parametrize(
     "tile, k_major",
     [((128, 128, 32, 1, 4), True), ((128, 128, 128, 1, 4), False), ((128, 128, 128, 2, 8), True),
@@ -444,7 +479,7 @@ def test_quantize_rows_gpu(K, block_k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("K, E", [(4096, 8), (7168, 32), (2048, 128)])
+@pytest.mark.parametrize("K, E", [(4096, 8), (4096, 16), (7168, 32), (2048, 128)])
 @pytest.mark.parametrize("block", [0, 128])
 def test_quantize_grouped_gpu(K, E, block):
     M = 16384
