@@ -327,6 +327,9 @@ def _bwd_outputs(da_MF: torch.Tensor, X: int, E: int, align: int, block: int):
 # sweeps, 32 amax rows then 16 or 8 quantize rows (168 registers where 32/32 takes 255: 3 CTAs an
 # SM, not 2), 1.3-2.6x slower at all four shapes (Mixtral-8x7B width 1.47 -> 2.65 ms with 16);
 # 8 warps with 64-row quantize chunks 1.2-1.4x slower: loads in flight per thread beat occupancy.
+# Session 12 (H200, the four shapes): the amax sweep's maxima kept in 8- or 16-row accumulators
+# (its chunk loaded as 2-4 sub-chunks) 0.87-1.03x; the next chunk's loads issued before the
+# current chunk's arithmetic, in either sweep or both, 0.82-1.04x; both with 8 warps 0.66-0.75x.
 # The amax pass in 16-row chunks, 256 tokens a program, 2 warps (column maxima kept elementwise
 # across a group's chunks: 80 registers and 32 instructions per element where the 128x32 tile
 # took 168 and 52), with the quantize pass's grid feature-major, against the 128x32 tile (H200,
