@@ -250,7 +250,6 @@ def _cols_quant_kernel(
                     tl.store(qt_cols + pp[:, None], tl_fp8_quantize_by(x, cinv), mask=col_ok[None, :])
 
 
-
 @triton.jit
 def _group_strip_kernel(
     x_ptr, idx_ptr, ge_ptr, gamax_ptr, qt_ptr, cscale_ptr, pend_ptr,
@@ -300,6 +299,7 @@ def _group_strip_kernel(
         for p0 in range(_lane(pend, E - 1, E_PAD), P, BLOCK_T):
             tl.store(qt_cols + (p0 + t)[:, None], zero, mask=(p0 + t < P)[:, None] & col_ok[None, :])
 
+
 # ((BLOCK_M, BLOCK_K, num_warps) of the amax pass, (BLOCK_P, BLOCK_K, SUB_P, N_CHUNKS, num_warps) of
 # the quantize pass), by (blockwise, fused rows). A program does N_CHUNKS column blocks after one
 # group lookup, sweeping BLOCK_P tokens in SUB_P-row slices. Sweep on H200 (commit 8ab448b, the four
@@ -330,9 +330,10 @@ def _group_strip_kernel(
 # Session 12 (H200, the amax pass alone, K = H, skewed groups, relaxed atomics): 128x64 on 4 warps
 # -> 32x64 on one warp for the fused op (rows + columns): seed 101.6 -> 88.6 us, Mixtral-8x7B
 # 58.4 -> 53.9, DeepSeek-V3 192.1 -> 148.0, Qwen3 123.1 -> 90.3; 64x64 on 2 warps for columns only
-# (which the two passes now run at 2048 rows a group and more): seed 93.7 -> 84.7, Mixtral 52.4 ->
-# 47.3. 128x128, 64x128, 256x64, 64x256 and 32x256 on 2-8 warps, and 64x32, 32x32 and 16x64 on one,
-# slower at every shape. The fused op's pass now reads 2.5-3.2 TB/s, torch's x.amax() 2.5-3.0.
+# (two passes only where groups average over 1024 rows, `_STRIP_CONFIGS`): seed 93.7 -> 84.7,
+# Mixtral 52.4 -> 47.3. 128x128, 64x128, 256x64, 64x256 and 32x256 on 2-8 warps, and 64x32, 32x32
+# and 16x64 on one, slower at every shape. The fused op's pass now reads 2.5-3.2 TB/s, torch's
+# x.amax() 2.5-3.0.
 _LAUNCH_CONFIGS = {
     (True, False): ((0, 0, 0), (128, 64, 128, 1, 2)),
     (False, False): ((64, 64, 2), (128, 128, 32, 1, 4)),
