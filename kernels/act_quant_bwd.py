@@ -344,7 +344,13 @@ def _bwd_outputs(da_MF: torch.Tensor, X: int, E: int, align: int, block: int):
 # 0.973 -> 0.904 ms, Mixtral-8x7B width 1.347 -> 1.290, DeepSeek-V3 0.432 -> 0.410, Qwen3 0.359
 # -> 0.340; 32x32 / 2 warps next (-1 to -4%); 128x32, 64x16, 64x32 at 2 or 8 warps and 128x16
 # slower or tied.
-_ROWWISE_AMAX_TILE = (256, 32, 16, 2)  # (BLOCK_P, BLOCK_F, CHUNK, warps)
+# Session 12 (H200, the whole op, skewed groups, min of 3, bitwise the same): the amax pass on one
+# warp for SwiGLU, 256x32 in 16-row chunks as before: Mixtral-8x7B width 1.256 -> 1.197 ms, Qwen3
+# 0.326 -> 0.309, DeepSeek-V3 0.394 -> 0.375 (256x64 on 2 warps within 1% of it; 128x32 on one,
+# 512x32 and 128x64 on 2 warps 0.6-4% faster than before, 32-row chunks on 4 warps 9% slower); the
+# seed shape's GELU 0.909 -> 0.879 with 128x32 in 8-row chunks on one warp (256x32 on one: 0.99x).
+# Quantize tiles 32x32 and 64x32 on 2 warps, 32x64 and 64x64 again 2-18% slower.
+_ROWWISE_AMAX_TILE = {"swiglu": (256, 32, 16, 1), "gelu": (128, 32, 8, 1)}  # (BLOCK_P, BLOCK_F, CHUNK, warps)
 _ROWWISE_QUANT_TILE = (64, 32, 4)
 # Software pipelining of the amax pass's chunk loop (num_stages), by activation. Session 10 (H200,
 # the whole op, skewed groups, min of 4): 3 stages against 1 took Mixtral-8x7B width 1.297 ->
@@ -401,7 +407,7 @@ def _act_quant_bwd_impl(
         _token_map_kernel[(triton.cdiv(P, _PREP_BLOCK),)](
             group_end_E, padded_end_E, token_map, M, E, P, SEARCH_STEPS=E.bit_length(), BLOCK=_PREP_BLOCK
         )
-        AP, AF, a_chunk, a_warps = _ROWWISE_AMAX_TILE
+        AP, AF, a_chunk, a_warps = _ROWWISE_AMAX_TILE[activation]
         a_chunk = math.gcd(a_chunk, align)  # a chunk lies in one group (align is a multiple of 16)
         a_grid, a_f_major = tile_grid(triton.cdiv(P, AP), triton.cdiv(F, AF), _F_MAJOR["amax"])
         _act_bwd_amax_kernel[a_grid](
