@@ -350,14 +350,14 @@ def _bwd_outputs(da_MF: torch.Tensor, X: int, E: int, align: int, block: int):
 # 512x32 and 128x64 on 2 warps 0.6-4% faster than before, 32-row chunks on 4 warps 9% slower); the
 # seed shape's GELU 0.909 -> 0.879 with 128x32 in 8-row chunks on one warp (256x32 on one: 0.99x).
 # Quantize tiles 32x32 and 64x32 on 2 warps, 32x64 and 64x64 again 2-18% slower.
-_ROWWISE_AMAX_TILE = {"swiglu": (256, 32, 16, 1), "gelu": (128, 32, 8, 1)}  # (BLOCK_P, BLOCK_F, CHUNK, warps)
-_ROWWISE_QUANT_TILE = (64, 32, 4)
-# Software pipelining of the amax pass's chunk loop (num_stages), by activation. Session 10 (H200,
-# the whole op, skewed groups, min of 4): 3 stages against 1 took Mixtral-8x7B width 1.297 ->
+# Software pipelining of the amax pass's chunk loop (num_stages, the tile's last entry). Session
+# 10 (H200, the whole op, skewed groups, min of 4): 3 stages against 1 took Mixtral-8x7B width 1.297 ->
 # 1.256 ms, Qwen3 0.341 -> 0.325, DeepSeek-V3 0.409 -> 0.394; the seed shape's GELU went 0.921 ->
 # 0.937 (2 and 4 stages in between or behind at every shape). The quantize pass looping over 2-8
 # feature blocks a program, pipelined or not, was 1.05-2.2x slower (32x64 and 8-warp tiles too).
-_ROWWISE_AMAX_STAGES = {"swiglu": 3, "gelu": 1}
+# By activation: (BLOCK_P, BLOCK_F, CHUNK, warps, stages).
+_ROWWISE_AMAX_TILE = {"swiglu": (256, 32, 16, 1, 3), "gelu": (128, 32, 8, 1, 1)}
+_ROWWISE_QUANT_TILE = (64, 32, 4)
 # Grid order (F_MAJOR, see `kernels.common.tile_grid`) of the amax pass, the quantize pass and the blockwise pass.
 _F_MAJOR = {"amax": False, "quant": True, "blockwise": True}
 _BLOCKWISE_CHUNK, _BLOCKWISE_WARPS = 32, 4
@@ -407,14 +407,14 @@ def _act_quant_bwd_impl(
         _token_map_kernel[(triton.cdiv(P, _PREP_BLOCK),)](
             group_end_E, padded_end_E, token_map, M, E, P, SEARCH_STEPS=E.bit_length(), BLOCK=_PREP_BLOCK
         )
-        AP, AF, a_chunk, a_warps = _ROWWISE_AMAX_TILE[activation]
+        AP, AF, a_chunk, a_warps, a_stages = _ROWWISE_AMAX_TILE[activation]
         a_chunk = math.gcd(a_chunk, align)  # a chunk lies in one group (align is a multiple of 16)
         a_grid, a_f_major = tile_grid(triton.cdiv(P, AP), triton.cdiv(F, AF), _F_MAJOR["amax"])
         _act_bwd_amax_kernel[a_grid](
             da_MF, h_fp8, h_scale, token_map, ws_i32[n_col:], ws_i32, ws_i32[X * E :],
             F, E, P, da_MF.stride(0), h_fp8.stride(0),
             **common, BLOCK_P=AP, BLOCK_F=AF, CHUNK=a_chunk, F_MAJOR=a_f_major, num_warps=a_warps,
-            STAGES=_ROWWISE_AMAX_STAGES[activation], **_LAUNCH,
+            STAGES=a_stages, **_LAUNCH,
         )  # fmt: skip
         _amax_to_scale_kernel[(triton.cdiv(n_ws, _PREP_BLOCK),)](
             ws, dh_scale, dht_scale, at_scale, M, X, F, E, POW2=pow2_scale, INTERP=common["INTERP"], BLOCK=_PREP_BLOCK

@@ -356,8 +356,7 @@ _STRIP_CONFIGS = ((768, (64, 32, 2, 4)), (1024, (128, 32, 4, 4)))
 
 def _strip_config(M: int, E: int) -> tuple[int, int, int, int] | None:
     """The strip kernel's launch shape for a mean group of ceil(M / E) rows, or None: two passes."""
-    mean_rows = -(-M // E)
-    return next((cfg for max_rows, cfg in _STRIP_CONFIGS if mean_rows <= max_rows), None)
+    return next((cfg for max_rows, cfg in _STRIP_CONFIGS if triton.cdiv(M, E) <= max_rows), None)
 
 
 def _grouped_launch_config(block: int, rows: bool, align: int):
