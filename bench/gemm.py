@@ -3,18 +3,19 @@
     python -m bench.gemm [--shapes mixtral_8x7b,...] [--gemms fwd1,fwd2,wgrad1,wgrad2]
                          [--paths tma,pointer] [--sweep] [--out PATH]
 
-For DESIGN.md's four shapes, times in one run and on the same operands:
-  fwd1   (2d x 3d)  x (M, H)  @ w1 (E, F1, H)^T per expert      F1 = 2F for SwiGLU
-  fwd2   (2d x 3d)  h (M, F)  @ w2 (E, H, F)^T                  (dgrads are the same kernel)
-  wgrad1 (2d x 2d)  dY1^T (F1, M) x X^T (H, M) -> (E, F1, H)
-  wgrad2 (2d x 2d)  dY2^T (H, M)  x h^T (F, M) -> (E, H, F)
-  ours      triton_fp8_grouped_mm(_wgrad): DeepSeek blockwise scales, fp32 promotion per 128 K
+For the four experts-block shapes of bench/common.py (SHAPES), times in one run and on the same
+operands (README.md's shape letters; X = 2F for SwiGLU, F for GELU):
+  fwd1   (2d x 3d)  x (M, H)  @ w1 (E, X, H)^T per expert
+  fwd2   (2d x 3d)  a (M, F)  @ w2 (E, H, F)^T                  (dgrads are the same kernel)
+  wgrad1 (2d x 2d)  dh^T (X, M) x x^T (H, M) -> (E, X, H)
+  wgrad2 (2d x 2d)  dy^T (H, M) x a^T (F, M) -> (E, H, F)
+  ours      fp8_grouped_mm(_wgrad): DeepSeek blockwise scales, fp32 promotion per 128 K
   bf16      torch._grouped_mm
   rowwise   torch._scaled_grouped_mm, fp8 with scale_a (M,), scale_b (E, N); for 2d x 2d
             flat (E*N,) and (E*K,) group-major scales
   wgrad only, fp32 out (the gradient of fp32 master weights):
-  ours_rowwise      triton_fp8_grouped_mm_wgrad_rowwise, per-group scales in the epilogue
-  rowwise_fp32      torch._scaled_grouped_mm (bf16 out only) then kernels.cast to fp32: the
+  ours_rowwise      fp8_grouped_mm_wgrad_rowwise, per-group scales in the epilogue
+  rowwise_fp32      torch._scaled_grouped_mm (bf16 out only) then `.to(torch.float32)`: the
                     rowwise weight gradient before ours replaced it
 Groups are uniform (M / E rows, multiples of 128). Timing: bench.common.time_ms (CUDA events,
 warm-up, L2 flushed, median) after a first call that autotunes. extra_gib: peak memory above
@@ -31,9 +32,14 @@ import os
 import torch
 
 from bench.common import SHAPES, GIB, REPO, print_table, run_info, time_ms, write_json
-from kernels import grouped_gemm as gg
-from kernels.cast import cast
 from kernels.common import FP8_DTYPE
+from kernels.grouped_gemm import fp8_grouped_mm, launch_grouped_mm, tuned_grouped_mm
+from kernels.grouped_gemm_wgrad import (
+    fp8_grouped_mm_wgrad,
+    fp8_grouped_mm_wgrad_rowwise,
+    launch_grouped_mm_wgrad,
+    tuned_grouped_mm_wgrad,
+)
 
 GEMMS = ("fwd1", "fwd2", "wgrad1", "wgrad2")
 
@@ -41,9 +47,8 @@ GEMMS = ("fwd1", "fwd2", "wgrad1", "wgrad2")
 def problem(shape: str, gemm: str) -> tuple[int, int, int, int]:
     """(rows or tokens, N, K, E) with out (rows, N) for fwd and (E, N, K) for wgrad."""
     M, H, F, E, act = SHAPES[shape]
-    F1 = 2 * F if act == "swiglu" else F
-    return {"fwd1": (M, F1, H, E), "fwd2": (M, H, F, E), "wgrad1": (M, F1, H, E),
-            "wgrad2": (M, H, F, E)}[gemm]
+    X = 2 * F if act == "swiglu" else F
+    return {"fwd1": (M, X, H, E), "fwd2": (M, H, F, E), "wgrad1": (M, X, H, E), "wgrad2": (M, H, F, E)}[gemm]
 
 
 def fp8(*shape) -> torch.Tensor:
@@ -74,12 +79,12 @@ def make_cases(gemm: str, M: int, N: int, K: int, E: int) -> dict:
         ra, rb = scales(M), scales(E, N)
         out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
         return dict(
-            ours=lambda: gg.triton_fp8_grouped_mm(a_q, a_s, b_q, b_s, offs),
+            ours=lambda: fp8_grouped_mm(a_q, a_s, b_q, b_s, offs),
             bf16=lambda: torch._grouped_mm(a_bf, b_bf.transpose(1, 2), offs=offs),
             rowwise=lambda: torch._scaled_grouped_mm(
                 a_q, b_q.transpose(1, 2), ra, rb, offs=offs, out_dtype=torch.bfloat16),
-            config=lambda cfg, tma: gg._launch_grouped_mm(a_q, a_s, b_q, b_s, offs, out, tma, cfg),
-            configs=gg._grouped_mm.configs,
+            config=lambda cfg, tma: launch_grouped_mm(a_q, a_s, b_q, b_s, offs, out, tma, cfg),
+            configs=tuned_grouped_mm.configs,
         )
     P = M  # tokens; uniform groups are multiples of 128 already
     a_q, b_q = fp8(N, P), fp8(K, P)
@@ -90,14 +95,14 @@ def make_cases(gemm: str, M: int, N: int, K: int, E: int) -> dict:
     cutlass = lambda: torch._scaled_grouped_mm(  # noqa: E731
         a_q, b_q.t(), ra, rb, offs=offs, out_dtype=torch.bfloat16)
     return dict(
-        ours=lambda: gg.triton_fp8_grouped_mm_wgrad(a_q, a_s, b_q, b_s, offs),
+        ours=lambda: fp8_grouped_mm_wgrad(a_q, a_s, b_q, b_s, offs),
         bf16=lambda: torch._grouped_mm(a_bf, b_bf.t(), offs=offs),
         rowwise=cutlass,
-        ours_rowwise=lambda: gg.triton_fp8_grouped_mm_wgrad_rowwise(
+        ours_rowwise=lambda: fp8_grouped_mm_wgrad_rowwise(
             a_q, ra.view(E, N).t(), b_q, rb.view(E, K).t(), offs, torch.float32),
-        rowwise_fp32=lambda: cast(cutlass(), torch.float32),
-        config=lambda cfg, tma: gg._launch_wgrad(a_q, a_s, b_q, b_s, offs, out, tma, cfg),
-        configs=gg._grouped_mm_wgrad.configs,
+        rowwise_fp32=lambda: cutlass().to(torch.float32),
+        config=lambda cfg, tma: launch_grouped_mm_wgrad(a_q, a_s, b_q, b_s, offs, out, tma, cfg),
+        configs=tuned_grouped_mm_wgrad.configs,
     )
 
 
@@ -132,7 +137,7 @@ def run_case(shape: str, gemm: str, paths: list[str], sweep: bool) -> list[dict]
     for path in paths:
         os.environ["FP8MOE_GEMM_PATH"] = path
         ms, tf, gib, err = measure(cases["ours"], flops)
-        tuned = gg._grouped_mm if gemm.startswith("fwd") else gg._grouped_mm_wgrad
+        tuned = tuned_grouped_mm if gemm.startswith("fwd") else tuned_grouped_mm_wgrad
         best = getattr(tuned, "best_config", None)
         r = dict(row, path=path, ours_ms=ms, ours_tflops=tf, ours_extra_gib=gib,
                  config=config_str(best) if best is not None and err is None else None)

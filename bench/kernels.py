@@ -16,6 +16,10 @@ torchao_ms: torchao's counterpart (torchao.prototype kernels) where one exists a
 
 To add kernels: write `bench_<name>(ctx) -> list[dict]` (rows via `ctx.measure`) and list it in
 BENCHES.
+
+Shape letters (README.md): M routed rows, H hidden size, F expert FFN hidden size, X GEMM1's
+output width, E experts, P padded rows, T tokens, A experts a token is routed to, N and K a
+weight's output and reduction dims.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from bench.common import SHAPES as DESIGN_SHAPES, REPO, copy_gbps, peak_gib, print_table, run_info, time_ms, write_json
+from bench.common import SHAPES as BLOCK_SHAPES, REPO, copy_gbps, peak_gib, print_table, run_info, time_ms, write_json
 from moe.fp8.recipe import RECIPES, Fp8Recipe
 
 # Token-group alignment of the weight-gradient copies, as the experts run them per recipe.
@@ -40,7 +44,8 @@ ALIGN = {name: Fp8Recipe(name).align for name in RECIPES}
 
 @dataclass(frozen=True)
 class Shape:
-    """An experts block: M routed rows, hidden H, ffn F, E experts, activation."""
+    """An experts block (README.md's shape letters): M routed rows, H hidden size, F expert FFN
+    hidden size, E experts, activation."""
 
     M: int
     H: int
@@ -49,12 +54,18 @@ class Shape:
     act: str
 
     @property
-    def F1(self) -> int:
-        """Rows of w1 per expert: gate and up for SwiGLU."""
+    def X(self) -> int:
+        """Rows of w1 per expert (GEMM1's output width): 2F, gate and up, for SwiGLU; F for GELU."""
         return 2 * self.F if self.act == "swiglu" else self.F
 
+    def grouped_layouts(self) -> list[tuple[int, int, str, int]]:
+        """(block, align, recipe, P) of the expert recipes' token-grouped copies: rowwise (block 0)
+        and blockwise (128), P their padded rows."""
+        recipes = ((0, "rowwise"), (128, "blockwise"))
+        return [(block, ALIGN[name], name, self.M + self.E * ALIGN[name]) for block, name in recipes]
 
-SHAPES = {name: Shape(*dims) for name, dims in DESIGN_SHAPES.items()}  # DESIGN.md's four shapes
+
+SHAPES = {name: Shape(*dims) for name, dims in BLOCK_SHAPES.items()}  # bench/common.py's four shapes
 WEIGHT_SWEEP_E = (1, 4, 16, 64, 128)
 WEIGHT_MODES = ("rowwise", "blockwise", "tensorwise")
 RECIPE_MODES = ("rowwise", "blockwise")  # the expert recipes' weight modes
@@ -157,25 +168,35 @@ def bench_quantize_rows(ctx: Context) -> list[dict]:
     return ctx.rows
 
 
+def _torchao_grouped(x: torch.Tensor, ends: torch.Tensor, block: int, rows: bool) -> Callable[[], object] | None:
+    """torchao's counterpart of the grouped quantizers for x: its per-group column (rowwise) or
+    1x128-tile transposed (blockwise) quantizer, with rows its row quantizer first; None without
+    torchao."""
+    ao = _torchao()
+    if ao is None:
+        return None
+    f8 = torch.float8_e4m3fn
+    if block:
+        bw = ao["blockwise"]
+        cols, row = bw.triton_fp8_blockwise_act_quant_transposed_lhs, bw.triton_fp8_blockwise_act_quant_lhs
+        return (lambda: (row(x, 128), cols(x, 128))) if rows else (lambda: cols(x, 128))
+    cols, row = ao["moe"].triton_fp8_per_group_colwise_scales, ao["moe"].triton_fp8_rowwise_2d_scale_and_cast
+    return (lambda: (row(x, f8, False), cols(x, ends, f8, False))) if rows else (lambda: cols(x, ends, f8, False))
+
+
 def bench_quantize_cols_grouped(ctx: Context) -> list[dict]:
     from kernels.quantize_grouped import quantize_cols_grouped
 
-    ao = _torchao()
-    f8 = torch.float8_e4m3fn
     for name, s in ctx.shapes.items():
         ends = _group_ends(s.M, s.E)
-        for K in (s.H, s.F1):  # x (M, H) for the w1 gradient, the w1 output grad (M, F1) likewise
+        for K in (s.H, s.X):  # x (M, H) for the w1 gradient, the w1 output grad (M, X) likewise
             x = _x(s.M, K)
-            for block, align, label in [(0, ALIGN["rowwise"], "rowwise"), (128, ALIGN["blockwise"], "128x1")]:
-                P = s.M + s.E * align
+            for block, align, recipe, P in s.grouped_layouts():
                 nbytes = s.M * K * 2 + K * P + _scale_bytes(K * (P // 128 if block else s.E))
-                if block:
-                    ao_fn = ao and (lambda: ao["blockwise"].triton_fp8_blockwise_act_quant_transposed_lhs(x, 128))
-                else:
-                    ao_fn = ao and (lambda: ao["moe"].triton_fp8_per_group_colwise_scales(x, ends, f8, False))
                 ctx.measure(
-                    f"quantize_cols_grouped[{label},K={K}]", name, s.E,
-                    lambda: quantize_cols_grouped(x, ends, align, block), nbytes, ao_fn,
+                    f"quantize_cols_grouped[{'128x1' if block else recipe},K={K}]", name, s.E,
+                    lambda: quantize_cols_grouped(x, ends, align, block), nbytes,
+                    _torchao_grouped(x, ends, block, rows=False),
                 )  # fmt: skip
             del x
     return ctx.rows
@@ -184,29 +205,13 @@ def bench_quantize_cols_grouped(ctx: Context) -> list[dict]:
 def bench_quantize_rows_and_cols_grouped(ctx: Context) -> list[dict]:
     from kernels.quantize_grouped import quantize_rows_and_cols_grouped
 
-    ao = _torchao()
-    f8 = torch.float8_e4m3fn
     for name, s in ctx.shapes.items():
         ends = _group_ends(s.M, s.E)
         x = _x(s.M, s.H)
-        for block, align, label in [(0, ALIGN["rowwise"], "rowwise"), (128, ALIGN["blockwise"], "blockwise")]:
-            P = s.M + s.E * align
+        for block, align, label, P in s.grouped_layouts():
             n_scales = s.M * s.H // 128 + s.H * P // 128 if block else s.M + s.H * s.E
             nbytes = s.M * s.H * 3 + s.H * P + _scale_bytes(n_scales)
-            if block:
-                ao_fn = ao and (
-                    lambda: (
-                        ao["blockwise"].triton_fp8_blockwise_act_quant_lhs(x, 128),
-                        ao["blockwise"].triton_fp8_blockwise_act_quant_transposed_lhs(x, 128),
-                    )
-                )
-            else:
-                ao_fn = ao and (
-                    lambda: (
-                        ao["moe"].triton_fp8_rowwise_2d_scale_and_cast(x, f8, False),
-                        ao["moe"].triton_fp8_per_group_colwise_scales(x, ends, f8, False),
-                    )
-                )
+            ao_fn = _torchao_grouped(x, ends, block, rows=True)
             ctx.measure(
                 f"quantize_rows_and_cols_grouped[{label}]", name, s.E,
                 lambda: quantize_rows_and_cols_grouped(x, ends, align, block), nbytes, ao_fn,
@@ -249,7 +254,7 @@ def _weight_rows(ctx: Context, kernel: str, shape: str, w_ENK: torch.Tensor, mod
 def bench_quantize_weight(ctx: Context) -> list[dict]:
     """Both expert weights of every shape: bf16 in every mode, then as fp32 masters in the recipes'."""
     for name, s in ctx.shapes.items():
-        for label, dims in ((f"w1[N={s.F1},K={s.H}]", (s.E, s.F1, s.H)), (f"w2[N={s.H},K={s.F}]", (s.E, s.H, s.F))):
+        for label, dims in ((f"w1[N={s.X},K={s.H}]", (s.E, s.X, s.H)), (f"w2[N={s.H},K={s.F}]", (s.E, s.H, s.F))):
             _weight_rows(ctx, f"quantize_weight_{label}", name, _x(*dims))
             _weight_rows(ctx, f"quantize_weight_{label}", name, _x(*dims).float(), RECIPE_MODES)
         gc.collect()
@@ -262,27 +267,9 @@ def bench_quantize_weight_experts(ctx: Context) -> list[dict]:
     for name in WEIGHT_SWEEP_SHAPES:
         s = SHAPES[name]
         for E in WEIGHT_SWEEP_E:
-            _weight_rows(ctx, f"quantize_weight_w1[N={s.F1},K={s.H}]", f"{name}:E_sweep", _x(E, s.F1, s.H))
+            _weight_rows(ctx, f"quantize_weight_w1[N={s.X},K={s.H}]", f"{name}:E_sweep", _x(E, s.X, s.H))
             gc.collect()
             torch.cuda.empty_cache()
-    return ctx.rows
-
-
-def bench_cast(ctx: Context) -> list[dict]:
-    """fp32 <-> bf16 of an experts block's w1 (kernels/cast.py), against torch's `.to` (torch_ms)."""
-    from kernels.cast import cast
-
-    for name, s in ctx.shapes.items():
-        w32 = torch.randn(s.E, s.F1, s.H, device="cuda")
-        w16 = w32.to(torch.bfloat16)
-        nbytes = w32.numel() * 6
-        for label, src, dtype in (("fp32->bf16", w32, torch.bfloat16), ("bf16->fp32", w16, torch.float32)):
-            row = ctx.measure(f"cast[{label}]", name, s.E, lambda: cast(src, dtype), nbytes)
-            row["torch_ms"] = time_ms(lambda: src.to(dtype), **_TIMING)
-            print(f"    torch .to: {row['torch_ms']:.3f} ms ({nbytes / row['torch_ms'] / 1e6:.0f} GB/s)", flush=True)
-        del w32, w16
-        gc.collect()
-        torch.cuda.empty_cache()
     return ctx.rows
 
 
@@ -295,20 +282,20 @@ def bench_act_rows(ctx: Context) -> list[dict]:
     from kernels.act_quant_bwd import act_quant_bwd
 
     for name, s in ctx.shapes.items():
-        h, da, ends = _x(s.M, s.F1), _x(s.M, s.F), _group_ends(s.M, s.E)
-        for block, align, label in [(0, ALIGN["rowwise"], "rowwise"), (128, ALIGN["blockwise"], "1x128")]:
-            n_row_scales = s.M * (s.F + s.F1) // 128 if block else 2 * s.M
+        h, da, ends = _x(s.M, s.X), _x(s.M, s.F), _group_ends(s.M, s.E)
+        for block, align, recipe, P in s.grouped_layouts():
+            label = "1x128" if block else recipe
+            n_row_scales = s.M * (s.F + s.X) // 128 if block else 2 * s.M
             ctx.measure(
                 f"act_quant_fwd[{label}]", name, s.E, lambda: act_quant_fwd(h, s.act, block),
-                s.M * s.F1 * 3 + s.M * s.F + _scale_bytes(n_row_scales),
+                s.M * s.X * 3 + s.M * s.F + _scale_bytes(n_row_scales),
             )  # fmt: skip
             _, _, h_q, h_scale = act_quant_fwd(h, s.act, block)
-            P = s.M + s.E * align
-            n_scales = (s.M * s.F1 // 128 + (s.F1 + s.F) * P // 128) if block else (s.M + (s.F1 + s.F) * s.E)
+            n_scales = (s.M * s.X // 128 + (s.X + s.F) * P // 128) if block else (s.M + (s.X + s.F) * s.E)
             ctx.measure(
                 f"act_quant_bwd[{label}]", name, s.E,
                 lambda: act_quant_bwd(da, h_q, h_scale, s.act, ends, align, block),
-                s.M * s.F * 2 + s.M * s.F1 * 2 + (s.F1 + s.F) * P + _scale_bytes(n_scales + h_scale.numel()),
+                s.M * s.F * 2 + s.M * s.X * 2 + (s.X + s.F) * P + _scale_bytes(n_scales + h_scale.numel()),
             )  # fmt: skip
             del h_q, h_scale
         del h, da
@@ -317,9 +304,9 @@ def bench_act_rows(ctx: Context) -> list[dict]:
 
 # ---- permutation (moe/permute.py, kernels/combine.py) --------------------------------------------
 
-# Top-k of the models behind DESIGN.md's shapes (configs/model/*.yaml; the seed model routes top-2):
-# the permutation's T = M / K tokens.
-TOP_K = {"seed": 2, "mixtral_8x7b": 2, "deepseek_v3_ep8": 8, "qwen3_30b_a3b": 8}
+# A, the experts a token is routed to (top-k), of the models behind bench/common.py's shapes
+# (configs/model/*.yaml; the seed model routes top-2): the permutation's T = M / A tokens.
+TOP_A = {"seed": 2, "mixtral_8x7b": 2, "deepseek_v3_ep8": 8, "qwen3_30b_a3b": 8}
 
 
 def bench_permute(ctx: Context) -> list[dict]:
@@ -328,21 +315,21 @@ def bench_permute(ctx: Context) -> list[dict]:
     the torch loop it replaced, and unpermute_combine forward and backward."""
     from kernels.combine import gather_sum, unpermute_combine, unpermute_combine_bwd
     from kernels.quantize_grouped import quantize_rows_and_cols_grouped
-    from kernels.reference import torch_gather_sum
+    from kernels.reference_combine import torch_gather_sum
     from moe.permute import plan_permute
+    from moe.router import count_tokens_per_expert
 
     for name, s in ctx.shapes.items():
-        K = TOP_K[name]
-        T = s.M // K
+        A = TOP_A[name]
+        T = s.M // A
         g = torch.Generator(device="cuda").manual_seed(0)
-        ids_TK = torch.rand(T, s.E, device="cuda", generator=g).topk(K, dim=1).indices
-        counts_E, meta = plan_permute(ids_TK, s.E)
-        ends = counts_E.cumsum(0).int()
-        rows, kept = meta.row_of_TK, meta.kept_TK
-        idx_bytes = s.M * 8 + s.M  # row_of_TK (int64) and kept_TK (bool)
+        ids_TA = torch.rand(T, s.E, device="cuda", generator=g).topk(A, dim=1).indices
+        meta = plan_permute(ids_TA, s.E)
+        ends = count_tokens_per_expert(ids_TA, s.E).cumsum(0).int()
+        rows, kept = meta.row_of_TA, meta.kept_TA
+        idx_bytes = s.M * 8 + s.M  # row_of_TA (int64) and kept_TA (bool)
         x_TH = _x(T, s.H)
-        for block, align, label in [(0, ALIGN["rowwise"], "rowwise"), (128, ALIGN["blockwise"], "blockwise")]:
-            P = s.M + s.E * align
+        for block, align, label, P in s.grouped_layouts():
             n_scales = s.M * s.H // 128 + s.H * P // 128 if block else s.M + s.H * s.E
             # Each routed row read once (from its token), the index, both FP8 copies and scales.
             nbytes = s.M * s.H * 3 + s.H * P + _scale_bytes(n_scales) + 8 * s.M
@@ -357,13 +344,13 @@ def bench_permute(ctx: Context) -> list[dict]:
             "permute_bwd[torch loop, replaced]", name, s.E,
             lambda: torch_gather_sum(dx_MH, rows, kept, torch.float32), nbytes,
         )  # fmt: skip
-        w_TK = torch.rand(T, K, device="cuda", generator=g)
+        w_TA = torch.rand(T, A, device="cuda", generator=g)
         nbytes = s.M * s.H * 2 + T * s.H * 2 + idx_bytes + 4 * s.M
-        ctx.measure("unpermute_combine", name, s.E, lambda: unpermute_combine(dx_MH, rows, w_TK, kept), nbytes)
+        ctx.measure("unpermute_combine", name, s.E, lambda: unpermute_combine(dx_MH, rows, w_TA, kept), nbytes)
         dout_TH = _x(T, s.H)
         nbytes = T * s.H * 2 + 2 * s.M * s.H * 2 + idx_bytes + 8 * s.M
         ctx.measure(
-            "unpermute_combine_bwd", name, s.E, lambda: unpermute_combine_bwd(dout_TH, dx_MH, rows, w_TK, kept), nbytes
+            "unpermute_combine_bwd", name, s.E, lambda: unpermute_combine_bwd(dout_TH, dx_MH, rows, w_TA, kept), nbytes
         )
         del x_TH, dx_MH, dout_TH
     return ctx.rows
@@ -376,7 +363,6 @@ BENCHES: dict[str, Callable[[Context], list[dict]]] = {
     "quantize_weight": bench_quantize_weight,
     "quantize_weight_experts": bench_quantize_weight_experts,
     "act_rows": bench_act_rows,
-    "cast": bench_cast,
     "permute": bench_permute,
 }
 

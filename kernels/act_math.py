@@ -1,7 +1,7 @@
 """fp32 arithmetic shared by the activation + FP8 quantization kernels (act_quant.py forward,
 act_quant_bwd.py backward): hardware exp2 and reciprocal, FMA contraction on, one reciprocal
 per scale. Per element an activation is 6 sm_90 instructions for SwiGLU (FMUL, MUFU.EX2, FADD,
-MUFU.RCP, 2 FMUL) and 16 for GELU; kernels/act_quant.py lists what the kernels cost in all.
+MUFU.RCP, 2 FMUL) and 16 for GELU; bench/NOTES.md lists what the kernels cost in all.
 
 Numerics contract (u = 2^-24; ex2.approx.ftz.f32 is within 2^-22.5 relative and
 rcp.approx.ftz.f32 within 1 ulp, PTX ISA):
@@ -10,15 +10,16 @@ rcp.approx.ftz.f32 within 1 ulp, PTX ISA):
   backward's sigmoid is the same; its dsilu error is bounded likewise against the sum of the
   magnitudes of its terms (it cancels near g = -1.28).
 - GELU: |a - exact| <= (1.5 x^2 + 18) u |a|: x * x rounded before ex2, then the erfc fit (5 u).
-- Quantization: x * inv as the scale rule has it (kernels/common.py), inv = 1 / scale once per
-  scale (`_inv_scale`): the reference's RN(1 / scale) exactly for power-of-two scales, within
-  1.5 ulp of it otherwise, so a byte differs from the reference's only where its x * (1 / scale)
-  lies within 3 u of an E4M3 rounding boundary.
+- Quantization: `tl_fp8_quantize_by(x, inv)` as the scale rule has it (kernels/common.py), inv =
+  1 / scale once per scale (`inv_scale`): the reference's RN(1 / scale) exactly for power-of-two
+  scales, within 1.5 ulp of it otherwise, so a byte differs from the reference's only where its
+  x * (1 / scale) lies within 3 u of an E4M3 rounding boundary. No clamp on the GPU: |x| <= amax,
+  so |x * inv| <= 448 (1 + 4u), below 464 where rounding would leave 448, and the cast saturates.
 - Scales: kernels/common.py's rule bit for bit on the amax (`tl_fp8_scale`, no division), so
   they differ from the reference's only as far as the amax does.
 tests/test_kernels_act_math.py checks the fp32 values and tests/test_kernels_act_quant.py the FP8
-outputs against kernels/reference.py (exact to a few ulp) within these bounds plus the reference's
-own error.
+outputs against kernels/reference_act.py (exact to a few ulp) within these bounds plus the
+reference's own error.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.common import tl_round_to_fp8_grid
 
 _NEG_LOG2E = tl.constexpr(-1.4426950408889634)  # exp(-g) = exp2(g * -log2(e))
 _NEG_HALF_LOG2E = tl.constexpr(-0.7213475204444817)  # exp(-x^2/2) = exp2(x * x * -log2(e)/2)
@@ -41,19 +41,20 @@ _Q8, _Q7, _Q6, _Q5, _Q4, _Q3, _Q2, _Q1, _Q0 = (tl.constexpr(c) for c in (
     -0.014566930942237377, 0.15920163691043854, 0.15561926364898682, 0.1599234640598297,
     -1.2905459698231425e-05))  # fmt: skip
 # FMA contraction stays on whatever Triton's default becomes (3.9 warns it will turn it off).
-_LAUNCH = dict(enable_fp_fusion=True)
+LAUNCH_OPTIONS = dict(enable_fp_fusion=True)
 
 
 # ---- per scale: once per row / column / tile -------------------------------------------------------
 
 
 @triton.jit
-def _inv_scale(scale, INTERP: tl.constexpr):
-    """1 / scale for `_quant`, once per scale: exact for power-of-two scales (the exponent
-    negated), so that the exact E4M3 ties x * (1 / scale) has with bf16 x (1 in 16 values at a
-    power-of-two scale) round to even as the reference's; otherwise rcp.approx, within 1 ulp.
-    5 instructions where the IEEE reciprocal (`tl_fp8_inverse`) takes 17, in every thread
-    holding the scale (a [128] column-scale vector sits in 16 threads of the backward's tile)."""
+def inv_scale(scale, INTERP: tl.constexpr):
+    """1 / scale for `tl_fp8_quantize_by`, once per scale: exact for power-of-two scales (the
+    exponent negated), so that the exact E4M3 ties x * (1 / scale) has with bf16 x (1 in 16
+    values at a power-of-two scale) round to even as the reference's; otherwise rcp.approx,
+    within 1 ulp. 5 instructions where the IEEE reciprocal (`tl_fp8_inverse`) takes 17, in every
+    thread holding the scale (a [128] column-scale vector sits in 16 threads of the backward's
+    tile)."""
     bits = scale.to(tl.int32, bitcast=True)
     pow2_inv = ((254 << 23) - bits).to(tl.float32, bitcast=True)  # scales lie in [2^-126, 2^120]
     return tl.where((bits & 0x7FFFFF) == 0, pow2_inv, _rcp(scale, INTERP))
@@ -99,7 +100,7 @@ def _phi_neg_abs(x, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _act(g, u, SWIGLU: tl.constexpr, INTERP: tl.constexpr):
+def act(g, u, SWIGLU: tl.constexpr, INTERP: tl.constexpr):
     """a = silu(g) * u (SwiGLU) or x * Phi(x) (GELU, g is x, u unused)."""
     if SWIGLU:
         a = g * _sigmoid(g, INTERP) * u
@@ -110,7 +111,7 @@ def _act(g, u, SWIGLU: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _act_bwd(da, g, u, SWIGLU: tl.constexpr, INTERP: tl.constexpr):
+def act_bwd(da, g, u, SWIGLU: tl.constexpr, INTERP: tl.constexpr):
     """(d gate, d up, a) for SwiGLU; (dh, dh, a) for GELU (g is h, u unused)."""
     if SWIGLU:
         s = _sigmoid(g, INTERP)
@@ -125,14 +126,3 @@ def _act_bwd(da, g, u, SWIGLU: tl.constexpr, INTERP: tl.constexpr):
         du = dg
         a = tl.maximum(g, 0.0) - tl.abs(g) * q
     return dg, du, a
-
-
-@triton.jit
-def _quant(x, inv, INTERP: tl.constexpr):
-    """x * (1 / scale) -> E4M3, inv = `_inv_scale(scale)` computed once per scale. No clamp
-    on the GPU: |x| <= amax, so |x * inv| <= 448 (1 + 4u), below 464 where rounding would leave
-    448, and the cast (cvt.rn.satfinite.e4m3x2.f32, PTX's only f32 -> e4m3 form) saturates."""
-    q = x * inv
-    if INTERP:  # the interpreter's own cast mis-rounds and turns > 448 into NaN (kernels/common.py)
-        q = tl_round_to_fp8_grid(tl.minimum(tl.maximum(q, -448.0), 448.0))
-    return q.to(tl.float8e4nv)

@@ -1,6 +1,9 @@
 """Backward of the fused activation: act'(h) * da quantized in the three layouts the dgrad and
 wgrad GEMMs read, plus the recomputed activation for wgrad2 (see kernels/act_quant.py's
 docstring for the layouts and the passes over memory).
+
+Shape letters (README.md): M routed rows (grouped by expert), F expert FFN hidden size, X = 2F
+(SwiGLU) or F (GELU) columns of h, E experts, P padded rows (the transposed copies' columns).
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.act_math import _LAUNCH, _act_bwd, _inv_scale, _quant
-from kernels.common import FP8_DTYPE, tile_grid, tl_fp8_scale, tl_tile_ids, triton_interpret, use_triton
-from kernels.reference import check_act_quant_bwd_args, padded_size, torch_act_quant_bwd
+from kernels.act_math import LAUNCH_OPTIONS, act_bwd, inv_scale
+from kernels.common import FP8_DTYPE, tile_grid, tl_fp8_quantize_by, tl_fp8_scale, tl_tile_ids, triton_interpret
+from kernels.contracts import check_act_quant_bwd_args, padded_size
+from kernels.dispatch import kernel_op
+from kernels.reference_act import torch_act_quant_bwd
 
 
 # ---- backward ---------------------------------------------------------------------------------
@@ -108,7 +113,7 @@ def _bwd_values(da_ptr, h_ptr, hs_ptr, row, in_group, f, f_ok, fb, F, stride_da,
         u = tl.load(h_rows + F + f[None, :], mask=mask, other=0.0).to(tl.float32) * u_scale[:, None]
     else:
         u = g
-    return _act_bwd(da, g, u, SWIGLU, INTERP)
+    return act_bwd(da, g, u, SWIGLU, INTERP)
 
 
 @triton.jit
@@ -195,7 +200,7 @@ def _amax_to_scale_kernel(ws_ptr, row_scale_ptr, dht_scale_ptr, at_scale_ptr, M,
     n_col = n_dh + E * F
     in_ws = offs < n_col + M
     scale = tl_fp8_scale(tl.load(ws_ptr + offs, mask=in_ws, other=0.0), POW2)
-    tl.store(ws_ptr + offs, _inv_scale(scale, INTERP), mask=in_ws)
+    tl.store(ws_ptr + offs, inv_scale(scale, INTERP), mask=in_ws)
     tl.store(dht_scale_ptr + (offs % X) * E + offs // X, scale, mask=offs < n_dh)
     o = offs - n_dh  # (group, feature) of the a segment, then the rows
     tl.store(at_scale_ptr + (o % F) * E + o // F, scale, mask=(o >= 0) & (o < E * F))
@@ -204,20 +209,20 @@ def _amax_to_scale_kernel(ws_ptr, row_scale_ptr, dht_scale_ptr, at_scale_ptr, M,
 
 @triton.jit
 def _bwd_store(dh_ptr, dht_ptr, at_ptr, row, is_row, p, p_ok, f, f_ok, F, P, dg, du, a,
-               dg_ri, du_ri, dg_ci, du_ci, a_ci, SWIGLU: tl.constexpr, INTERP: tl.constexpr):  # fmt: skip
+               dg_ri, du_ri, dg_ci, du_ci, a_ci, SWIGLU: tl.constexpr):  # fmt: skip
     """dh rows (inverse row scales *_ri) and the transposed dh and a (inverse column scales
     *_ci), each broadcast against the (token, feature) tile."""
     X = 2 * F if SWIGLU else F
     row_mask = is_row[:, None] & f_ok[None, :]
     dh_rows = dh_ptr + row.to(tl.int64)[:, None] * X + f[None, :]
-    tl.store(dh_rows, _quant(dg, dg_ri, INTERP), mask=row_mask)
+    tl.store(dh_rows, tl_fp8_quantize_by(dg, dg_ri), mask=row_mask)
     col_mask = p_ok[:, None] & f_ok[None, :]
     cols = p[:, None] + f.to(tl.int64)[None, :] * P  # (token, feature) -> column-major store
-    tl.store(dht_ptr + cols, _quant(dg, dg_ci, INTERP), mask=col_mask)
-    tl.store(at_ptr + cols, _quant(a, a_ci, INTERP), mask=col_mask)
+    tl.store(dht_ptr + cols, tl_fp8_quantize_by(dg, dg_ci), mask=col_mask)
+    tl.store(at_ptr + cols, tl_fp8_quantize_by(a, a_ci), mask=col_mask)
     if SWIGLU:
-        tl.store(dh_rows + F, _quant(du, du_ri, INTERP), mask=row_mask)
-        tl.store(dht_ptr + cols + F * P, _quant(du, du_ci, INTERP), mask=col_mask)
+        tl.store(dh_rows + F, tl_fp8_quantize_by(du, du_ri), mask=row_mask)
+        tl.store(dht_ptr + cols + F * P, tl_fp8_quantize_by(du, du_ci), mask=col_mask)
 
 
 @triton.jit
@@ -256,7 +261,7 @@ def _act_bwd_quant_kernel(
         if SWIGLU:
             du_ci = tl.load(dh_cols + F, mask=col_mask, other=1.0)
         _bwd_store(dh_ptr, dht_ptr, at_ptr, row, is_row, p, p < P, f, f_ok, F, P, dg, du, a,
-                   ri, ri, dg_ci, du_ci, a_ci, SWIGLU, INTERP)  # fmt: skip
+                   ri, ri, dg_ci, du_ci, a_ci, SWIGLU)  # fmt: skip
     else:
         # align is a multiple of BLOCK, so the tile lies in one group (or past all): one search
         # per tile, not one per token and sweep (6 instructions per element and sweep at E = 8).
@@ -282,8 +287,8 @@ def _act_bwd_quant_kernel(
         tl.store(at_scale_ptr + f * n_tiles + pid_p, a_cs)
         if SWIGLU:
             tl.store(dht_scale_ptr + (F + f) * n_tiles + pid_p, du_cs)
-        dg_ci, du_ci = _inv_scale(dg_cs, INTERP)[None, :], _inv_scale(du_cs, INTERP)[None, :]
-        a_ci = _inv_scale(a_cs, INTERP)[None, :]
+        dg_ci, du_ci = inv_scale(dg_cs, INTERP)[None, :], inv_scale(du_cs, INTERP)[None, :]
+        a_ci = inv_scale(a_cs, INTERP)[None, :]
         for c in range(0, BLOCK_P, CHUNK):
             p = p0 + c + tl.arange(0, CHUNK)
             row, is_row, dg, du, a = _tile_chunk(da_ptr, h_ptr, hs_ptr, p, gid, p_start, r_start, r_end, E, f, f_ok,
@@ -294,9 +299,9 @@ def _act_bwd_quant_kernel(
             tl.store(scale_row + fb, dg_rs, mask=is_row)
             if SWIGLU:
                 tl.store(scale_row + F // BLOCK + fb, du_rs, mask=is_row)
-            dg_ri, du_ri = _inv_scale(dg_rs, INTERP)[:, None], _inv_scale(du_rs, INTERP)[:, None]
+            dg_ri, du_ri = inv_scale(dg_rs, INTERP)[:, None], inv_scale(du_rs, INTERP)[:, None]
             _bwd_store(dh_ptr, dht_ptr, at_ptr, row, is_row, p, p < P, f, f_ok, F, P, dg, du, a,
-                       dg_ri, du_ri, dg_ci, du_ci, a_ci, SWIGLU, INTERP)  # fmt: skip
+                       dg_ri, du_ri, dg_ci, du_ci, a_ci, SWIGLU)  # fmt: skip
 
 
 def _bwd_outputs(da_MF: torch.Tensor, X: int, E: int, align: int, block: int):
@@ -315,46 +320,13 @@ def _bwd_outputs(da_MF: torch.Tensor, X: int, E: int, align: int, block: int):
     )
 
 
-# Launch shapes: rowwise (BLOCK_P, BLOCK_F, warps) per pass; blockwise sweeps its 128x128 tile in
-# chunks. Rowwise, measured on H200 (commit 72c0dad, skewed groups aligned to 128, the whole op):
-# amax 128x32 / quant 32x64 against the former 32x32 / 32x32 took Mixtral-8x7B width 2.19 ->
-# 1.64 ms, seed 1.34 -> 1.10, DeepSeek-V3 0.66 -> 0.51, Qwen3 0.58 -> 0.43 (a taller amax tile
-# makes fewer atomics and per-tile reductions; 64x64 was within 3%, 32x128, 64x32, 128x16 and 8
-# warps slower). Blockwise: chunks of 32 rows with 4 warps, against the 16 that won an earlier
-# sweep (before the column amaxes were kept elementwise across chunks): Mixtral-8x7B width 2.44 ->
-# 1.47 ms, Qwen3 0.578 -> 0.357 (H200, commit after 1a72659); 8 and 64 rows, 8 warps and
-# software pipelining slower or tied. Session 9 (H200): chunks of different heights for the two
-# sweeps, 32 amax rows then 16 or 8 quantize rows (168 registers where 32/32 takes 255: 3 CTAs an
-# SM, not 2), 1.3-2.6x slower at all four shapes (Mixtral-8x7B width 1.47 -> 2.65 ms with 16);
-# 8 warps with 64-row quantize chunks 1.2-1.4x slower: loads in flight per thread beat occupancy.
-# Session 12 (H200, the four shapes): the amax sweep's maxima kept in 8- or 16-row accumulators
-# (its chunk loaded as 2-4 sub-chunks) 0.87-1.03x; the next chunk's loads issued before the
-# current chunk's arithmetic, in either sweep or both, 0.82-1.04x; both with 8 warps 0.66-0.75x.
-# The amax pass in 16-row chunks, 256 tokens a program, 2 warps (column maxima kept elementwise
-# across a group's chunks: 80 registers and 32 instructions per element where the 128x32 tile
-# took 168 and 52), with the quantize pass's grid feature-major, against the 128x32 tile (H200,
-# the whole op, skewed groups): Mixtral-8x7B width 1.637 -> 1.348 ms, Qwen3 0.430 -> 0.360,
-# DeepSeek-V3 0.506 -> 0.431; 512-token programs within 1% (3% slower at Qwen3), 32-row chunks
-# and 64- or 128-wide ones slower. The feature-major grid alone: +1-6% (the blockwise pass
-# 1.04-1.06x); for the amax pass -1% (again -1% to +0.5% in session 7).
-# A variant that used align % tile height == 0 (the layer's align 128: every tile in one group)
-# for one column reduction per feature in the amax pass and one inverse load per feature in the
-# quantize pass was within -1% / +5% of the 128x32 tile (H200, commit 3d97640): not kept.
-# The quantize pass 64x32 against 32x64 (H200, session 7, the whole op, uniform routing): seed
-# 0.973 -> 0.904 ms, Mixtral-8x7B width 1.347 -> 1.290, DeepSeek-V3 0.432 -> 0.410, Qwen3 0.359
-# -> 0.340; 32x32 / 2 warps next (-1 to -4%); 128x32, 64x16, 64x32 at 2 or 8 warps and 128x16
-# slower or tied.
-# Session 12 (H200, the whole op, skewed groups, min of 3, bitwise the same): the amax pass on one
-# warp for SwiGLU, 256x32 in 16-row chunks as before: Mixtral-8x7B width 1.256 -> 1.197 ms, Qwen3
-# 0.326 -> 0.309, DeepSeek-V3 0.394 -> 0.375 (256x64 on 2 warps within 1% of it; 128x32 on one,
-# 512x32 and 128x64 on 2 warps 0.6-4% faster than before, 32-row chunks on 4 warps 9% slower); the
-# seed shape's GELU 0.909 -> 0.879 with 128x32 in 8-row chunks on one warp (256x32 on one: 0.99x).
-# Quantize tiles 32x32 and 64x32 on 2 warps, 32x64 and 64x64 again 2-18% slower.
-# Software pipelining of the amax pass's chunk loop (num_stages, the tile's last entry). Session
-# 10 (H200, the whole op, skewed groups, min of 4): 3 stages against 1 took Mixtral-8x7B width 1.297 ->
-# 1.256 ms, Qwen3 0.341 -> 0.325, DeepSeek-V3 0.409 -> 0.394; the seed shape's GELU went 0.921 ->
-# 0.937 (2 and 4 stages in between or behind at every shape). The quantize pass looping over 2-8
-# feature blocks a program, pipelined or not, was 1.05-2.2x slower (32x64 and 8-warp tiles too).
+# Launch shapes, from sweeps on an H200 (the whole op, skewed groups, bitwise the same bytes;
+# every variant tried: bench/NOTES.md). Rowwise: the amax pass sweeps 256 (SwiGLU) or 128 (GELU)
+# tokens a program in 16- or 8-row chunks on one warp, keeping the column maxima elementwise across
+# a group's chunks (80 registers and 32 instructions per element where a 128x32 tile took 168 and
+# 52: Mixtral-8x7B width 1.637 -> 1.348 ms), its chunk loop pipelined in 3 stages for SwiGLU; the
+# quantize pass 64x32 tiles on 4 warps, feature-major. Blockwise: the 128x128 tile in 32-row chunks
+# on 4 warps (loads in flight per thread beat occupancy).
 # By activation: (BLOCK_P, BLOCK_F, CHUNK, warps, stages).
 _ROWWISE_AMAX_TILE = {"swiglu": (256, 32, 16, 1, 3), "gelu": (128, 32, 8, 1, 1)}
 _ROWWISE_QUANT_TILE = (64, 32, 4)
@@ -364,16 +336,12 @@ _BLOCKWISE_CHUNK, _BLOCKWISE_WARPS = 32, 4
 _PREP_BLOCK = 1024
 
 
-def _act_quant_bwd_impl(
-    da_MF: torch.Tensor,
-    h_fp8: torch.Tensor,
-    h_scale: torch.Tensor,
-    activation: str,
-    group_end_E: torch.Tensor,
-    align: int,
-    block: int,
-    pow2_scale: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def triton_act_quant_bwd(
+    da_MF: torch.Tensor, h_fp8: torch.Tensor, h_scale: torch.Tensor, activation: str, group_end_E: torch.Tensor,
+    align: int = 16, block: int = 0, pow2_scale: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dh_q, dh_scale, dht_q, dht_scale, at_q, at_scale, padded_end_E); see kernels/act_quant.py's
+    module docstring."""
     F = check_act_quant_bwd_args(da_MF, h_fp8, h_scale, activation, group_end_E, align, block)
     if da_MF.stride(1) != 1:
         da_MF = da_MF.contiguous()
@@ -414,7 +382,7 @@ def _act_quant_bwd_impl(
             da_MF, h_fp8, h_scale, token_map, ws_i32[n_col:], ws_i32, ws_i32[X * E :],
             F, E, P, da_MF.stride(0), h_fp8.stride(0),
             **common, BLOCK_P=AP, BLOCK_F=AF, CHUNK=a_chunk, F_MAJOR=a_f_major, num_warps=a_warps,
-            STAGES=a_stages, **_LAUNCH,
+            STAGES=a_stages, **LAUNCH_OPTIONS,
         )  # fmt: skip
         _amax_to_scale_kernel[(triton.cdiv(n_ws, _PREP_BLOCK),)](
             ws, dh_scale, dht_scale, at_scale, M, X, F, E, POW2=pow2_scale, INTERP=common["INTERP"], BLOCK=_PREP_BLOCK
@@ -422,34 +390,14 @@ def _act_quant_bwd_impl(
     _act_bwd_quant_kernel[grid](
         da_MF, h_fp8, h_scale, group_end_E, padded_end_E, dh_q, dh_scale, dht_q, dht_scale, at_q, at_scale, ws,
         token_map, M, F, E, P, da_MF.stride(0), h_fp8.stride(0),
-        **common, BLOCK=block, POW2=pow2_scale, SEARCH_STEPS=E.bit_length(), **tile, **_LAUNCH,
+        **common, BLOCK=block, POW2=pow2_scale, SEARCH_STEPS=E.bit_length(), **tile, **LAUNCH_OPTIONS,
     )  # fmt: skip
     return out
 
 
-triton_act_quant_bwd = torch.library.custom_op("fp8moe::act_quant_bwd", mutates_args=())(_act_quant_bwd_impl)
-
-
-@triton_act_quant_bwd.register_fake
-def _(da_MF, h_fp8, h_scale, activation, group_end_E, align, block, pow2_scale):
+def _fake_act_quant_bwd(da_MF, h_fp8, h_scale, activation, group_end_E, align=16, block=0, pow2_scale=False):
     check_act_quant_bwd_args(da_MF, h_fp8, h_scale, activation, group_end_E, align, block)
     return _bwd_outputs(da_MF, h_fp8.shape[1], group_end_E.numel(), align, block)
 
 
-def act_quant_bwd(
-    da_MF: torch.Tensor,
-    h_fp8: torch.Tensor,
-    h_scale: torch.Tensor,
-    activation: str,
-    group_end_E: torch.Tensor,
-    align: int = 16,
-    block: int = 0,
-    pow2_scale: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dh_q, dh_scale, dht_q, dht_scale, at_q, at_scale, padded_end_E); see the module docstring."""
-    args = (da_MF, h_fp8, h_scale, activation, group_end_E, align, block, pow2_scale)
-    if not use_triton(da_MF):
-        return torch_act_quant_bwd(*args)
-    if torch.compiler.is_compiling():
-        return triton_act_quant_bwd(*args)
-    return _act_quant_bwd_impl(*args)
+act_quant_bwd = kernel_op("act_quant_bwd", triton_act_quant_bwd, _fake_act_quant_bwd, torch_act_quant_bwd)

@@ -9,14 +9,10 @@ Scale rule (all recipes): for a set of values with absolute maximum `amax`,
 
 Quantization multiplies by the scale's inverse, as TransformerEngine and torchao do, instead of
 dividing: one FMUL per element where the IEEE quotient took five instructions (two products,
-Markstein's two FMAs, the select that kept the sign of zero). For power-of-two scales the
-product is the quotient; otherwise it is within 1.5 fp32 ulp of it, so a byte differs from the
-quotient's only where x / scale lies that close to an E4M3 rounding boundary, and then by one
-step (CPU count: no byte of 6.5M bf16 values, each under 200 amax-derived scales; 2.3e-7 of 52M
-normal fp32 values, each tensor at its own amax's scale). What it bought (H200, session 8,
-launch shapes unchanged; bench/NOTES.md): the 128x1 grouped column kernel 2208 -> 1648 sm_90
-instructions per thread and 17-24% less time, fused rows + columns blockwise 13-17%, blockwise
-weights 7-9%, 1x128 rows 4-6%.
+Markstein's two FMAs, the select that kept the sign of zero); the 128x1 grouped column kernel
+took 17-24% less time for it (bench/NOTES.md). For power-of-two scales the product is the
+quotient; otherwise it is within 1.5 fp32 ulp of it, so a byte differs from the quotient's only
+where x / scale lies that close to an E4M3 rounding boundary, and then by one step.
 
 How the rule is computed, so that kernels and references agree bit for bit (fp32 throughout):
 - The divisions (amax / 448, 1 / scale) are IEEE round-to-nearest. Triton's `/` on fp32 lowers
@@ -44,6 +40,11 @@ How the rule is computed, so that kernels and references agree bit for bit (fp32
 - The fp8 cast rounds to nearest even on both sides (PTX `cvt.rn.satfinite.e4m3x2.f32`, torch's
   software conversion); the clamp comes first because torch's cast turns values past 448 into NaN
   (the GPU's cast saturates by itself, so kernels leave the clamp out: `tl_fp8_quantize_by`).
+- Under Triton's interpreter (CPU tests) the kernels' casts are exact too: `tl_fp8_quantize_by`
+  rounds to the E4M3 grid in fp32 first (see "exact casts under Triton's interpreter" below), so
+  every kernel is compared with its reference bit for bit on the CPU as on the GPU.
+
+Shape letters (README.md): M rows, K reduction dim, N output dim, E experts.
 """
 
 from __future__ import annotations
@@ -126,6 +127,20 @@ def torch_fp8_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() * torch_fp8_inverse(scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 q * scale for an FP8 (any format) q and its scales, each scale spread over a block of q:
+    along each dim, q.shape[d] / scale.shape[d] elements (1: broadcast, q's size: one each). A
+    scale with fewer dims than q lines up with q's leading dims: per row (M,) for q (M, K), per
+    expert (E,) or per row (E, N) for q (E, N, K); 1x128 tiles (M, K // 128), 128x128 blocks
+    (E, N // 128, K // 128)."""
+    s = scale.float()
+    s = s.reshape(*s.shape, *[1] * (q.dim() - s.dim()))
+    for d, (n, n_s) in enumerate(zip(q.shape, s.shape)):
+        if n_s not in (1, n):
+            s = s.repeat_interleave(-(-n // n_s), dim=d).narrow(d, 0, n)
+    return q.float() * s
+
+
 # Triton's jit decides at import whether kernels run in the interpreter; so does this constant.
 _INTERPRETED = tl.constexpr(triton_interpret())
 _INV_448 = tl.constexpr(0.0022321429569274187)  # RN(1 / 448) in fp32, exactly
@@ -183,25 +198,6 @@ def tl_fp8_inverse(scale):
     return tl_rcp_rn(scale * f) * f
 
 
-@triton.jit
-def tl_fp8_quantize_by(x, inv):
-    """clamp(x * inv, -448, 448) to float8e4nv, inv = `tl_fp8_inverse(scale)`: one FMUL per
-    element, which keeps the sign of zero. No clamp on the GPU: the cast is
-    cvt.rn.satfinite.e4m3x2.f32 (PTX's only f32 -> e4m3 form), which saturates; the clamp's two
-    FMNMX per element were ~10% of the 128x64 blockwise column kernel's sm_90 instructions. The
-    interpreter's cast does not saturate: it clamps there."""
-    q = x * inv
-    if _INTERPRETED:
-        q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-    return q.to(tl.float8e4nv)
-
-
-@triton.jit
-def tl_fp8_quantize(x, scale):
-    """Triton twin of `torch_fp8_quantize`; x fp32, scale broadcastable, result float8e4nv."""
-    return tl_fp8_quantize_by(x, tl_fp8_inverse(scale))
-
-
 # ---- exact casts under Triton's interpreter (CPU tests only) ----------------------------------
 # The interpreter's fp32 -> fp8 cast drops the carry when rounding crosses a binade (7.935 comes
 # back as 4.0, torch gives 8.0) and rounds ties away from zero; its fp32 -> bf16 cast truncates.
@@ -211,13 +207,15 @@ def tl_fp8_quantize(x, scale):
 
 
 @triton.jit
-def tl_round_to_fp8_grid(q):
-    """fp32 q (|q| <= 448) rounded to the nearest E4M3 value, ties to even, still fp32."""
+def tl_round_to_fp8_grid(q, MANT_BITS: tl.constexpr = 3, MIN_EXP: tl.constexpr = -6):
+    """fp32 q (|q| at most the format's largest value) rounded to the nearest value of an fp8
+    format, ties to even, still fp32: E4M3 (MANT_BITS 3, smallest normal 2**MIN_EXP = 2**-6) by
+    default, E5M2 with 2 and -14."""
     bits = q.to(tl.int32, bitcast=True)
     mag = bits & 0x7FFFFFFF
-    # 2**(e + 20) for q's binade e (floored at E4M3's smallest normal, 2**-6): adding and
-    # subtracting it rounds to a multiple of 2**(e - 3), E4M3's spacing in that binade.
-    big = ((tl.maximum(mag >> 23, 127 - 6) + 20) << 23).to(tl.float32, bitcast=True)
+    # 2**(e + 23 - MANT_BITS) for q's binade e (floored at the smallest normal): adding and
+    # subtracting it rounds to a multiple of 2**(e - MANT_BITS), the format's spacing there.
+    big = ((tl.maximum(mag >> 23, 127 + MIN_EXP) + 23 - MANT_BITS) << 23).to(tl.float32, bitcast=True)
     r = (mag.to(tl.float32, bitcast=True) + big) - big
     return (r.to(tl.int32, bitcast=True) | (bits ^ mag)).to(tl.float32, bitcast=True)
 
@@ -227,3 +225,23 @@ def tl_round_to_bf16_grid(x):
     """fp32 x rounded to the nearest bfloat16 value, ties to even, still fp32 (finite, normal x)."""
     bits = x.to(tl.int32, bitcast=True)
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def tl_fp8_quantize_by(x, inv):
+    """clamp(x * inv, -448, 448) to float8e4nv, inv = `tl_fp8_inverse(scale)` (or any inverse
+    taken once per scale): one FMUL per element, which keeps the sign of zero. No clamp on the
+    GPU: the cast is cvt.rn.satfinite.e4m3x2.f32 (PTX's only f32 -> e4m3 form), which saturates;
+    the clamp's two FMNMX per element were ~10% of the 128x64 blockwise column kernel's sm_90
+    instructions. The interpreter's cast neither saturates nor rounds right across binades: there
+    the product is clamped and rounded to the E4M3 grid first, so that the cast is exact."""
+    q = x * inv
+    if _INTERPRETED:
+        q = tl_round_to_fp8_grid(tl.minimum(tl.maximum(q, -448.0), 448.0))
+    return q.to(tl.float8e4nv)
+
+
+@triton.jit
+def tl_fp8_quantize(x, scale):
+    """Triton twin of `torch_fp8_quantize`; x fp32, scale broadcastable, result float8e4nv."""
+    return tl_fp8_quantize_by(x, tl_fp8_inverse(scale))

@@ -10,6 +10,8 @@ Memory-bound: one read of x, one write of q. A program owns BLOCK_M rows and one
 columns (the whole row, or one 128-wide tile); a row that fits in BLOCK_K stays in registers
 between the amax and the cast, longer rows are read twice, the second time from L2.
 Scale rule and quantization (x * (1 / scale)): kernels/common.py.
+
+Shape letters (README.md): M rows, K the row length (the reduction dim of the GEMM reading q).
 """
 
 from __future__ import annotations
@@ -26,18 +28,19 @@ from kernels.common import (
     tl_fp8_quantize_by,
     tl_fp8_scale,
     tl_tile_ids,
-    use_triton,
 )
-from kernels.reference import check_quantize_rows_args, torch_quantize_rows
+from kernels.contracts import check_quantize_rows_args
+from kernels.dispatch import kernel_op
+from kernels.reference import torch_quantize_rows
 
 # Loops here run over a few chunks, never a pipeline's worth: no software pipelining.
 _NUM_STAGES = 1
 
 # A row up to this many elements is held in registers (one read); longer rows loop twice.
 _MAX_ROW_IN_REGISTERS = 8192
-# 1x128 tiles: consecutive programs take consecutive 128-wide spans of the same rows (H200,
-# session 7, with 16x128 tiles on 2 warps, against rows first with 32x128 on 4: seed 0.120 ->
-# 0.110 ms, Mixtral-8x7B width 0.062 -> 0.060, DeepSeek-V3 0.205 -> 0.187, Qwen3 0.121 -> 0.110).
+# 1x128 tiles: consecutive programs take consecutive 128-wide spans of the same rows (with 16x128
+# tiles on 2 warps, against rows first on 4: 0.205 -> 0.187 ms at DeepSeek-V3 width, H200,
+# bench/NOTES.md).
 _SPAN_FIRST = True
 
 
@@ -80,13 +83,10 @@ def _quantize_rows_kernel(
 
 
 def _rows_launch_config(K: int, block_k: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_K, num_warps), from a sweep on H200 at M=32768: 1x128 tiles 16 rows a program
-    on 2 warps (32 on 4 within 1%, 64 slower; see _SPAN_FIRST); whole rows in registers, 4096
-    elements a program for K <= 4096 (0.79 at K=2048, 0.91 at 4096), two 8192-wide rows on 8 warps
-    for K <= 8192 (0.85 at 7168); longer rows two passes of 4096 (the second from L2). 1x128
-    programs that took 2-8 tiles of a row (one wider load reshaped to (rows, tiles, 128), an amax
-    per tile) were 0-30% slower at every DESIGN.md shape (H200 sweep on 98534ce with that knob,
-    since removed; 8-64 rows, 2-8 warps)."""
+    """(BLOCK_M, BLOCK_K, num_warps), from a sweep on an H200 at M=32768 (bench/NOTES.md): 1x128
+    tiles 16 rows a program on 2 warps; whole rows in registers, 4096 elements a program for
+    K <= 4096, two 8192-wide rows on 8 warps for K <= 8192; longer rows two passes of 4096 (the
+    second from L2)."""
     if block_k:
         return 16, block_k, 2
     block = triton.next_power_of_2(K)
@@ -97,17 +97,17 @@ def _rows_launch_config(K: int, block_k: int) -> tuple[int, int, int]:
     return 1, 4096, 4
 
 
-def _quantize_rows_impl(
-    x_MK: torch.Tensor, block_k: int, pow2_scale: bool, row_index_M: torch.Tensor | None = None
+def triton_quantize_rows(
+    x_MK: torch.Tensor, block_k: int = 0, pow2_scale: bool = False, row_index_M: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 rows of x_MK (or of x_MK[row_index_M]) and their scales; see the module docstring."""
     check_quantize_rows_args(x_MK, block_k)
     if x_MK.stride(1) != 1:
         x_MK = x_MK.contiguous()
     M = x_MK.shape[0] if row_index_M is None else row_index_M.shape[0]
     K = x_MK.shape[1]
     span = block_k or K
-    q_MK = torch.empty((M, K), dtype=FP8_DTYPE, device=x_MK.device)
-    scale = torch.empty((M, K // span) if block_k else (M,), dtype=torch.float32, device=x_MK.device)
+    q_MK, scale = _rows_outputs(x_MK, M, block_k)
     if M == 0:
         return q_MK, scale
     BLOCK_M, BLOCK_K, num_warps = _rows_launch_config(K, block_k)
@@ -122,28 +122,15 @@ def _quantize_rows_impl(
     return q_MK, scale
 
 
-triton_quantize_rows = torch.library.custom_op("fp8moe::quantize_rows", mutates_args=())(_quantize_rows_impl)
-
-
-@triton_quantize_rows.register_fake
-def _(x_MK, block_k, pow2_scale, row_index_M=None):
-    check_quantize_rows_args(x_MK, block_k)
-    M = x_MK.shape[0] if row_index_M is None else row_index_M.shape[0]
+def _rows_outputs(x_MK: torch.Tensor, M: int, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     K = x_MK.shape[1]
     scale_shape = (M, K // block_k) if block_k else (M,)
     return x_MK.new_empty((M, K), dtype=FP8_DTYPE), x_MK.new_empty(scale_shape, dtype=torch.float32)
 
 
-def quantize_rows(
-    x_MK: torch.Tensor, block_k: int = 0, pow2_scale: bool = False, row_index_M: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP8 rows of x_MK (or of x_MK[row_index_M]): Triton on GPU / interpreter, else the reference.
+def _fake_quantize_rows(x_MK, block_k=0, pow2_scale=False, row_index_M=None):
+    check_quantize_rows_args(x_MK, block_k)
+    return _rows_outputs(x_MK, x_MK.shape[0] if row_index_M is None else row_index_M.shape[0], block_k)
 
-    Eager calls go straight to the launcher: the custom op's dispatch costs ~15 us of host time
-    per call (measured on CPU), so it is used only while torch.compile traces.
-    """
-    if not use_triton(x_MK):
-        return torch_quantize_rows(x_MK, block_k, pow2_scale, row_index_M)
-    if torch.compiler.is_compiling():
-        return triton_quantize_rows(x_MK, block_k, pow2_scale, row_index_M)
-    return _quantize_rows_impl(x_MK, block_k, pow2_scale, row_index_M)
+
+quantize_rows = kernel_op("quantize_rows", triton_quantize_rows, _fake_quantize_rows, torch_quantize_rows)

@@ -7,11 +7,10 @@ tokens separately per group, each group starting at a multiple of `align` (any m
 the least an FP8 TMA row start allows; both expert recipes use 128, the weight-gradient GEMM's
 K step), zeros in the padding:
 
-    quantize_cols_grouped(x_MK, group_end_E, align, block_m, pow2_scale, row_index_M, return_amax)
-        -> GroupedColsFP8(qt_KP, scale, padded_end_E, amax_E)
-    quantize_rows_and_cols_grouped(x_MK, group_end_E, align, block, pow2_scale, row_index_M,
-                                   return_amax)
-        -> RowsAndColsFP8(q_MK, row_scale, qt_KP, col_scale, padded_end_E, amax_E)
+    quantize_cols_grouped(x_MK, group_end_E, align, block_m, pow2_scale, row_index_M)
+        -> GroupedColsFP8(qt_KP, scale, padded_end_E)
+    quantize_rows_and_cols_grouped(x_MK, group_end_E, align, block, pow2_scale, row_index_M)
+        -> RowsAndColsFP8(q_MK, row_scale, qt_KP, col_scale, padded_end_E)
 
 P = round_up(M, align) + E * align is a host-side upper bound (no sync); columns past
 padded_end_E[-1] are zero. The group offsets, their padded cumulative sums and the group of each
@@ -23,13 +22,9 @@ program owns BLOCK_P padded token positions x BLOCK_K columns with BLOCK_P divid
 its tile lies inside one group and the padding is just the rows its masked loads leave at zero.
 - block 128 (blockwise recipe): one pass over HBM. BLOCK_P = 128 is one scale tile, held in
   registers: the column amax, then qt. (The kernel can also sweep it twice in smaller slices,
-  the second from L1/L2: slower, see below.) Fused with the rows, it is two launches, this one
-  and kernels/quantize.py's 1x128 rows: x is read twice, and that was 18-21% faster than one
-  kernel doing both from one 128x128 tile (which spilled at 4 warps and ran at half the
-  occupancy at 8; H200, session 7 sweep: Mixtral-8x7B width 0.178 -> 0.146 ms, DeepSeek-V3
-  0.646 -> 0.517, Qwen3 0.410 -> 0.322). Session 8, with quantizing a multiply, the one kernel
-  held its tile in bf16 without spills (138 registers at 8 warps) and was still 11-31% slower
-  (bench/NOTES.md).
+  the second from L1/L2: slower.) Fused with the rows, it is two launches, this one and
+  kernels/quantize.py's 1x128 rows: x is read twice, and that was 18-21% faster than one kernel
+  doing both from one 128x128 tile (H200, bench/NOTES.md).
 - block 0 (rowwise recipe): the scale of a column spans the whole group, so an amax pass (atomic
   max of fp32 bits as int32, relaxed) precedes the quantize pass: x is read twice. Fused, the
   amax pass also takes row amaxes, and the quantize pass writes both q and qt from one tile.
@@ -38,6 +33,9 @@ its tile lies inside one group and the padding is just the rows its masked loads
   (`_group_strip_kernel`, 1.2-1.25x faster at Qwen3 and DeepSeek-V3 widths).
 Rows past group_end_E[-1] belong to no group: they are left out of qt; in the fused op they are
 still quantized into q, as the "tail" group E.
+
+Shape letters (README.md): M rows (grouped by expert), K the row length (the reduction dim of the
+forward GEMM reading q_MK), E experts, P padded rows (the weight-gradient GEMM's reduction dim).
 """
 
 from __future__ import annotations
@@ -49,23 +47,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import (
-    FP8_DTYPE,
-    tile_grid,
-    tl_fp8_inverse,
-    tl_fp8_quantize_by,
-    tl_fp8_scale,
-    tl_tile_ids,
-    use_triton,
-)
-from kernels.quantize import _quantize_rows_impl
-from kernels.reference import (
+from kernels.common import FP8_DTYPE, tile_grid, tl_fp8_inverse, tl_fp8_quantize_by, tl_fp8_scale, tl_tile_ids
+from kernels.contracts import (
     check_quantize_cols_grouped_args,
-    check_quantize_rows_args,
+    check_quantize_rows_and_cols_grouped_args,
     padded_size,
-    torch_quantize_cols_grouped,
-    torch_quantize_rows_and_cols_grouped,
 )
+from kernels.dispatch import kernel_op
+from kernels.quantize import triton_quantize_rows
+from kernels.reference import torch_quantize_cols_grouped, torch_quantize_rows_and_cols_grouped
 
 # The tile kernels' loops run over a few chunks or groups, never a pipeline's worth: no software
 # pipelining (the strip kernel's sweeps over a group's rows pipeline, `_STRIP_CONFIGS`).
@@ -76,7 +66,6 @@ class GroupedColsFP8(NamedTuple):
     qt_KP: torch.Tensor  # fp8 (K, P)
     scale: torch.Tensor  # fp32 (K, E) rowwise, (K, P // 128) blockwise
     padded_end_E: torch.Tensor  # int32 (E,)
-    amax_E: torch.Tensor | None  # fp32 (E,) when asked for
 
 
 class RowsAndColsFP8(NamedTuple):
@@ -85,7 +74,6 @@ class RowsAndColsFP8(NamedTuple):
     qt_KP: torch.Tensor
     col_scale: torch.Tensor
     padded_end_E: torch.Tensor
-    amax_E: torch.Tensor | None
 
 
 @triton.jit
@@ -158,11 +146,11 @@ def _gather_rows(x_ptr, idx_ptr, stride_xm, r, in_g, cols, col_ok, HAS_IDX: tl.c
 
 @triton.jit
 def _cols_quant_kernel(
-    x_ptr, idx_ptr, ge_ptr, col_amax_ptr, gamax_ptr, qt_ptr, cscale_ptr, pend_ptr,
+    x_ptr, idx_ptr, ge_ptr, col_amax_ptr, qt_ptr, cscale_ptr, pend_ptr,
     row_amax_ptr, q_ptr, rscale_ptr,
     M, K, P, stride_xm, E, align,
     HAS_IDX: tl.constexpr, POW2: tl.constexpr, BLOCKWISE: tl.constexpr, ROWS: tl.constexpr,
-    RETURN_AMAX: tl.constexpr, E_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    E_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
     SUB_P: tl.constexpr, N_CHUNKS: tl.constexpr, ONE_SLICE: tl.constexpr, K_MAJOR: tl.constexpr,
 ):  # fmt: skip
     """Writes qt[k, p] for BLOCK_P padded token positions x BLOCK_K columns, zeros in padding.
@@ -200,8 +188,6 @@ def _cols_quant_kernel(
                 if pid_p < E:  # program row e writes group e's column scales (P // BLOCK_P >= E)
                     amax = tl.load(col_amax_ptr + pid_p * K + cols, mask=col_ok, other=0).to(tl.float32, bitcast=True)
                     tl.store(cscale_ptr + cols * E + pid_p, tl_fp8_scale(amax, POW2), mask=col_ok)
-                    if RETURN_AMAX:
-                        tl.atomic_max(gamax_ptr + pid_p, tl.max(amax, 0).to(tl.int32, bitcast=True), sem="relaxed")
             qt_cols = qt_ptr + cols.to(tl.int64)[None, :] * P
             if BLOCKWISE:  # sweep 1 over the 128 tokens: column amax
                 if ONE_SLICE:  # the whole tile in registers: one load, no second sweep
@@ -221,9 +207,6 @@ def _cols_quant_kernel(
                 cmax = tl.where(g < E, cmax, 0.0)  # past every group: scale 1, zeros
                 cscale = tl_fp8_scale(cmax, POW2)
                 tl.store(cscale_ptr + cols * (P // BLOCK_P) + pid_p, cscale, mask=col_ok)
-                if RETURN_AMAX:
-                    if g < E:
-                        tl.atomic_max(gamax_ptr + g, tl.max(cmax, 0).to(tl.int32, bitcast=True), sem="relaxed")
             else:  # column scales from pass 1
                 amax = tl.load(col_amax_ptr + tl.minimum(g, E - 1) * K + cols, mask=col_ok, other=0)
                 cscale = tl_fp8_scale(amax.to(tl.float32, bitcast=True), POW2)
@@ -252,10 +235,10 @@ def _cols_quant_kernel(
 
 @triton.jit
 def _group_strip_kernel(
-    x_ptr, idx_ptr, ge_ptr, gamax_ptr, qt_ptr, cscale_ptr, pend_ptr,
+    x_ptr, idx_ptr, ge_ptr, qt_ptr, cscale_ptr, pend_ptr,
     M, K, P, stride_xm, E, align, n_kb,
-    HAS_IDX: tl.constexpr, POW2: tl.constexpr, RETURN_AMAX: tl.constexpr, E_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    HAS_IDX: tl.constexpr, POW2: tl.constexpr, E_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """Rowwise, columns only, small groups: program (g, kb) owns group g's rows x BLOCK_K columns
     (g == E: the zero columns past every group). It sweeps its strip twice, the amax and then
@@ -270,7 +253,7 @@ def _group_strip_kernel(
     if tl.program_id(0) == 0:
         tl.store(pend_ptr + lanes, pend, mask=lanes < E)
     qt_cols = qt_ptr + cols.to(tl.int64)[None, :] * P
-    t = tl.arange(0, BLOCK_T)
+    i = tl.arange(0, BLOCK_M)
     if g < E:
         st = _lane(start, g, E_PAD)
         en = _lane(end, g, E_PAD)
@@ -278,62 +261,33 @@ def _group_strip_kernel(
         padded = _lane(pend, g, E_PAD) - ps
         # Elementwise maxima in x's dtype (|x| and max are exact in it; half the registers of
         # fp32 for bf16), reduced over the rows once after the sweep.
-        acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=x_ptr.dtype.element_ty)
-        for t0 in tl.range(st, en, BLOCK_T, num_stages=STAGES):
-            r = t0 + t
+        acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=x_ptr.dtype.element_ty)
+        for m0 in tl.range(st, en, BLOCK_M, num_stages=STAGES):
+            r = m0 + i
             x = _gather_rows(x_ptr, idx_ptr, stride_xm, r, r < en, cols, col_ok, HAS_IDX, FP32=False)
             acc = tl.maximum(acc, tl.abs(x)).to(acc.dtype)  # triton 3.6 takes the bf16 max in fp32
         amax = tl.max(acc, axis=0).to(tl.float32)
         cscale = tl_fp8_scale(amax, POW2)
         tl.store(cscale_ptr + cols * E + g, cscale, mask=col_ok)
-        if RETURN_AMAX:
-            tl.atomic_max(gamax_ptr + g, tl.max(amax, 0).to(tl.int32, bitcast=True), sem="relaxed")
         cinv = tl_fp8_inverse(cscale[None, :])
-        for t0 in tl.range(0, padded, BLOCK_T, num_stages=STAGES):  # the padding rows load as zeros
-            r = st + t0 + t
+        for m0 in tl.range(0, padded, BLOCK_M, num_stages=STAGES):  # the padding rows load as zeros
+            r = st + m0 + i
             x = _gather_rows(x_ptr, idx_ptr, stride_xm, r, r < en, cols, col_ok, HAS_IDX)
-            tl.store(qt_cols + (ps + t0 + t)[:, None], tl_fp8_quantize_by(x, cinv),
-                     mask=(t0 + t < padded)[:, None] & col_ok[None, :])  # fmt: skip
+            tl.store(qt_cols + (ps + m0 + i)[:, None], tl_fp8_quantize_by(x, cinv),
+                     mask=(m0 + i < padded)[:, None] & col_ok[None, :])  # fmt: skip
     else:
-        zero = tl.zeros([BLOCK_T, BLOCK_K], dtype=qt_ptr.dtype.element_ty)
-        for p0 in range(_lane(pend, E - 1, E_PAD), P, BLOCK_T):
-            tl.store(qt_cols + (p0 + t)[:, None], zero, mask=(p0 + t < P)[:, None] & col_ok[None, :])
+        zero = tl.zeros([BLOCK_M, BLOCK_K], dtype=qt_ptr.dtype.element_ty)
+        for p0 in range(_lane(pend, E - 1, E_PAD), P, BLOCK_M):
+            tl.store(qt_cols + (p0 + i)[:, None], zero, mask=(p0 + i < P)[:, None] & col_ok[None, :])
 
 
 # ((BLOCK_M, BLOCK_K, num_warps) of the amax pass, (BLOCK_P, BLOCK_K, SUB_P, N_CHUNKS, num_warps) of
 # the quantize pass), by (blockwise, fused rows). A program does N_CHUNKS column blocks after one
-# group lookup, sweeping BLOCK_P tokens in SUB_P-row slices. Sweep on H200 (commit 8ab448b, the four
-# DESIGN.md shapes, K = H and 2F, skewed groups aligned to 128): rowwise 128-token tiles (a qt store
-# writes 128 contiguous bytes per column, where 16-token tiles wrote half a sector) took cols-only
-# 0.91 -> 0.66 ms at Mixtral K=28672, 0.40 -> 0.23 at Qwen3 K=2048, 0.54 -> 0.36 at DeepSeek K=7168,
-# and fused rows+cols 1.19 -> 0.99, 0.46 -> 0.34, 0.68 -> 0.53; 32- and 64-token tiles and 8 warps
-# were slower, 128x64 tiles tied on the fused op. The amax pass's 128x64 beat 256x64, 64x128,
-# 128x128, 256x32 and 512x32. Blockwise: the whole 128-token tile in registers (ONE_SLICE) against
-# 32-row slices swept twice (H200, commit after 1a72659, skewed groups): cols-only 128x64 tiles, 2
-# warps, 0.668 -> 0.575 ms at Mixtral K=28672, 0.359 -> 0.330 at DeepSeek K=7168, 0.228 -> 0.218 at
-# Qwen3 K=2048; fused rows+cols 128x128, 4 warps, 1.434 -> 1.177, 0.755 -> 0.648, 0.489 -> 0.411 (8
-# warps, 128-wide cols-only tiles, 64-row slices and software pipelining were slower or tied; the
-# fused blockwise kernel is gone since, see the module docstring).
-# Session 7 (H200, uniform routing, after the quotient lost its clamp): blockwise cols-only 128x32
-# tiles on one warp, column blocks first in the grid (K_MAJOR), against 128x64 on 2 warps token
-# tiles first: seed K=4096 0.168 -> 0.135 ms, K=6400 0.257 -> 0.207, DeepSeek-V3 K=7168 0.314 ->
-# 0.245, K=4096 0.183 -> 0.143, Qwen3 K=2048 0.206 -> 0.172, K=1536 0.156 -> 0.132, Mixtral-8x7B
-# K=4096 0.073 -> 0.073, K=28672 0.451 -> 0.474 (the one shape where it loses). 128x16 and 128x64 on
-# one warp, two or four column blocks a program: slower. Column blocks first was 5-40% slower for
-# the rowwise quantize pass, tied for the fused one, and within +-2% for the rowwise amax pass.
-# Session 8 (H200, uniform routing, after quantizing became x * (1 / scale): 25% fewer instructions
-# at 128x32): back to 128x64 tiles on 2 warps, token tiles first, against 128x32 on one warp column
-# blocks first: seed K=4096 0.127 -> 0.120 ms, K=6400 0.195 -> 0.182, DeepSeek-V3 K=7168 0.225 ->
-# 0.210, K=4096 0.131 -> 0.124, Qwen3 K=2048 0.142 -> 0.136, K=1536 0.110 -> 0.105, Mixtral-8x7B
-# K=28672 0.445 -> 0.390. 128x64 on one warp, 128x16, 128x128 on 4 warps, two column blocks a
-# program and 64-row slices swept twice: slower or tied, in either grid order.
-# Session 12 (H200, the amax pass alone, K = H, skewed groups, relaxed atomics): 128x64 on 4 warps
-# -> 32x64 on one warp for the fused op (rows + columns): seed 101.6 -> 88.6 us, Mixtral-8x7B
-# 58.4 -> 53.9, DeepSeek-V3 192.1 -> 148.0, Qwen3 123.1 -> 90.3; 64x64 on 2 warps for columns only
-# (two passes only where groups average over 1024 rows, `_STRIP_CONFIGS`): seed 93.7 -> 84.7,
-# Mixtral 52.4 -> 47.3. 128x128, 64x128, 256x64, 64x256 and 32x256 on 2-8 warps, and 64x32, 32x32
-# and 16x64 on one, slower at every shape. The fused op's pass now reads 2.5-3.2 TB/s, torch's
-# x.amax() 2.5-3.0.
+# group lookup, sweeping BLOCK_P tokens in SUB_P-row slices. Rowwise: 128-token tiles, so that a qt
+# store writes 128 contiguous bytes per column (16-token tiles wrote half a sector: cols-only 0.91
+# -> 0.66 ms at Mixtral-8x7B K=28672, H200, commit 8ab448b); the amax pass on one warp for the fused
+# op, two for columns only. Blockwise: the whole 128-token tile in registers (ONE_SLICE). Every
+# sweep behind these: bench/NOTES.md.
 _LAUNCH_CONFIGS = {
     (True, False): ((0, 0, 0), (128, 64, 128, 1, 2)),
     (False, False): ((64, 64, 2), (128, 128, 32, 1, 4)),
@@ -342,15 +296,10 @@ _LAUNCH_CONFIGS = {
 # Grid order of the quantize pass (K_MAJOR, see `_cols_quant_kernel`), by (blockwise, fused rows).
 _K_MAJOR = {(True, False): False, (False, False): False, (False, True): False}
 # Rowwise columns only: `_group_strip_kernel` where the mean group (ceil(M / E), known on the host
-# without a sync) has at most this many rows, with its (BLOCK_T, BLOCK_K, num_warps, num_stages);
-# larger groups take the two passes. H200 (session 12, skewed groups aligned to 128, bitwise the
-# same bytes), two passes -> strips: Qwen3 (512 rows a group) K=2048 0.228 -> 0.182 ms, K=1536
-# 0.177 -> 0.145 with 64x32 tiles on 2 warps (128x32 on 4: 1.11x); DeepSeek-V3 (1024 rows) K=7168
-# 0.351 -> 0.288, K=4096 0.206 -> 0.171 with 128x32 on 4 warps, 4 stages (64x32: 1.00-1.02x).
-# At 2048 rows (seed, Mixtral-8x7B) 0.88-1.09x over the tiles tried, 0.88-0.99x at K=28672: the
-# resident programs' strips outgrow the 50 MB L2. 64-row tiles 64 or 128 columns wide were 3x
-# slower at every shape, and a persistent grid of 2-16 programs an SM (to bound the strips in
-# flight) behind the plain grid at every shape but Mixtral-8x7B K=4096 (1.09x against 1.05x).
+# without a sync) has at most this many rows, with its (BLOCK_M, BLOCK_K, num_warps, num_stages);
+# larger groups take the two passes (at 2048 rows a group the resident programs' strips outgrow
+# the 50 MB L2). At 512 rows a group (Qwen3, K=2048) the strips took 0.228 -> 0.182 ms (H200,
+# commit 9dd94cc, bitwise the same bytes; bench/NOTES.md).
 _STRIP_CONFIGS = ((768, (64, 32, 2, 4)), (1024, (128, 32, 4, 4)))
 
 
@@ -370,17 +319,16 @@ def _grouped_launch_config(block: int, rows: bool, align: int):
     return amax_cfg, (BLOCK_P, BLOCK_K, SUB_P, N_CHUNKS, warps)
 
 
-def _grouped_impl(x_MK, group_end_E, align, block, pow2_scale, row_index_M, return_amax, rows):
-    """Both ops: `rows` adds the q_MK / row_scale outputs (fused forward-input quantization)."""
-    check_quantize_cols_grouped_args(x_MK, group_end_E, align, block)
-    if rows:
-        check_quantize_rows_args(x_MK, block)
+def _launch_grouped(
+    x_MK: torch.Tensor, group_end_E: torch.Tensor, align: int, block: int, pow2_scale: bool,
+    row_index_M: torch.Tensor | None, rows: bool,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """Both entry points: `rows` adds the q_MK / row_scale outputs (fused forward-input quantization)."""
     if x_MK.stride(1) != 1:
         x_MK = x_MK.contiguous()
     if rows and block:  # two launches (module docstring)
-        q_MK, rscale = _quantize_rows_impl(x_MK, block, pow2_scale, row_index_M)
-        cols = _grouped_impl(x_MK, group_end_E, align, block, pow2_scale, row_index_M, return_amax, False)
-        return (q_MK, rscale, *cols)
+        q_MK, rscale = triton_quantize_rows(x_MK, block, pow2_scale, row_index_M)
+        return (q_MK, rscale, *_launch_grouped(x_MK, group_end_E, align, block, pow2_scale, row_index_M, False))
     dev = x_MK.device
     M = x_MK.shape[0] if row_index_M is None else row_index_M.shape[0]
     K = x_MK.shape[1]
@@ -389,29 +337,26 @@ def _grouped_impl(x_MK, group_end_E, align, block, pow2_scale, row_index_M, retu
     qt_KP = torch.empty((K, P), dtype=FP8_DTYPE, device=dev)
     padded_end_E = torch.empty((E,), dtype=torch.int32, device=dev)
     strip = None if block or rows else _strip_config(M, E)
-    # One zeroed int32 buffer for every atomic-max target: [amax (E) | col amax (E, K) | row amax (M)].
+    # One zeroed int32 buffer for every atomic-max target: [col amax (E, K) | row amax (M)].
     n_col = 0 if block or strip else E * K
     n_row = M if rows else 0
-    n_amax = E if return_amax else 0
-    amax_buf = torch.zeros((n_amax + n_col + n_row,), dtype=torch.int32, device=dev)
-    gamax, col_amax, row_amax = amax_buf.split([n_amax, n_col, n_row])
+    col_amax, row_amax = torch.zeros((n_col + n_row,), dtype=torch.int32, device=dev).split([n_col, n_row])
     cscale = torch.empty((K, P // block) if block else (K, E), dtype=torch.float32, device=dev)
     q_MK = torch.empty((M, K) if rows else (0,), dtype=FP8_DTYPE, device=dev)
     rscale = torch.empty((M,) if rows else (0,), dtype=torch.float32, device=dev)
     idx = row_index_M if row_index_M is not None else x_MK
     if strip:  # the strip kernel's lane E is the zero columns past every group
-        BLOCK_T, BLOCK_K, warps, stages = strip
+        BLOCK_M, BLOCK_K, warps, stages = strip
         n_kb = triton.cdiv(K, BLOCK_K)
         _group_strip_kernel[(n_kb * (E + 1),)](
-            x_MK, idx, group_end_E, gamax, qt_KP, cscale, padded_end_E,
+            x_MK, idx, group_end_E, qt_KP, cscale, padded_end_E,
             M, K, P, x_MK.stride(0), E, align, n_kb,
-            HAS_IDX=row_index_M is not None, POW2=pow2_scale, RETURN_AMAX=return_amax,
-            E_PAD=triton.next_power_of_2(E + 1), BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, STAGES=stages, num_warps=warps,
+            HAS_IDX=row_index_M is not None, POW2=pow2_scale,
+            E_PAD=triton.next_power_of_2(E + 1), BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, STAGES=stages, num_warps=warps,
         )  # fmt: skip
     else:
         # Lanes of the in-kernel group lookup: the E groups, and lane E for the fused op's tail rows
-        # only. At E = 128 (Qwen3) the power of two above E + 1 doubled them: 2512 -> 2328 sm_90
-        # instructions per thread of the 128x1 column kernel, 0.204 -> 0.196 ms at K=2048 (H200).
+        # only (at E = 128 the power of two above E + 1 doubled them: 0.204 -> 0.196 ms, H200).
         E_PAD = triton.next_power_of_2(max(1, E + rows))
         amax_cfg, quant_cfg = _grouped_launch_config(block, rows, align)
         (BLOCK_M, BLOCK_KA, warps_a), (BLOCK_P, BLOCK_K, SUB_P, N_CHUNKS, warps) = amax_cfg, quant_cfg
@@ -425,30 +370,26 @@ def _grouped_impl(x_MK, group_end_E, align, block, pow2_scale, row_index_M, retu
         n_p, n_k = triton.cdiv(P, BLOCK_P), triton.cdiv(K, BLOCK_K * N_CHUNKS)
         grid, k_major = tile_grid(n_p, n_k, _K_MAJOR[(bool(block), rows)])
         _cols_quant_kernel[grid](
-            x_MK, idx, group_end_E, col_amax, gamax, qt_KP, cscale, padded_end_E,
+            x_MK, idx, group_end_E, col_amax, qt_KP, cscale, padded_end_E,
             row_amax, q_MK, rscale,
             M, K, P, x_MK.stride(0), E, align,
             HAS_IDX=row_index_M is not None, POW2=pow2_scale, BLOCKWISE=bool(block), ROWS=rows,
-            RETURN_AMAX=return_amax, E_PAD=E_PAD, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K,
+            E_PAD=E_PAD, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K,
             SUB_P=SUB_P, N_CHUNKS=N_CHUNKS, ONE_SLICE=bool(block) and SUB_P == BLOCK_P, K_MAJOR=k_major,
             num_warps=warps, num_stages=_NUM_STAGES,
         )  # fmt: skip
-    amax_E = gamax.view(torch.float32) if return_amax else amax_buf.new_empty((0,), dtype=torch.float32)
-    cols = (qt_KP, cscale, padded_end_E, amax_E)
-    return (q_MK, rscale, *cols) if rows else cols
+    return (q_MK, rscale, qt_KP, cscale, padded_end_E) if rows else (qt_KP, cscale, padded_end_E)
 
 
-def _fake_grouped(x_MK, group_end_E, align, block, row_index_M, return_amax, rows):
+def _grouped_outputs(x_MK, group_end_E, align, block, row_index_M, rows):
     M = x_MK.shape[0] if row_index_M is None else row_index_M.shape[0]
-    K = x_MK.shape[1]
-    E = group_end_E.shape[0]
+    K, E = x_MK.shape[1], group_end_E.shape[0]
     P = padded_size(M, E, align)
     f32 = torch.float32
     cols = (
         x_MK.new_empty((K, P), dtype=FP8_DTYPE),
         x_MK.new_empty((K, P // block) if block else (K, E), dtype=f32),
         x_MK.new_empty((E,), dtype=torch.int32),
-        x_MK.new_empty((E,) if return_amax else (0,), dtype=f32),
     )
     if not rows:
         return cols
@@ -456,92 +397,42 @@ def _fake_grouped(x_MK, group_end_E, align, block, row_index_M, return_amax, row
     return (x_MK.new_empty((M, K), dtype=FP8_DTYPE), rscale, *cols)
 
 
-def _quantize_cols_grouped_impl(
-    x_MK: torch.Tensor,
-    group_end_E: torch.Tensor,
-    align: int,
-    block_m: int,
-    pow2_scale: bool,
+def triton_quantize_cols_grouped(
+    x_MK: torch.Tensor, group_end_E: torch.Tensor, align: int = 16, block_m: int = 0, pow2_scale: bool = False,
     row_index_M: torch.Tensor | None = None,
-    return_amax: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _grouped_impl(x_MK, group_end_E, align, block_m, pow2_scale, row_index_M, return_amax, rows=False)
-
-
-def _quantize_rows_and_cols_grouped_impl(
-    x_MK: torch.Tensor,
-    group_end_E: torch.Tensor,
-    align: int,
-    block: int,
-    pow2_scale: bool,
-    row_index_M: torch.Tensor | None = None,
-    return_amax: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _grouped_impl(x_MK, group_end_E, align, block, pow2_scale, row_index_M, return_amax, rows=True)
-
-
-triton_quantize_cols_grouped = torch.library.custom_op("fp8moe::quantize_cols_grouped", mutates_args=())(
-    _quantize_cols_grouped_impl
-)
-triton_quantize_rows_and_cols_grouped = torch.library.custom_op(
-    "fp8moe::quantize_rows_and_cols_grouped", mutates_args=()
-)(_quantize_rows_and_cols_grouped_impl)
-
-
-@triton_quantize_cols_grouped.register_fake
-def _(x_MK, group_end_E, align, block_m, pow2_scale, row_index_M=None, return_amax=False):
-    check_quantize_cols_grouped_args(x_MK, group_end_E, align, block_m)
-    return _fake_grouped(x_MK, group_end_E, align, block_m, row_index_M, return_amax, rows=False)
-
-
-@triton_quantize_rows_and_cols_grouped.register_fake
-def _(x_MK, group_end_E, align, block, pow2_scale, row_index_M=None, return_amax=False):
-    check_quantize_cols_grouped_args(x_MK, group_end_E, align, block)
-    check_quantize_rows_args(x_MK, block)
-    return _fake_grouped(x_MK, group_end_E, align, block, row_index_M, return_amax, rows=True)
-
-
-def _pick(x_MK, impl, op, ref):
-    """Reference off the GPU/interpreter; the custom op while torch.compile traces (it costs
-    ~15 us of host time per eager call); else the launcher itself."""
-    if not use_triton(x_MK):
-        return ref
-    return op if torch.compiler.is_compiling() else impl
-
-
-def quantize_cols_grouped(
-    x_MK: torch.Tensor,
-    group_end_E: torch.Tensor,
-    align: int = 16,
-    block_m: int = 0,
-    pow2_scale: bool = False,
-    row_index_M: torch.Tensor | None = None,
-    return_amax: bool = False,
-) -> GroupedColsFP8:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """FP8 operand of the weight-gradient GEMM; see the module docstring for the layout."""
-    fn = _pick(x_MK, _quantize_cols_grouped_impl, triton_quantize_cols_grouped, torch_quantize_cols_grouped)
-    qt_KP, scale, padded_end_E, amax_E = fn(x_MK, group_end_E, align, block_m, pow2_scale, row_index_M, return_amax)
-    return GroupedColsFP8(qt_KP, scale, padded_end_E, amax_E if return_amax else None)
+    check_quantize_cols_grouped_args(x_MK, group_end_E, align, block_m)
+    return _launch_grouped(x_MK, group_end_E, align, block_m, pow2_scale, row_index_M, rows=False)
 
 
-def quantize_rows_and_cols_grouped(
-    x_MK: torch.Tensor,
-    group_end_E: torch.Tensor,
-    align: int = 16,
-    block: int = 0,
-    pow2_scale: bool = False,
+def triton_quantize_rows_and_cols_grouped(
+    x_MK: torch.Tensor, group_end_E: torch.Tensor, align: int = 16, block: int = 0, pow2_scale: bool = False,
     row_index_M: torch.Tensor | None = None,
-    return_amax: bool = False,
-) -> RowsAndColsFP8:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """quantize_rows(block_k=block) and quantize_cols_grouped(block_m=block) of the same x in one
     call: for block=128 the two kernels one after the other (faster than one kernel holding a
     128x128 tile, see the module docstring), for block=0 fused into an amax pass and one
     quantize pass (two reads of x instead of three)."""
-    fn = _pick(
-        x_MK,
-        _quantize_rows_and_cols_grouped_impl,
-        triton_quantize_rows_and_cols_grouped,
-        torch_quantize_rows_and_cols_grouped,
-    )
-    out = fn(x_MK, group_end_E, align, block, pow2_scale, row_index_M, return_amax)
-    return RowsAndColsFP8(*out[:5], out[5] if return_amax else None)
+    check_quantize_rows_and_cols_grouped_args(x_MK, group_end_E, align, block)
+    return _launch_grouped(x_MK, group_end_E, align, block, pow2_scale, row_index_M, rows=True)
+
+
+def _fake_cols_grouped(x_MK, group_end_E, align=16, block_m=0, pow2_scale=False, row_index_M=None):
+    check_quantize_cols_grouped_args(x_MK, group_end_E, align, block_m)
+    return _grouped_outputs(x_MK, group_end_E, align, block_m, row_index_M, rows=False)
+
+
+def _fake_rows_and_cols_grouped(x_MK, group_end_E, align=16, block=0, pow2_scale=False, row_index_M=None):
+    check_quantize_rows_and_cols_grouped_args(x_MK, group_end_E, align, block)
+    return _grouped_outputs(x_MK, group_end_E, align, block, row_index_M, rows=True)
+
+
+quantize_cols_grouped = kernel_op(
+    "quantize_cols_grouped", triton_quantize_cols_grouped, _fake_cols_grouped, torch_quantize_cols_grouped,
+    result=lambda out: GroupedColsFP8(*out),
+)  # fmt: skip
+quantize_rows_and_cols_grouped = kernel_op(
+    "quantize_rows_and_cols_grouped", triton_quantize_rows_and_cols_grouped, _fake_rows_and_cols_grouped,
+    torch_quantize_rows_and_cols_grouped, result=lambda out: RowsAndColsFP8(*out),
+)  # fmt: skip

@@ -9,9 +9,10 @@ first (a separate read; inherent: the scale must exist before the first element 
 
 Partial amaxes instead of an atomic max: deterministic, and no float atomics in the interpreter.
 E4M3 (max 448) or E5M2 (max 57344): the clamp bound is a constexpr, the format is q's dtype.
-Scale rule and quantization (x * (1 / scale)): kernels/common.py. Under Triton's interpreter the fp32 -> fp8 cast
-can round wrongly across a binade (kernels/common.py): there the kernel rounds to the grid first.
-Launch shape (4096 elements, 8 warps a program) is a first guess, not yet swept on a GPU.
+Scale rule and quantization (x * (1 / scale)): kernels/common.py. Under Triton's interpreter the
+fp32 -> fp8 cast can round wrongly across a binade (kernels/common.py): there the kernel rounds
+to the format's grid first. Launch shape (4096 elements, 8 warps a program) is a first guess, not
+yet swept on a GPU.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import FP8_DTYPE, TL_FP32_MIN_NORMAL, tl_fp8_inverse, triton_interpret, use_triton
-from kernels.reference import check_quantize_tensor_args, torch_quantize_tensor
+from kernels.common import FP8_DTYPE, TL_FP32_MIN_NORMAL, tl_fp8_inverse, tl_round_to_fp8_grid, triton_interpret
+from kernels.contracts import check_quantize_tensor_args
+from kernels.dispatch import kernel_op
+from kernels.reference import torch_quantize_tensor
 
 _BLOCK = 4096
 _NUM_WARPS = 8
@@ -43,20 +46,15 @@ def _quantize_tensor_kernel(
     # act as the floor (see torch_quantize_tensor).
     q = x * tl_fp8_inverse(tl.maximum(tl.load(scale_ptr), TL_FP32_MIN_NORMAL))
     q = tl.minimum(tl.maximum(q, -FMAX), FMAX)
-    if INTERPRET:
-        # The interpreter's fp8 cast mis-rounds across binades (kernels/common.py): round to the
-        # format's grid first (ties to even), so the cast is exact. The GPU code is the plain cast.
-        bits = q.to(tl.int32, bitcast=True)
-        mag = bits & 0x7FFFFFFF
-        big = ((tl.maximum(mag >> 23, 127 + MIN_EXP) + 23 - MANT_BITS) << 23).to(tl.float32, bitcast=True)
-        r = (mag.to(tl.float32, bitcast=True) + big) - big
-        q = (r.to(tl.int32, bitcast=True) | (bits ^ mag)).to(tl.float32, bitcast=True)
+    if INTERPRET:  # the interpreter's cast is exact only for values on the format's grid
+        q = tl_round_to_fp8_grid(q, MANT_BITS, MIN_EXP)
     tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
-def _quantize_tensor_impl(
+def triton_quantize_tensor(
     x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype = FP8_DTYPE
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 cast of x by one scale, and x's amax; see the module docstring."""
     check_quantize_tensor_args(x, scale, fp8_dtype)
     x = x.contiguous()
     q = torch.empty(x.shape, dtype=fp8_dtype, device=x.device)
@@ -65,31 +63,18 @@ def _quantize_tensor_impl(
         return q, torch.zeros((), dtype=torch.float32, device=x.device)
     grid = triton.cdiv(n, _BLOCK)
     partial = torch.empty(grid, dtype=torch.float32, device=x.device)
+    e4m3 = fp8_dtype == torch.float8_e4m3fn
     _quantize_tensor_kernel[(grid,)](
         x, scale, q, partial, n,
-        FMAX=torch.finfo(fp8_dtype).max, MANT_BITS=3 if fp8_dtype == torch.float8_e4m3fn else 2,
-        MIN_EXP=-6 if fp8_dtype == torch.float8_e4m3fn else -14, INTERPRET=triton_interpret(),
-        BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+        FMAX=torch.finfo(fp8_dtype).max, MANT_BITS=3 if e4m3 else 2, MIN_EXP=-6 if e4m3 else -14,
+        INTERPRET=triton_interpret(), BLOCK=_BLOCK, num_warps=_NUM_WARPS,
     )  # fmt: skip
     return q, partial.amax()
 
 
-triton_quantize_tensor = torch.library.custom_op("fp8moe::quantize_tensor", mutates_args=())(_quantize_tensor_impl)
-
-
-@triton_quantize_tensor.register_fake
-def _(x, scale, fp8_dtype=FP8_DTYPE):
+def _fake_quantize_tensor(x, scale, fp8_dtype=FP8_DTYPE):
     check_quantize_tensor_args(x, scale, fp8_dtype)
     return x.new_empty(x.shape, dtype=fp8_dtype), x.new_empty((), dtype=torch.float32)
 
 
-def quantize_tensor(
-    x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype = FP8_DTYPE
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP8 cast of x by one scale, and x's amax: Triton on GPU / interpreter, else the reference.
-    Eager calls skip the custom op's dispatch (host time), as kernels/quantize.py does."""
-    if not use_triton(x):
-        return torch_quantize_tensor(x, scale, fp8_dtype)
-    if torch.compiler.is_compiling():
-        return triton_quantize_tensor(x, scale, fp8_dtype)
-    return _quantize_tensor_impl(x, scale, fp8_dtype)
+quantize_tensor = kernel_op("quantize_tensor", triton_quantize_tensor, _fake_quantize_tensor, torch_quantize_tensor)

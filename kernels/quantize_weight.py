@@ -16,10 +16,12 @@ rowwise and tensorwise need amaxes spanning a whole row / column / expert first:
 quantization: kernels/common.py.
 
 fp32 master weights go in as they are, with round_bf16=True: each tile is rounded to bf16 in
-registers, so the FP8 bytes equal those of their bf16 copy, which is never written. Against
-torch's fp32 -> bf16 copy followed by the bf16 quantizer (H200, Mixtral-8x7B width, both weights):
-rowwise 4.32 -> 3.62 ms, blockwise 3.67 -> 2.76 ms (the copy alone is 1.93 ms), and blockwise
-1.27x faster again since it holds the block: 2.04 ms (`_weight_launch_config`).
+registers, so the FP8 bytes equal those of their bf16 copy, which is never written (blockwise at
+Mixtral-8x7B width: 3.67 ms with torch's fp32 -> bf16 copy first, 2.76 ms without, H200,
+bench/NOTES.md).
+
+Shape letters (README.md): E experts, N output dim, K reduction dim of the forward GEMM (w_ENK is
+nn.Linear's layout per expert); Nb = N // 128, Kb = K // 128 scale blocks.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import FP8_DTYPE, tl_fp8_inverse, tl_fp8_quantize_by, tl_fp8_scale, use_triton
-from kernels.reference import check_quantize_weight_args, torch_quantize_weight
+from kernels.common import FP8_DTYPE, tl_fp8_inverse, tl_fp8_quantize_by, tl_fp8_scale
+from kernels.contracts import check_quantize_weight_args
+from kernels.dispatch import kernel_op
+from kernels.reference import torch_quantize_weight
 
 # Loops here run over a few chunks or groups, never a pipeline's worth: no software pipelining.
 _NUM_STAGES = 1
@@ -168,13 +172,16 @@ def _weight_quant_kernel(
         _store(qt_ptr + base + k[:, None] * N + n[None, :], qt_KN, k_ok[:, None] & n_ok[None, :], EVEN)
 
 
-def _quantize_weight_impl(
-    w_ENK: torch.Tensor, mode: str, pow2_scale: bool, round_bf16: bool = False
+def triton_quantize_weight(
+    w_ENK: torch.Tensor, mode: str = "rowwise", pow2_scale: bool = False, round_bf16: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both FP8 orientations of w_ENK (see the module docstring). round_bf16: quantize the bf16
+    rounding of an fp32 w_ENK (bitwise what quantizing w_ENK.to(torch.bfloat16) gives) without
+    writing that copy."""
     check_quantize_weight_args(w_ENK, mode)
     round_bf16 = round_bf16 and w_ENK.dtype != torch.bfloat16
     if w_ENK.is_cuda and w_ENK.dtype != torch.bfloat16 and mode != "rowwise" and not round_bf16:
-        # Measured on H200 with triton 3.6 (tests/test_kernels_quantize.py::test_quantize_weight_gpu):
+        # On an H200 with triton 3.6 (tests/test_kernels_quantize.py::test_quantize_weight_gpu),
         # from fp32 tiles the transposed qt of the blockwise and tensorwise modes comes back with
         # ~25% wrong bytes (q and the scales right), whether the fp8 or the fp32 tile is
         # transposed in registers. The same fp32 tiles rounded to bf16 in registers (round_bf16,
@@ -223,32 +230,23 @@ def _quantize_weight_impl(
     return q_ENK, scale, qt_EKN, scale_t
 
 
-# (BLOCK_N, BLOCK_K, num_warps) of the amax pass (rowwise, tensorwise), by input: [bf16, fp32].
-# fp32 masters: 64x64 tiles took Mixtral w2 from 1.30 to 1.26 ms and DeepSeek w13 from 2.56 to
-# 2.47 (amax + quantize passes, H200, wq sweep at the commit after a0beeba); Qwen3 w2 0.54 -> 0.55.
+# (BLOCK_N, BLOCK_K, num_warps) of the amax pass (rowwise, tensorwise), by input: [bf16, fp32]
+# (fp32 masters: 64x64 tiles, from a sweep on an H200, bench/NOTES.md).
 _AMAX_BLOCKS = ((128, 64, 4), (64, 64, 4))
 # Programs the amax pass keeps before it lengthens them (fewer atomics on one address). Rowwise
 # atomics spread over E x (N + K) words: 16384 (~120 per SM) against 1024 took the pass + the
-# quantize pass at Mixtral-8x7B width from 1.69 to 1.60 ms (w13) and 0.96 to 0.81 ms (w2), Qwen3
-# 0.43 to 0.35 (w2), H200, commit 72c0dad. Tensorwise atomics meet on one word per expert: 1024.
+# quantize pass at Mixtral-8x7B width from 0.96 to 0.81 ms (w2, H200, commit 72c0dad).
+# Tensorwise atomics meet on one word per expert: 1024.
 _AMAX_MIN_PROGRAMS = {"rowwise": 16384, "tensorwise": 1024}
 
 
 def _weight_launch_config(mode: str, wide: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, SUB_N, num_warps) of the quantize pass. wide: fp32 input.
 
-    Blockwise: the 128x128 scale block, held whole (SUB_N = 128) in bf16. Against sweeping it
-    twice in 64-row slices, the second sweep from L1/L2 (session 11, every byte and scale the
-    same): on an H100 (copy 3017 GB/s) from fp32 masters 1.47-1.49x faster at all eight weights
-    of the four shapes (Mixtral-8x7B w13 2.793 -> 1.876 ms, 2019 -> 3005 GB/s), from bf16
-    1.21-1.23x (1.591 -> 1.306 ms), 4 and 16 warps within 1% of 8, 32-row slices swept twice
-    0.88x; on an H200 (bench/results/kernels.json) 1.26-1.27x and 1.08-1.10x, 0.97-0.995 and
-    0.92-0.96 of copy. Session 7, before quantizing became a multiply, had measured a held
-    block 1.2-1.7x slower.
-    Rowwise from bf16, 64-row slices: within 1-4% of 32 and of 128x128 tiles with 8 warps in
-    that sweep, ahead at most shapes; 64x256 tiles were 2x slower. From fp32, 32-row slices
-    (half the registers of a 64-row fp32 slice): Mixtral w13 2.54 -> 2.40 ms, w2 1.30 -> 1.22,
-    Qwen3 w13 1.10 -> 1.04 (both passes)."""
+    Blockwise: the 128x128 scale block, held whole (SUB_N = 128) in bf16: against sweeping it
+    twice in 64-row slices, the second sweep from L1/L2, 1.26-1.27x faster from fp32 masters on
+    an H200 (bench/results/kernels.json, every byte and scale the same). Rowwise: 64-row slices
+    from bf16; from fp32, 32-row slices (half the registers of a 64-row fp32 slice)."""
     if mode == "blockwise":
         return 128, 128, 128, 8
     if mode == "rowwise":
@@ -264,11 +262,7 @@ def _scale_shapes(E: int, N: int, K: int, mode: str):
     return (E,), (E,)
 
 
-triton_quantize_weight = torch.library.custom_op("fp8moe::quantize_weight", mutates_args=())(_quantize_weight_impl)
-
-
-@triton_quantize_weight.register_fake
-def _(w_ENK, mode, pow2_scale, round_bf16=False):
+def _fake_quantize_weight(w_ENK, mode="rowwise", pow2_scale=False, round_bf16=False):
     check_quantize_weight_args(w_ENK, mode)
     E, N, K = w_ENK.shape
     scale_shape, scale_t_shape = _scale_shapes(E, N, K, mode)
@@ -280,15 +274,7 @@ def _(w_ENK, mode, pow2_scale, round_bf16=False):
     )
 
 
-def quantize_weight(
-    w_ENK: torch.Tensor, mode: str = "rowwise", pow2_scale: bool = False, round_bf16: bool = False
-) -> QuantizedWeight:
-    """Both FP8 orientations of w_ENK (see the module docstring). round_bf16: quantize the bf16
-    rounding of an fp32 w_ENK (bitwise what quantizing w_ENK.to(torch.bfloat16) gives) without
-    writing that copy. Eager calls skip the custom op's dispatch (~15 us of host time);
-    torch.compile traces the op."""
-    if not use_triton(w_ENK):
-        return QuantizedWeight(*torch_quantize_weight(w_ENK, mode, pow2_scale, round_bf16))
-    if torch.compiler.is_compiling():
-        return QuantizedWeight(*triton_quantize_weight(w_ENK, mode, pow2_scale, round_bf16))
-    return QuantizedWeight(*_quantize_weight_impl(w_ENK, mode, pow2_scale, round_bf16))
+quantize_weight = kernel_op(
+    "quantize_weight", triton_quantize_weight, _fake_quantize_weight, torch_quantize_weight,
+    result=lambda out: QuantizedWeight(*out),
+)  # fmt: skip

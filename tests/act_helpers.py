@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from kernels import reference as ref
+import kernels.reference_act as ref
 
 from fp8_inputs import group_ends, rows_with_specials
 

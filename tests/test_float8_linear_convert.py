@@ -4,6 +4,8 @@ shared, the reverse swap), a tiny model training with FP8 dense layers, the dela
 sync as one collective across two gloo ranks, and torch.compile of a converted block against eager
 (CPU emulation, the GPU path's ops on CPU, and on GPU). Float8Linear's numerics and delayed scaling
 by hand: test_float8_linear_layer.py.
+
+Shape letters (README.md): O operands with delayed scales (x, dy), L amax-history length.
 """
 
 from __future__ import annotations
@@ -21,8 +23,6 @@ from torch import nn
 
 from float8_helpers import _rel
 from kernels.common import triton_interpret
-from kernels.quantize import quantize_rows
-from kernels.quantize_tensor import quantize_tensor
 from moe.config import ModelConfig, MoEConfig
 import moe.fp8.float8_linear as f8l
 from moe.fp8.float8_linear import Float8Linear
@@ -236,9 +236,10 @@ def _cpu_scaled_mm_supports(rowwise: bool) -> bool:
 @pytest.mark.parametrize("scaling", ["tensorwise", "rowwise", "tensorwise_delayed"])
 def test_compiled_converted_block_matches_eager_aot_eager(scaling, path, monkeypatch):
     """aot_eager: Dynamo + AOTAutograd, where the autograd.Function is captured, without codegen.
+    The quantizers are the kernels' entry points on every path: under TRITON_INTERPRET the
+    Triton kernels (under compile the fp8moe:: custom ops), else their torch references.
 
-    gpu_ops: the ops the CUDA path runs, on CPU: the Triton quantizers (interpreter; under
-    compile they are the fp8moe:: custom ops) and torch._scaled_mm writing out_dtype directly,
+    gpu_ops: the GEMM the CUDA path runs, on CPU: torch._scaled_mm writing out_dtype directly,
     whose no-op `.to(out_dtype)` was the compiled gradient loss on GPUs (the emulation's fp32
     matmul hit it too, without autocast)."""
     if path == "gpu_ops":
@@ -247,8 +248,6 @@ def test_compiled_converted_block_matches_eager_aot_eager(scaling, path, monkeyp
         if not _cpu_scaled_mm_supports(rowwise=scaling == "rowwise"):
             pytest.skip(f"this torch's CPU torch._scaled_mm lacks {scaling} scales")
         monkeypatch.setattr(f8l, "_emulated_scaled_mm", f8l._hardware_scaled_mm)
-        monkeypatch.setattr(f8l, "torch_quantize_tensor", quantize_tensor)
-        monkeypatch.setattr(f8l, "torch_quantize_rows", quantize_rows)
     _check_compiled_block_matches_eager(scaling, "cpu", "aot_eager", dim=32, tol=1e-5)
 
 

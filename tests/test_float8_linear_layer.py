@@ -4,10 +4,13 @@ the dense-layer converter, the amax sync across ranks and torch.compile:
 test_float8_linear_convert.py.
 
 Numerics: against a pure-torch emulation of the same recipe (<= 1% relative L2: the kernels and
-the emulation round alike, differing only in summation order and, under Triton's interpreter, a
-rare mis-rounded fp8 cast), and against fp64 loosely (the FP8 rounding itself, see _FP64_BOUND).
+the emulation round alike, differing only in summation order), and against fp64 loosely (the FP8
+rounding itself, see _FP64_BOUND).
 Also torch._scaled_mm's shape rules (refused widths, padded token counts), the delayed-scaling
 amax history and scales by hand, the state dict, and the recipe's field checks.
+
+Shape letters (README.md): M rows, K in_features, N out_features, O operands with delayed scales
+(x, dy), L amax-history length.
 """
 
 from __future__ import annotations

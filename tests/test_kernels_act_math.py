@@ -2,13 +2,13 @@
 before any quantization; the kernels' FP8 outputs: test_kernels_act_quant.py.
 
 The act kernels compute with hardware exp2 / reciprocal and FMA contraction (kernels/act_math.py),
-the references (kernels/reference.py) with fp32 polynomials accurate to a few ulp, so the fp32
+the references (kernels/reference_act.py) with fp32 polynomials accurate to a few ulp, so the fp32
 values are compared within a derived bound instead of bitwise: each value a kernel quantizes is
 within delta = eps * B (+ 1e-33 where the reference saturates) of the reference's:
 eps = (2|g| + 32) u for SwiGLU, (3 x^2 + 64) u for GELU, u = 2^-24, B the sum of the magnitudes
 of the formula's terms (`_act_error_bound`, tests/act_helpers.py), checked by
 `test_kernel_activation_math_within_bound`. The once-per-scale division (`tl_fp8_scale`,
-`_inv_scale`) is checked by `test_kernel_division_is_ieee`.
+`inv_scale`) is checked by `test_kernel_division_is_ieee`.
 On CPU the kernels run in Triton's interpreter (numpy's exp2 and IEEE division stand in for the
 hardware approximations), whose fp32 -> fp8 cast drops a carry into the next binade (7.935 ->
 4.0 where torch gives 8.0) and rounds ties away from zero, and whose fp32 -> bf16 cast truncates.
@@ -27,8 +27,15 @@ import triton.language as tl
 
 import kernels.act_math as act_math
 from act_helpers import _act_error_bound
-from kernels import reference as ref
-from kernels.common import FP8_DTYPE, tl_fp8_scale, tl_round_to_bf16_grid, tl_round_to_fp8_grid, triton_interpret
+import kernels.reference_act as ref
+from kernels.common import (
+    FP8_DTYPE,
+    tl_fp8_scale,
+    tl_round_to_bf16_grid,
+    tl_round_to_fp8_grid,
+    torch_fp8_scale,
+    triton_interpret,
+)
 
 # Under the interpreter exp2 overflows to inf for gates below -88, by design (sigmoid -> 0).
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
@@ -67,7 +74,7 @@ def test_interpreter_grid_rounding_is_torchs_cast():
 def _scale_kernel(s_ptr, amax_ptr, r_ptr, sc_ptr, n, POW2: tl.constexpr, INTERP: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     s = tl.load(s_ptr + offs, mask=offs < n, other=1.0)
-    tl.store(r_ptr + offs, act_math._inv_scale(s, INTERP), mask=offs < n)
+    tl.store(r_ptr + offs, act_math.inv_scale(s, INTERP), mask=offs < n)
     tl.store(sc_ptr + offs, tl_fp8_scale(tl.load(amax_ptr + offs, mask=offs < n), POW2), mask=offs < n)
 
 
@@ -75,7 +82,7 @@ def _scale_kernel(s_ptr, amax_ptr, r_ptr, sc_ptr, n, POW2: tl.constexpr, INTERP:
 def test_kernel_division_is_ieee(device):
     """Once per scale the kernels divide without div.rn. `tl_fp8_scale` (amax / 448, Markstein's
     step) is bitwise the IEEE quotient torch computes, zero amaxes giving scale 1, for amaxes
-    across 2^-60..2^60. `_inv_scale` (1 / scale, which `_quant` multiplies by) is exact for
+    across 2^-60..2^60. `inv_scale` (1 / scale, which `tl_fp8_quantize_by` multiplies by) is exact for
     powers of two and within 1 ulp otherwise (rcp.approx on the GPU; exact in the interpreter)."""
     g = torch.Generator().manual_seed(0)
     n = 1 << 16
@@ -87,7 +94,7 @@ def test_kernel_division_is_ieee(device):
     r, sc = torch.empty_like(s), torch.empty_like(s)
     for pow2 in (False, True):
         _scale_kernel[(n // 4096,)](s, amax, r, sc, n, POW2=pow2, INTERP=triton_interpret(), BLOCK=4096)
-        assert torch.equal(sc.view(torch.int32), ref.torch_fp8_scale(amax, pow2).view(torch.int32))
+        assert torch.equal(sc.view(torch.int32), torch_fp8_scale(amax, pow2).view(torch.int32))
     exact = torch.ones_like(s) / s
     assert torch.equal(r[:200], exact[:200])
     ulps = (r.view(torch.int32).long() - exact.view(torch.int32).long()).abs()
@@ -103,8 +110,8 @@ def _act_values_kernel(g_ptr, u_ptr, da_ptr, a_ptr, dg_ptr, du_ptr, n, SWIGLU: t
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     g, u, da = tl.load(g_ptr + offs, mask=m), tl.load(u_ptr + offs, mask=m), tl.load(da_ptr + offs, mask=m)
-    dg, du, a = act_math._act_bwd(da, g, u, SWIGLU, INTERP)
-    tl.store(a_ptr + offs, act_math._act(g, u, SWIGLU, INTERP), mask=m)
+    dg, du, a = act_math.act_bwd(da, g, u, SWIGLU, INTERP)
+    tl.store(a_ptr + offs, act_math.act(g, u, SWIGLU, INTERP), mask=m)
     tl.store(dg_ptr + offs, dg, mask=m)
     tl.store(du_ptr + offs, du, mask=m)
     tl.store(a_ptr + n + offs, a, mask=m)
@@ -129,7 +136,7 @@ def test_kernel_activation_math_within_bound(activation, device):
         assert torch.equal(a[:n], a[n:])  # forward and backward agree on a
         h = torch.stack([g, u], dim=1) if activation == "swiglu" else g[:, None]
         d_a, d_dh = _act_error_bound(activation, h.double(), da[:, None].double())
-        dh_ref, a_ref = ref._torch_act_bwd(da[:, None], h, activation)
+        dh_ref, a_ref = ref.torch_act_bwd(da[:, None], h, activation)
         dh = torch.stack([dg, du], dim=1) if activation == "swiglu" else dg[:, None]
         for name, v, v_ref, d in (("a", a[:n, None], a_ref, d_a), ("dh", dh, dh_ref, d_dh)):
             err = (v.double() - v_ref.double()).abs()

@@ -2,7 +2,7 @@
 unpermute + combine: test_kernels_combine.py.
 
 The act kernels compute with hardware exp2 / reciprocal and FMA contraction (kernels/act_math.py),
-the references (kernels/reference.py) with fp32 polynomials accurate to a few ulp, so they are
+the references (kernels/reference_act.py) with fp32 polynomials accurate to a few ulp, so they are
 compared within a derived bound instead of bitwise (`_assert_fp8_close_to_reference`):
 - each fp32 value the kernel quantizes is within delta = eps * B (+ 1e-33 where the reference
   saturates) of the reference's: eps = (2|g| + 32) u for SwiGLU, (3 x^2 + 64) u for GELU,
@@ -23,6 +23,9 @@ On CPU the kernels run in Triton's interpreter, where they round to the target g
 before the interpreter's casts (test_kernels_act_math.py checks that rounding). GPU tests
 (`-m gpu`) run the hardware instructions at real shapes under the same bounds. The references
 are checked against independent definitions in test_kernels_act_reference.py.
+
+Shape letters (README.md): M routed rows, F expert FFN hidden size, X = 2F (SwiGLU) or F (GELU),
+E experts, P padded rows, K the row length of a layout.
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ import kernels.act_quant as act_quant
 import kernels.act_quant_bwd as act_quant_bwd_mod
 from act_helpers import DROPPED, _act_error_bound, bwd_inputs, group_ends, odd_h
 from fp8_inputs import assert_same
-from kernels import reference as ref
-from kernels.act_quant import act_quant_fwd, triton_act_quant_fwd
-from kernels.act_quant_bwd import act_quant_bwd, triton_act_quant_bwd
+import kernels.reference_act as ref
+from kernels.act_quant import act_quant_fwd
+from kernels.act_quant_bwd import act_quant_bwd
 from kernels.common import FP8_DTYPE, tile_grid
 
 # Under the interpreter exp2 overflows to inf for gates below -88, by design (sigmoid -> 0).
@@ -48,8 +51,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp2:Run
 # ---- act kernels against the reference (interpreter on CPU): the numerics contract ---------------
 
 # Fraction of FP8 values allowed to differ from the reference's at all (each by one E4M3 step at
-# most), plus 2 for isolated flips in tiny outputs: 4x the most measured. On an H200 (session 9,
-# every GPU test here) at most 7.8e-5, in the saved h: the kernel's rcp.approx inverse of a
+# most), plus 2 for isolated flips in tiny outputs: 4x the most measured. On an H200 (every GPU
+# test here) at most 7.8e-5, in the saved h: the kernel's rcp.approx inverse of a
 # non-power-of-two scale is 1 ulp off RN(1 / scale) now and then, which flips values lying that
 # close to an E4M3 rounding boundary; a and dh flip less (1.0e-5). In the interpreter, whose
 # reciprocal is exact, at most 3.1e-5 (dh).
@@ -216,7 +219,7 @@ def test_fwd_kernel_matches_reference(activation, F, block, chunked, pow2, monke
     X = 2 * F if activation == "swiglu" else F
     h = odd_h(37, X, seed=1)
     for save in (True, False):
-        out = act_quant._act_quant_fwd_impl(h, activation, block, pow2, save)
+        out = act_quant.triton_act_quant_fwd(h, activation, block, pow2, save)
         _check_fwd(h, activation, block, pow2, out, ref.torch_act_quant_fwd(h, activation, block, pow2, save))
     empty = h[:0]  # M = 0
     assert_same(act_quant_fwd(empty, activation, block, pow2), ref.torch_act_quant_fwd(empty, activation, block, pow2))
@@ -228,7 +231,7 @@ def test_fwd_kernel_matches_reference(activation, F, block, chunked, pow2, monke
                                                          ("swiglu", 128, 128, 128), ("gelu", 384, 128, 128)])  # fmt: skip
 def test_bwd_kernel_matches_reference(activation, F, block, align, pow2):
     da, h_q, h_scale, ends = bwd_inputs(activation, F, block, seed=2)
-    out = act_quant_bwd_mod._act_quant_bwd_impl(da, h_q, h_scale, activation, ends, align, block, pow2)
+    out = act_quant_bwd_mod.triton_act_quant_bwd(da, h_q, h_scale, activation, ends, align, block, pow2)
     expected = ref.torch_act_quant_bwd(da, h_q, h_scale, activation, ends, align, block, pow2)
     _check_bwd(da, h_q, h_scale, activation, ends, block, pow2, out, expected)
 
@@ -241,7 +244,7 @@ def test_bwd_kernel_grid_orders(block, f_major, monkeypatch):
     monkeypatch.setattr(act_quant_bwd_mod, "_F_MAJOR", dict.fromkeys(("amax", "quant", "blockwise"), f_major))
     da, h_q, h_scale, ends = bwd_inputs("swiglu", 256 if block else 96, block, seed=5)
     args = (da, h_q, h_scale, "swiglu", ends, 128 if block else 32, block, False)
-    out = act_quant_bwd_mod._act_quant_bwd_impl(*args)
+    out = act_quant_bwd_mod.triton_act_quant_bwd(*args)
     _check_bwd(*args[:5], block, False, out, ref.torch_act_quant_bwd(*args))
     assert tile_grid(70000, 3, True) == ((70000, 3), False)
     assert tile_grid(700, 3, True) == ((3, 700), True)
@@ -253,7 +256,7 @@ def test_bwd_kernel_edge_groups(sizes):
     da, h_q, h_scale, ends = bwd_inputs("swiglu", 32, 0, sizes=sizes, seed=4, zero_last=False)
     no_rows = (da[:0], h_q[:0], h_scale[:0], "swiglu", ends * 0, 16, 0, False)
     for args in [(da, h_q, h_scale, "swiglu", ends, 16, 0, False), no_rows]:
-        out = act_quant_bwd_mod._act_quant_bwd_impl(*args)
+        out = act_quant_bwd_mod.triton_act_quant_bwd(*args)
         _check_bwd(*args[:5], 0, False, out, ref.torch_act_quant_bwd(*args))
 
 
@@ -267,9 +270,9 @@ def test_custom_ops_trace_with_fake_tensors():
         t.shape for t in act_quant_bwd(da, h_q, h_scale, "swiglu", ends, 128, 128)
     ]
     with FakeTensorMode() as mode:
-        fake = [t.shape for t in triton_act_quant_fwd(mode.from_tensor(h), "swiglu", 128, False, True)] + [
+        fake = [t.shape for t in act_quant_fwd.op(mode.from_tensor(h), "swiglu", 128, False, True)] + [
             t.shape
-            for t in triton_act_quant_bwd(*(mode.from_tensor(t) for t in (da, h_q, h_scale)), "swiglu",
+            for t in act_quant_bwd.op(*(mode.from_tensor(t) for t in (da, h_q, h_scale)), "swiglu",
                                           mode.from_tensor(ends), 128, 128, False)  # fmt: skip
         ]
     assert fake == real

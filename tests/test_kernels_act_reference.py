@@ -1,4 +1,4 @@
-"""The activation + FP8 quantization references (kernels/reference.py: torch_act_quant_fwd,
+"""The activation + FP8 quantization references (kernels/reference_act.py: torch_act_quant_fwd,
 torch_act_quant_bwd) against independent definitions: fp64 activations and autograd derivatives
 of the dequantized h, within the FP8 rounding bound derived in `_assert_fp8_close` (the fp32
 evaluation error from `_error_budget`, tests/act_helpers.py), scales by `_assert_scale`; and the
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as Fn
 
 from act_helpers import SIZES, _error_budget, bwd_inputs, group_ends, odd_h
-from kernels import reference as ref
+import kernels.reference_act as ref
 from kernels.common import FP8_DTYPE, round_up
 
 

@@ -1,16 +1,16 @@
 """Quantization kernels (kernels/quantize*.py) against their references (kernels/reference.py).
 
-Kernel vs reference is bitwise: FP8 bytes via .view(torch.uint8), scales, padded offsets.
-On CPU the kernels run in Triton's interpreter, whose float32 -> float8e4nv cast is not the
-hardware's: it rounds ties away from zero and drops a carry into the next binade (7.935 -> 4.0
-where torch and the GPU give 8.0), and E4M3 subnormals can come out wrong too. So on CPU the
-reference's final cast (`kernels.reference.torch_fp8_quantize`) is swapped for that same
-interpreter cast (fixture `ref`): everything before the cast (amax, scale, inverse, product, clamp,
-gather, transpose, padding, scale layouts) is still compared bit for bit, and
-`test_interpreter_cast_bug_is_the_known_one` pins down what the swap hides. GPU tests (`-m gpu`)
-swap nothing: bitwise on every element.
+Kernel vs reference is bitwise: FP8 bytes via .view(torch.uint8), scales, padded offsets, on
+every element, on the GPU (`-m gpu`) and on CPU, where the kernels run in Triton's interpreter.
+The interpreter's own float32 -> float8e4nv cast is not the hardware's (it rounds ties away from
+zero and drops a carry into the next binade: 7.935 -> 4.0 where torch and the GPU give 8.0), so
+under the interpreter `tl_fp8_quantize_by` rounds to the E4M3 grid first (kernels/common.py);
+`test_interpreter_cast_bug_is_the_known_one` pins down what that rounding works around.
 The references themselves are checked against an independent definition (fp64 scales,
 dequantized values within E4M3 rounding of x), so a wrong reference cannot hide.
+
+Shape letters (README.md): M rows, K reduction dim (the row length), N output dim, E experts,
+P padded rows.
 """
 
 from __future__ import annotations
@@ -29,18 +29,12 @@ from kernels.common import (
     tl_div_448,
     tl_fp8_quantize,
     tl_rcp_rn,
-    torch_fp8_inverse,
     torch_fp8_quantize,
     triton_interpret,
 )
-from kernels.quantize import quantize_rows, triton_quantize_rows
-from kernels.quantize_grouped import (
-    quantize_cols_grouped,
-    quantize_rows_and_cols_grouped,
-    triton_quantize_cols_grouped,
-    triton_quantize_rows_and_cols_grouped,
-)
-from kernels.quantize_weight import quantize_weight, triton_quantize_weight
+from kernels.quantize import quantize_rows
+from kernels.quantize_grouped import quantize_cols_grouped, quantize_rows_and_cols_grouped
+from kernels.quantize_weight import quantize_weight
 
 from fp8_inputs import assert_same, group_ends, rows_with_specials
 
@@ -61,19 +55,6 @@ def _interpreter_cast(v: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _interpreter_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """torch_fp8_quantize with the interpreter's cast in place of torch's."""
-    return _interpreter_cast((x.float() * torch_fp8_inverse(scale)).clamp(-448.0, 448.0))
-
-
-@pytest.fixture
-def ref(monkeypatch):
-    """The reference module; under the interpreter its final fp8 cast is the interpreter's."""
-    if triton_interpret():
-        monkeypatch.setattr(reference, "torch_fp8_quantize", _interpreter_quantize)
-    return reference
-
-
 def odd_x(M: int, K: int, seed: int = 0, device="cpu") -> torch.Tensor:
     """bf16 rows with the awkward cases: zeros, values at and past the E4M3 limit, huge dynamic
     range (E4M3 subnormals and underflow to zero), signed zeros, a constant row."""
@@ -81,7 +62,7 @@ def odd_x(M: int, K: int, seed: int = 0, device="cpu") -> torch.Tensor:
     return rows_with_specials(M, K, patterns, seed).to(device)
 
 
-# ---- the interpreter's cast: what the `ref` fixture hides ----------------------------------------
+# ---- the interpreter's cast: what `tl_fp8_quantize_by`'s grid rounding works around -------------
 
 
 @pytest.mark.skipif(not triton_interpret(), reason="only the interpreter's cast is off")
@@ -95,7 +76,7 @@ def test_interpreter_cast_bug_is_the_known_one():
     spacing = torch.ldexp(torch.ones_like(v), torch.frexp(v.abs())[1].clamp(min=-5) - 4)  # E4M3 ulp at |v|
     tie = (v - torchs).abs() == spacing / 2  # exactly halfway: the interpreter rounds away from zero
     subnormal = v.abs() < 2.0**-6
-    assert diff.any(), "interpreter cast now matches torch: drop the `ref` fixture's swap"
+    assert diff.any(), "interpreter cast now matches torch: drop the grid rounding in tl_fp8_quantize_by"
     assert not (diff & ~(carry | tie | subnormal)).any(), v[diff & ~(carry | tie | subnormal)][:5]
     assert torch.equal(ours[diff & carry & ~subnormal], torchs[diff & carry & ~subnormal] / 2)
 
@@ -161,7 +142,7 @@ def test_quantize_is_x_times_ieee_inverse(device):
     finite bf16 x (signed zeros, subnormals, up to 3.4e38, so that most scales saturate some)
     at powers of two from the floor 2^-126 to 2^120, the all-ones significand, scales either
     side of 2^-60 (below it the inverse is taken on the scale times 2^64) and random ones.
-    GPU: 584 scales and torch's cast; CPU: 40, the interpreter's cast (as fixture `ref`) and
+    GPU: 584 scales; CPU (the interpreter, rounding to the E4M3 grid before its cast): 40 and
     no subnormal x."""
     gen = torch.Generator().manual_seed(0)
     x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
@@ -180,9 +161,7 @@ def test_quantize_is_x_times_ieee_inverse(device):
     x = x.to(device)
     q = torch.empty(scale.numel(), x.numel(), dtype=FP8_DTYPE, device=device)
     _quantize_kernel[(triton.cdiv(x.numel(), 4096), scale.numel())](x, scale, q, x.numel(), BLOCK=4096)
-    quantize = _interpreter_quantize if triton_interpret() else torch_fp8_quantize
-    expected = quantize(x[None, :], scale[:, None])
-    assert_same([q], [expected])
+    assert_same([q], [torch_fp8_quantize(x[None, :], scale[:, None])])
 
 
 # ---- references against an independent definition ---------------------------------------------
@@ -208,10 +187,10 @@ def _assert_dequantizes(q, scale, x):
 def test_reference_rows_definition(block_k, pow2):
     x = odd_x(29, 384)
     q, scale = reference.torch_quantize_rows(x, block_k, pow2)
-    x_MSB = x.float().view(29, -1, block_k or 384)
-    expected = _scale64(x_MSB.abs().amax(-1), pow2)
+    spans = x.float().view(29, -1, block_k or 384)  # (M, Kb, span): each row's scale spans
+    expected = _scale64(spans.abs().amax(-1), pow2)
     assert torch.equal(scale.view(expected.shape), expected)
-    _assert_dequantizes(q.float().view(x_MSB.shape), scale.view(29, -1, 1), x_MSB)
+    _assert_dequantizes(q.float().view(spans.shape), scale.view(29, -1, 1), spans)
     assert torch.equal(q[1].float(), torch.zeros(384)) and torch.all(scale[1] == 1)  # zero row
     saturated = torch_fp8_quantize(torch.tensor([500.0, -1e9, 448.0]), torch.tensor(1.0))
     assert saturated.float().tolist() == [448, -448, 448]  # saturating, never NaN
@@ -222,7 +201,7 @@ def test_reference_cols_grouped_definition(block_m, align):
     sizes = SIZES + [2]
     x, ends = odd_x(sum(sizes) + 4, 128), group_ends(sizes)  # 4 rows past the last group
     x[1:16] = 0  # the group of 15 is all zeros
-    qt, scale, padded_end, amax = reference.torch_quantize_cols_grouped(x, ends, align, block_m, False, None, True)
+    qt, scale, padded_end = reference.torch_quantize_cols_grouped(x, ends, align, block_m, False, None)
     P = round_up(x.shape[0], align) + len(sizes) * align
     assert qt.shape == (128, P) and padded_end.dtype == torch.int32
     assert padded_end.tolist() == torch.tensor([round_up(s, align) for s in sizes]).cumsum(0).tolist()
@@ -235,7 +214,6 @@ def test_reference_cols_grouped_definition(block_m, align):
             assert torch.equal(scale[:, e], _scale64(x_g.abs().amax(1) if size else torch.zeros(128), False))
             scale_KP[:, pstart : pstart + size] = scale[:, e : e + 1]
         _assert_dequantizes(qt[:, pstart : pstart + size].float(), scale_KP[:, pstart : pstart + size], x_g)
-        assert amax[e] == (x_g.abs().max() if size else 0)
         written[pstart : pstart + size] = True
     assert torch.all(qt.view(torch.uint8)[:, ~written] == 0)  # padding and the tail: exact zeros
 
@@ -277,7 +255,7 @@ def test_reference_weight_definition(mode):
         (5, 9000, 0, True, False),  # longer than _MAX_ROW_IN_REGISTERS: two passes over the row
     ],
 )
-def test_quantize_rows(ref, monkeypatch, M, K, block_k, pow2, gather):
+def test_quantize_rows(monkeypatch, M, K, block_k, pow2, gather):
     import kernels.quantize as kq
 
     monkeypatch.setattr(kq, "_SPAN_FIRST", not pow2)  # both grid orders of the 1x128 tiles
@@ -285,8 +263,7 @@ def test_quantize_rows(ref, monkeypatch, M, K, block_k, pow2, gather):
     idx = torch.randint(0, M + 3, (M,), generator=torch.Generator().manual_seed(M)) if gather else None
     if not gather:
         x = x[:M]
-    expected = ref.torch_quantize_rows(x, block_k, pow2, idx)
-    assert_same(quantize_rows(x, block_k, pow2, idx), expected)
+    assert_same(quantize_rows(x, block_k, pow2, idx), reference.torch_quantize_rows(x, block_k, pow2, idx))
 
 
 @pytest.mark.parametrize(
@@ -298,15 +275,14 @@ def test_quantize_rows(ref, monkeypatch, M, K, block_k, pow2, gather):
         (128, 128, True, False, 5, 128),
     ],
 )
-def test_quantize_cols_grouped(ref, block, align, pow2, gather, tail, K):
+def test_quantize_cols_grouped(block, align, pow2, gather, tail, K):
     x = odd_x(sum(SIZES) + tail, K)
     x[1:16] = 0  # an all-zero group
     ends = group_ends(SIZES, dtype=torch.int64 if gather else torch.int32)
     idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(3)) if gather else None
-    args = (x, ends, align, block, pow2, idx, True)
-    expected = ref.torch_quantize_cols_grouped(*args)
-    assert_same(tuple(quantize_cols_grouped(*args)), expected)
-    assert_same(tuple(quantize_rows_and_cols_grouped(*args)), ref.torch_quantize_rows_and_cols_grouped(*args))
+    args = (x, ends, align, block, pow2, idx)
+    assert_same(tuple(quantize_cols_grouped(*args)), reference.torch_quantize_cols_grouped(*args))
+    assert_same(tuple(quantize_rows_and_cols_grouped(*args)), reference.torch_quantize_rows_and_cols_grouped(*args))
 
 
 @pytest.mark.parametrize("strip", [(16, 32, 1, 2), (32, 64, 2, 3), None])
@@ -314,7 +290,7 @@ def test_quantize_cols_grouped(ref, block, align, pow2, gather, tail, K):
     "align, pow2, gather, tail, K",
     [(16, False, False, 3, 200), (32, True, True, 0, 96), (128, False, True, 5, 384), (16, True, False, 0, 32)],
 )
-def test_quantize_cols_grouped_rowwise_paths(ref, monkeypatch, strip, align, pow2, gather, tail, K):
+def test_quantize_cols_grouped_rowwise_paths(monkeypatch, strip, align, pow2, gather, tail, K):
     """Rowwise columns only, both kernels: the strip kernel (a program per group x column block,
     sweeping the group's rows twice; tiles taller and shorter than some groups, column blocks
     past K) and the two passes, chosen by the mean group size (`_STRIP_CONFIGS`)."""
@@ -326,11 +302,8 @@ def test_quantize_cols_grouped_rowwise_paths(ref, monkeypatch, strip, align, pow
     x[1:16] = 0  # an all-zero group
     ends = group_ends(SIZES)
     idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(5)) if gather else None
-    for return_amax in (True, False):
-        args = (x, ends, align, 0, pow2, idx, return_amax)
-        expected = ref.torch_quantize_cols_grouped(*args)
-        out = tuple(quantize_cols_grouped(*args))
-        assert_same(out if return_amax else out[:3], expected if return_amax else expected[:3])
+    args = (x, ends, align, 0, pow2, idx)
+    assert_same(tuple(quantize_cols_grouped(*args)), reference.torch_quantize_cols_grouped(*args))
 
 
 def test_strip_config_by_mean_group():
@@ -349,7 +322,7 @@ def test_strip_config_by_mean_group():
     [((128, 128, 32, 1, 4), True), ((128, 128, 128, 1, 4), False), ((128, 128, 128, 2, 8), True),
      ((128, 64, 128, 1, 2), True)],
 )  # fmt: skip
-def test_quantize_grouped_blockwise_tiles(ref, monkeypatch, tile, k_major):
+def test_quantize_grouped_blockwise_tiles(monkeypatch, tile, k_major):
     """The blockwise programs' two forms: 32-row slices swept twice, and the whole 128-token tile
     kept in registers (ONE_SLICE), with several column blocks per program, in both grid orders;
     the tail rows and the gather included."""
@@ -361,41 +334,40 @@ def test_quantize_grouped_blockwise_tiles(ref, monkeypatch, tile, k_major):
     ends = group_ends(SIZES)
     idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(4))
     for gather in (None, idx):
-        args = (x, ends, 128, 128, False, gather, True)
-        assert_same(tuple(quantize_cols_grouped(*args)), ref.torch_quantize_cols_grouped(*args))
-        assert_same(tuple(quantize_rows_and_cols_grouped(*args)), ref.torch_quantize_rows_and_cols_grouped(*args))
+        args = (x, ends, 128, 128, False, gather)
+        assert_same(tuple(quantize_cols_grouped(*args)), reference.torch_quantize_cols_grouped(*args))
+        expected = reference.torch_quantize_rows_and_cols_grouped(*args)
+        assert_same(tuple(quantize_rows_and_cols_grouped(*args)), expected)
 
 
 @pytest.mark.parametrize("block", [0, 128])
-def test_quantize_grouped_empty_and_single(ref, block):
+def test_quantize_grouped_empty_and_single(block):
     align = 128 if block else 16
     for sizes, M in [([0, 0, 0], 0), ([1], 1), ([0, 0], 2)]:  # M=0; one row; every row past the groups
         x = odd_x(M, 128)
-        args = (x, group_ends(sizes), align, block, False, None, False)
+        args = (x, group_ends(sizes), align, block, False, None)
         out = quantize_rows_and_cols_grouped(*args)
-        assert out.amax_E is None
-        expected = ref.torch_quantize_rows_and_cols_grouped(*args)
-        assert_same(tuple(out)[:5], expected[:5])
-        assert_same(tuple(quantize_cols_grouped(*args))[:3], ref.torch_quantize_cols_grouped(*args)[:3])
+        assert_same(tuple(out), reference.torch_quantize_rows_and_cols_grouped(*args))
+        assert_same(tuple(quantize_cols_grouped(*args)), reference.torch_quantize_cols_grouped(*args))
 
 
 @pytest.mark.parametrize("mode", ["rowwise", "blockwise", "tensorwise"])
 @pytest.mark.parametrize("pow2", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_quantize_weight(ref, mode, pow2, dtype):
+def test_quantize_weight(mode, pow2, dtype):
     E, N, K = (3, 256, 384) if mode == "blockwise" else (2, 72, 200)
     w = odd_x(E * N, K).view(E, N, K).to(dtype)
     if dtype == torch.float32:  # values between the bf16 grid points
         w = w * (1 + 1e-3 * torch.rand(w.shape, generator=torch.Generator().manual_seed(1)))
     w[1] = 0  # an all-zero expert
-    assert_same(tuple(quantize_weight(w, mode, pow2)), ref.torch_quantize_weight(w, mode, pow2))
+    assert_same(tuple(quantize_weight(w, mode, pow2)), reference.torch_quantize_weight(w, mode, pow2))
     # round_bf16: an fp32 master quantizes exactly as its bf16 copy (a no-op on bf16 input)
     rounded = tuple(quantize_weight(w, mode, pow2, round_bf16=True))
-    assert_same(rounded, ref.torch_quantize_weight(w, mode, pow2, round_bf16=True))
-    assert_same(rounded, ref.torch_quantize_weight(w.to(torch.bfloat16), mode, pow2))
+    assert_same(rounded, reference.torch_quantize_weight(w, mode, pow2, round_bf16=True))
+    assert_same(rounded, reference.torch_quantize_weight(w.to(torch.bfloat16), mode, pow2))
 
 
-def test_quantize_weight_amax_steps(ref, monkeypatch):
+def test_quantize_weight_amax_steps(monkeypatch):
     """The amax pass's multi-block programs (KSTEPS > 1, a ragged last one), at a tiny size."""
     import kernels.quantize_weight as kw
 
@@ -404,9 +376,9 @@ def test_quantize_weight_amax_steps(ref, monkeypatch):
     w = odd_x(2 * 72, 200).view(2, 72, 200)
     w32 = w.float() * (1 + 1e-3 * torch.rand(w.shape, generator=torch.Generator().manual_seed(2)))
     for mode in ("rowwise", "tensorwise"):
-        assert_same(tuple(quantize_weight(w, mode, True)), ref.torch_quantize_weight(w, mode, True))
+        assert_same(tuple(quantize_weight(w, mode, True)), reference.torch_quantize_weight(w, mode, True))
         got = tuple(quantize_weight(w32, mode, True, round_bf16=True))
-        assert_same(got, ref.torch_quantize_weight(w32, mode, True, round_bf16=True))
+        assert_same(got, reference.torch_quantize_weight(w32, mode, True, round_bf16=True))
 
 
 def test_bad_arguments():
@@ -438,11 +410,11 @@ def test_cpu_path_without_interpreter_is_the_reference(monkeypatch):
 def test_custom_ops_trace():
     """register_fake matches the kernels (opcheck), and torch.compile traces the public API."""
     x, ends = odd_x(20, 128), group_ends([5, 0, 15])
-    torch.library.opcheck(triton_quantize_rows, (x, 128, False, None), test_utils=("test_schema", "test_faketensor"))
-    for op in (triton_quantize_cols_grouped, triton_quantize_rows_and_cols_grouped):
-        torch.library.opcheck(op, (x, ends, 16, 0, True, None, True), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(quantize_rows.op, (x, 128, False, None), test_utils=("test_schema", "test_faketensor"))
+    for op in (quantize_cols_grouped.op, quantize_rows_and_cols_grouped.op):
+        torch.library.opcheck(op, (x, ends, 16, 0, True, None), test_utils=("test_schema", "test_faketensor"))
     w = x.view(1, 20, 128)
-    torch.library.opcheck(triton_quantize_weight, (w, "rowwise", False), test_utils=("test_faketensor",))
+    torch.library.opcheck(quantize_weight.op, (w, "rowwise", False), test_utils=("test_faketensor",))
 
     @torch.compile(backend="aot_eager", fullgraph=True)
     def fwd_input(x, ends):
@@ -488,7 +460,7 @@ def test_quantize_grouped_gpu(K, E, block):
     idx = torch.randperm(M, device="cuda")
     align = 128 if block else 16
     for pow2, gather in [(False, False), (True, True)]:
-        args = (x, ends, align, block, pow2, idx if gather else None, True)
+        args = (x, ends, align, block, pow2, idx if gather else None)
         assert_same(tuple(quantize_cols_grouped(*args)), reference.torch_quantize_cols_grouped(*args))
         expected = reference.torch_quantize_rows_and_cols_grouped(*args)
         assert_same(tuple(quantize_rows_and_cols_grouped(*args)), expected)

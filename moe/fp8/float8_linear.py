@@ -1,7 +1,7 @@
 """Float8Linear: nn.Linear whose three GEMMs run in FP8 (E4M3 forward, E4M3 or E5M2 gradients).
 
-Legend: M rows (all leading dims of x flattened), K in_features, N out_features,
-O operands with delayed scales (0: x, 1: dy), L amax history length.
+Shape letters (README.md): M rows (all leading dims of x flattened), K in_features (the forward's
+reduction dim), N out_features, O operands with delayed scales (0: x, 1: dy), L amax-history length.
 
 Same constructor arguments and parameters as nn.Linear (plus `recipe`), so a converter swaps one
 for the other with the same Parameter objects (moe/fp8/linear_convert.py); state dicts and
@@ -28,6 +28,10 @@ precision. M (tokens) is the user's batch shape: the forward and dgrad GEMMs tak
 rows), but wgrad contracts over M, so its two operands (dy^T and x^T, both FP8 copies made for
 it anyway) get zero columns up to the next multiple of 16, exact for every recipe (zeros change
 no amax and add nothing to the sum). The CPU emulation checks the same constraints.
+
+On a CPU the quantizers are the kernels' entry points as everywhere (kernels/dispatch.py: their
+torch references, or the Triton kernels under TRITON_INTERPRET, bitwise the same), and the GEMMs
+the one CPU emulation of a scaled GEMM (kernels/reference_gemm.py).
 """
 
 from __future__ import annotations
@@ -37,17 +41,13 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from kernels.common import FP32_MIN_NORMAL
+from kernels.common import FP32_MIN_NORMAL, dequantize
 from kernels.quantize import quantize_rows
 from kernels.quantize_tensor import quantize_tensor
-from kernels.reference import torch_quantize_rows, torch_quantize_tensor
+from kernels.reference_gemm import emulated_grouped_mm
 from moe.fp8.recipe import Float8LinearRecipe
 from moe.fp8.weight_cache import WeightCache
 
-# _cpu_note: on CPU tensors the casts are the kernels' pure-torch references, even under
-# TRITON_INTERPRET: the interpreter's fp32 -> fp8 cast mis-rounds ~2.5% of random elements
-# (kernels/common.py), 5-6% relative error, which would swamp the emulation comparison. The
-# kernels are tested against the references on their own (tests/test_kernels_*.py).
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 _X, _DY = 0, 1  # rows of amax_history_OL / scale_O
 GEMM_ALIGN = 16  # torch._scaled_mm: mat1's inner dim and both of mat2's dims
@@ -129,24 +129,27 @@ def _hardware_scaled_mm(a: Fp8Operand, b: Fp8Operand, out_dtype: torch.dtype, ro
 
 
 def _emulated_scaled_mm(a: Fp8Operand, b: Fp8Operand, out_dtype: torch.dtype, rowwise: bool) -> torch.Tensor:
-    """Dequantize and multiply in fp32: what the hardware computes, up to accumulation order."""
+    """Dequantize and multiply in fp32: what the hardware computes, up to accumulation order. b
+    is read as the (N, K) weight layout it views (`b.q.t()`, its scale (N, 1) or ())."""
     with torch.autocast(a.q.device.type, enabled=False):
-        return _cast((a.q.float() * a.scale) @ (b.q.float() * b.scale), out_dtype)
+        b_NK = dequantize(b.q.t(), b.scale.t())
+        return _cast(emulated_grouped_mm(dequantize(a.q, a.scale), b_NK), out_dtype)
 
 
-def _cols_padded(q_RC: torch.Tensor) -> torch.Tensor:
-    """A row-major copy of FP8 q_RC (any strides) with zero columns up to a multiple of 16.
+def _cols_padded(q_MK: torch.Tensor) -> torch.Tensor:
+    """A row-major copy of FP8 q_MK (any strides) with zero columns up to a multiple of 16: M
+    rows of a GEMM operand, K its reduction dim.
 
     For wgrad's operands, which contract over the token dim. At most one copy, padded or not (the
     transpose the caller needs anyway), through uint8 views: an FP8 zero is the byte 0 in both
     formats.
     """
-    R, C = q_RC.shape
-    pad = -C % GEMM_ALIGN
+    M, K = q_MK.shape
+    pad = -K % GEMM_ALIGN
     if pad == 0:
-        return q_RC.contiguous()
-    u8 = q_RC.view(torch.uint8)
-    return torch.cat([u8, u8.new_zeros(R, pad)], dim=1).view(q_RC.dtype)
+        return q_MK.contiguous()
+    u8 = q_MK.view(torch.uint8)
+    return torch.cat([u8, u8.new_zeros(M, pad)], dim=1).view(q_MK.dtype)
 
 
 def quantize_tensorwise(
@@ -156,17 +159,17 @@ def quantize_tensorwise(
     if scale is None:
         # A separate read for the amax: the scale must exist before the first element is cast.
         scale = amax_to_scale(x.abs().amax(), torch.finfo(fp8_dtype).max)
-    quantize = quantize_tensor if x.is_cuda else torch_quantize_tensor  # CPU: see _cpu_note
-    q, amax = quantize(x, scale.reshape(()).float(), fp8_dtype)
+    q, amax = quantize_tensor(x, scale.reshape(()).float(), fp8_dtype)
     # q row-major (the kernel writes it so; the CPU reference keeps a transposed input's strides).
     return Fp8Operand(q.contiguous(), scale.reshape(()).float()), amax
 
 
-def quantize_rowwise(x_RC: torch.Tensor) -> Fp8Operand:
-    """E4M3 rows of x_RC with a scale per row, scale shaped (R, 1) (a's side of scaled_mm).
+def quantize_rowwise(x_MK: torch.Tensor) -> Fp8Operand:
+    """E4M3 rows of x_MK (M rows of a GEMM operand, K its reduction dim) with a scale per row,
+    scale shaped (M, 1) (a's side of scaled_mm).
     q row-major (the kernel writes it so; the CPU reference keeps a transposed input's strides)."""
-    q, scale_R = (quantize_rows if x_RC.is_cuda else torch_quantize_rows)(x_RC)
-    return Fp8Operand(q.contiguous(), scale_R.unsqueeze(1))
+    q, scale_M = quantize_rows(x_MK)
+    return Fp8Operand(q.contiguous(), scale_M.unsqueeze(1))
 
 
 class QuantizedLinearWeight(NamedTuple):

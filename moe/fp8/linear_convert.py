@@ -9,6 +9,8 @@ whose in/out features are not multiples of 16 (torch._scaled_mm's alignment, see
 moe/fp8/float8_linear.py); the latter are named in a warning on the "fp8moe" logger, since they
 stay in high precision. A custom filter that picks such a Linear gets a ValueError naming it.
 The router is not an nn.Linear (it owns its gate weight), so it is never swapped.
+
+Shape letters (README.md): O operands with delayed scales (x, dy), L amax-history length.
 """
 
 from __future__ import annotations

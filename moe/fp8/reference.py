@@ -1,6 +1,7 @@
 """Pure-torch emulation of the FP8 GroupedMLP recipe, forward and backward, written out step by step.
 
-Legend: M routed rows, H hidden, F expert FFN, X = 2F (SwiGLU) or F (GELU), E experts.
+Shape letters (README.md): M routed rows, H hidden size, F expert FFN hidden size, X GEMM1's
+output width: 2F (SwiGLU) or F (GELU), E experts.
 
 Independent of the kernels and of moe/fp8/grouped_mlp.py: every FP8 operand is quantized and
 dequantized in fp32 by the scale rule of kernels/common.py, GEMMs run in fp32 per expert, and
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.common import FP8_DTYPE, FP8_MAX
+from kernels.common import FP8_DTYPE, FP8_MAX, FP32_MIN_NORMAL
 from moe.experts import activation_fn
 from moe.fp8.recipe import Fp8Recipe
 
@@ -22,7 +23,7 @@ def _scale(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
     scale = amax.float() / FP8_MAX
     if pow2:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    scale = scale.clamp_min(2.0**-126)  # the kernels' floor (kernels/common.py)
+    scale = scale.clamp_min(FP32_MIN_NORMAL)  # the kernels' floor (kernels/common.py)
     return torch.where(amax > 0, scale, torch.ones_like(scale))
 
 
@@ -39,10 +40,8 @@ def fake_quant_lastdim(x: torch.Tensor, tile: int, pow2: bool) -> torch.Tensor:
 def fake_quant_weight(w_ENK: torch.Tensor, recipe: Fp8Recipe, along: str) -> torch.Tensor:
     """Weights: rowwise scales along the GEMM's reduction dim `along` ('K' = last, 'N' = middle);
     blockwise 128x128 blocks, the same blocks for either orientation. Quantized as the fast
-    path does: from the parameter's bf16 copy, every recipe. (With this emulation quantizing the
-    fp32 values while the module quantized the bf16 copy, an H200 test put the block's output
-    3.5% from it; with both on the bf16 copy every stage agreed there: same FP8 bytes for x and
-    w, GEMM1 within bf16 rounding, 2 of 3.1M activation bytes apart.)"""
+    path does: from the parameter's bf16 copy, every recipe (quantizing the fp32 values here
+    instead put the block's output 3.5% from the module's, H200)."""
     w_ENK = w_ENK.to(torch.bfloat16)
     if recipe.block:
         E, N, K = w_ENK.shape

@@ -1,0 +1,77 @@
+"""The one place that chooses, for every kernel entry point, between its Triton launcher and its
+pure-torch reference.
+
+    quantize_rows = kernel_op("quantize_rows", triton_quantize_rows, fake, torch_quantize_rows)
+    quantize_rows(x_MK, ...)     what callers use
+    quantize_rows.op             the registered torch.library custom op, fp8moe::quantize_rows
+
+A call takes one of three paths:
+- the reference (`torch_x`, kernels/reference*.py) where the kernel does not run: plain CPU
+  tensors outside Triton's interpreter (`use_triton`: the documented CPU path of tests and the
+  tiny CPU model, never a fallback from a GPU), or what an entry point's own `use_kernel`
+  turns away (fp64 rows for gradcheck);
+- the custom op while torch.compile traces: its fake implementation gives the graph the output
+  shapes and dtypes without running anything;
+- else the launcher (`triton_x`) itself: in eager mode the custom op's dispatch would cost
+  ~15 us of host time a call, which a host-bound MoE layer feels (bench/NOTES.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Generic, TypeVar
+
+import torch
+
+from kernels.common import use_triton
+
+R = TypeVar("R")
+
+
+def _first_on_triton(x: torch.Tensor, *args: Any, **kwargs: Any) -> bool:
+    return use_triton(x)
+
+
+class KernelOp(Generic[R]):
+    """A kernel entry point: `kernel_op`'s result, called like the launcher it wraps."""
+
+    def __init__(
+        self,
+        name: str,
+        launcher: Callable[..., Any],
+        fake: Callable[..., Any],
+        reference: Callable[..., Any],
+        use_kernel: Callable[..., bool],
+        result: Callable[[Any], R] | None,
+    ) -> None:
+        self.op = torch.library.custom_op(f"fp8moe::{name}", launcher, mutates_args=())
+        self.op.register_fake(fake)
+        self.launcher, self.reference = launcher, reference
+        self._use_kernel, self._result = use_kernel, result
+        self.__name__, self.__doc__, self.__wrapped__ = name, launcher.__doc__, launcher
+
+    def __call__(self, *args: Any, **kwargs: Any) -> R:
+        if not self._use_kernel(*args, **kwargs):
+            out = self.reference(*args, **kwargs)
+        elif torch.compiler.is_compiling():
+            out = self.op(*args, **kwargs)
+        else:
+            out = self.launcher(*args, **kwargs)
+        return out if self._result is None else self._result(out)
+
+
+def kernel_op(
+    name: str,
+    launcher: Callable[..., Any],
+    fake: Callable[..., Any],
+    reference: Callable[..., Any],
+    *,
+    use_kernel: Callable[..., bool] = _first_on_triton,
+    result: Callable[[Any], R] | None = None,
+) -> KernelOp[R]:
+    """Register `launcher` as the custom op fp8moe::<name> (`fake` its shape function) and return
+    the entry point. launcher, fake and reference take the same arguments; launcher's type hints
+    give the op's schema and its docstring is the entry point's. use_kernel(*args, **kwargs):
+    whether the kernel takes this call (default: the first argument is on a GPU or under the
+    interpreter). result: applied to every path's output (e.g. a NamedTuple's constructor: a
+    custom op returns plain tuples)."""
+    return KernelOp(name, launcher, fake, reference, use_kernel, result)

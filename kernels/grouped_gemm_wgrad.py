@@ -1,0 +1,197 @@
+"""The 2d x 2d FP8 grouped GEMM of the weight gradients: out_ENK[e] = a_NP[:, tokens of e] @
+b_KP[:, tokens of e].T, with blockwise scales (one per 128-token tile) or the rowwise recipe's
+(one per row and expert group). The 2d x 3d GEMM, the scale promotion and the memory path that
+both share: kernels/grouped_gemm.py.
+
+Shape letters (README.md): N, K the output's dims (rows of a and b), E experts, P padded rows
+(the reduction dim here: each expert's tokens start at a multiple of 128); Pb = P // 128.
+
+Schedule: the tile set E x cdiv(N, BM) x cdiv(K, 128 SPLIT_N) is static, one program per tile
+(the block scheduler balances experts of different token counts); only the expert's token range
+is read on device. An expert without tokens runs no K step and writes its zero block.
+
+Rowwise weight gradients keep the per-128 promotion (acc += dot: one FADD per element; triton
+leaves fp8 dots with an imprecise-accumulation limit unfused with the add) and scale once, in the
+epilogue: their scales are constant over an expert's tokens. (Blockwise promotion costs an FMUL +
+FFMA per element and step there, which the CTA's wgmma waits on: 559 TFLOP/s at Mixtral against
+845 for the forward's one FFMA: torch.profiler over bench.moe_block, H200, commit ce4f306.)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.common import triton_interpret
+from kernels.contracts import check_grouped_mm_wgrad_args
+from kernels.dispatch import kernel_op
+from kernels.grouped_gemm import (
+    autotuned,
+    check_tma_aligned,
+    gemm_config,
+    launch_on_path,
+    run_gemm,
+    tensor_desc,
+    tl_load_tile,
+    tl_pin,
+    tl_swizzle,
+)
+from kernels.reference_gemm import torch_fp8_grouped_mm_wgrad, torch_fp8_grouped_mm_wgrad_rowwise
+
+
+def _wgrad_configs(interpret: bool) -> list[triton.Config]:
+    if interpret:  # one config: the interpreter cannot time anything
+        return [gemm_config(64, 1, 4, 1, group_m=2)]
+    return [gemm_config(128, 2, 8, 3), gemm_config(128, 1, 8, 4), gemm_config(64, 1, 4, 4)]
+
+
+@triton.jit
+def _fp8_grouped_mm_wgrad_kernel(
+    a, a_scale_ptr, b, b_scale_ptr, out_ptr, padded_end_ptr,
+    N, K, P,
+    stride_an, stride_bk,
+    stride_san, stride_sap, stride_sbk, stride_sbp,
+    stride_oe, stride_on,
+    BLOCK_M: tl.constexpr, SPLIT_N: tl.constexpr, GROUP_M: tl.constexpr,
+    USE_TMA: tl.constexpr, PIN: tl.constexpr, ROWWISE: tl.constexpr,
+):
+    """ROWWISE: scales (N, E) and (K, E), applied in the epilogue; else (N, P/128), (K, P/128)."""
+    BLOCK_K: tl.constexpr = 128
+    BLOCK_N: tl.constexpr = 128 * SPLIT_N
+    n_tiles = tl.cdiv(N, BLOCK_M)
+    k_tiles = tl.cdiv(K, BLOCK_N)
+    pid = tl.program_id(0)
+    e = pid // (n_tiles * k_tiles)
+    nt, kt = tl_swizzle(pid % (n_tiles * k_tiles), n_tiles, k_tiles, GROUP_M)
+    # token range of expert e in 128-token steps (ends are multiples of 128 by contract; stepping
+    # by index keeps offsets provably 128-aligned, which the pointer path needs to vectorize)
+    step_hi = tl.minimum(tl.load(padded_end_ptr + e), P) // BLOCK_K
+    step_lo = tl.minimum(tl.load(padded_end_ptr + e - 1, mask=e > 0, other=0) // BLOCK_K, step_hi)
+
+    n0 = nt * BLOCK_M
+    k0 = kt * BLOCK_N
+    rows = n0 + tl.arange(0, BLOCK_M)
+    cols_lo = k0 + tl.arange(0, 128)
+    cols_hi = cols_lo + 128
+    sa_ptrs = a_scale_ptr + rows.to(tl.int64) * stride_san
+    sb_lo_ptrs = b_scale_ptr + cols_lo.to(tl.int64) * stride_sbk
+    sb_hi_ptrs = b_scale_ptr + cols_hi.to(tl.int64) * stride_sbk
+    acc_lo = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
+    acc_hi = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
+    for ps in range(step_lo, step_hi):  # an expert with no tokens: zero steps, zero block
+        a_t = tl_load_tile(a, n0, ps * BLOCK_K, N, stride_an, BLOCK_M, BLOCK_K, USE_TMA)
+        b_lo = tl_load_tile(b, k0, ps * BLOCK_K, K, stride_bk, 128, BLOCK_K, USE_TMA)
+        if ROWWISE:
+            acc_lo += tl.dot(a_t, b_lo.T)
+        else:
+            # each 128-token step is one scale tile of both operands: promote by the outer
+            # product, (d * sa) * sb in place (a materialized sa x sb tile: 64 more registers)
+            sa = tl.load(sa_ptrs + ps * stride_sap, mask=rows < N, other=0.0)
+            sb_lo = tl.load(sb_lo_ptrs + ps * stride_sbp, mask=cols_lo < K, other=0.0)
+            acc_lo += (tl.dot(a_t, b_lo.T) * sa[:, None]) * sb_lo[None, :]
+        if SPLIT_N == 2:
+            acc_lo = tl_pin(acc_lo, PIN)
+            b_hi = tl_load_tile(b, k0 + 128, ps * BLOCK_K, K, stride_bk, 128, BLOCK_K, USE_TMA)
+            if ROWWISE:
+                acc_hi += tl.dot(a_t, b_hi.T)
+            else:
+                sb_hi = tl.load(sb_hi_ptrs + ps * stride_sbp, mask=cols_hi < K, other=0.0)
+                acc_hi += (tl.dot(a_t, b_hi.T) * sa[:, None]) * sb_hi[None, :]
+    if ROWWISE:  # this expert's scales: column e of (N, E) and (K, E)
+        sa_e = tl.load(sa_ptrs + e * stride_sap, mask=rows < N, other=0.0)[:, None]
+        acc_lo *= sa_e * tl.load(sb_lo_ptrs + e * stride_sbp, mask=cols_lo < K, other=0.0)[None, :]
+        if SPLIT_N == 2:
+            acc_hi *= sa_e * tl.load(sb_hi_ptrs + e * stride_sbp, mask=cols_hi < K, other=0.0)[None, :]
+
+    out_ptrs = (out_ptr + e.to(tl.int64) * stride_oe + rows[:, None].to(tl.int64) * stride_on
+                + cols_lo[None, :])
+    row_ok = (rows < N)[:, None]
+    tl.store(out_ptrs, acc_lo.to(out_ptr.dtype.element_ty), mask=row_ok & (cols_lo < K)[None, :])
+    if SPLIT_N == 2:
+        tl.store(out_ptrs + 128, acc_hi.to(out_ptr.dtype.element_ty),
+                 mask=row_ok & (cols_hi < K)[None, :])
+
+
+tuned_grouped_mm_wgrad = autotuned(
+    _fp8_grouped_mm_wgrad_kernel, _wgrad_configs(triton_interpret()), ["N", "K", "USE_TMA", "ROWWISE"]
+)
+
+
+def launch_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out, use_tma: bool, config: dict | None = None,
+                            rowwise: bool = False) -> None:  # fmt: skip
+    """Write out (E, N, K) in place, every block (zeros for experts without tokens); config: one
+    explicit autotune candidate's meta-parameters instead of the autotuner."""
+    (N, P), K, E = a_q.shape, b_q.shape[0], padded_end.shape[0]
+    a_q, b_q = a_q.contiguous(), b_q.contiguous()
+    a_arg, b_arg = (tensor_desc(a_q), tensor_desc(b_q)) if use_tma else (a_q, b_q)
+    # Blockwise: b's scales index the tile's columns in every K step; with stride 1 along K their
+    # addresses are immediates off one register; a runtime stride keeps 64 pointer registers live
+    # per 128 columns, and 128x256 tiles then spill ~500 bytes (ptxas -v). A (Pb, K) copy is
+    # 2 MB at most. (Rowwise reads them once, in the epilogue.)
+    if not rowwise and b_scale.stride(0) != 1 and K > 1:
+        b_scale = b_scale.t().contiguous().t()
+
+    def grid(meta):
+        return (E * triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(K, 128 * meta["SPLIT_N"]),)
+
+    args = (a_arg, a_scale, b_arg, b_scale, out, padded_end, N, K, P, P, P,
+            *a_scale.stride(), *b_scale.stride(), out.stride(0), out.stride(1))  # fmt: skip
+    if config is not None:
+        config = {k: v for k, v in config.items() if k != "PROGRAMS_PER_SM"}
+    run_gemm(tuned_grouped_mm_wgrad, grid, args, use_tma, config, ROWWISE=rowwise)
+
+
+def _launch_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise: bool) -> torch.Tensor:
+    """Both scalings' launchers, after their checks."""
+    E, N, K = padded_end.shape[0], a_q.shape[0], b_q.shape[0]
+    out = torch.empty(E, N, K, dtype=out_dtype, device=a_q.device)
+    if out.numel() == 0 or a_q.shape[1] == 0:
+        return out.zero_()
+    check_tma_aligned(a_q=a_q, b_q=b_q)
+    launch_on_path(
+        "fp8_grouped_mm_wgrad",
+        lambda tma: launch_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out, tma, rowwise=rowwise),
+    )
+    return out
+
+
+def triton_fp8_grouped_mm_wgrad(
+    a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor, padded_end: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:  # fmt: skip
+    """out (E, N, K): out[e] = sum over tokens p of group e of dequant(a)[:, p] dequant(b)[:, p]^T.
+
+    a_q (N, P) fp8 row-major (tokens contiguous), a_scale (N, Pb) fp32 (1x128 tiles along
+    tokens), b_q (K, P) fp8, b_scale (K, Pb) fp32, padded_end (E,) int32 cumulative group ends
+    along P, each a multiple of 128 (not checked: that would need a host sync), groups may be
+    empty (their block is written as zeros). P must be a multiple of 128.
+    """
+    check_grouped_mm_wgrad_args(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise=False)
+    return _launch_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise=False)
+
+
+def triton_fp8_grouped_mm_wgrad_rowwise(
+    a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor, padded_end: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:  # fmt: skip
+    """`fp8_grouped_mm_wgrad` with per-group row scales: a_scale (N, E), b_scale (K, E) (the
+    rowwise recipe's column copies), out[e] = (a_q[:, tokens of e] @ b_q[:, tokens of e].T)
+    * a_scale[:, e, None] * b_scale[None, :, e]. Writes fp32 directly, where CUTLASS's
+    `torch._scaled_grouped_mm` writes bf16 only (a cast and a bf16 copy held for fp32 masters).
+    """
+    check_grouped_mm_wgrad_args(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise=True)
+    return _launch_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise=True)
+
+
+def _fake_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype=torch.bfloat16):
+    return a_q.new_empty(padded_end.shape[0], a_q.shape[0], b_q.shape[0], dtype=out_dtype)
+
+
+fp8_grouped_mm_wgrad = kernel_op(
+    "fp8_grouped_mm_wgrad", triton_fp8_grouped_mm_wgrad, _fake_wgrad, torch_fp8_grouped_mm_wgrad
+)
+fp8_grouped_mm_wgrad_rowwise = kernel_op(
+    "fp8_grouped_mm_wgrad_rowwise", triton_fp8_grouped_mm_wgrad_rowwise, _fake_wgrad,
+    torch_fp8_grouped_mm_wgrad_rowwise,
+)  # fmt: skip
