@@ -1,4 +1,4 @@
-"""Expert-parallel dispatch + combine (moe.dispatch.AllToAllDispatcher) alone, BF16 vs FP8 payloads.
+"""Expert-parallel dispatch + combine (moe.all_to_all.AllToAllDispatcher) alone, BF16 vs FP8 payloads.
 
     torchrun --nproc_per_node 2 -m bench.all_to_all [--shapes mixtral_8x7b,deepseek_v3_ep8]
         [--payloads bf16,rowwise,blockwise] [--out PATH]
@@ -8,7 +8,8 @@ Every rank holds M routed rows of width H (bench.common.SHAPES) grouped by exper
 counts from seeded skewed routing (bench.moe_block.routed_counts, seed = rank, so ranks send
 different amounts); the EP group is all ranks, each owning E / world experts. The experts are the
 identity, so only the dispatcher is timed:
-  fwd      dispatch (counts all-to-all, the one host synchronisation for split sizes, the payload
+  fwd      dispatch (the gather of the rows in token order (here the identity permutation), the
+           counts all-to-all, the one host synchronisation for split sizes, the payload
            all-to-all, regrouping by local expert) then combine (BF16 all-to-all back), in the
            autograd Functions as the MoE layer calls them (grad enabled, no backward)
   fwd_bwd  the same, then backward: the reverse all-to-alls of the gradients (always BF16)
@@ -40,8 +41,9 @@ import torch.distributed as dist
 
 from bench.common import GIB, REPO, SHAPES, git_commit, print_table, write_json
 from bench.moe_block import routed_counts
-from moe.dispatch import AllToAllDispatcher
+from moe.all_to_all import AllToAllDispatcher
 from moe.fp8.recipe import Fp8Recipe
+from moe.permute import plan_permute
 
 PAYLOADS = ("bf16", "rowwise", "blockwise")
 # --tiny (CPU smoke test): (M rows per rank, H, F unused, E, activation unused).
@@ -104,13 +106,15 @@ def bench_one(shape: tuple, name: str, payload: str, device: torch.device, warmu
     disp = AllToAllDispatcher(dist.group.WORLD, E, recipe)
     counts = routed_counts(M, E, "skewed", seed=rank)
     counts_E = counts.to(device)
+    # Rows already grouped by expert, one assignment each: the identity permutation.
+    perm = plan_permute(torch.repeat_interleave(torch.arange(E, device=device), counts_E).view(-1, 1), E)
     gen = torch.Generator(device=device).manual_seed(rank)
     x = torch.randn(M, H, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
     dy = torch.randn(M, H, device=device, dtype=torch.bfloat16, generator=gen)
 
     def fwd():
-        x_local, _, meta = disp.dispatch(x, counts_E)
-        return disp.combine(x_local, meta)  # identity experts
+        inp, handle = disp.dispatch(x, perm, counts_E)
+        return disp.combine(inp.x, handle)  # identity experts
 
     def fwd_bwd():
         fwd().backward(dy)

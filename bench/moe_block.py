@@ -40,6 +40,7 @@ import statistics
 import torch
 
 from bench.common import SHAPES, GIB, REPO, print_table, run_info, time_ms, write_json
+from moe.dispatch import ExpertInput
 from moe.experts import GroupedMLP, activation_fn
 from moe.fp8.grouped_mlp import Fp8GroupedMLP
 from moe.fp8.recipe import Fp8Recipe
@@ -124,7 +125,7 @@ def bench_one(shape: str, impl: str, routing: str, weights: str = "fp32", profil
             for p in params:
                 p.grad = None
             with torch.autocast("cuda", torch.bfloat16):
-                y = run(x, counts_E)
+                y = run(ExpertInput(x, counts_E))
             y.backward(dy)
 
     step()  # compile / autotune outside the timing

@@ -15,7 +15,7 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 EXPERT_IMPLS = ("grouped_mm", "loop")
 
 
-def _check(ok: bool, msg: str) -> None:
+def require(ok: bool, msg: str) -> None:
     if not ok:
         raise ValueError(msg)
 
@@ -40,7 +40,8 @@ class MoEConfig:
     z_loss_coeff: float = 0.0  # router z-loss (ST-MoE)
     expert_bias: bool = False  # aux-loss-free balancing: a selection-only bias per expert
     expert_bias_update_rate: float = 1e-3  # bias += rate * sign(mean load - load) per step
-    # Token dropping: None is dropless (the default); else capacity = factor * T * K / E.
+    # Token dropping: None is dropless (the default); else capacity = factor * T * A / E (T tokens,
+    # A = top_k, E experts).
     capacity_factor: Optional[float] = None
     # Shared experts (DeepSeek / Qwen2-MoE): dense SwiGLU MLPs every token goes through.
     num_shared_experts: int = 0
@@ -50,45 +51,45 @@ class MoEConfig:
     expert_impl: str = "grouped_mm"
 
     def validate(self, prefix: str = "model.moe") -> None:
-        _check(self.num_experts >= 1, f"{prefix}.num_experts must be >= 1, got {self.num_experts}")
-        _check(
+        require(self.num_experts >= 1, f"{prefix}.num_experts must be >= 1, got {self.num_experts}")
+        require(
             1 <= self.top_k <= self.num_experts,
             f"{prefix}.top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}",
         )
-        _check(self.ffn_dim >= 1, f"{prefix}.ffn_dim must be >= 1, got {self.ffn_dim}")
-        _check(
+        require(self.ffn_dim >= 1, f"{prefix}.ffn_dim must be >= 1, got {self.ffn_dim}")
+        require(
             self.activation in ACTIVATIONS,
             f"{prefix}.activation must be one of {ACTIVATIONS}, got {self.activation!r}",
         )
-        _check(
+        require(
             self.score_func in SCORE_FUNCS,
             f"{prefix}.score_func must be one of {SCORE_FUNCS}, got {self.score_func!r}",
         )
-        _check(
+        require(
             self.expert_impl in EXPERT_IMPLS,
             f"{prefix}.expert_impl must be one of {EXPERT_IMPLS}, got {self.expert_impl!r}",
         )
-        _check(
+        require(
             self.num_groups >= 1 and self.num_experts % self.num_groups == 0,
             f"{prefix}.num_groups must divide num_experts={self.num_experts}, got {self.num_groups}",
         )
-        _check(
+        require(
             1 <= self.topk_groups <= self.num_groups,
             f"{prefix}.topk_groups must be in [1, num_groups={self.num_groups}], got {self.topk_groups}",
         )
         per_group = self.num_experts // self.num_groups
-        _check(
+        require(
             self.topk_groups * per_group >= self.top_k,
             f"{prefix}.topk_groups={self.topk_groups} groups of {per_group} experts hold fewer than "
             f"top_k={self.top_k} experts",
         )
         for name in ("aux_loss_coeff", "seq_aux_loss_coeff", "z_loss_coeff", "expert_bias_update_rate"):
-            _check(getattr(self, name) >= 0, f"{prefix}.{name} must be >= 0, got {getattr(self, name)}")
-        _check(
+            require(getattr(self, name) >= 0, f"{prefix}.{name} must be >= 0, got {getattr(self, name)}")
+        require(
             self.capacity_factor is None or self.capacity_factor > 0,
             f"{prefix}.capacity_factor must be null (dropless) or > 0, got {self.capacity_factor}",
         )
-        _check(
+        require(
             self.num_shared_experts >= 0 and self.shared_expert_ffn_dim >= 0,
             f"{prefix}.num_shared_experts and shared_expert_ffn_dim must be >= 0",
         )
@@ -125,25 +126,25 @@ class ModelConfig:
 
     def validate(self, prefix: str = "model") -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
-            _check(getattr(self, name) >= 1, f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")
-        _check(
+            require(getattr(self, name) >= 1, f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")
+        require(
             self.head_dim > 0 or self.dim % self.n_heads == 0,
             f"{prefix}.dim={self.dim} must be divisible by {prefix}.n_heads={self.n_heads} "
             f"(or set {prefix}.head_dim explicitly)",
         )
-        _check(
+        require(
             self.n_heads % self.n_kv_heads == 0,
             f"{prefix}.n_heads={self.n_heads} must be a multiple of {prefix}.n_kv_heads={self.n_kv_heads}",
         )
-        _check(
+        require(
             self.attn_head_dim % 2 == 0,
             f"{prefix}.head_dim must be even for RoPE, got {self.attn_head_dim}",
         )
-        _check(
+        require(
             0 <= self.first_k_dense <= self.n_layers,
             f"{prefix}.first_k_dense must be in [0, n_layers={self.n_layers}], got {self.first_k_dense}",
         )
-        _check(
+        require(
             self.first_k_dense == 0 or self.dense_ffn_dim >= 1,
             f"{prefix}.dense_ffn_dim must be >= 1 when first_k_dense > 0",
         )

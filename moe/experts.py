@@ -1,20 +1,20 @@
 """BF16 GroupedMLP: the routed experts of one MoE layer, all experts in one grouped GEMM pair.
 
-Legend: M routed rows (tokens already grouped by expert), H hidden, F expert FFN, E experts.
+Shape letters (README.md): M routed rows (grouped by expert), H hidden, F expert FFN, X = 2F
+(SwiGLU) or F (GELU), E experts.
 
-Contract (DESIGN.md): weights are stored like `nn.Linear`, per expert (out_features, in_features):
-    w1_EFH: (E, F, H) for GELU, (E, 2F, H) for SwiGLU with rows [0, F) the gate and [F, 2F) the up
+Weights are stored like `nn.Linear`, per expert (out_features, in_features):
+    w1_EXH: (E, 2F, H) for SwiGLU with rows [0, F) the gate and [F, 2F) the up; (E, F, H) for GELU
     w2_EHF: (E, H, F)
-`forward(x_MH, tokens_per_expert_E)` takes rows grouped by expert (any counts: zero, odd, not
-multiples of 16), returns (M, H), and never synchronises with the host. Rows past
-sum(tokens_per_expert) (tokens dropped by a capacity limit) come back as unspecified values; the
-unpermute step masks them. `forward(x_TH, tokens_per_expert_E, token_rows=meta)` takes the
-tokens before the permutation instead, with the `moe.permute.PermuteMeta` that groups them (the
-layer's path when no rows travel, EP=1): the BF16 experts gather the rows first
-(`moe.permute.gather_rows`), the FP8 ones (`gathers_tokens`) gather them inside their
-quantization, so FP8 bytes are what leaves the permutation.
+`forward(inp)` takes one `moe.dispatch.ExpertInput` (the rows grouped by expert, any counts: zero,
+odd, not multiples of 16, or the tokens and their permutation), returns (M, H), and never
+synchronises with the host. Rows past sum(tokens_per_expert) (tokens dropped by a capacity
+limit) come back as unspecified values; the unpermute step masks them.
 
-FP8 variants subclass this and override only `grouped_mlp`: same constructor, same parameters.
+`grouped_mlp(inp)` is the one seam an FP8 variant overrides, and the one place where each class
+says what it consumes: the BF16 experts compute on the rows (gathered from the tokens when they
+got tokens) and refuse FP8 rows; moe/fp8/grouped_mlp.py's gather inside their quantization and
+take FP8 rows as they come. Same constructor, same parameters.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.config import ACTIVATIONS, EXPERT_IMPLS
-from moe.permute import PermuteMeta, gather_rows
+from moe.dispatch import ExpertInput, compute_dtype
 
 
 def activation_fn(h_MX: torch.Tensor, activation: str) -> torch.Tensor:
@@ -35,13 +35,6 @@ def activation_fn(h_MX: torch.Tensor, activation: str) -> torch.Tensor:
         gate_MF, up_MF = h_MX.chunk(2, dim=-1)
         return F.silu(gate_MF) * up_MF
     return F.gelu(h_MX)
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the GEMMs run in: autocast's when it is on (fp32 master weights, bf16 compute)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def torch_grouped_mlp(
@@ -109,55 +102,25 @@ class GroupedMLP(nn.Module):
         nn.init.normal_(self.w1, std=init_std)
         nn.init.normal_(self.w2, std=init_std if out_std is None else out_std)
 
-    # Whether `grouped_mlp` can take rows the dispatcher already quantized (FP8 on the wire).
-    accepts_fp8_rows = False
-    # Whether `grouped_mlp` can take the tokens and gather their rows itself (token_rows=...).
-    gathers_tokens = False
+    def forward(self, inp: ExpertInput) -> torch.Tensor:
+        if inp.x.shape[1] != self.dim:
+            raise ValueError(f"experts expect x of shape (rows, {self.dim}), got {tuple(inp.x.shape)}")
+        if inp.tokens_per_expert_E.shape != (self.num_experts,):
+            raise ValueError(
+                f"tokens_per_expert must have shape ({self.num_experts},), got {tuple(inp.tokens_per_expert_E.shape)}"
+            )
+        return self.grouped_mlp(inp)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        tokens_per_expert_E: torch.Tensor,
-        x_fp8=None,
-        token_rows: PermuteMeta | None = None,
-    ) -> torch.Tensor:
-        """x: the permuted rows x_MH, or with token_rows the tokens x_TH they are gathered from.
-        x_fp8: optional `moe.dispatch.Fp8Rows`, x_MH's rows already quantized by an FP8
-        all-to-all dispatch (x_MH then holds their dequantized values); FP8 experts only."""
-        if x_fp8 is not None and not self.accepts_fp8_rows:
-            raise ValueError(f"{type(self).__name__} cannot take FP8 rows; FP8 dispatch needs FP8 experts")
-        if x_fp8 is not None and token_rows is not None:
-            raise ValueError("x_fp8 and token_rows exclude each other: FP8 rows arrive already permuted")
-        if x.dim() != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"experts expect x of shape (M, {self.dim}), got {tuple(x.shape)}")
-        if token_rows is not None and x.shape[0] != token_rows.num_tokens:
-            raise ValueError(
-                f"with token_rows, x must be the {token_rows.num_tokens} tokens they permute, got {x.shape[0]} rows"
-            )
-        if tokens_per_expert_E.shape != (self.num_experts,):
-            raise ValueError(
-                f"tokens_per_expert must have shape ({self.num_experts},), got {tuple(tokens_per_expert_E.shape)}"
-            )
-        dtype = compute_dtype(x)
-        if token_rows is not None and (self.impl == "loop" or not self.gathers_tokens):
-            x, token_rows = gather_rows(x, token_rows, dtype), None
+    def grouped_mlp(self, inp: ExpertInput) -> torch.Tensor:
+        """The seam an FP8 variant overrides: the experts' input -> (M, H) outputs."""
+        if inp.fp8 is not None:
+            raise ValueError(f"{type(self).__name__} cannot take FP8 rows: FP8 dispatch needs FP8 experts")
+        dtype = compute_dtype(inp.x)
+        x_MH = inp.rows(dtype)
+        w1_EXH, w2_EHF = self.w1.to(dtype), self.w2.to(dtype)
         if self.impl == "loop":
-            w1, w2 = self.w1.to(dtype), self.w2.to(dtype)
-            return loop_grouped_mlp(x.to(dtype), w1, w2, tokens_per_expert_E, self.activation)
-        group_end_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
-        if token_rows is not None:  # x stays in its dtype: the gathering quantizer casts it
-            return self.grouped_mlp(x, group_end_E, token_rows=token_rows)
-        x_MH = x.to(dtype)
-        if x_fp8 is not None:
-            return self.grouped_mlp(x_MH, group_end_E, x_fp8)
-        return self.grouped_mlp(x_MH, group_end_E)
-
-    def grouped_mlp(self, x_MH: torch.Tensor, group_end_E: torch.Tensor) -> torch.Tensor:
-        """The seam an FP8 variant overrides: (M, H) rows and cumulative group ends -> (M, H)."""
-        dtype = x_MH.dtype
-        return torch_grouped_mlp(
-            x_MH, self.w1.to(dtype), self.w2.to(dtype), group_end_E, self.activation
-        )
+            return loop_grouped_mlp(x_MH, w1_EXH, w2_EHF, inp.tokens_per_expert_E, self.activation)
+        return torch_grouped_mlp(x_MH, w1_EXH, w2_EHF, inp.group_end_E(), self.activation)
 
     def flops_per_row(self) -> int:
         """Forward FLOPs of one routed row (two GEMMs); x3 for forward + backward."""

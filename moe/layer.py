@@ -1,11 +1,11 @@
 """One MoE FFN layer: route -> permute -> dispatch -> experts -> combine -> unpermute (+ shared).
 
-Legend: B batch, S sequence, T = B*S tokens, K top-k, E experts, M = T*K routed rows, H hidden.
+Shape letters (README.md): B batch, S sequence, T = B*S tokens, A experts a token is routed to,
+E experts, M = T*A routed rows, H hidden.
 
-When no rows travel (EP=1, `LocalDispatcher.moves_rows` false) the experts get the tokens and the
-permutation rather than permuted rows: the FP8 experts gather the rows inside their quantization
-(permute + quantize in one pass), the BF16 ones gather them first. With expert parallelism the
-rows are gathered here, in the experts' compute dtype, and sent.
+The dispatcher decides what the experts get (moe/dispatch.py): with every expert local (EP=1) the
+tokens and their permutation, with expert parallelism the rows that arrived from other ranks.
+The layer itself does not branch on either, nor on FP8.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from moe.config import MoEConfig
-from moe.dispatch import LocalDispatcher
-from moe.experts import DenseMLP, GroupedMLP, compute_dtype
-from moe.permute import gather_rows, plan_permute, unpermute
+from moe.dispatch import Dispatcher, LocalDispatcher
+from moe.experts import DenseMLP, GroupedMLP
+from moe.permute import plan_permute, unpermute
 from moe.router import Router
 
 
@@ -40,8 +40,8 @@ class MoELayer(nn.Module):
             if cfg.num_shared_experts > 0
             else None
         )
-        # Expert parallelism replaces this (trainer/parallel); EP=1 moves nothing.
-        self.dispatcher = LocalDispatcher()
+        # Expert parallelism replaces this (trainer/parallel.py); EP=1 moves nothing.
+        self.dispatcher: Dispatcher = LocalDispatcher()
 
     def reset_parameters(self, init_std: float, out_std: float) -> None:
         self.router.reset_parameters(init_std)
@@ -54,15 +54,10 @@ class MoELayer(nn.Module):
         x_TH = x_BSH.reshape(B * S, H)
 
         route = self.router(x_TH, seq_len=S)
-        tokens_per_expert_E, perm = plan_permute(route.topk_ids_TK, self.num_experts)
-        if self.dispatcher.moves_rows:
-            x_MH = gather_rows(x_TH, perm, compute_dtype(x_TH))
-            x_MH, local_tokens_per_expert, dispatch = self.dispatcher.dispatch(x_MH, tokens_per_expert_E)
-            y_MH = self.experts(x_MH, local_tokens_per_expert, x_fp8=dispatch.x_fp8)
-            y_MH = self.dispatcher.combine(y_MH, dispatch)
-        else:
-            y_MH = self.experts(x_TH, tokens_per_expert_E, token_rows=perm)
-        out_TH = unpermute(y_MH, perm, route.topk_weights_TK)
+        perm = plan_permute(route.topk_ids_TA, self.num_experts)
+        expert_input, handle = self.dispatcher.dispatch(x_TH, perm, route.tokens_per_expert_E)
+        y_MH = self.dispatcher.combine(self.experts(expert_input), handle)
+        out_TH = unpermute(y_MH, perm, route.topk_weights_TA)
 
         if self.shared_experts is not None:
             out_TH = out_TH + self.shared_experts(x_TH)

@@ -1,6 +1,7 @@
 """LLaMa-style MoE decoder: embedding -> N x [RMSNorm -> attention -> RMSNorm -> FFN] -> norm -> head.
 
-Legend: B batch, S sequence, H hidden (dim), V vocab, N heads, G kv heads, D head dim.
+Shape letters (README.md): B batch, S sequence, H hidden (dim), V vocab, Q query heads, J key/value
+heads, D head dim, Y MoE layers, E experts.
 The file holds architecture only: parallelism, FP8 conversion and compilation are applied to a
 built model from outside (trainer/, moe/fp8/).
 """
@@ -41,11 +42,11 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> t
     return angles_SD.cos(), angles_SD.sin()
 
 
-def apply_rope(x_BNSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
-    S = x_BNSD.shape[2]
-    x1, x2 = x_BNSD.float().chunk(2, dim=-1)
+def apply_rope(x_BQSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
+    S = x_BQSD.shape[2]
+    x1, x2 = x_BQSD.float().chunk(2, dim=-1)
     cos, sin = cos_SD[:S], sin_SD[:S]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_BNSD.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_BQSD.dtype)
 
 
 class Attention(nn.Module):
@@ -76,7 +77,7 @@ class Attention(nn.Module):
         v = self.wv(x_BSH).view(B, S, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, N|G, S, D)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, Q|J, S, D)
         q, k = apply_rope(q, cos_SD, sin_SD), apply_rope(k, cos_SD, sin_SD)
         if self.n_kv_heads != self.n_heads:
             # Expanded views instead of enable_gqa: the flash kernel takes them on every torch we support.
@@ -117,7 +118,7 @@ class ModelOutput:
     logits: torch.Tensor | None  # (B, S, V), returned only without labels
     aux_loss: torch.Tensor  # sum of all router balancing losses (already weighted)
     aux_losses: dict[str, torch.Tensor]  # per kind, summed over layers (for logging)
-    tokens_per_expert_LE: torch.Tensor | None  # (MoE layers, E) routed counts, detached
+    tokens_per_expert_YE: torch.Tensor | None  # (MoE layers, E) routed counts, detached
 
 
 class MoETransformer(nn.Module):
@@ -173,13 +174,13 @@ class MoETransformer(nn.Module):
                 counts.append(tokens_per_expert_E)
         logits_BSV = self.output(self.norm(x_BSH))
         aux_loss = sum(aux_losses.values(), torch.zeros((), device=x_BSH.device))
-        counts_LE = torch.stack(counts) if counts else None
+        counts_YE = torch.stack(counts) if counts else None
         if labels_BS is None:
-            return ModelOutput(None, logits_BSV, aux_loss, aux_losses, counts_LE)
+            return ModelOutput(None, logits_BSV, aux_loss, aux_losses, counts_YE)
         loss = F.cross_entropy(
             logits_BSV.flatten(0, 1).float(), labels_BS.flatten(), ignore_index=-100
         )
-        return ModelOutput(loss, None, aux_loss, aux_losses, counts_LE)
+        return ModelOutput(loss, None, aux_loss, aux_losses, counts_YE)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> MoETransformer:

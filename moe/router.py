@@ -1,15 +1,16 @@
 """Router: score the experts for every token, pick the top-k, and compute the balancing losses.
 
-Shape letters: T tokens (B sequences of S tokens, flattened batch-major: t = b*S + s),
-E experts, K top-k, H hidden, G expert groups, N experts per group (E // G).
+Shape letters (README.md): T tokens (B sequences of S tokens, flattened batch-major: t = b*S + s),
+E experts, A experts a token is routed to (top-k), H hidden, G expert groups, I = E // G experts
+per group.
 
 The choices follow megatron-core's TopKRouter (checked against its functions in
 tests/test_router.py), with these deliberate differences:
 - group-limited top-k for softmax ranks groups by probabilities; megatron's default softmax path
   (top-k before the softmax) ranks them by logits. A group's score is, as in megatron, the sum of
-  its best K // topk_groups scores (DeepSeek-V3: top-2 of each of 8 groups), but at least 1.
-- norm_topk_prob renormalises also when K = 1 (the weight is then 1); megatron's sigmoid path
-  skips K = 1.
+  its best A // topk_groups scores (DeepSeek-V3: top-2 of each of 8 groups), but at least 1.
+- norm_topk_prob renormalises also when A = 1 (the weight is then 1); megatron's sigmoid path
+  skips A = 1.
 - the expert bias also works with softmax scores (megatron applies it to sigmoid only).
 - the losses are returned whenever their coefficient is > 0 (also in eval, for logging);
   megatron computes them only while training with gradients enabled.
@@ -24,7 +25,6 @@ import torch
 from torch import Tensor, nn
 
 from moe.config import MoEConfig
-from moe.permute import count_tokens_per_expert
 
 # Guards the division of sigmoid scores by their sum; megatron and DeepSeek-V3 use the same.
 _NORM_EPS = 1e-20
@@ -32,10 +32,22 @@ _NORM_EPS = 1e-20
 
 @dataclass(frozen=True)
 class RouterOutput:
-    topk_ids_TK: Tensor  # int64 (T, K); a dropped assignment (capacity) holds E
-    topk_weights_TK: Tensor  # fp32 (T, K); 0 where dropped; scaled; differentiable w.r.t. weight
+    topk_ids_TA: Tensor  # int64 (T, A); a dropped assignment (capacity) holds E
+    topk_weights_TA: Tensor  # fp32 (T, A); 0 where dropped; scaled; differentiable w.r.t. weight
     tokens_per_expert_E: Tensor  # int64 (E,), kept assignments per expert, detached
     aux_losses: dict[str, Tensor]  # fp32 scalars already times their coefficient, coeff > 0 only
+
+
+def count_tokens_per_expert(topk_ids_TA: Tensor, num_experts: int) -> Tensor:
+    """int64 (E,) count of the assignments to each expert; dropped ids (== E) are not counted.
+
+    A scatter-add into E + 1 bins rather than `torch.bincount`: bincount sizes its output from
+    the data's maximum, which costs a host synchronisation on a GPU.
+    """
+    counts_E1 = torch.zeros(num_experts + 1, dtype=torch.int64, device=topk_ids_TA.device)
+    ids_M = topk_ids_TA.reshape(-1)
+    counts_E1.scatter_add_(0, ids_M, torch.ones_like(ids_M, dtype=torch.int64))
+    return counts_E1[:num_experts]
 
 
 class _GateLogits(torch.autograd.Function):
@@ -70,7 +82,7 @@ class _GateLogits(torch.autograd.Function):
 def _switch_loss(prob_sum_XE: Tensor, count_XE: Tensor, num_tokens: int, top_k: int) -> Tensor:
     """Switch-Transformer balance loss E * sum_e f_e * P_e for each row X (a batch or a sequence).
 
-    f_e = count_e / (num_tokens * K) is the fraction of assignments, P_e = prob_sum_e / num_tokens
+    f_e = count_e / (num_tokens * A) is the fraction of assignments, P_e = prob_sum_e / num_tokens
     the mean probability; a perfectly balanced router scores 1.
     """
     E = prob_sum_XE.shape[-1]
@@ -121,11 +133,11 @@ class Router(nn.Module):
         else:  # "sigmoid", the only other value MoEConfig.validate allows
             scores_TE = torch.sigmoid(logits_TE)
 
-        topk_ids_TK = self._select(scores_TE.detach())
-        topk_weights_TK = self._weights(logits_TE, scores_TE, topk_ids_TK)
+        topk_ids_TA = self._select(scores_TE.detach())
+        topk_weights_TA = self._weights(logits_TE, scores_TE, topk_ids_TA)
         if cfg.capacity_factor is not None:
-            topk_ids_TK, topk_weights_TK = self._drop_over_capacity(topk_ids_TK, topk_weights_TK)
-        tokens_per_expert_E = count_tokens_per_expert(topk_ids_TK, cfg.num_experts)
+            topk_ids_TA, topk_weights_TA = self._drop_over_capacity(topk_ids_TA, topk_weights_TA)
+        tokens_per_expert_E = count_tokens_per_expert(topk_ids_TA, cfg.num_experts)
 
         # Only training steps count towards the bias update: not eval, not no_grad passes. A
         # recomputation (activation checkpointing) counts a layer twice, which leaves
@@ -133,8 +145,8 @@ class Router(nn.Module):
         if self.expert_bias is not None and self.training and torch.is_grad_enabled():
             self.load_since_update += tokens_per_expert_E
         return RouterOutput(
-            topk_ids_TK=topk_ids_TK,
-            topk_weights_TK=topk_weights_TK,
+            topk_ids_TA=topk_ids_TA,
+            topk_weights_TA=topk_weights_TA,
             tokens_per_expert_E=tokens_per_expert_E,
             aux_losses=self._aux_losses(logits_TE, scores_TE, seq_len),
         )
@@ -147,51 +159,51 @@ class Router(nn.Module):
             select_TE = scores_TE + self.expert_bias.to(scores_TE.dtype)
         if cfg.topk_groups < cfg.num_groups:
             T, G = select_TE.shape[0], cfg.num_groups
-            select_TGN = select_TE.view(T, G, cfg.num_experts // G)
+            select_TGI = select_TE.view(T, G, cfg.num_experts // G)
             best_per_group = max(1, cfg.top_k // cfg.topk_groups)
-            group_score_TG = select_TGN.topk(best_per_group, dim=-1).values.sum(-1)
+            group_score_TG = select_TGI.topk(best_per_group, dim=-1).values.sum(-1)
             best_groups_TG = group_score_TG.topk(cfg.topk_groups, dim=-1, sorted=False).indices
             keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, best_groups_TG, True)
-            select_TE = select_TGN.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, -1)
+            select_TE = select_TGI.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, -1)
         return select_TE.topk(cfg.top_k, dim=-1).indices
 
-    def _weights(self, logits_TE: Tensor, scores_TE: Tensor, topk_ids_TK: Tensor) -> Tensor:
+    def _weights(self, logits_TE: Tensor, scores_TE: Tensor, topk_ids_TA: Tensor) -> Tensor:
         """Combine weights of the selected experts, from the unbiased scores."""
         cfg = self.cfg
         if cfg.score_func == "softmax" and cfg.norm_topk_prob:
             # A softmax over the k selected logits: the renormalised probabilities, one op.
-            weights_TK = torch.softmax(logits_TE.gather(1, topk_ids_TK), dim=-1)
+            weights_TA = torch.softmax(logits_TE.gather(1, topk_ids_TA), dim=-1)
         else:
-            weights_TK = scores_TE.gather(1, topk_ids_TK)
+            weights_TA = scores_TE.gather(1, topk_ids_TA)
             if cfg.norm_topk_prob:  # sigmoid, as DeepSeek-V3
-                weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + _NORM_EPS)
-        return weights_TK * cfg.routed_scaling_factor
+                weights_TA = weights_TA / (weights_TA.sum(-1, keepdim=True) + _NORM_EPS)
+        return weights_TA * cfg.routed_scaling_factor
 
-    def _drop_over_capacity(self, topk_ids_TK: Tensor, topk_weights_TK: Tensor) -> tuple[Tensor, Tensor]:
+    def _drop_over_capacity(self, topk_ids_TA: Tensor, topk_weights_TA: Tensor) -> tuple[Tensor, Tensor]:
         """Each expert keeps its `capacity` highest-weight assignments; the rest become id E, weight 0.
 
         By weight, as megatron's default drop policy ("probs"); capacity as megatron's
-        get_capacity: ceil(T * K / E * capacity_factor). T is static, so no host sync here either.
+        get_capacity: ceil(T * A / E * capacity_factor). T is static, so no host sync here either.
         """
         cfg = self.cfg
-        T, E = topk_ids_TK.shape[0], cfg.num_experts
+        T, E = topk_ids_TA.shape[0], cfg.num_experts
         capacity = math.ceil((T * cfg.top_k / E) * cfg.capacity_factor)
         if capacity >= T:  # an expert appears at most once per token: nothing to drop
-            return topk_ids_TK, topk_weights_TK
+            return topk_ids_TA, topk_weights_TA
         # -1 marks "not routed here": weights are >= 0, so every routed assignment ranks above.
-        weight_TE = torch.full((T, E), -1.0, dtype=topk_weights_TK.dtype, device=topk_ids_TK.device)
-        weight_TE.scatter_(1, topk_ids_TK, topk_weights_TK.detach())
+        weight_TE = torch.full((T, E), -1.0, dtype=topk_weights_TA.dtype, device=topk_ids_TA.device)
+        weight_TE.scatter_(1, topk_ids_TA, topk_weights_TA.detach())
         top_rows_CE = weight_TE.topk(capacity, dim=0, sorted=False).indices
         within_TE = torch.zeros_like(weight_TE, dtype=torch.bool).scatter_(0, top_rows_CE, True)
-        kept_TK = within_TE.gather(1, topk_ids_TK)
+        kept_TA = within_TE.gather(1, topk_ids_TA)
         return (
-            torch.where(kept_TK, topk_ids_TK, E),
-            torch.where(kept_TK, topk_weights_TK, 0.0),
+            torch.where(kept_TA, topk_ids_TA, E),
+            torch.where(kept_TA, topk_weights_TA, 0.0),
         )
 
     def _aux_losses(self, logits_TE: Tensor, scores_TE: Tensor, seq_len: int) -> dict[str, Tensor]:
         cfg = self.cfg
-        T, E, K = logits_TE.shape[0], cfg.num_experts, cfg.top_k
+        T, E, A = logits_TE.shape[0], cfg.num_experts, cfg.top_k
         losses: dict[str, Tensor] = {}
         if cfg.aux_loss_coeff > 0 or cfg.seq_aux_loss_coeff > 0:
             # As megatron and DeepSeek-V3: the balance losses see the plain top-k of the scores
@@ -199,15 +211,15 @@ class Router(nn.Module):
             probs_TE = scores_TE
             if cfg.score_func == "sigmoid":
                 probs_TE = scores_TE / (scores_TE.sum(-1, keepdim=True) + _NORM_EPS)
-            routed_TE = torch.zeros_like(probs_TE).scatter_(1, probs_TE.detach().topk(K, dim=-1).indices, 1.0)
+            routed_TE = torch.zeros_like(probs_TE).scatter_(1, probs_TE.detach().topk(A, dim=-1).indices, 1.0)
             if cfg.aux_loss_coeff > 0:
-                loss = _switch_loss(probs_TE.sum(0), routed_TE.sum(0), T, K)
+                loss = _switch_loss(probs_TE.sum(0), routed_TE.sum(0), T, A)
                 losses["aux_loss"] = loss * cfg.aux_loss_coeff
             if cfg.seq_aux_loss_coeff > 0:
                 B = T // seq_len
                 prob_sum_BE = probs_TE.view(B, seq_len, E).sum(1)
                 count_BE = routed_TE.view(B, seq_len, E).sum(1)
-                loss = _switch_loss(prob_sum_BE, count_BE, seq_len, K).mean()
+                loss = _switch_loss(prob_sum_BE, count_BE, seq_len, A).mean()
                 losses["seq_aux_loss"] = loss * cfg.seq_aux_loss_coeff
         if cfg.z_loss_coeff > 0:
             # ST-MoE z-loss: keeps the logits small, so the softmax stays in fp32's comfortable range.

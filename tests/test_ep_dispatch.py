@@ -13,6 +13,16 @@ from ep_helpers import _close, _env, _spawn
 pytestmark = pytest.mark.slow
 
 
+def _grouped_rows_perm(counts, dropped: int):
+    """The permutation of rows already grouped by expert (one assignment a row, the `dropped`
+    last rows dropped): what plan_permute makes of ids sorted by expert, the identity."""
+    from moe.permute import plan_permute
+
+    E = len(counts)
+    ids = torch.cat([torch.repeat_interleave(torch.arange(E), torch.tensor(counts)), torch.full((dropped,), E)])
+    return plan_permute(ids.view(-1, 1), E)
+
+
 # ---- dispatcher round trip ---------------------------------------------------------------------
 
 E, H = 4, 8
@@ -21,7 +31,7 @@ COUNTS = {0: ([3, 0, 2, 4], 1), 1: ([0, 0, 0, 0], 2)}
 
 
 def _round_trip(rank, world):
-    from moe.dispatch import AllToAllDispatcher
+    from moe.all_to_all import AllToAllDispatcher
 
     env = _env(world, world)
     counts, dropped = COUNTS[rank]
@@ -31,16 +41,17 @@ def _round_trip(rank, world):
     x[: len(expert_M), 0] = expert_M.float()  # tag each row with its expert
     x.requires_grad_()
     disp = AllToAllDispatcher(env.ep_group, E)
-    x_local, tpe_local, meta = disp.dispatch(x, torch.tensor(counts))
+    inp, handle = disp.dispatch(x, _grouped_rows_perm(counts, dropped), torch.tensor(counts))
+    x_local, tpe_local = inp.x, inp.tokens_per_expert_E
 
-    L = E // world
+    Z = E // world
     all_counts = torch.tensor([COUNTS[r][0] for r in range(world)])
-    assert tpe_local.tolist() == all_counts[:, rank * L : (rank + 1) * L].sum(0).tolist()
-    local_expert = torch.repeat_interleave(torch.arange(L), tpe_local)
-    assert x_local[:, 0].tolist() == (local_expert + rank * L).float().tolist()  # grouped by expert
+    assert tpe_local.tolist() == all_counts[:, rank * Z : (rank + 1) * Z].sum(0).tolist()
+    local_expert = torch.repeat_interleave(torch.arange(Z), tpe_local)
+    assert x_local[:, 0].tolist() == (local_expert + rank * Z).float().tolist()  # grouped by expert
 
-    y_local = x_local * (local_expert + rank * L + 1).float()[:, None]  # expert e multiplies by e + 1
-    y = disp.combine(y_local, meta)
+    y_local = x_local * (local_expert + rank * Z + 1).float()[:, None]  # expert e multiplies by e + 1
+    y = disp.combine(y_local, handle)
     assert y.shape == (M, H)
     kept = len(expert_M)
     _close(y[:kept], x[:kept].detach() * (expert_M + 1).float()[:, None], "combine")
@@ -61,14 +72,15 @@ F8_COUNTS = {0: [5, 0, 17, 3], 1: [0, 9, 2, 0]}
 
 def _fp8_dispatch(rank, world, recipe_name):
     from kernels.quantize import quantize_rows
-    from moe.dispatch import AllToAllDispatcher
+    from moe.all_to_all import AllToAllDispatcher
+    from moe.dispatch import ExpertInput
     from moe.fp8.grouped_mlp import Fp8GroupedMLP
     from moe.fp8.recipe import Fp8Recipe
     from moe.fp8.reference import fp64_grouped_mlp
 
     env = _env(world, world)
     recipe = Fp8Recipe(recipe_name)
-    Hd, Fd, L = 128, 128, E // world
+    Hd, Fd, Z = 128, 128, E // world
     torch.manual_seed(0)
     full = Fp8GroupedMLP(Hd, Fd, E, "swiglu", recipe=recipe)
     full.reset_parameters(0.05)
@@ -83,24 +95,25 @@ def _fp8_dispatch(rank, world, recipe_name):
     x_all = torch.cat([xs[0], xs[1]])[order].requires_grad_()
     dy_all = torch.cat([dys[0], dys[1]])[order]
     counts_all = torch.tensor(F8_COUNTS[0]) + torch.tensor(F8_COUNTS[1])
-    y_ref = full(x_all, counts_all)
+    y_ref = full(ExpertInput(x_all, counts_all))
     y_ref.backward(dy_all)
     lo = 0 if rank == 0 else sum(F8_COUNTS[0])
     mine_idx = (order >= lo) & (order < lo + sum(F8_COUNTS[rank]))
     back = torch.argsort(order[mine_idx])  # reference rows of this rank, in this rank's order
 
-    local = Fp8GroupedMLP(Hd, Fd, L, "swiglu", recipe=recipe)
+    local = Fp8GroupedMLP(Hd, Fd, Z, "swiglu", recipe=recipe)
     with torch.no_grad():
-        local.w1.copy_(full.w1[rank * L : (rank + 1) * L])
-        local.w2.copy_(full.w2[rank * L : (rank + 1) * L])
+        local.w1.copy_(full.w1[rank * Z : (rank + 1) * Z])
+        local.w2.copy_(full.w2[rank * Z : (rank + 1) * Z])
     disp = AllToAllDispatcher(env.ep_group, E, recipe)
     x = xs[rank].clone().requires_grad_()
-    x_local, tpe, meta = disp.dispatch(x, torch.tensor(F8_COUNTS[rank]))
-    assert meta.x_fp8 is not None and meta.x_fp8.q_MH.dtype == torch.float8_e4m3fn
+    inp, handle = disp.dispatch(x, _grouped_rows_perm(F8_COUNTS[rank], 0), torch.tensor(F8_COUNTS[rank]))
+    tpe = inp.tokens_per_expert_E
+    assert inp.fp8 is not None and inp.fp8.q_MH.dtype == torch.float8_e4m3fn
     # The wire carried the sender's own quantization: requantizing the received rows reproduces it.
-    q_again, s_again = quantize_rows(x_local, recipe.block)
-    assert torch.equal(q_again.view(torch.uint8), meta.x_fp8.q_MH.view(torch.uint8))
-    y = disp.combine(local(x_local, tpe, x_fp8=meta.x_fp8), meta)
+    q_again, s_again = quantize_rows(inp.x, recipe.block)
+    assert torch.equal(q_again.view(torch.uint8), inp.fp8.q_MH.view(torch.uint8))
+    y = disp.combine(local(inp), handle)
     y.backward(dys[rank])
 
     def rel(a, b):
@@ -109,16 +122,16 @@ def _fp8_dispatch(rank, world, recipe_name):
     # GEMM1 reads the same bytes as the non-EP path: output, dx and dw2 agree to accumulation order.
     assert rel(y, y_ref[mine_idx][back]) < 1e-2, rel(y, y_ref[mine_idx][back])
     assert rel(x.grad, x_all.grad[mine_idx][back]) < 1e-2
-    assert rel(local.w2.grad, full.w2.grad[rank * L : (rank + 1) * L]) < 1e-2
+    assert rel(local.w2.grad, full.w2.grad[rank * Z : (rank + 1) * Z]) < 1e-2
     # wgrad1's column copy comes from the dequantized rows (the bf16 rows stayed on the sender):
     # one more E4M3 rounding, so dw1 is compared loosely to the non-EP path and to fp64.
-    dw1_ref = full.w1.grad[rank * L : (rank + 1) * L]
+    dw1_ref = full.w1.grad[rank * Z : (rank + 1) * Z]
     err_vs_fp8 = rel(local.w1.grad, dw1_ref)
     assert err_vs_fp8 < 0.06, err_vs_fp8
-    on_rank = torch.repeat_interleave(torch.arange(E), counts_all) // L == rank  # rows of my experts
+    on_rank = torch.repeat_interleave(torch.arange(E), counts_all) // Z == rank  # rows of my experts
     _, _, dw1_64, _ = fp64_grouped_mlp(
-        x_all.detach()[on_rank], full.w1.detach()[rank * L : (rank + 1) * L],
-        full.w2.detach()[rank * L : (rank + 1) * L], tpe.tolist(), dy_all[on_rank], "swiglu",
+        x_all.detach()[on_rank], full.w1.detach()[rank * Z : (rank + 1) * Z],
+        full.w2.detach()[rank * Z : (rank + 1) * Z], tpe.tolist(), dy_all[on_rank], "swiglu",
     )
     err_vs_fp64 = rel(local.w1.grad, dw1_64)
     assert err_vs_fp64 < 0.08, err_vs_fp64
@@ -135,20 +148,21 @@ def test_fp8_dispatch_sends_fp8_and_matches_non_ep(recipe):
 
 
 def _timed_dispatch(rank, world):
+    from moe.all_to_all import AllToAllDispatcher
     from moe.comm_timer import CommTimer
-    from moe.dispatch import AllToAllDispatcher
     from moe.fp8.recipe import Fp8Recipe
 
     env = _env(world, world)
     Hd, dropped = 128, 2
     counts = torch.tensor(F8_COUNTS[rank])
+    perm = _grouped_rows_perm(F8_COUNTS[rank], dropped)
     x0 = torch.randn(int(counts.sum()) + dropped, Hd, generator=torch.Generator().manual_seed(rank))
     dy = torch.randn(x0.shape, generator=torch.Generator().manual_seed(10 + rank))
 
     def step(disp):  # identity experts: dispatch, combine, backward
         x = x0.clone().requires_grad_()
-        x_local, tpe, meta = disp.dispatch(x, counts)
-        y = disp.combine(x_local * 2, meta)
+        inp, handle = disp.dispatch(x, perm, counts)
+        y = disp.combine(inp.x * 2, handle)
         spans_fwd = disp.timer.spans if disp.timer is not None else None
         y.backward(dy)
         return y.detach(), x.grad, spans_fwd
@@ -167,9 +181,9 @@ def _timed_dispatch(rank, world):
     disp = AllToAllDispatcher(env.ep_group, E)
     x = x0.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        x_local, _, meta = disp.dispatch(x, counts)
-        assert x_local.dtype == torch.bfloat16
-        y = disp.combine(x_local * 2, meta)
+        inp, handle = disp.dispatch(x, perm, counts)
+        assert inp.x.dtype == torch.bfloat16
+        y = disp.combine(inp.x * 2, handle)
     y.float().backward(dy)
     assert x.grad.dtype == torch.float32
     kept = int(counts.sum())

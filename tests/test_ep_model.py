@@ -70,6 +70,7 @@ def _fp8_bf16_wire(rank, world):
     """FP8 experts, BF16 rows on the wire (parallel.fp8_dispatch=false), against EP=1 FP8."""
     from moe.comm_timer import CommTimer
     from moe.fp8.convert import convert_experts_to_fp8
+    from moe.fp8.recipe import Fp8Recipe
     from trainer.parallel import apply_expert_parallel
 
     env = _env(world, world)
@@ -87,7 +88,7 @@ def _fp8_bf16_wire(rank, world):
     ref_loss = sum(ref(tokens[2 * r : 2 * r + 2], labels[2 * r : 2 * r + 2]).loss.item() for r in range(world)) / world
 
     timer = CommTimer(torch.device("cpu"))
-    model = apply_expert_parallel(fp8_model(), env, fp8_dispatch=False, timer=timer)
+    model = apply_expert_parallel(fp8_model(), env, fp8_recipe=None, timer=timer)
     layers = list(model.moe_layers())
     assert all(l.experts.recipe.name == "rowwise" and l.dispatcher.fp8_recipe is None for l in layers)
     assert all(l.dispatcher.timer is timer for l in layers)  # one timer sums the whole model
@@ -101,8 +102,9 @@ def _fp8_bf16_wire(rank, world):
     assert (loss / world).item() == pytest.approx(ref_loss, rel=5e-4), (rank, loss.item() / world, ref_loss)
 
     print(f"rank {rank}: EP=2 bf16-wire loss {loss.item() / world:.8f}, EP=1 fp8 {ref_loss:.8f}")
-    fp8_wire = apply_expert_parallel(fp8_model(), env)  # the default: E4M3 rows on the wire
-    assert all(l.dispatcher.fp8_recipe is l.experts.recipe for l in fp8_wire.moe_layers())
+    # E4M3 rows on the wire (the trainer's default: parallel.fp8_dispatch=true, the experts' recipe)
+    fp8_wire = apply_expert_parallel(fp8_model(), env, fp8_recipe=Fp8Recipe("rowwise"))
+    assert all(l.dispatcher.fp8_recipe == l.experts.recipe for l in fp8_wire.moe_layers())
     assert all(l.dispatcher.timer is None for l in fp8_wire.moe_layers())
 
 

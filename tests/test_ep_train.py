@@ -72,12 +72,11 @@ def test_checkpoint_saves_and_loads_expert_shards():
 
 def test_ep_not_dividing_world_size_or_experts_is_a_clear_error():
     from trainer.config import TrainConfig
-    from trainer.parallel import check_expert_parallel
 
     with pytest.raises(ValueError, match="parallel.ep=3 must divide the world size 4"):
-        check_expert_parallel(ParallelConfig(ep=3), world_size=4)
+        ParallelConfig(ep=3).validate(world_size=4)
     with pytest.raises(ValueError, match="parallel.ep=2 must divide model.moe.num_experts=3"):
-        check_expert_parallel(ParallelConfig(ep=2), world_size=2, num_experts=3)
+        ParallelConfig(ep=2).validate(num_experts=3, world_size=2)
     cfg = TrainConfig()
     cfg.model.moe.num_experts, cfg.model.moe.top_k, cfg.parallel.ep = 6, 2, 4
     with pytest.raises(ValueError, match="parallel.ep=4 must divide model.moe.num_experts=6"):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from moe.dispatch import ExpertInput
 from moe.experts import GroupedMLP, activation_fn, loop_grouped_mlp
 
 # Counts with zero-token experts, a single token, and sizes that are not multiples of 16.
@@ -27,7 +28,7 @@ def test_grouped_matches_loop_forward_backward(activation, counts):
     counts_E = torch.tensor(counts)
     M = int(counts_E.sum())
     x = torch.randn(M, 64, requires_grad=True)
-    y = mod(x, counts_E)
+    y = mod(ExpertInput(x, counts_E))
     x_ref = x.detach().clone().requires_grad_()
     w1 = mod.w1.detach().clone().requires_grad_()
     w2 = mod.w2.detach().clone().requires_grad_()
@@ -61,7 +62,7 @@ def test_bfloat16_under_autocast_uses_bf16_compute():
     counts_E = torch.tensor([4, 0, 3, 9, 0, 0, 1, 15])
     x = torch.randn(int(counts_E.sum()), 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = mod(x, counts_E)
+        y = mod(ExpertInput(x, counts_E))
     assert y.dtype == torch.bfloat16
     y_ref = loop_grouped_mlp(x, mod.w1, mod.w2, counts_E, "swiglu")
     assert _rel(y, y_ref) < 2e-2  # bf16 operands: 8 mantissa bits over two GEMMs
@@ -74,7 +75,7 @@ def test_bad_arguments():
         GroupedMLP(8, 8, 2, "gelu", impl="cutlass")
     mod = _experts("gelu", H=16, F=16, E=2)
     with pytest.raises(ValueError, match="tokens_per_expert"):
-        mod(torch.randn(3, 16), torch.tensor([1, 1, 1]))
+        mod(ExpertInput(torch.randn(3, 16), torch.tensor([1, 1, 1])))
 
 
 def test_activation_swiglu_gate_first():
@@ -89,7 +90,7 @@ def test_grouped_matches_loop_bf16_gpu(activation):
     mod = _experts(activation, H=512, F=384, E=8, dtype=torch.bfloat16, device="cuda")
     counts_E = torch.tensor([0, 1, 15, 17, 129, 0, 300, 7], device="cuda")
     x = torch.randn(int(counts_E.sum()), 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    y = mod(x, counts_E)
+    y = mod(ExpertInput(x, counts_E))
     g = torch.randn_like(y)
     y.backward(g)
     ref = [t.detach().double().requires_grad_() for t in (x, mod.w1, mod.w2)]

@@ -62,13 +62,17 @@ def test_layer_token_path_equals_permuted_rows_path(experts, monkeypatch):
     """EP=1 hands the experts the tokens and the permutation (the FP8 ones gather inside their
     quantization); a dispatcher that moves rows gets them permuted first. Same numbers, bitwise,
     under bf16 autocast with an fp32 residual stream."""
-    from moe.dispatch import LocalDispatcher
+    from moe.dispatch import ExpertInput, LocalDispatcher, compute_dtype
     from moe.fp8.convert import convert_experts_to_fp8
+    from moe.permute import gather_rows
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernels' torch references: fast, same bytes
 
     class RowsDispatcher(LocalDispatcher):
-        moves_rows = True
+        """Hands the experts the permuted rows, as a dispatcher that moves them does."""
+
+        def dispatch(self, x_TH, perm, tokens_per_expert_E):
+            return ExpertInput(gather_rows(x_TH, perm, compute_dtype(x_TH)), tokens_per_expert_E), None
 
     torch.manual_seed(0)
     layer = MoELayer(128, MoEConfig(num_experts=4, top_k=2, ffn_dim=64, capacity_factor=1.0))

@@ -1,6 +1,7 @@
 """moe.router against megatron-core's routing functions and against hand-worked cases.
 
-Shape letters: T tokens (B sequences of S, batch-major), E experts, K top-k, H hidden.
+Shape letters (README.md): T tokens (B sequences of S, batch-major), E experts, A experts a token
+is routed to (top-k), H hidden.
 Megatron's router orders tokens sequence-major ([S, B]); the adapters below reorder.
 """
 
@@ -53,16 +54,16 @@ def mcore_routing(mcore, logits_TE, cfg: MoEConfig, expert_bias_E=None):
 
 def mcore_losses(mcore, logits_TE, cfg: MoEConfig, seq_len: int) -> dict:
     """aux, seq-aux and z losses as megatron's TopKRouter computes them (single rank)."""
-    T, E, K = logits_TE.shape[0], cfg.num_experts, cfg.top_k
+    T, E, A = logits_TE.shape[0], cfg.num_experts, cfg.top_k
     B = T // seq_len
     map_TE, scores_TE = _call(
-        mcore.compute_routing_scores_for_aux_loss, logits=logits_TE, topk=K, score_function=cfg.score_func
+        mcore.compute_routing_scores_for_aux_loss, logits=logits_TE, topk=A, score_function=cfg.score_func
     )
 
     def switch(scores, routing_map, num_tokens, coeff):
         return _call(
             mcore.switch_load_balancing_loss_func, probs=scores, tokens_per_expert=routing_map.sum(0),
-            total_num_tokens=num_tokens, topk=K, num_experts=E, moe_aux_loss_coeff=coeff,
+            total_num_tokens=num_tokens, topk=A, num_experts=E, moe_aux_loss_coeff=coeff,
         )
 
     # Megatron's seq-aux loss folds the batch into the expert dimension of [S, B*E] tensors.
@@ -103,10 +104,10 @@ def logits_of(router: Router, x_TH: torch.Tensor) -> torch.Tensor:
 
 
 def dense(out: RouterOutput, E: int):
-    """(T, E) weights and map from the (T, K) output; dropped ids (== E) fall in a spare column."""
-    T = out.topk_ids_TK.shape[0]
-    w_TE = torch.zeros(T, E + 1, dtype=out.topk_weights_TK.dtype).scatter(1, out.topk_ids_TK, out.topk_weights_TK)
-    map_TE = torch.zeros(T, E + 1, dtype=torch.bool).scatter(1, out.topk_ids_TK, True)
+    """(T, E) weights and map from the (T, A) output; dropped ids (== E) fall in a spare column."""
+    T = out.topk_ids_TA.shape[0]
+    w_TE = torch.zeros(T, E + 1, dtype=out.topk_weights_TA.dtype).scatter(1, out.topk_ids_TA, out.topk_weights_TA)
+    map_TE = torch.zeros(T, E + 1, dtype=torch.bool).scatter(1, out.topk_ids_TA, True)
     return w_TE[:, :E], map_TE[:, :E]
 
 
@@ -150,7 +151,7 @@ def test_routing_matches_megatron(mcore, case):
     )
     assert torch.equal(got_map_TE, ref_map_TE)
     torch.testing.assert_close(got_w_TE, ref_w_TE, **TIGHT)
-    assert out.topk_weights_TK.dtype == torch.float32 and out.topk_ids_TK.dtype == torch.int64
+    assert out.topk_weights_TA.dtype == torch.float32 and out.topk_ids_TA.dtype == torch.int64
     assert out.tokens_per_expert_E.tolist() == ref_map_TE.sum(0).tolist()
     assert out.aux_losses == {}
 
@@ -250,11 +251,11 @@ def test_hand_softmax_top2_and_losses():
     cfg = MoEConfig(num_experts=4, top_k=2, aux_loss_coeff=0.01, seq_aux_loss_coeff=0.1, z_loss_coeff=1.0)
     router, x_TH = router_from_logits(HAND_LOGITS, cfg)
     out = router(x_TH, seq_len=2)
-    assert out.topk_ids_TK.tolist() == [[3, 2], [0, 1], [1, 2], [0, 2]]
+    assert out.topk_ids_TA.tolist() == [[3, 2], [0, 1], [1, 2], [0, 2]]
     expected_w = torch.tensor([[4 / 7, 3 / 7], [4 / 7, 3 / 7], [6 / 8, 2 / 8], [5 / 8, 3 / 8]])
-    torch.testing.assert_close(out.topk_weights_TK, expected_w)
+    torch.testing.assert_close(out.topk_weights_TA, expected_w)
     assert out.tokens_per_expert_E.tolist() == [2, 2, 3, 1]
-    # Batch: counts (2, 2, 3, 1), summed probs (1.1, 1.2, 1.0, 0.7): E / (K T^2) * 8.3 = 1.0375.
+    # Batch: counts (2, 2, 3, 1), summed probs (1.1, 1.2, 1.0, 0.7): E / (A T^2) * 8.3 = 1.0375.
     torch.testing.assert_close(out.aux_losses["aux_loss"], torch.tensor(0.01 * 1.0375))
     # Sequence 0 (t0, t1) is balanced: 1.0; sequence 1: counts (1, 1, 2, 0), probs (.6, .7, .5, .2)
     # gives 4 / (2 * 4) * 2.3 = 1.15; mean 1.075.
@@ -266,7 +267,7 @@ def test_hand_softmax_unnormalised():
     cfg = MoEConfig(num_experts=4, top_k=2, norm_topk_prob=False, routed_scaling_factor=2.0)
     router, x_TH = router_from_logits(HAND_LOGITS, cfg)
     out = router(x_TH, seq_len=4)
-    torch.testing.assert_close(out.topk_weights_TK, 2.0 * torch.tensor([[0.4, 0.3], [0.4, 0.3], [0.6, 0.2], [0.5, 0.3]]))
+    torch.testing.assert_close(out.topk_weights_TA, 2.0 * torch.tensor([[0.4, 0.3], [0.4, 0.3], [0.6, 0.2], [0.5, 0.3]]))
 
 
 def test_hand_capacity_drops_the_lowest_weight():
@@ -275,9 +276,9 @@ def test_hand_capacity_drops_the_lowest_weight():
     cfg = MoEConfig(num_experts=4, top_k=2, capacity_factor=1.0)
     router, x_TH = router_from_logits(HAND_LOGITS, cfg)
     out = router(x_TH, seq_len=4)
-    assert out.topk_ids_TK.tolist() == [[3, 2], [0, 1], [1, 4], [0, 2]]
-    torch.testing.assert_close(out.topk_weights_TK[2], torch.tensor([0.75, 0.0]))
-    assert out.topk_weights_TK[2, 1] == 0
+    assert out.topk_ids_TA.tolist() == [[3, 2], [0, 1], [1, 4], [0, 2]]
+    torch.testing.assert_close(out.topk_weights_TA[2], torch.tensor([0.75, 0.0]))
+    assert out.topk_weights_TA[2, 1] == 0
     assert out.tokens_per_expert_E.tolist() == [2, 2, 2, 1]
 
 
@@ -289,22 +290,22 @@ def test_hand_sigmoid_bias_selects_but_does_not_weight():
     cfg = MoEConfig(num_experts=4, top_k=2, score_func="sigmoid", expert_bias=True, routed_scaling_factor=2.5)
     router, x_TH = router_from_logits(SIG_LOGITS, cfg)
     out = router(x_TH, seq_len=2)
-    torch.testing.assert_close(out.topk_weights_TK[0], 2.5 * torch.tensor([0.8 / 1.55, 0.75 / 1.55]))
+    torch.testing.assert_close(out.topk_weights_TA[0], 2.5 * torch.tensor([0.8 / 1.55, 0.75 / 1.55]))
     router.expert_bias.copy_(torch.tensor([0.0, 0.4, 0.0, 0.0]))  # expert 1 now scores .9 for t0
     out = router(x_TH, seq_len=2)
-    assert out.topk_ids_TK[0].tolist() == [1, 0]
-    torch.testing.assert_close(out.topk_weights_TK[0], 2.5 * torch.tensor([0.5 / 1.3, 0.8 / 1.3]))
+    assert out.topk_ids_TA[0].tolist() == [1, 0]
+    torch.testing.assert_close(out.topk_weights_TA[0], 2.5 * torch.tensor([0.5 / 1.3, 0.8 / 1.3]))
 
 
 def test_hand_group_limited_topk():
-    # Groups {0, 1} and {2, 3}, one group kept, scored by the sum of its top K // 1 = 2 scores:
+    # Groups {0, 1} and {2, 3}, one group kept, scored by the sum of its top A // 1 = 2 scores:
     # t1 has the best expert (0: .8) in group 0 (1.0), but group 1 scores 1.25.
     cfg = MoEConfig(num_experts=4, top_k=2, score_func="sigmoid", num_groups=2, topk_groups=1)
     router, x_TH = router_from_logits(SIG_LOGITS, cfg)
     out = router(x_TH, seq_len=2)
-    assert out.topk_ids_TK[1].tolist() == [2, 3]
-    torch.testing.assert_close(out.topk_weights_TK[1], torch.tensor([0.75 / 1.25, 0.5 / 1.25]))
-    assert out.topk_ids_TK[0].tolist() == [0, 1]  # t0: group 0 = 1.3 beats group 1 = 0.95
+    assert out.topk_ids_TA[1].tolist() == [2, 3]
+    torch.testing.assert_close(out.topk_weights_TA[1], torch.tensor([0.75 / 1.25, 0.5 / 1.25]))
+    assert out.topk_ids_TA[0].tolist() == [0, 1]  # t0: group 0 = 1.3 beats group 1 = 0.95
 
 
 def test_hand_expert_bias_update():
@@ -327,24 +328,24 @@ def test_capacity_is_respected(capacity_factor, score_func):
     x_TH = torch.randn(80, 32) + torch.randn(32) * 2
     out = router(x_TH, seq_len=40)
     capacity = math.ceil(80 * 2 / 8 * capacity_factor)
-    dropped_TK = out.topk_ids_TK == 8
-    assert dropped_TK.any()
+    dropped_TA = out.topk_ids_TA == 8
+    assert dropped_TA.any()
     assert (out.tokens_per_expert_E <= capacity).all()
-    assert out.tokens_per_expert_E.sum() == (~dropped_TK).sum()
-    assert torch.all(out.topk_weights_TK[dropped_TK] == 0)
+    assert out.tokens_per_expert_E.sum() == (~dropped_TA).sum()
+    assert torch.all(out.topk_weights_TA[dropped_TA] == 0)
     # Kept assignments are the dropless ones, unchanged.
     dropless = make_router(MoEConfig(num_experts=8, top_k=2, score_func=score_func))
     dropless.load_state_dict(router.state_dict())
     ref = dropless(x_TH, seq_len=40)
-    assert torch.equal(out.topk_ids_TK[~dropped_TK], ref.topk_ids_TK[~dropped_TK])
-    torch.testing.assert_close(out.topk_weights_TK[~dropped_TK], ref.topk_weights_TK[~dropped_TK])
+    assert torch.equal(out.topk_ids_TA[~dropped_TA], ref.topk_ids_TA[~dropped_TA])
+    torch.testing.assert_close(out.topk_weights_TA[~dropped_TA], ref.topk_weights_TA[~dropped_TA])
 
 
 def test_dropless_default_and_large_capacity_drop_nothing():
     for capacity_factor in (None, 4.0):
         router = make_router(MoEConfig(num_experts=8, top_k=2, capacity_factor=capacity_factor))
         out = router(torch.randn(50, 32) + torch.randn(32) * 3, seq_len=25)
-        assert (out.topk_ids_TK < 8).all()
+        assert (out.topk_ids_TA < 8).all()
         assert out.tokens_per_expert_E.sum() == 100
 
 
@@ -359,7 +360,7 @@ def test_buffers_and_state_dict():
     biased.update_expert_bias()
     assert biased.expert_bias.dtype == torch.float32
     out = biased(torch.randn(4, 32, dtype=torch.bfloat16), seq_len=4)
-    assert out.topk_weights_TK.dtype == torch.float32
+    assert out.topk_weights_TA.dtype == torch.float32
     biased.expert_bias.fill_(3.0)
     biased.reset_parameters(init_std=0.02)
     assert torch.all(biased.expert_bias == 0)
@@ -412,9 +413,9 @@ def test_gpu_matches_cpu_fp32(device, dtype, case):
     router = make_router(cfg, H=64).to(device)
     router.load_state_dict(ref_router.state_dict())
     out = router(x_TH.to(device), seq_len=64)
-    got_w, got_map = dense(RouterOutput(out.topk_ids_TK.cpu(), out.topk_weights_TK.cpu(), None, {}), 16)
+    got_w, got_map = dense(RouterOutput(out.topk_ids_TA.cpu(), out.topk_weights_TA.cpu(), None, {}), 16)
     ref_w, ref_map = dense(ref, 16)
-    assert out.topk_weights_TK.dtype == torch.float32
+    assert out.topk_weights_TA.dtype == torch.float32
     assert torch.equal(got_map, ref_map)
     torch.testing.assert_close(got_w, ref_w, rtol=1e-4, atol=1e-5)
     assert torch.equal(out.tokens_per_expert_E.cpu(), ref.tokens_per_expert_E)
@@ -436,7 +437,7 @@ def test_gpu_dropless_forward_backward_has_no_host_sync(device, dtype):
     torch.cuda.set_sync_debug_mode("error")
     try:
         out = router(x_TH, seq_len=64)
-        loss = (out.topk_weights_TK * 1.5).sum() + sum(out.aux_losses.values())
+        loss = (out.topk_weights_TA * 1.5).sum() + sum(out.aux_losses.values())
         loss.backward()
         router.update_expert_bias()
     finally:

@@ -11,14 +11,11 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
-from moe.config import ModelConfig, _check
-from moe.fp8.recipe import DENSE_SCALINGS, RECIPES
+from moe.config import ModelConfig, require
+from moe.fp8.recipe import FP8Config
 from trainer.checkpoint import CheckpointConfig
 from trainer.data import DataConfig
 
-FP8_EXPERT_RECIPES = ("bf16", *RECIPES)
-FP8_DENSE_RECIPES = ("bf16", *DENSE_SCALINGS)
-FP8_GRAD_DTYPES = ("e4m3", "e5m2")
 DP_BACKENDS = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("bfloat16", "float32")
@@ -65,15 +62,24 @@ class ParallelConfig:
     # receiving, as without EP. A comparison knob (all-to-all share of step time, a2a_share).
     fp8_dispatch: bool = True
 
-
-@dataclass
-class FP8Config:
-    experts: str = "bf16"  # one of FP8_EXPERT_RECIPES
-    dense: str = "bf16"  # one of FP8_DENSE_RECIPES (attention, dense FFNs, shared experts)
-    dense_grad_dtype: str = "e4m3"  # one of FP8_GRAD_DTYPES: dense layers' output-gradient format
-    amax_history_len: int = 16  # dense=tensorwise_delayed: amaxes kept per operand
-    amax_margin: int = 0  # dense=tensorwise_delayed: scale = max(history) * 2**margin / fmax
-    pow2_scales: bool = False  # round scales to powers of two
+    def validate(self, num_experts: int | None = None, world_size: int | None = None) -> None:
+        """Each relation is checked once its other side is known: the experts from the model
+        config, the world size once the processes exist (trainer/parallel.py)."""
+        require(self.backend in DP_BACKENDS, f"parallel.backend must be one of {DP_BACKENDS}, got {self.backend!r}")
+        require(self.ep >= 1, f"parallel.ep must be >= 1, got {self.ep}")
+        require(
+            self.ep == 1 or self.backend == "ddp",
+            f"parallel.ep={self.ep} works with parallel.backend=ddp only (gradients are reduced by "
+            f"trainer/parallel.reduce_gradients), got parallel.backend={self.backend!r}",
+        )
+        if num_experts is not None:
+            require(num_experts % self.ep == 0, f"parallel.ep={self.ep} must divide model.moe.num_experts={num_experts}")
+        if world_size is not None:
+            require(
+                world_size % self.ep == 0,
+                f"parallel.ep={self.ep} must divide the world size {world_size} (the number of processes); "
+                f"allowed: a divisor of {world_size}",
+            )
 
 
 @dataclass
@@ -103,54 +109,25 @@ class TrainConfig:
         self.checkpoint.validate()
         run, opt = self.run, self.optim
         for name in ("steps", "micro_batch_size", "grad_accum", "seq_len"):
-            _check(getattr(run, name) >= 1, f"run.{name} must be >= 1, got {getattr(run, name)}")
-        _check(
+            require(getattr(run, name) >= 1, f"run.{name} must be >= 1, got {getattr(run, name)}")
+        require(
             run.seq_len <= self.model.max_seq_len,
             f"run.seq_len={run.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
         )
-        _check(run.device in DEVICES, f"run.device must be one of {DEVICES}, got {run.device!r}")
-        _check(run.dtype in DTYPES, f"run.dtype must be one of {DTYPES}, got {run.dtype!r}")
-        _check(run.max_nonfinite_steps >= 1, "run.max_nonfinite_steps must be >= 1")
-        _check(opt.lr > 0, f"optim.lr must be > 0, got {opt.lr}")
-        _check(0 <= opt.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {opt.min_lr_ratio}")
-        _check(opt.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {opt.warmup_steps}")
-        _check(opt.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {opt.grad_clip}")
-        _check(
-            self.parallel.backend in DP_BACKENDS,
-            f"parallel.backend must be one of {DP_BACKENDS}, got {self.parallel.backend!r}",
-        )
-        _check(self.parallel.ep >= 1, f"parallel.ep must be >= 1, got {self.parallel.ep}")
-        _check(
-            self.model.moe.num_experts % self.parallel.ep == 0,
-            f"parallel.ep={self.parallel.ep} must divide model.moe.num_experts={self.model.moe.num_experts}",
-        )
-        _check(
-            self.parallel.ep == 1 or self.parallel.backend == "ddp",
-            f"parallel.ep={self.parallel.ep} works with parallel.backend=ddp only, got {self.parallel.backend!r}",
-        )
-        _check(
-            self.fp8.experts in FP8_EXPERT_RECIPES,
-            f"fp8.experts must be one of {FP8_EXPERT_RECIPES}, got {self.fp8.experts!r}",
-        )
-        _check(
-            self.fp8.dense in FP8_DENSE_RECIPES,
-            f"fp8.dense must be one of {FP8_DENSE_RECIPES}, got {self.fp8.dense!r}",
-        )
-        _check(
-            self.fp8.dense_grad_dtype in FP8_GRAD_DTYPES,
-            f"fp8.dense_grad_dtype must be one of {FP8_GRAD_DTYPES}, got {self.fp8.dense_grad_dtype!r}",
-        )
-        _check(
-            self.fp8.dense != "rowwise" or self.fp8.dense_grad_dtype == "e4m3",
-            f"fp8.dense=rowwise takes fp8.dense_grad_dtype=e4m3 only, got {self.fp8.dense_grad_dtype!r}",
-        )
-        _check(self.fp8.amax_history_len >= 1, f"fp8.amax_history_len must be >= 1, got {self.fp8.amax_history_len}")
-        _check(self.fp8.amax_margin >= 0, f"fp8.amax_margin must be >= 0, got {self.fp8.amax_margin}")
-        _check(
+        require(run.device in DEVICES, f"run.device must be one of {DEVICES}, got {run.device!r}")
+        require(run.dtype in DTYPES, f"run.dtype must be one of {DTYPES}, got {run.dtype!r}")
+        require(run.max_nonfinite_steps >= 1, "run.max_nonfinite_steps must be >= 1")
+        require(opt.lr > 0, f"optim.lr must be > 0, got {opt.lr}")
+        require(0 <= opt.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {opt.min_lr_ratio}")
+        require(opt.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {opt.warmup_steps}")
+        require(opt.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {opt.grad_clip}")
+        self.parallel.validate(num_experts=self.model.moe.num_experts)
+        self.fp8.validate()
+        require(
             self.logging.wandb in WANDB_MODES,
             f"logging.wandb must be one of {WANDB_MODES}, got {self.logging.wandb!r}",
         )
-        _check(self.logging.interval >= 1, f"logging.interval must be >= 1, got {self.logging.interval}")
+        require(self.logging.interval >= 1, f"logging.interval must be >= 1, got {self.logging.interval}")
 
 
 def register_configs() -> None:

@@ -22,8 +22,8 @@ from torch.utils.checkpoint import checkpoint
 
 from moe.comm_timer import CommTimer
 from moe.counting import count_params, training_flops_per_token
-from moe.fp8.convert import invalidate_fp8_weight_caches
-from moe.model import MoETransformer
+from moe.fp8.training import Fp8Training
+from moe.model import MoETransformer, build_model
 from trainer.checkpoint import CheckpointManager
 from trainer.config import TrainConfig
 from trainer.data import build_train_valid
@@ -69,37 +69,22 @@ def _apply_block_wrappers(model: MoETransformer, cfg: TrainConfig) -> None:
             block.compile()
 
 
-def _convert_fp8(model: MoETransformer, cfg: TrainConfig) -> None:
-    fp8 = cfg.fp8
-    if fp8.experts != "bf16":
-        from moe.fp8.convert import convert_experts_to_fp8
-
-        # Cached FP8 weights pay off only when micro-batches share them (moe/fp8/grouped_mlp.py).
-        convert_experts_to_fp8(model, fp8.experts, pow2_scales=fp8.pow2_scales, cache_weights=cfg.run.grad_accum > 1)
-    if fp8.dense != "bf16":
-        from moe.fp8.linear_convert import convert_to_float8_training
-        from moe.fp8.recipe import Float8LinearRecipe
-
-        recipe = Float8LinearRecipe(fp8.dense, fp8.dense_grad_dtype, fp8.amax_history_len, fp8.amax_margin)
-        convert_to_float8_training(model, recipe)
-
-
 def build(
-    cfg: TrainConfig, env: DistEnv, vocab_size: int, comm_timer: CommTimer | None = None
+    cfg: TrainConfig, env: DistEnv, vocab_size: int, fp8: Fp8Training, comm_timer: CommTimer | None = None
 ) -> MoETransformer:
+    """The model of `cfg` on this rank: built and initialised (the same weights on every rank, from
+    run.seed), converted to FP8, its experts split over the EP group, its blocks wrapped."""
     if vocab_size > cfg.model.vocab_size:
         raise ValueError(
             f"the tokenizer has {vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
             f"set model.vocab_size >= {vocab_size}"
         )
-    with torch.device("meta"):
-        model = MoETransformer(cfg.model)
-    model.to_empty(device=env.device)
     _seed_everything(cfg.run.seed)  # identical initial weights on every rank
-    model.init_weights()
-    _convert_fp8(model, cfg)
+    model = build_model(cfg.model, env.device)
+    fp8.convert(model)
     # After the FP8 swap: the dispatcher sends what the experts eat.
-    apply_expert_parallel(model, env, fp8_dispatch=cfg.parallel.fp8_dispatch, timer=comm_timer)
+    dispatch_recipe = fp8.experts_recipe if cfg.parallel.fp8_dispatch else None
+    apply_expert_parallel(model, env, fp8_recipe=dispatch_recipe, timer=comm_timer)
     _apply_block_wrappers(model, cfg)
     return model
 
@@ -121,7 +106,8 @@ class Trainer:
         )
         # EP only: with one EP rank nothing travels, and a2a_ms / a2a_share are logged as None.
         self.comm_timer = CommTimer(env.device) if env.ep > 1 else None
-        self.model = build(cfg, env, self.data.vocab_size, self.comm_timer)
+        self.fp8 = Fp8Training(cfg.fp8, grad_accum=run.grad_accum)
+        self.model = build(cfg, env, self.data.vocab_size, self.fp8, self.comm_timer)
         self.counts = count_params(self.model)
         self.flops_per_token = training_flops_per_token(self.model, run.seq_len)
         self.wrapped = apply_data_parallel(self.model, env, cfg.parallel)
@@ -176,7 +162,7 @@ class Trainer:
         accum = cfg.run.grad_accum
         lm_loss_sum = torch.zeros((), device=env.device, dtype=torch.float64)
         aux_sum = torch.zeros((), device=env.device, dtype=torch.float64)
-        counts_LE = None
+        counts_YE = None
         for micro in range(accum):
             batch = next(train_iter)
             last = micro == accum - 1
@@ -188,18 +174,10 @@ class Trainer:
                 ((lm_loss + aux_loss) / accum).backward()
             lm_loss_sum += lm_loss.detach()
             aux_sum += aux_loss.detach()
-            if out.tokens_per_expert_LE is not None:
-                counts_LE = out.tokens_per_expert_LE if counts_LE is None else counts_LE + out.tokens_per_expert_LE
+            if out.tokens_per_expert_YE is not None:
+                counts_YE = out.tokens_per_expert_YE if counts_YE is None else counts_YE + out.tokens_per_expert_YE
         self.consumed_samples += self.global_batch
-        if cfg.fp8.dense == "tensorwise_delayed":
-            # After the step's last backward, before the next forward: every micro-batch's amax
-            # (x in forward, dy in backward) is in, so the next step's scales see the whole step,
-            # and a checkpoint saved after this step holds the scales the next step uses, so a
-            # resumed run continues exactly. Before the loss check: a non-finite amax is dropped
-            # inside (moe/fp8/float8_linear.py), whether or not the update is then skipped.
-            from moe.fp8.linear_convert import sync_float8_amax_and_scale_history
-
-            sync_float8_amax_and_scale_history(self.model)
+        self.fp8.after_backward(self.model)
 
         # One host synchronisation per step: the loss decides whether the step is applied.
         stats = torch.stack([lm_loss_sum / accum, aux_sum / accum]).float()
@@ -224,7 +202,7 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         if finite:
             self.optimizer.step()
-            invalidate_fp8_weight_caches(self.model)  # the next forward quantizes the new weights
+            self.fp8.after_optimizer_step(self.model)  # the next forward quantizes the new weights
             self.nonfinite_in_row = 0
             self._update_expert_bias()
         else:
@@ -243,7 +221,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        return {"loss": lm_loss, "aux_loss": aux_loss, "grad_norm": grad_norm, "lr": lr, "counts_LE": counts_LE}
+        return {"loss": lm_loss, "aux_loss": aux_loss, "grad_norm": grad_norm, "lr": lr, "counts_YE": counts_YE}
 
     def _update_expert_bias(self) -> None:
         for layer in self.model.moe_layers():
@@ -319,8 +297,8 @@ def _train(cfg: TrainConfig, run_dir: str, env: DistEnv) -> None:
                 window["loss"] += out["loss"] if math.isfinite(out["loss"]) else 0.0
                 window["n"] += int(math.isfinite(out["loss"]))
                 window["steps"] += 1
-                if out["counts_LE"] is not None:
-                    c = out["counts_LE"].detach()
+                if out["counts_YE"] is not None:
+                    c = out["counts_YE"].detach()
                     window["counts"] = c if window["counts"] is None else window["counts"] + c
                 step = trainer.step
                 if step % cfg.logging.interval == 0 or step == run.steps:

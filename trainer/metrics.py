@@ -44,9 +44,9 @@ def memory_gib(device: torch.device) -> float:
     return float("nan")
 
 
-def load_imbalance(tokens_per_expert_LE: torch.Tensor) -> float:
+def load_imbalance(tokens_per_expert_YE: torch.Tensor) -> float:
     """Max over mean expert load, averaged over MoE layers (1.0 is perfectly balanced)."""
-    load = tokens_per_expert_LE.double()
+    load = tokens_per_expert_YE.double()
     return (load.max(dim=1).values / load.mean(dim=1).clamp_min(1e-9)).mean().item()
 
 

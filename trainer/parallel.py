@@ -3,16 +3,15 @@
 torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them the run is one process. NCCL on GPUs,
 gloo on CPUs. Data parallelism is DDP or FSDP2 (`fully_shard` per block, then the root).
 
-Expert parallelism (parallel.ep = P > 1): a (dp, ep) device mesh of world_size / P x P ranks.
-Ranks [k*P, (k+1)*P) form an EP group; ranks with the same EP index form an expert-data-parallel
+Expert parallelism (parallel.ep = W > 1): a (dp, ep) device mesh of world_size / W x W ranks.
+Ranks [k*W, (k+1)*W) form an EP group; ranks with the same EP index form an expert-data-parallel
 ("dp") group. Every rank sees different data (data parallelism over all ranks). Each MoE layer
-gets an AllToAllDispatcher (FP8 rows on the wire when the experts are FP8 and
-parallel.fp8_dispatch is true; all layers' all-to-alls timed by one CommTimer when given); its
-experts keep only their local slice of w1/w2, held as DTensors of the full (E, ...) shape,
-placements (Replicate() over dp, Shard(0) over ep), so DCP saves each expert shard once and the
-optimizer state follows. A forward pre-hook hands the module the local shards as plain tensors
-(the model code never sees a DTensor); autograd brings the gradient back onto the DTensor
-parameter.
+gets a moe.all_to_all.AllToAllDispatcher (FP8 rows on the wire when given the experts' recipe;
+all layers' all-to-alls timed by one CommTimer when given); its experts keep only their local
+slice of w1/w2, held as DTensors of the full (E, ...) shape, placements (Replicate() over dp,
+Shard(0) over ep), so DCP saves each expert shard once and the optimizer state follows. A
+forward pre-hook hands the module the local shards as plain tensors (the model code never sees
+a DTensor); autograd brings the gradient back onto the DTensor parameter.
 
 Gradients under EP (`reduce_gradients`, called by the trainer instead of wrapping in DDP, whose
 one process group cannot serve both parameter kinds): each rank's loss is the mean over its own
@@ -33,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe.comm_timer import CommTimer
+from moe.fp8.recipe import Fp8Recipe
 from trainer.config import ParallelConfig, RunConfig
 
 
@@ -78,7 +78,7 @@ def init_distributed(run: RunConfig, par: ParallelConfig) -> DistEnv:
     device = resolve_device(run, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    check_expert_parallel(par, world_size)
+    par.validate(world_size=world_size)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
@@ -88,23 +88,6 @@ def init_distributed(run: RunConfig, par: ParallelConfig) -> DistEnv:
 
         mesh = init_device_mesh(device.type, (world_size // par.ep, par.ep), mesh_dim_names=("dp", "ep"))
     return DistEnv(rank, world_size, local_rank, device, par.ep, mesh)
-
-
-def check_expert_parallel(par: ParallelConfig, world_size: int, num_experts: int | None = None) -> None:
-    if par.ep < 1 or world_size % par.ep:
-        raise ValueError(
-            f"parallel.ep={par.ep} must divide the world size {world_size} (the number of processes); "
-            f"allowed: a divisor of {world_size}"
-        )
-    if num_experts is not None and num_experts % par.ep:
-        raise ValueError(
-            f"parallel.ep={par.ep} must divide model.moe.num_experts={num_experts}"
-        )
-    if par.ep > 1 and par.backend != "ddp":
-        raise ValueError(
-            f"parallel.ep={par.ep} works with parallel.backend=ddp only (gradients are reduced by "
-            f"trainer/parallel.reduce_gradients), got parallel.backend={par.backend!r}"
-        )
 
 
 # ---- expert parallelism ------------------------------------------------------------------------
@@ -123,40 +106,38 @@ def _restore_params(module: nn.Module, args, output) -> None:
 
 
 def apply_expert_parallel(
-    model: nn.Module, env: DistEnv, *, fp8_dispatch: bool = True, timer: CommTimer | None = None
+    model: nn.Module, env: DistEnv, *, fp8_recipe: Fp8Recipe | None = None, timer: CommTimer | None = None
 ) -> nn.Module:
     """Shard every MoE layer's experts over the EP group and install the all-to-all dispatcher.
 
     Call on a built, initialised model (every rank built the same full weights from one seed),
-    after the FP8 conversion: each rank keeps experts [r*L, (r+1)*L) of every layer.
-    fp8_dispatch: FP8 experts receive E4M3 rows (false: BF16 rows, quantized after receiving).
+    after the FP8 conversion: each rank keeps experts [r*Z, (r+1)*Z) of every layer.
+    fp8_recipe: the FP8 experts' recipe to send E4M3 rows quantized by it; None sends BF16 rows
+    (FP8 experts then quantize after receiving).
     timer: shared by every layer's dispatcher, so it sums the whole model's all-to-alls.
     """
     if env.ep == 1:
         return model
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    from moe.dispatch import AllToAllDispatcher
+    from moe.all_to_all import AllToAllDispatcher
 
     ep_rank = env.mesh.get_local_rank("ep")
     for layer in model.moe_layers():
         experts = layer.experts
         E = layer.num_experts
-        if E % env.ep:
-            raise ValueError(f"parallel.ep={env.ep} must divide model.moe.num_experts={E}")
-        L = E // env.ep
+        Z = E // env.ep  # ParallelConfig.validate checked that EP divides E
         for name in ("w1", "w2"):
             full = getattr(experts, name)
-            local = full.detach()[ep_rank * L : (ep_rank + 1) * L].clone()
+            local = full.detach()[ep_rank * Z : (ep_rank + 1) * Z].clone()
             shard = DTensor.from_local(
                 local, env.mesh, [Replicate(), Shard(0)], run_check=False, shape=full.shape, stride=full.stride()
             )
             setattr(experts, name, nn.Parameter(shard, requires_grad=full.requires_grad))
-        experts.num_experts = L
+        experts.num_experts = Z
         experts.register_forward_pre_hook(_use_local_shards)
         experts.register_forward_hook(_restore_params, always_call=True)
-        recipe = getattr(experts, "recipe", None) if fp8_dispatch else None
-        layer.dispatcher = AllToAllDispatcher(env.ep_group, E, recipe, timer)
+        layer.dispatcher = AllToAllDispatcher(env.ep_group, E, fp8_recipe, timer)
     return model
 
 
@@ -230,10 +211,6 @@ def apply_data_parallel(model: nn.Module, env: DistEnv, par: ParallelConfig) -> 
         device_ids=[env.device.index] if env.device.type == "cuda" else None,
         broadcast_buffers=False,
     )
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def all_reduce_(t: torch.Tensor, env: DistEnv, op=dist.ReduceOp.SUM) -> torch.Tensor:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from torch import nn
 
 from moe.experts import GroupedMLP
-from moe.fp8.float8_linear import Float8Linear
 from moe.fp8.grouped_mlp import Fp8GroupedMLP
 from moe.fp8.recipe import Fp8Recipe
 
@@ -22,12 +21,13 @@ def _swap(old: GroupedMLP, new_cls, **kwargs) -> GroupedMLP:
 
 
 def convert_experts_to_fp8(
-    model: nn.Module, recipe: str, pow2_scales: bool = False, cache_weights: bool = False
+    model: nn.Module, recipe: Fp8Recipe | str, pow2_scales: bool = False, cache_weights: bool = False
 ) -> int:
     """Replace every GroupedMLP in `model` with an Fp8GroupedMLP; returns how many were swapped.
-    cache_weights: keep the FP8 weights across the micro-batches of an optimizer step (gradient
-    accumulation; moe/fp8/grouped_mlp.py says what it costs in memory)."""
-    fp8_recipe = Fp8Recipe(recipe, pow2_scales)
+    recipe: an Fp8Recipe, or its name (with `pow2_scales`). cache_weights: keep the FP8 weights
+    across the micro-batches of an optimizer step (gradient accumulation; moe/fp8/grouped_mlp.py
+    says what it costs in memory)."""
+    fp8_recipe = recipe if isinstance(recipe, Fp8Recipe) else Fp8Recipe(recipe, pow2_scales)
     swapped = 0
     for parent in model.modules():
         for name, child in list(parent.named_children()):
@@ -54,11 +54,3 @@ def convert_experts_to_bf16(model: nn.Module) -> int:
                 setattr(parent, name, _swap(child, GroupedMLP))
                 swapped += 1
     return swapped
-
-
-def invalidate_fp8_weight_caches(model: nn.Module) -> None:
-    """After an optimizer step: every FP8 module re-quantizes its weights on next use
-    (moe/fp8/weight_cache.py says why the version counter alone is not enough)."""
-    for module in model.modules():
-        if isinstance(module, (Fp8GroupedMLP, Float8Linear)):
-            module.invalidate_weight_cache()

@@ -1,13 +1,14 @@
 """FP8 GroupedMLP: the BF16 GroupedMLP with its grouped computation done in E4M3.
 
-Legend: M routed rows, H hidden, F expert FFN, X = 2F (SwiGLU) or F (GELU), E experts,
-P padded rows (each expert's token group starts at a multiple of the recipe's `align`).
+Shape letters (README.md): T tokens, A experts a token is routed to, M = T*A routed rows, H hidden,
+F expert FFN, X = 2F (SwiGLU) or F (GELU), E experts, P padded rows (each expert's token group
+starts at a multiple of the recipe's `align`).
 
 The autograd Function runs six FP8 GEMMs; every operand is quantized by a fused kernel that also
 writes the copy the next GEMM needs, so no BF16 activation is stored for backward:
 
     forward   x_MH  -> quantize rows (for GEMM1) + per-group transposed columns xt_HP (for wgrad1);
-                     with token_rows (EP=1) gathered from the tokens x_TH in the same pass
+                     from tokens (EP=1): gathered from x_TH in the same pass
               h_MX  = GEMM1(x, w1)                          (M, X) bf16, consumed at once
               a_MF  = act(h) quantized rows (for GEMM2); h kept as FP8 for backward
               y_MH  = GEMM2(a, w2)
@@ -18,7 +19,7 @@ writes the copy the next GEMM needs, so no BF16 activation is stored for backwar
               dw2   = dyt @ at^T  per expert                wgrad2
               dx    = dh @ w1                               dgrad1
               dw1   = dht @ xt^T  per expert                wgrad1
-              dx_TH = each token's K rows of dx summed      with token_rows (kernels/combine.py)
+              dx_TH = each token's A rows of dx summed      from tokens (kernels/combine.py)
 
 Saved for backward: xt (FP8), h (FP8), their scales, the group offsets, and the transposed FP8
 weights that dgrad reads (the forward orientation is dropped once GEMM2 ran); backward lets go of
@@ -27,10 +28,9 @@ dtype (fp32 master weights: both recipes' weight-gradient GEMMs write fp32, no b
 
 Weights, two policies (`cache_weights`):
 - False (default, one micro-batch per optimizer step): quantized in every forward, both
-  orientations in one pass, and nothing outlives the step. (On an H200 at Mixtral-8x7B width
-  with fp32 master weights, the cache alive through backward plus bf16 weight gradients cast
-  afterwards put the block's peak at 18.0 GiB against BF16's 12.8 GiB.)
-- True (gradient accumulation: the trainer sets it when run.grad_accum > 1): quantized once per
+  orientations in one pass, and nothing outlives the step: a cache alive through backward would
+  lift the block's peak memory above BF16's (bench/NOTES.md).
+- True (gradient accumulation: moe/fp8/training.py sets it when run.grad_accum > 1): quantized once per
   optimizer step and reused by every micro-batch until the weights change (WeightCache).
 """
 
@@ -43,11 +43,11 @@ from kernels.act_quant_bwd import act_quant_bwd
 from kernels.combine import gather_sum
 from kernels.quantize_grouped import quantize_cols_grouped, quantize_rows_and_cols_grouped
 from kernels.quantize_weight import QuantizedWeight, quantize_weight
-from moe.experts import GroupedMLP, compute_dtype
+from moe.dispatch import ExpertInput, compute_dtype
+from moe.experts import GroupedMLP
 from moe.fp8.gemm import grouped_mm, grouped_mm_wgrad
 from moe.fp8.recipe import Fp8Recipe
 from moe.fp8.weight_cache import WeightCache
-from moe.permute import PermuteMeta
 
 
 def quantize_expert_weight(w_ENK: torch.Tensor, recipe: Fp8Recipe) -> QuantizedWeight:
@@ -55,14 +55,13 @@ def quantize_expert_weight(w_ENK: torch.Tensor, recipe: Fp8Recipe) -> QuantizedW
 
     fp32 masters are read as they are and rounded to bf16 inside the quantizer (round_bf16): the
     same bytes as quantizing the bf16 copy that autocast would make, on every device (the CPU
-    reference included), without writing that copy. Measured on an H200 at Mixtral-8x7B width
-    (1.41G parameters, kernels/quantize_weight.py): rowwise 4.32 -> 3.62 ms, blockwise 3.67 ->
-    2.76 ms against torch's fp32 -> bf16 copy (1.93 ms) followed by the bf16 quantizer."""
+    reference included), without writing that copy (rowwise 3.62 ms against 4.32 for the copy
+    and the bf16 quantizer at Mixtral-8x7B width: bench/NOTES.md)."""
     return quantize_weight(w_ENK, recipe.name, recipe.pow2_scales, round_bf16=True)
 
 
 class _Fp8GroupedMLPFunction(torch.autograd.Function):
-    """x: the permuted rows x_MH, or with `gather` = (token_idx_M, row_of_TK, kept_TK) the tokens
+    """x: the permuted rows x_MH, or with `gather` = (token_idx_M, row_of_TA, kept_TA) the tokens
     x_TH (any float dtype, cast to `dtype` here) whose rows the quantizer gathers; dx then comes
     back as x_TH's gradient in x's dtype, each token's rows summed in fp32."""
 
@@ -72,22 +71,21 @@ class _Fp8GroupedMLPFunction(torch.autograd.Function):
         ctx.x_dtype = x.dtype
         ctx.gather = gather is not None
         if gather is not None:
-            token_idx_M, row_of_TK, kept_TK = gather
-            # The T token rows cast once (fp32 residual stream under autocast), the M = T*K
+            # The T token rows cast once (fp32 residual stream under autocast), the M = T*A
             # routed rows never written: they exist only as the FP8 bytes below.
-            x_q, x_s, xt_q, xt_s, padded_end_E, _ = quantize_rows_and_cols_grouped(
-                x.to(dtype), group_end_E, align, block, pow2, token_idx_M
-            )
+            x_q, x_s, xt_q, xt_s, padded_end_E = quantize_rows_and_cols_grouped(
+                x.to(dtype), group_end_E, align, block, pow2, gather[0]
+            )[:5]
         elif x_fp8 is None:
-            x_q, x_s, xt_q, xt_s, padded_end_E, _ = quantize_rows_and_cols_grouped(
+            x_q, x_s, xt_q, xt_s, padded_end_E = quantize_rows_and_cols_grouped(
                 x, group_end_E, align, block, pow2
-            )
+            )[:5]
         else:
             # FP8 dispatch: the rows came quantized over the wire (the bytes this function would
             # have made from the sender's bf16 rows); only wgrad1's column copy is built here, from
             # the dequantized rows, since the bf16 rows never left the sender.
             x_q, x_s = x_fp8.q_MH, x_fp8.scale
-            xt_q, xt_s, padded_end_E, _ = quantize_cols_grouped(x, group_end_E, align, block, pow2)
+            xt_q, xt_s, padded_end_E = quantize_cols_grouped(x, group_end_E, align, block, pow2)[:3]
         h_MX = grouped_mm(x_q, x_s, wq1.q_ENK, wq1.scale, group_end_E, recipe)
         a_q, a_s, h_q, h_s = act_quant_fwd(h_MX, activation, block, pow2, True)
         del h_MX
@@ -105,7 +103,7 @@ class _Fp8GroupedMLPFunction(torch.autograd.Function):
         recipe = ctx.recipe
         block, align, pow2 = recipe.block, recipe.align, recipe.pow2_scales
         dy_MH = dy_MH.contiguous()
-        dy_q, dy_s, dyt_q, dyt_s, _, _ = quantize_rows_and_cols_grouped(dy_MH, group_end_E, align, block, pow2)
+        dy_q, dy_s, dyt_q, dyt_s = quantize_rows_and_cols_grouped(dy_MH, group_end_E, align, block, pow2)[:4]
         da_MF = grouped_mm(dy_q, dy_s, *ctx.wt2, group_end_E, recipe)
         ctx.wt2 = None  # this backward's last use of the FP8 w2
         del dy_q, dy_s
@@ -120,8 +118,8 @@ class _Fp8GroupedMLPFunction(torch.autograd.Function):
         del dh_q, dh_s
         dw1_EXH = grouped_mm_wgrad(dht_q, dht_s, xt_q, xt_s, padded_end_E, recipe, ctx.w_dtypes[0])
         if ctx.gather:
-            _, row_of_TK, kept_TK = gather
-            dx = gather_sum(dx_MH, row_of_TK, kept_TK, ctx.x_dtype)
+            _, row_of_TA, kept_TA = gather
+            dx = gather_sum(dx_MH, row_of_TA, kept_TA, ctx.x_dtype)
         else:
             dx = dx_MH
         return dx, dw1_EXH, dw2_EHF, None, None, None, None, None, None, None, None
@@ -132,9 +130,7 @@ class Fp8GroupedMLP(GroupedMLP):
     """Same constructor and parameters as GroupedMLP; only `grouped_mlp` differs."""
 
     recipe: Fp8Recipe = Fp8Recipe("rowwise")
-    accepts_fp8_rows = True
-    gathers_tokens = True  # permute + quantize in one pass (kernels/quantize_grouped.py row_index_M)
-    cache_weights: bool = False  # see the module docstring; the trainer sets it per grad_accum
+    cache_weights: bool = False  # see the module docstring; moe/fp8/training.py sets it per grad_accum
 
     def __init__(self, *args, recipe: Fp8Recipe | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -143,17 +139,15 @@ class Fp8GroupedMLP(GroupedMLP):
         self._w1_cache = WeightCache(quantize_expert_weight)
         self._w2_cache = WeightCache(quantize_expert_weight)
 
-    def grouped_mlp(
-        self, x: torch.Tensor, group_end_E: torch.Tensor, x_fp8=None, token_rows: PermuteMeta | None = None
-    ) -> torch.Tensor:
-        """x: permuted rows x_MH, or tokens x_TH with token_rows (gathered in the quantizer);
-        x_fp8: x_MH's rows pre-quantized by an FP8 dispatch (moe.dispatch.Fp8Rows), or None."""
-        dtype = compute_dtype(x)
-        if dtype != torch.bfloat16 and x.is_cuda:
+    def grouped_mlp(self, inp: ExpertInput) -> torch.Tensor:
+        """Tokens are gathered inside the quantization (permute + quantize in one pass); FP8 rows
+        from an FP8 dispatch go to GEMM1 as they came; BF16 rows are quantized here."""
+        dtype = compute_dtype(inp.x)
+        if dtype != torch.bfloat16 and inp.x.is_cuda:
             raise ValueError(f"FP8 experts take bfloat16 activations on the GPU (or bf16 autocast), got {dtype}")
-        gather = None
-        if token_rows is not None:
-            gather = (token_rows.token_idx_M, token_rows.row_of_TK, token_rows.kept_TK)
+        gather, x = None, inp.x.to(dtype)
+        if inp.perm is not None:  # x stays in its dtype: the gathering quantizer casts the T tokens
+            gather, x = (inp.perm.token_idx_M, inp.perm.row_of_TA, inp.perm.kept_TA), inp.x
         if self.cache_weights:
             wq1 = self._w1_cache.get(self.w1, self.recipe)
             wq2 = self._w2_cache.get(self.w2, self.recipe)
@@ -164,7 +158,7 @@ class Fp8GroupedMLP(GroupedMLP):
                 wq1 = quantize_expert_weight(self.w1.detach(), self.recipe)
                 wq2 = quantize_expert_weight(self.w2.detach(), self.recipe)
         return _Fp8GroupedMLPFunction.apply(
-            x.contiguous(), self.w1, self.w2, group_end_E, self.activation, self.recipe, wq1, wq2, x_fp8,
+            x.contiguous(), self.w1, self.w2, inp.group_end_E(), self.activation, self.recipe, wq1, wq2, inp.fp8,
             gather, dtype,
         )  # fmt: skip
 
@@ -174,4 +168,3 @@ class Fp8GroupedMLP(GroupedMLP):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", recipe={self.recipe.name}"
-

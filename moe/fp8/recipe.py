@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moe.config import require
+
 RECIPES = ("rowwise", "blockwise")
 
 
@@ -54,6 +56,19 @@ DENSE_SCALINGS = ("tensorwise_delayed", "tensorwise", "rowwise")
 GRAD_DTYPES = ("e4m3", "e5m2")
 
 
+def check_dense_fields(
+    scaling: str, grad_dtype: str, history_len: int, margin: int, allowed: tuple[str, ...] = DENSE_SCALINGS
+) -> None:
+    """The dense recipe's fields, named as the `fp8` config group names them."""
+    require(scaling in allowed, f"fp8.dense recipe must be one of {allowed}, got {scaling!r}")
+    require(grad_dtype in GRAD_DTYPES, f"fp8.dense_grad_dtype must be one of {GRAD_DTYPES}, got {grad_dtype!r}")
+    # quantize_rows writes E4M3 only, and E4M3 x E5M2 rowwise _scaled_mm is not on every build.
+    require(scaling != "rowwise" or grad_dtype == "e4m3",
+            f"fp8.dense=rowwise takes fp8.dense_grad_dtype=e4m3 only, got {grad_dtype!r}")  # fmt: skip
+    require(history_len >= 1, f"fp8.amax_history_len must be >= 1, got {history_len}")
+    require(margin >= 0, f"fp8.amax_margin must be >= 0, got {margin}")
+
+
 @dataclass(frozen=True)
 class Float8LinearRecipe:
     """How a Float8Linear scales its operands.
@@ -71,18 +86,30 @@ class Float8LinearRecipe:
     margin: int = 0
 
     def __post_init__(self) -> None:
-        if self.scaling not in DENSE_SCALINGS:
-            raise ValueError(f"fp8.dense recipe must be one of {DENSE_SCALINGS}, got {self.scaling!r}")
-        if self.grad_dtype not in GRAD_DTYPES:
-            raise ValueError(f"fp8.dense_grad_dtype must be one of {GRAD_DTYPES}, got {self.grad_dtype!r}")
-        if self.scaling == "rowwise" and self.grad_dtype != "e4m3":
-            # quantize_rows writes E4M3 only, and E4M3 x E5M2 rowwise _scaled_mm is not on every build.
-            raise ValueError(f"fp8.dense=rowwise takes fp8.dense_grad_dtype=e4m3 only, got {self.grad_dtype!r}")
-        if self.history_len < 1:
-            raise ValueError(f"fp8.amax_history_len must be >= 1, got {self.history_len}")
-        if self.margin < 0:
-            raise ValueError(f"fp8.amax_margin must be >= 0, got {self.margin}")
+        check_dense_fields(self.scaling, self.grad_dtype, self.history_len, self.margin)
 
     @property
     def delayed(self) -> bool:
         return self.scaling == "tensorwise_delayed"
+
+
+# ---- the trainer's `fp8` config group (configs/fp8/*.yaml) ------------------------------------
+
+FP8_EXPERT_RECIPES = ("bf16", *RECIPES)
+FP8_DENSE_RECIPES = ("bf16", *DENSE_SCALINGS)
+
+
+@dataclass
+class FP8Config:
+    experts: str = "bf16"  # one of FP8_EXPERT_RECIPES
+    dense: str = "bf16"  # one of FP8_DENSE_RECIPES (attention, dense FFNs, shared experts)
+    dense_grad_dtype: str = "e4m3"  # one of GRAD_DTYPES: dense layers' output-gradient format
+    amax_history_len: int = 16  # dense=tensorwise_delayed: amaxes kept per operand
+    amax_margin: int = 0  # dense=tensorwise_delayed: scale = max(history) * 2**margin / fmax
+    pow2_scales: bool = False  # round scales to powers of two
+
+    def validate(self) -> None:
+        require(self.experts in FP8_EXPERT_RECIPES,
+                f"fp8.experts must be one of {FP8_EXPERT_RECIPES}, got {self.experts!r}")  # fmt: skip
+        check_dense_fields(self.dense, self.dense_grad_dtype, self.amax_history_len, self.amax_margin,
+                           allowed=FP8_DENSE_RECIPES)  # fmt: skip
