@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tools.preprocess_data import ensure_default_corpus, load_tokenizer, preprocess, trained_tokenizer_path
 from trainer.data import DataConfig, build_train_valid
+from trainer.default_corpus import ensure_default_corpus
+from trainer.indexed import check_indexed_prefix, indexed_counts, read_index_header
+from trainer.preprocess import preprocess
+from trainer.tokenizer import load_tokenizer, trained_tokenizer_path
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [
@@ -86,6 +89,36 @@ def test_preprocess_with_given_tokenizer_and_workers_is_identical(tiny, tmp_path
         assert Path(again + ext).read_bytes() == Path(prefix + ext).read_bytes()
 
 
+def test_command_line_writes_what_the_library_writes(tiny, tmp_path):
+    """tools/preprocess_data.py, run as a script from another directory, is `preprocess`."""
+    root, prefix, tok_path = tiny
+    out = tmp_path / "cli"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"),
+                           "--input", str(root / "a.jsonl"), str(root / "b.txt"), "--output-prefix",
+                           str(out), "--tokenizer", tok_path, "--json-key", "body"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == f"data prefix: {out}\ntokenizer: {tok_path}\n"
+    for ext in (".bin", ".idx"):
+        assert Path(f"{out}{ext}").read_bytes() == Path(prefix + ext).read_bytes()
+
+
+def test_trainer_data_does_not_import_the_command_line():
+    code = "import sys, trainer.data; print(sorted(m for m in sys.modules if m.split('.')[0] == 'tools'))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=_child_env(), timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "[]\n", proc.stderr[-3000:]
+
+
+def test_index_header_and_counts(tiny):
+    _, prefix, _ = tiny
+    docs = _read_docs(prefix)
+    header = read_index_header(prefix + ".idx")
+    assert header.sequences == check_indexed_prefix(prefix) == len(docs)
+    assert header.boundaries == len(docs) + 1
+    assert indexed_counts(prefix) == (len(docs), sum(len(d) for d in docs))
+
+
 def test_preprocess_input_errors(tiny, tmp_path):
     root, _, tok_path = tiny
     missing = str(tmp_path / "nope.jsonl")
@@ -113,7 +146,7 @@ def test_default_corpus_prepared_once_then_reused(cache, capfd):
 
 
 def test_default_corpus_two_processes_prepare_once(tmp_path):
-    code = ("import sys; from tools.preprocess_data import ensure_default_corpus; "
+    code = ("import sys; from trainer.default_corpus import ensure_default_corpus; "
             "print(ensure_default_corpus(sys.argv[1]))")
     env = _child_env()
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,

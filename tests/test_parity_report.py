@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from tools import parity_report, prepare_python_corpus
+from trainer.indexed import indexed_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -166,9 +167,9 @@ def test_python_corpus_bpe_sample_workers_and_stats(tmp_path):
     assert set(stats["seconds"]) == {"collect", "bpe", "tokenize", "total"}
     # the token count is the .bin's: every document's tokens plus one EOD each
     assert stats["documents"] == stats["files"] and stats["tokens"] > stats["bytes"] / 8
-    assert prepare_python_corpus.indexed_counts(str(prefix)) == (stats["documents"], stats["tokens"])
+    assert indexed_counts(str(prefix)) == (stats["documents"], stats["tokens"])
     # the BPE saw a spread sample (every k-th document), not the first files only
-    sample = list(prepare_python_corpus._sample_texts(f"{prefix}.jsonl", stats["bytes"], 50000))
+    sample = list(prepare_python_corpus.sample_texts(f"{prefix}.jsonl", stats["bytes"], 50000))
     docs = [json.loads(l)["text"] for l in Path(f"{prefix}.jsonl").read_text().splitlines()]
     stride = -(-stats["bytes"] // 50000)
     assert sample == docs[::stride][:len(sample)] and len(sample) > 1

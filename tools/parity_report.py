@@ -38,6 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+if __package__ in (None, ""):  # run as a script: make `trainer` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.documents import json_lines  # noqa: E402
+
 # Config sections whose keys must match between the paired runs, and the keys inside them that
 # do not change what is computed (worker counts, cache paths, the step budget checked as steps).
 COMPARED_SECTIONS = ("model", "data", "optim")
@@ -98,13 +103,7 @@ def load_run(path: str | os.PathLike) -> Run:
     losses: dict[int, float] = {}
     vals: dict[int, float] = {}
     speed: dict[int, float] = {}
-    for line_no, line in enumerate(metrics.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{metrics}:{line_no}: not a JSON line ({e.msg})") from None
+    for _, rec, _ in json_lines(str(metrics)):
         if "val_loss" in rec:
             vals[int(rec["step"])] = float(rec["val_loss"])
         elif "loss" in rec:

@@ -6,11 +6,11 @@
 Collects every `.py` file under the running interpreter's site-packages (torch, numpy, triton,
 transformers, ...: about 200 MB, tens of millions of tokens, on a typical training image), one
 document per file, into `PREFIX.jsonl` ({"text", "path"} per line; the file list with sizes in
-`PREFIX.files.txt`), then tokenizes it with tools/preprocess_data.py into `PREFIX.bin/.idx` with a
-byte-level BPE trained on it (`PREFIX.tokenizer.json`; --bpe-max-bytes trains it on an evenly
-spread sample of the documents instead, which is faster on a large corpus). `PREFIX.stats.json`
-records the counts and the seconds each phase took. Train on it with
-`data=megatron data.paths=[PREFIX] data.tokenizer=PREFIX.tokenizer.json` (what
+`PREFIX.files.txt`), then tokenizes it (trainer/preprocess.py, as tools/preprocess_data.py does)
+into `PREFIX.bin/.idx` with a byte-level BPE trained on it (`PREFIX.tokenizer.json`;
+--bpe-max-bytes trains it on an evenly spread sample of the documents instead, which is faster
+on a large corpus). `PREFIX.stats.json` records the counts and the seconds each phase took.
+Train on it with `data=megatron data.paths=[PREFIX] data.tokenizer=PREFIX.tokenizer.json` (what
 configs/experiment/parity_300m.yaml points at by default).
 
 Deterministic: roots, directories and files are visited in sorted order, so the same packages give
@@ -18,10 +18,8 @@ the same corpus, token for token. Skipped: `__pycache__`, files that are not UTF
 --max-file-bytes (generated tables, vendored blobs), empty files. --max-bytes stops collecting
 before the file that would exceed it (0: no cap).
 
-Time, measured on a 2-core machine: 208 MB / 55.7M tokens in ~3 min (collecting ~3 s, the BPE
-~40 s, tokenizing the rest); with --max-bytes 160000000 --bpe-max-bytes 64000000, 160 MB / 43.6M
-tokens in ~1 min (collect 2 s, BPE 9 s, tokenize 46 s). Tokenizing runs in --workers processes
-(default: one per core but one, at most 16); the BPE trainer uses every core by itself.
+Most of the time goes to tokenizing, which runs in --workers processes (default: one per core
+but one, at most 16); the BPE trainer uses every core by itself.
 """
 
 from __future__ import annotations
@@ -30,22 +28,23 @@ import argparse
 import json
 import math
 import os
-import struct
 import sys
 import sysconfig
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-if __package__ in (None, ""):  # run as a script: make `tools` importable
+if __package__ in (None, ""):  # run as a script: make `trainer` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.preprocess_data import (_Progress, default_cache_dir, preprocess, train_bpe,  # noqa: E402
-                                   trained_tokenizer_path)
+from trainer.default_corpus import default_cache_dir  # noqa: E402
+from trainer.indexed import indexed_counts  # noqa: E402
+from trainer.preprocess import preprocess  # noqa: E402
+from trainer.progress import Progress  # noqa: E402
+from trainer.tokenizer import save_tokenizer, train_bpe, trained_tokenizer_path  # noqa: E402
 
 DEFAULT_VOCAB = 32000
 DEFAULT_MAX_FILE_BYTES = 1 << 20  # larger .py files are mostly generated data
-_IDX_DTYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}  # megatron DType code -> size
 
 
 def default_workers() -> int:
@@ -87,7 +86,7 @@ def collect(roots: Sequence[str], jsonl_path: str, max_bytes: int = 0,
     tmp = f"{jsonl_path}.tmp-{os.getpid()}"
     listing = []
     kept_bytes = skipped = 0
-    progress = _Progress(total, "collecting .py files")
+    progress = Progress(total, "collecting .py files")
     try:
         with open(tmp, "w", encoding="utf-8") as out:
             for path, rel, size in candidates:
@@ -120,7 +119,7 @@ def collect(roots: Sequence[str], jsonl_path: str, max_bytes: int = 0,
     return {"files": len(listing), "bytes": kept_bytes, "skipped": skipped}
 
 
-def _sample_texts(jsonl_path: str, total_bytes: int, max_bytes: int) -> Iterator[str]:
+def sample_texts(jsonl_path: str, total_bytes: int, max_bytes: int) -> Iterator[str]:
     """Every k-th document of the jsonl (k = ceil(total / max_bytes)), up to max_bytes of text:
     a deterministic sample spread over all the packages, not just the first ones."""
     stride = max(1, math.ceil(total_bytes / max_bytes))
@@ -140,19 +139,8 @@ def train_sample_bpe(jsonl_path: str, prefix: str, total_bytes: int, max_bytes: 
     """Train the byte-level BPE on a sample of the documents; saved where `preprocess` would put it."""
     path = trained_tokenizer_path(prefix)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_bpe(_sample_texts(jsonl_path, total_bytes, max_bytes), vocab_size)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    tokenizer.save(tmp)
-    os.replace(tmp, path)
+    save_tokenizer(train_bpe(sample_texts(jsonl_path, total_bytes, max_bytes), vocab_size), path)
     return path
-
-
-def indexed_counts(prefix: str) -> tuple[int, int]:
-    """(documents, tokens) of PREFIX.bin/.idx, from the index header and the .bin size."""
-    with open(prefix + ".idx", "rb") as f:
-        head = f.read(34)
-    _, code, sequences, _ = struct.unpack("<QBQQ", head[9:34])
-    return sequences, os.path.getsize(prefix + ".bin") // _IDX_DTYPE_BYTES[code]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

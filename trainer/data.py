@@ -1,19 +1,21 @@
 """Training data: token files through megatron-core's GPTDataset, served per data-parallel rank.
 
+Shape letters (README.md): B batch (the sequences of a micro-batch), S sequence length.
+
 Sources (`data.kind`): `default_corpus`, Python's pydoc topics prepared once into the cache
-(tools/preprocess_data.ensure_default_corpus); `megatron`, `.bin/.idx` prefixes from
-tools/preprocess_data.py (or Megatron-LM's own preprocessing), blended by weight; `mock`,
-megatron's synthetic MockGPTDataset.
+(trainer/default_corpus.py); `megatron`, `.bin/.idx` prefixes from tools/preprocess_data.py
+(or Megatron-LM's own preprocessing), blended by weight; `mock`, megatron's synthetic
+MockGPTDataset.
 
 A batch is a dict of `tokens` (B, S) int64, `labels` (B, S) int64 (the next token of each
 position) and `loss_mask` (B, S) float32 (0 on padding).
 
 Order: megatron shuffles the samples once, seeded by `data.seed`. Global batch k is samples
-[c + k*G, c + (k+1)*G) of that order, c = consumed_samples, G = global batch size;
-data-parallel rank r takes rows [r*G/D, (r+1)*G/D) of it, cut into micro-batches. Nothing else
-is random, so `train(consumed_samples)` yields exactly the batches an uninterrupted run would
-have yielded next, provided the data config, seq_len, train_steps and G are unchanged (megatron
-sizes its shuffle from them).
+[c + k*g, c + (k+1)*g) of that order, c = consumed_samples, g = global batch size;
+data-parallel rank r of d takes rows [r*g/d, (r+1)*g/d) of it, cut into micro-batches. Nothing
+else is random, so `train(consumed_samples)` yields exactly the batches an uninterrupted run
+would have yielded next, provided the data config, seq_len, train_steps and g are unchanged
+(megatron sizes its shuffle from them).
 
 Every rank must call `build_train_valid` when torch.distributed is initialised: megatron
 builds its index files on rank 0 first, behind a barrier, into `<cache>/megatron_index`,
@@ -29,7 +31,6 @@ import hashlib
 import logging
 import math
 import os
-import struct
 import sys
 import time
 import warnings
@@ -38,19 +39,13 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
-from tools.preprocess_data import (default_cache_dir, ensure_default_corpus, load_tokenizer,
-                                  trained_tokenizer_path)
+from trainer.default_corpus import default_cache_dir, ensure_default_corpus
+from trainer.indexed import check_indexed_prefix
+from trainer.tokenizer import load_tokenizer, trained_tokenizer_path
 
 KINDS = ("default_corpus", "megatron", "mock")
 SPLIT_NAMES = ("train", "valid", "test")
 Batch = Dict[str, torch.Tensor]
-
-# The .idx layout megatron's _IndexWriter writes: magic, version (u64), dtype code (u8),
-# sequence count (u64), document count (u64), then int32 lengths, int64 byte pointers and
-# int64 document boundaries.
-_IDX_MAGIC = b"MMIDIDX\x00\x00"
-_IDX_HEADER_BYTES = 34
-_DTYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}  # megatron DType code -> size
 
 
 @dataclass
@@ -65,7 +60,7 @@ class DataConfig:
     weights: List[float] = field(default_factory=list)
     split: str = "98,2,0"  # train,valid,test weights over each prefix's documents
     tokenizer: str = ""  # kind=megatron: the tokenizer.json the data was made with
-    eod_token: str = ""  # "" = first of tools.preprocess_data.EOD_CANDIDATES in the tokenizer
+    eod_token: str = ""  # "" = first of trainer.tokenizer.EOD_CANDIDATES in the tokenizer
     mock_vocab_size: int = 4096  # kind=mock: synthetic vocabulary; EOD is its last id
     num_workers: int = 2  # DataLoader worker processes per rank (0: load in the main process)
     cache_dir: str = ""  # default corpus + megatron index cache; "" = $FP8MOE_CACHE or ~/.cache/fp8moe
@@ -123,48 +118,6 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def check_indexed_prefix(prefix: str) -> int:
-    """Number of sequences (documents) in PREFIX.bin/.idx, after checking the pair is whole.
-
-    megatron reads the index with bare asserts and numpy views, so a missing, truncated or
-    mismatched file fails deep inside it (or later, as garbage tokens); these checks read only
-    the header and three numbers.
-    """
-    idx_path, bin_path = prefix + ".idx", prefix + ".bin"
-    missing = [p for p in (bin_path, idx_path) if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f"data prefix {prefix}: missing {' and '.join(missing)} "
-                                "(make them with tools/preprocess_data.py)")
-    size = os.path.getsize(idx_path)
-    with open(idx_path, "rb") as f:
-        head = f.read(_IDX_HEADER_BYTES)
-        if len(head) < _IDX_HEADER_BYTES or head[:9] != _IDX_MAGIC:
-            raise ValueError(f"{idx_path}: not a Megatron index file (bad header, {size} bytes)")
-        version, code, sequences, documents = struct.unpack("<QBQQ", head[9:])
-        if version != 1 or code not in _DTYPE_BYTES:
-            raise ValueError(f"{idx_path}: unsupported index version {version} / dtype code {code}")
-        expected = _IDX_HEADER_BYTES + sequences * 12 + documents * 8
-        if size != expected:
-            raise ValueError(f"{idx_path}: truncated or corrupted: its header describes {sequences} "
-                             f"sequences ({expected} bytes) but the file has {size} bytes")
-        if sequences == 0:
-            raise ValueError(f"{idx_path}: holds no documents")
-        f.seek(_IDX_HEADER_BYTES + (sequences - 1) * 4)
-        (last_length,) = struct.unpack("<i", f.read(4))
-        f.seek(_IDX_HEADER_BYTES + sequences * 4 + (sequences - 1) * 8)
-        (last_pointer,) = struct.unpack("<q", f.read(8))
-        f.seek(_IDX_HEADER_BYTES + sequences * 12 + (documents - 1) * 8)
-        (last_boundary,) = struct.unpack("<q", f.read(8))
-    if last_boundary != sequences:
-        raise ValueError(f"{idx_path}: corrupted: document boundaries end at {last_boundary}, "
-                         f"expected {sequences}")
-    bin_expected = last_pointer + last_length * _DTYPE_BYTES[code]
-    if os.path.getsize(bin_path) != bin_expected:
-        raise ValueError(f"{bin_path}: has {os.path.getsize(bin_path)} bytes but {idx_path} indexes "
-                         f"{bin_expected}: truncated, or the two files come from different runs")
-    return sequences
-
-
 class MegatronTokenizer:
     """The attributes megatron-core's datasets read from a tokenizer, and nothing else.
 
@@ -190,7 +143,7 @@ class TrainValidData:
     valid: Optional[Callable[[], Iterator[Batch]]]  # None when the split has no valid part
     vocab_size: int
     eod: int
-    train_samples: int  # samples in megatron's train dataset (>= train_steps * G)
+    train_samples: int  # samples in megatron's train dataset (>= train_steps * global_batch_size)
 
 
 def _megatron():
