@@ -18,7 +18,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 GIB = 1024**3
 
-# DESIGN.md's four measured experts-block shapes: (M routed rows, H, F, E, activation).
+# The four benchmark shapes of the experts block, after the models they are named for:
+# (M routed rows, H, F, E, activation).
 SHAPES = {
     "seed": (32768, 4096, 6400, 16, "gelu"),
     "mixtral_8x7b": (16384, 4096, 14336, 8, "swiglu"),
@@ -29,7 +30,8 @@ SHAPES = {
 
 def git_commit() -> str:
     """HEAD's hash, with "+dirty" when the working tree differs from it. A copy of the tree
-    without .git (a lent GPU machine) reads it from FP8MOE_COMMIT; else "unknown"."""
+    without .git (the Docker image: .dockerignore leaves it out) reads it from FP8MOE_COMMIT;
+    else "unknown"."""
     if os.environ.get("FP8MOE_COMMIT"):
         return os.environ["FP8MOE_COMMIT"]
     try:
@@ -50,15 +52,10 @@ def run_info() -> dict:
 
 def time_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> float:
     """Median milliseconds of fn() on the current CUDA stream: events around each call, the L2
-    flushed (256 MB written) before it, and a GPU sleep of twice fn's host time (at most 0.5
-    ms) queued between the flush and the start event, so that what is timed is the GPU's work,
-    not the host's launch. triton.testing.do_bench, which this replaced, starts the clock right
-    after the flush: where fn takes longer to launch than the flush takes to run (our ops'
-    40-320 us of Triton launch path against ~0.06 ms), the GPU waits for the host inside the
-    timed span.
-    That was the kernels bench's "slow spells" (session 11, H200, 0.064 ms 128x1 column kernel
-    over 70 s: 53 of 718 do_bench medians above 1.3x, up to 0.27 ms; with the sleep 0 of 718,
-    max 0.0645; torch's copy, cast and transpose, ~5 us to launch, never slowed)."""
+    flushed (256 MB written) before it, and a GPU sleep of twice fn's host time (at most 0.5 ms)
+    queued between the flush and the start event, so that the GPU's work is timed and not the
+    host's launch (our ops take 40-320 us to launch; without the sleep the GPU waited for them
+    inside the timed span: bench/NOTES.md, Kernels, the slow spells)."""
     import time
 
     fn()
