@@ -16,7 +16,6 @@ model code never branches on FP8, and the trainer never on a recipe.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch.distributed as dist
@@ -27,6 +26,7 @@ from moe.fp8.float8_linear import Float8Linear
 from moe.fp8.grouped_mlp import Fp8GroupedMLP
 from moe.fp8.linear_convert import convert_to_float8_training, sync_float8_amax_and_scale_history
 from moe.fp8.recipe import FP8Config, Float8LinearRecipe, Fp8Recipe
+
 
 class Fp8Training:
     """The FP8 side of a training run, from its config.
