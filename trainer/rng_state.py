@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import random
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from trainer.safe_dcp import DamagedCheckpointError, safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -41,3 +45,28 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
             torch.cuda.set_rng_state(state["cuda"])
         else:
             log.warning("checkpoint has a CUDA RNG state but CUDA is unavailable; not restored")
+
+
+def rng_file_bytes() -> bytes:
+    """`capture_rng_state()` as the bytes of a torch.save file (written by the caller, so a full
+    disk raises OSError(ENOSPC) from Python rather than a position error from torch's writer)."""
+    buffer = io.BytesIO()
+    torch.save(capture_rng_state(), buffer)
+    return buffer.getvalue()
+
+
+def read_rng_file(path: Path) -> dict[str, Any]:
+    """The RNG states in a file `rng_file_bytes` wrote, for `restore_rng_state`.
+
+    Anything else raises DamagedCheckpointError naming the file (UnsafeCheckpointError if it
+    names a Python global), never advising an unsafe `torch.load`.
+    """
+    what = f"RNG state file {path}"
+    state = safe_torch_load(path, what)
+    numpy_state = state.get("numpy") if isinstance(state, dict) else None
+    if (not isinstance(state, dict) or not {"python", "numpy", "torch"} <= state.keys()
+            or not isinstance(numpy_state, (list, tuple)) or len(numpy_state) != 5
+            or not isinstance(state["torch"], torch.Tensor)):
+        raise DamagedCheckpointError(f"{what} does not hold the python, numpy and torch RNG "
+                                     f"states; the checkpoint is damaged")
+    return state
