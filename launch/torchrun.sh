@@ -43,4 +43,7 @@ export PYTHONUNBUFFERED=1
 # export NCCL_P2P_DISABLE=1           # only to rule out a broken NVLink/P2P path
 # export TORCH_NCCL_BLOCKING_WAIT=1   # surface a hung collective as an error, at some speed cost
 
+# exec keeps this pid: it becomes torchrun, the workers' parent; a worker whose launcher dies
+# stops with it (trainer/run_lock.py stop_with_launcher).
+export FP8MOE_LAUNCHER_PID=$$
 exec torchrun --standalone --nnodes 1 --nproc_per_node "$ngpus" "$repo_dir/train.py" "$@"

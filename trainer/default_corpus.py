@@ -7,13 +7,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 
 from trainer.documents import DocumentSource
 from trainer.preprocess import build_indexed
+from trainer.run_lock import FileLock
 from trainer.tokenizer import trained_tokenizer_path
 
 DEFAULT_CORPUS_VOCAB = 4096
@@ -44,23 +44,6 @@ def _manifest_ok(path: Path) -> bool:
     return all(os.path.isfile(p) for p in (prefix + ".bin", prefix + ".idx", trained_tokenizer_path(prefix)))
 
 
-def _lock_is_stale(lock: Path) -> bool:
-    """The lock's holder ran on this host and is gone (killed mid-preparation)."""
-    try:
-        host, pid = lock.read_text().split()
-    except (OSError, ValueError):
-        return False  # being written right now, or already removed
-    if host != socket.gethostname():
-        return False
-    try:
-        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # exists, under another user
-        pass
-    return False
-
-
 def _prepare(docs: list[str], prefix: str, manifest: Path) -> None:
     """Build the corpus at `prefix`, then write `manifest` (last: it marks the corpus complete)."""
     print(f"preparing the default corpus (pydoc topics) in {manifest.parent}", file=sys.stderr, flush=True)
@@ -81,9 +64,9 @@ def ensure_default_corpus(cache_dir: str | None = None) -> str:
     Prepared once per Python version (the topics text differs between versions) into
     `cache_dir` (default: `default_cache_dir()`); `manifest.json`, written last, marks it
     complete. Safe when several processes (torchrun ranks) call it at once, with or without
-    torch.distributed: the first to create `prepare.lock` (O_EXCL) prepares, the others wait
-    for the manifest. A lock left by a killed process on this host is broken; elsewhere, delete
-    it by hand (the TimeoutError names it).
+    torch.distributed: the first to take `prepare.lock` (trainer/run_lock.py FileLock) prepares,
+    the others wait for the manifest. A lock left by a killed process on this host is taken over;
+    one from another host is waited for, and the TimeoutError names its holder and the `rm`.
     """
     docs = pydoc_documents()
     digest = hashlib.sha256(f"{DEFAULT_CORPUS_FORMAT}:{DEFAULT_CORPUS_VOCAB}".encode())
@@ -92,29 +75,22 @@ def ensure_default_corpus(cache_dir: str | None = None) -> str:
     out_dir = Path(cache_dir or default_cache_dir()) / "default_corpus" / digest.hexdigest()[:16]
     prefix = str(out_dir / "pydoc_topics")
     manifest = out_dir / "manifest.json"
-    lock = out_dir / "prepare.lock"
     if _manifest_ok(manifest):
         return prefix
     out_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out_dir / "prepare.lock", what=f"the default corpus cache {out_dir}")
     deadline = time.monotonic() + LOCK_TIMEOUT_S
     while not _manifest_ok(manifest):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if _lock_is_stale(lock):
-                lock.unlink(missing_ok=True)
-            elif time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"waited {LOCK_TIMEOUT_S:.0f} s for another process to prepare the default "
-                    f"corpus; if none is running, delete {lock}"
-                ) from None
+        busy = lock.try_acquire()
+        if busy is not None:  # another process prepares it: wait for its manifest
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"waited {LOCK_TIMEOUT_S:.0f} s for another process to prepare the "
+                                   f"default corpus: {busy}") from None
             time.sleep(0.2)
             continue
         try:
-            os.write(fd, f"{socket.gethostname()} {os.getpid()}".encode())
-            os.close(fd)
             if not _manifest_ok(manifest):  # another process may have finished meanwhile
                 _prepare(docs, prefix, manifest)
         finally:
-            lock.unlink(missing_ok=True)
+            lock.release()
     return prefix
