@@ -39,7 +39,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench.common import GIB, REPO, SHAPES, git_commit, print_table, write_json
+from bench.common import GIB, REPO, SHAPES, git_commit, print_table, require_gpu, write_results
 from bench.moe_block import routed_counts
 from moe.all_to_all import AllToAllDispatcher
 from moe.fp8.recipe import Fp8Recipe
@@ -168,6 +168,7 @@ def main() -> None:
     iters = args.iters if args.iters is not None else (3 if args.tiny else 20)
 
     if args.device == "cuda":
+        require_gpu("bench.all_to_all")
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -200,8 +201,8 @@ def main() -> None:
                 rows.append(row)
                 if rank == 0:  # written after every row, so a later hang or timeout keeps these
                     print(row, flush=True)
-                    write_json(args.out, {**info, "world_size": world, "warmup": warmup, "iters": iters,
-                                          "rows": rows})
+                    write_results(args.out, {**info, "world_size": world, "warmup": warmup, "iters": iters,
+                                             "rows": rows})  # fmt: skip
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

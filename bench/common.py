@@ -3,6 +3,10 @@
 Timing is CUDA events around each call (warm-up, L2 flushed before each timed call, median), with
 the call's host launch time hidden behind GPU work queued ahead of it (`time_ms`). Bandwidth counts
 each input byte read once and each output byte written once.
+
+Results files under bench/results/ are committed: a benchmark calls `require_gpu` before it
+writes anything, and writes rows with `write_results`, which keeps the file as it was when every
+row failed.
 """
 
 from __future__ import annotations
@@ -109,6 +113,25 @@ def copy_gbps(nbytes: int = 2 * GIB) -> float:
     del src, dst
     torch.cuda.empty_cache()
     return 2 * nbytes / ms / 1e6
+
+
+def require_gpu(what: str) -> None:
+    """Exit (status 1, the reason on stderr) unless a CUDA GPU is visible. A benchmark calls it
+    before it writes anything: without a GPU every row fails, and the committed results file
+    would be replaced by empty rows."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{what} needs a CUDA GPU (Hopper: H100/H200) and none is visible: "
+                         "nothing was run or written")
+
+
+def write_results(path: str | Path, payload: dict, rows_key: str = "rows") -> Path | None:
+    """`write_json`, unless no row of `payload[rows_key]` succeeded (every one carries an
+    "error"): a run where everything failed never replaces results measured before. Returns the
+    path written, or None."""
+    rows = payload[rows_key]
+    if not any(not row.get("error") for row in rows):
+        return None
+    return write_json(path, payload)
 
 
 def write_json(path: str | Path, payload: dict) -> Path:

@@ -31,7 +31,7 @@ import os
 
 import torch
 
-from bench.common import SHAPES, GIB, REPO, print_table, run_info, time_ms, write_json
+from bench.common import SHAPES, GIB, REPO, print_table, require_gpu, run_info, time_ms, write_json
 from kernels.common import FP8_DTYPE
 from kernels.grouped_gemm import fp8_grouped_mm, launch_grouped_mm, tuned_grouped_mm
 from kernels.grouped_gemm_wgrad import (
@@ -180,6 +180,7 @@ def main(argv=None) -> None:
         if bad:
             parser.error(f"--{name}: unknown {bad}; allowed: {list(allowed)}")
     shapes, gemms, paths = chosen["shapes"], chosen["gemms"], chosen["paths"]
+    require_gpu("bench.gemm")
 
     rows = []
     for shape in shapes:

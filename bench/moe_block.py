@@ -39,7 +39,7 @@ import statistics
 
 import torch
 
-from bench.common import SHAPES, GIB, REPO, print_table, run_info, time_ms, write_json
+from bench.common import SHAPES, GIB, REPO, print_table, require_gpu, run_info, time_ms, write_results
 from moe.dispatch import ExpertInput
 from moe.experts import GroupedMLP, activation_fn
 from moe.fp8.grouped_mlp import Fp8GroupedMLP
@@ -188,6 +188,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
+    require_gpu("bench.moe_block")
     rows = []
     for shape in args.shapes.split(","):
         for routing in args.routings.split(","):
@@ -205,7 +206,8 @@ def main() -> None:
                 row["speedup_vs_bf16"] = base / row["ms"] if base and row["ms"] else None
                 rows.append(row)
                 print(row, flush=True)
-    write_json(args.out, {**run_info(), "rows": rows})
+    if write_results(args.out, {**run_info(), "rows": rows}) is None:
+        raise SystemExit(f"every row failed: {args.out} left as it was")
     print_table(rows, ["shape", "routing", "impl", "ms", "ms_weights_cached", "tflops", "peak_gib", "speedup_vs_bf16"])
 
 

@@ -103,7 +103,7 @@ def overrides(job: Job, args, max_ep: int) -> list[str]:
         f"run.grad_accum={grad_accum(job, args, max_ep)}", f"run.steps={args.steps}", "run.eval_interval=0",
         f"parallel.ep={job.ep}", f"fp8={job.recipe}", f"parallel.fp8_dispatch={str(job.fp8_wire).lower()}",
         "logging.wandb=disabled", "logging.interval=1", "logging.expert_hist_interval=0",
-        "checkpoint.interval=0", "checkpoint.at_end=false", "checkpoint.resume=none",
+        "checkpoint.interval=0", "checkpoint.interval_minutes=0", "checkpoint.at_end=false", "checkpoint.resume=none",
         f"run.output_root={args.root}", f"run.name={job.name}", f"run.device={args.device}",
     ]  # fmt: skip
 
@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--skip", type=int, default=5, help="first steps left out of throughput")
     p.add_argument("--root", default=None, help="run directories (default: /dev/shm or the temp dir)")
-    p.add_argument("--out", default=None, help="default bench/results/scaling.json (--weak: scaling_weak.json)")
+    p.add_argument("--out", default=None, help="default bench/results/scaling.json (--weak: scaling_weak.json); "
+                   "with --device cpu, under --root")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke test)")
     p.add_argument("--job-timeout-s", type=float, default=300)
@@ -325,11 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     recipes = args.recipes.split(",")
     args.model_args = args.model_args or (TINY_MODEL_ARGS if args.tiny else DEFAULT_MODEL_ARGS)
     args.seq = args.seq or (64 if args.tiny else 2048)
-    args.out = args.out or str(REPO / "bench" / "results" / ("scaling_weak.json" if args.weak else "scaling.json"))
     if args.root is None:
         shm = Path("/dev/shm")
         base = shm if shm.is_dir() and shutil.disk_usage(shm).free > 20e9 else Path(os.environ.get("TMPDIR", "/tmp"))
         args.root = str(base / "fp8moe_scaling")
+    # A CPU smoke run never lands in the committed GPU results: its default is under --root.
+    results = Path(args.root) if args.device == "cpu" else REPO / "bench" / "results"
+    args.out = args.out or str(results / ("scaling_weak.json" if args.weak else "scaling.json"))
     root = Path(args.root)
     jobs = plan(eps, recipes, bf16_wire=not args.no_bf16_wire, rerun=not args.no_rerun)
     timing: dict[str, dict] = {}
@@ -355,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         before = json.loads(Path(args.out).read_text())
         info = {k: before[k] for k in ("commit", "gpu", "torch") if k in before} or info
     summary = {**info, **summary}
+    if not args.report_only and not any(r["ok"] for r in summary["rows"]):
+        raise SystemExit(f"every job failed: {args.out} left as it was")
     out = write_json(args.out, summary)
     png = plot(summary, out.with_suffix(".png"))
     print(f"wrote {out}" + (f" and {png}" if png else ""))

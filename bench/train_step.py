@@ -26,7 +26,8 @@ matmul parameters + causal attention); mfu divides by trainer.metrics.peak_tflop
 peak, also for the FP8 rows, so the MFU column compares like with like); peak_gib is the peak
 allocated memory over the timed steps (weights, gradients and AdamW state included).
 Writes bench/results/train_step.json after every row ("complete": false until the last one, so a
-run cut short keeps the rows it finished) and prints a table last.
+run cut short keeps the rows it finished) and prints a table last. Without a CUDA GPU it refuses
+before writing anything, and a run whose rows all failed leaves the file as it was.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import traceback
 
 import torch
 
-from bench.common import GIB, REPO, print_table, run_info, write_json
+from bench.common import GIB, REPO, print_table, require_gpu, run_info, write_results
 
 MODELS = {  # name -> Hydra overrides
     "mixtral_2layer": ["experiment=mixtral_2layer_bench"],
@@ -67,6 +68,9 @@ def compose_config(model: str, impl: str, steps: int, extra: list[str]):
                  "logging.wandb=disabled", *extra]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
+    # A few timed steps of a long run: its warm-up may outlast them, which validate() refuses.
+    # The learning rate's value does not change a step's time.
+    cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, cfg.run.steps)
     cfg.validate()
     return cfg
 
@@ -141,6 +145,7 @@ def main(argv=None) -> None:
     extra = list(args.override)
     if args.micro_batch_size is not None:
         extra.append(f"run.micro_batch_size={args.micro_batch_size}")
+    require_gpu("bench.train_step")
 
     info = {**run_info(), "warmup": args.warmup, "steps": args.steps, "overrides": extra}
     rows = []
@@ -167,9 +172,9 @@ def main(argv=None) -> None:
             for r in rows:
                 if base and r["model"] == model and r["tokens_per_s"]:
                     r["speedup_vs_bf16"] = r["tokens_per_s"] / base["tokens_per_s"]
-            write_json(args.out, {**info, "complete": False, "rows": rows})
-    path = write_json(args.out, {**info, "complete": True, "rows": rows})
-    print(f"wrote {path}")
+            write_results(args.out, {**info, "complete": False, "rows": rows})
+    path = write_results(args.out, {**info, "complete": True, "rows": rows})
+    print(f"wrote {path}" if path else f"every row failed: {args.out} left as it was")
     print_table(rows, [*COLUMNS, "speedup_vs_bf16"])
     failed = [f"{r['model']}/{r['impl']}" for r in rows if r.get("error")]
     if failed:

@@ -203,6 +203,19 @@ def test_batches_shape_and_resume_exactly(cache):
     assert len(valid) == 2 and valid[0]["tokens"].shape == (2, 16)
 
 
+def test_default_run_shape_passes_the_corpus_size_checks(cache):
+    """The default run (seq_len 256, 200 steps of 8 sequences) reads the ~112k-token default
+    corpus ~4 times over and validates on its ~1k-token valid split: both are larger than one
+    sample, so neither is refused, and every id is inside the tokenizer's vocabulary."""
+    cfg = DataConfig(kind="default_corpus", cache_dir=cache, num_workers=0)
+    data = build_train_valid(cfg, seq_len=256, micro_batch_size=8, global_batch_size=8, train_steps=200,
+                             eval_steps=10)
+    assert data.vocab_source.startswith("the tokenizer ") and data.kind == "default_corpus"
+    batch = next(data.train(0))
+    assert batch["tokens"].shape == (8, 256) and int(batch["tokens"].max()) < data.vocab_size
+    assert len(list(data.valid())) == 10
+
+
 def test_data_parallel_ranks_partition_the_global_batch(cache):
     cfg = DataConfig(kind="default_corpus", cache_dir=cache, num_workers=0)
     single = _tokens(_take(_build(cfg).train(8), 8))  # 2 global batches from a resumed point

@@ -1,15 +1,22 @@
 """The trainer's typed configuration: dataclasses registered in Hydra's ConfigStore.
 
 YAML files under configs/ fill these in; a key the schema lacks or a value of the wrong type is
-refused by Hydra when it merges them (it names the key). `TrainConfig.validate()` checks what
-types cannot: ranges, choices and relations between fields, with errors that name the field.
+refused by Hydra when it merges them (it names the key), except keys added with `+key=value`,
+which `reject_unknown_keys` refuses. `TrainConfig.validate()` checks what types cannot: ranges,
+choices and relations between fields, with errors that name the field.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import math
+import typing
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 from moe.config import ModelConfig, require
 from moe.fp8.recipe import FP8Config
@@ -51,6 +58,9 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm (0 disables)
+    # The lr schedule's length in steps; 0: run.steps of the run that starts it. A resume keeps
+    # the checkpoint's length (trainer/resume.py), so a longer run.steps does not re-stretch it.
+    schedule_steps: int = 0
 
 
 @dataclass
@@ -108,6 +118,7 @@ class TrainConfig:
         self.data.validate()
         self.checkpoint.validate()
         run, opt = self.run, self.optim
+        require(bool(run.name.strip()), f"run.name must not be empty, got {run.name!r}")
         for name in ("steps", "micro_batch_size", "grad_accum", "seq_len"):
             require(getattr(run, name) >= 1, f"run.{name} must be >= 1, got {getattr(run, name)}")
         require(
@@ -116,11 +127,28 @@ class TrainConfig:
         )
         require(run.device in DEVICES, f"run.device must be one of {DEVICES}, got {run.device!r}")
         require(run.dtype in DTYPES, f"run.dtype must be one of {DTYPES}, got {run.dtype!r}")
-        require(run.max_nonfinite_steps >= 1, "run.max_nonfinite_steps must be >= 1")
-        require(opt.lr > 0, f"optim.lr must be > 0, got {opt.lr}")
+        require(run.max_nonfinite_steps >= 1,
+                f"run.max_nonfinite_steps must be >= 1, got {run.max_nonfinite_steps}")
+        require(run.eval_interval >= 0,
+                f"run.eval_interval must be >= 0 (0 disables validation), got {run.eval_interval}")
+        least = 1 if run.eval_interval > 0 else 0
+        require(
+            run.eval_steps >= least,
+            f"run.eval_steps must be >= {least}" + (" while run.eval_interval > 0" if least else "")
+            + f", got {run.eval_steps}",
+        )
+        # NaN fails every comparison, so `x > 0` refuses it too; infinity needs its own check.
+        require(math.isfinite(opt.lr) and opt.lr > 0, f"optim.lr must be finite and > 0, got {opt.lr}")
         require(0 <= opt.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {opt.min_lr_ratio}")
         require(opt.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {opt.warmup_steps}")
-        require(opt.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {opt.grad_clip}")
+        require(
+            math.isfinite(opt.weight_decay) and opt.weight_decay >= 0,
+            f"optim.weight_decay must be finite and >= 0, got {opt.weight_decay}",
+        )
+        for name in ("beta1", "beta2"):
+            require(0 <= getattr(opt, name) < 1, f"optim.{name} must be in [0, 1), got {getattr(opt, name)}")
+        require(math.isfinite(opt.eps) and opt.eps > 0, f"optim.eps must be finite and > 0, got {opt.eps}")
+        require(opt.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables clipping), got {opt.grad_clip}")
         self.parallel.validate(num_experts=self.model.moe.num_experts)
         self.fp8.validate()
         require(
@@ -128,6 +156,59 @@ class TrainConfig:
             f"logging.wandb must be one of {WANDB_MODES}, got {self.logging.wandb!r}",
         )
         require(self.logging.interval >= 1, f"logging.interval must be >= 1, got {self.logging.interval}")
+        require(
+            self.logging.expert_hist_interval >= 0,
+            f"logging.expert_hist_interval must be >= 0 (0 disables), got {self.logging.expert_hist_interval}",
+        )
+        # Last: a relation between groups, once each group is known to be sound on its own.
+        require(opt.schedule_steps >= 0,
+                f"optim.schedule_steps must be >= 0 (0: run.steps), got {opt.schedule_steps}")
+        length = f"optim.schedule_steps={opt.schedule_steps}" if opt.schedule_steps else f"run.steps={run.steps}"
+        require(
+            opt.warmup_steps <= (opt.schedule_steps or run.steps),
+            f"optim.warmup_steps must be <= {length} (a longer warm-up never reaches optim.lr), "
+            f"got {opt.warmup_steps}",
+        )
+
+
+def reject_unknown_keys(cfg: DictConfig) -> None:
+    """Refuse keys of the composed config that the TrainConfig schema lacks.
+
+    Hydra refuses `run.stepz=5` but adds `+run.stepz=5` (and `+modle=tiny`, its own suggestion
+    for an unknown group), and `OmegaConf.to_object` then drops the key: the run goes on without
+    what the user asked for. Call this on the composed config, before `to_object`.
+    """
+    unknown: list[str] = []
+    _collect_unknown(OmegaConf.to_container(cfg, resolve=False), TrainConfig, "", unknown)
+    if unknown:
+        raise ValueError("unknown config keys (the schema in trainer/config.py has no such field; "
+                         "nothing would read them):\n  " + "\n  ".join(unknown))
+
+
+def _collect_unknown(node: dict, schema: type, path: str, unknown: list[str]) -> None:
+    hints = typing.get_type_hints(schema)
+    allowed = [f.name for f in dataclasses.fields(schema)]
+    for key, value in node.items():
+        name = f"{path}{key}"
+        if key not in allowed:
+            if not path and key == "hydra":  # Hydra's own node, when composed with it
+                continue
+            close = difflib.get_close_matches(str(key), allowed, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(repr(path + c) for c in close)}? " if close else ""
+            unknown.append(f"{name!r}: {hint}allowed under {path.rstrip('.') or 'the top level'}: "
+                           f"{', '.join(sorted(allowed))}")
+            continue
+        inner = _dataclass_of(hints[key])
+        if inner is not None and isinstance(value, dict):
+            _collect_unknown(value, inner, f"{name}.", unknown)
+
+
+def _dataclass_of(annotation: Any) -> type | None:
+    """The dataclass an annotation names (Optional[X] included), or None."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
 
 
 def register_configs() -> None:

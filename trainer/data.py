@@ -8,7 +8,9 @@ Sources (`data.kind`): `default_corpus`, Python's pydoc topics prepared once int
 MockGPTDataset.
 
 A batch is a dict of `tokens` (B, S) int64, `labels` (B, S) int64 (the next token of each
-position) and `loss_mask` (B, S) float32 (0 on padding).
+position) and `loss_mask` (B, S) float32 (0 on padding). Every id of a token file's sample is
+checked against the tokenizer's vocabulary as it is read (`_CheckedIds`), and each split must hold
+at least one sample's worth of tokens (`_check_split_sizes`).
 
 Order: megatron shuffles the samples once, seeded by `data.seed`. Global batch k is samples
 [c + k*g, c + (k+1)*g) of that order, c = consumed_samples, g = global batch size;
@@ -40,7 +42,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 
 from trainer.default_corpus import default_cache_dir, ensure_default_corpus
-from trainer.indexed import check_indexed_prefix
+from trainer.indexed import check_indexed_prefix, count_tokens
 from trainer.tokenizer import load_tokenizer, trained_tokenizer_path
 
 KINDS = ("default_corpus", "megatron", "mock")
@@ -72,6 +74,8 @@ class DataConfig:
         split_weights(self.split, prefix)
         if self.num_workers < 0:
             raise ValueError(f"{prefix}.num_workers={self.num_workers}: must be >= 0")
+        if not 0 <= self.seed < 2**32:  # megatron seeds numpy's RandomState with it
+            raise ValueError(f"{prefix}.seed={self.seed}: must be in [0, 2**32)")
         if self.kind == "mock" and self.mock_vocab_size < 2:
             raise ValueError(f"{prefix}.mock_vocab_size={self.mock_vocab_size}: must be >= 2")
         if self.kind == "megatron":
@@ -144,6 +148,20 @@ class TrainValidData:
     vocab_size: int
     eod: int
     train_samples: int  # samples in megatron's train dataset (>= train_steps * global_batch_size)
+    vocab_source: str  # what sets vocab_size, for errors: "the tokenizer PATH", "the mock data (...)"
+    kind: str  # data.kind
+
+    def check_model_vocab(self, model_vocab_size: int) -> None:
+        """Refuse a model whose embedding has fewer rows than the data has token ids, saying
+        which setting to change."""
+        if self.vocab_size <= model_vocab_size:
+            return
+        fix = f"set model.vocab_size >= {self.vocab_size}"
+        if self.kind == "mock":
+            fix = (f"set data.mock_vocab_size=N with 2 <= N <= {model_vocab_size} "
+                   f"(or model.vocab_size >= {self.vocab_size})")
+        raise ValueError(f"{self.vocab_source} has {self.vocab_size} tokens but model.vocab_size="
+                         f"{model_vocab_size}: {fix}")
 
 
 def _megatron():
@@ -241,6 +259,39 @@ def _iterate(dataset, sampler: RankBatchSampler, num_workers: int) -> Iterator[B
     return iter(loader)
 
 
+class _CheckedIds(torch.utils.data.Dataset):
+    """A token-file dataset whose samples are checked against the tokenizer's vocabulary: an id
+    past the model's embedding fails deep in it (a bare IndexError on a CPU, a device-side assert
+    on a GPU), and one within the model's but past the tokenizer's trains rows the tokenizer never
+    makes. One max per sample, in the DataLoader workers, on the CPU: no device sync."""
+
+    def __init__(self, dataset, vocab_size: int, vocab_source: str, split: str,
+                 prefixes: List[str]) -> None:
+        self.dataset, self.vocab_size, self.vocab_source = dataset, vocab_size, vocab_source
+        self.split, self.prefixes = split, prefixes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int) -> dict:
+        sample = self.dataset[idx]
+        if "text" in sample:
+            top = int(sample["text"].max())
+        else:  # labels are the tokens shifted by one: only their last entry is new
+            top = max(int(sample["tokens"].max()), int(sample["labels"][-1]))
+        if top >= self.vocab_size:
+            if "dataset_id" in sample:  # a blend says which prefix the sample came from
+                where = f"data prefix {self.prefixes[int(sample['dataset_id'])]}"
+            else:
+                where = f"data prefix {' or '.join(self.prefixes)}"
+            raise ValueError(
+                f"token id {top} in {self.split} sample {idx} ({where}) is outside the vocabulary of "
+                f"{self.vocab_source}: allowed ids are 0..{self.vocab_size - 1}. The data was made with "
+                "another tokenizer: name that one in data.tokenizer, or make the data again with this "
+                "one (tools/preprocess_data.py --tokenizer)")
+        return sample
+
+
 def _train_iter(dataset, global_batch_size, micro_batch_size, dp_rank, dp_size, num_workers,
                 consumed_samples: int = 0) -> Iterator[Batch]:
     if consumed_samples < 0:
@@ -254,10 +305,11 @@ def _train_iter(dataset, global_batch_size, micro_batch_size, dp_rank, dp_size, 
 
 
 def _resolve_source(cfg: DataConfig, cache_dir: str):
-    """(blend or None, MegatronTokenizer) for the configured kind."""
+    """(blend or None, MegatronTokenizer, what sets the vocabulary) for the configured kind."""
     if cfg.kind == "mock":
         vocab = cfg.mock_vocab_size
-        return None, MegatronTokenizer(vocab, vocab - 1, {"name": "mock"})
+        source = f"the mock data (data.mock_vocab_size={vocab})"
+        return None, MegatronTokenizer(vocab, vocab - 1, {"name": "mock"}), source
     if cfg.kind == "default_corpus":
         prefixes, weights = [ensure_default_corpus(cache_dir)], None
         tokenizer_path = trained_tokenizer_path(prefixes[0])
@@ -273,7 +325,7 @@ def _resolve_source(cfg: DataConfig, cache_dir: str):
     # document). The fingerprints go into the tokenizer's identity, which enters that name.
     identity = {"name": os.path.basename(tokenizer_path),
                 "data": [_fingerprint(p + ".idx") for p in prefixes]}
-    return (prefixes, weights), MegatronTokenizer(vocab, eod, identity)
+    return (prefixes, weights), MegatronTokenizer(vocab, eod, identity), f"the tokenizer {tokenizer_path}"
 
 
 def _fingerprint(path: str, edge: int = 1 << 20) -> str:
@@ -287,19 +339,34 @@ def _fingerprint(path: str, edge: int = 1 << 20) -> str:
     return digest.hexdigest()[:16]
 
 
-def _check_split_sizes(prefixes: List[str], split_matrix, split: str) -> None:
+def _check_split_sizes(prefixes: List[str], split_matrix, split: str, seq_len: int,
+                       valid_samples: int) -> None:
     # A split with a positive weight but no documents makes megatron loop forever looking for
-    # tokens (_get_num_epochs), so catch it here. Same rounding as megatron's builder.
+    # tokens (_get_num_epochs); one with fewer tokens than a sample makes it repeat them inside
+    # every sample (4 tokens at seq_len 256: each ~65 times), which trains on nothing. Same
+    # rounding as megatron's builder.
+    needed = seq_len + 1  # a sample: seq_len inputs and the label of the last
     for prefix in prefixes:
         documents = check_indexed_prefix(prefix)
         for name, bookends in zip(SPLIT_NAMES, split_matrix):
             if bookends is None:
                 continue
-            count = int(round(bookends[1] * documents)) - int(round(bookends[0] * documents))
-            if count == 0:
+            first, stop = (int(round(b * documents)) for b in bookends)
+            if stop == first:
                 raise ValueError(
                     f"data.split={split!r} gives the {name} split 0 of the {documents} documents "
                     f"in {prefix}: set its weight to 0 or use more (or smaller) documents")
+            if name == "test" or (name == "valid" and valid_samples == 0):
+                continue  # no sample is drawn from it
+            tokens = count_tokens(prefix, first, stop, needed)
+            if tokens < needed:
+                fits = f"run.seq_len <= {tokens - 1}, " if tokens > 1 else ""
+                skip = ", or run.eval_interval=0 (no validation)" if name == "valid" else ""
+                raise ValueError(
+                    f"the {name} split of {prefix} (data.split={split!r}: documents [{first}, {stop}) "
+                    f"of {documents}) holds {tokens} tokens, fewer than one sample of run.seq_len + 1 "
+                    f"= {needed}: each sample would repeat them ~{needed / tokens:.0f} times. Use more "
+                    f"data, {fits}a larger {name} weight in data.split{skip}")
 
 
 def build_train_valid(cfg: DataConfig, *, seq_len: int, micro_batch_size: int,
@@ -323,7 +390,7 @@ def build_train_valid(cfg: DataConfig, *, seq_len: int, micro_batch_size: int,
     cache_dir = cfg.cache_dir or default_cache_dir()
     train_samples = train_steps * global_batch_size
     valid_samples = eval_steps * micro_batch_size * dp_size
-    blend_, tokenizer = _resolve_source(cfg, cache_dir)
+    blend_, tokenizer, vocab_source = _resolve_source(cfg, cache_dir)
     verbose = dp_rank == 0
     t0 = time.perf_counter()
     if verbose:
@@ -347,11 +414,16 @@ def build_train_valid(cfg: DataConfig, *, seq_len: int, micro_batch_size: int,
         add_extra_token_to_sequence=True,  # seq_len + 1 tokens per sample: inputs and labels both S long
     )
     if not mock:
-        _check_split_sizes(blend_[0], config.split_matrix, cfg.split)
+        _check_split_sizes(blend_[0], config.split_matrix, cfg.split, seq_len, valid_samples)
     cls = gpt_dataset.MockGPTDataset if mock else gpt_dataset.GPTDataset
     with _no_rank_warnings():
         builder = Builder(cls, [train_samples, valid_samples, 0], lambda: True, config)
         train_ds, valid_ds, _ = builder.build()
+    if not mock:  # mock ids are taken modulo the vocabulary already
+        check = functools.partial(_CheckedIds, vocab_size=tokenizer.vocab_size,
+                                  vocab_source=vocab_source, prefixes=blend_[0])
+        train_ds = check(train_ds, split="train")
+        valid_ds = None if valid_ds is None else check(valid_ds, split="valid")
     if verbose:
         valid_len = 0 if valid_ds is None else len(valid_ds)
         print(f"data: {len(train_ds)} train / {valid_len} valid samples ready "
@@ -364,4 +436,5 @@ def build_train_valid(cfg: DataConfig, *, seq_len: int, micro_batch_size: int,
         sampler = RankBatchSampler(0, min(valid_samples, len(valid_ds)), step, micro_batch_size,
                                    dp_rank, dp_size)
         valid = functools.partial(_iterate, valid_ds, sampler, cfg.num_workers)
-    return TrainValidData(train, valid, tokenizer.vocab_size, tokenizer.eod, len(train_ds))
+    return TrainValidData(train, valid, tokenizer.vocab_size, tokenizer.eod, len(train_ds),
+                          vocab_source, cfg.kind)

@@ -4,6 +4,9 @@
 - any other file is plain text: by default one document per paragraph (blank-line separated),
   because a single-document file cannot be split into train/valid (megatron splits by document);
   `text_split="file"` makes each whole file one document.
+
+Both must be UTF-8: a byte that is not raises a ValueError naming the file, the line and the
+byte's offset in the file.
 """
 
 from __future__ import annotations
@@ -18,15 +21,41 @@ TEXT_SPLITS = ("paragraph", "file")
 DocumentSource = Callable[[], Iterator[tuple[str, int]]]
 
 
-def json_lines(path: str) -> Iterator[tuple[int, Any, int]]:
-    """(line number, value, bytes of the line) of each non-blank line of a JSON-lines file; a
-    line that is not JSON raises a ValueError naming the file and the line."""
+def _not_utf8(path: str, line_no: int, offset: int, bad: bytes) -> ValueError:
+    """The error for a byte that is not UTF-8 at byte `offset` of `path`, on line `line_no`."""
+    shown = " ".join(f"0x{byte:02x}" for byte in bad)
+    return ValueError(
+        f"{path}:{line_no}: not UTF-8 text (byte {shown} at byte offset {offset} of the file): "
+        "input files must be UTF-8 encoded; convert this one first, e.g. `iconv -f latin1 -t utf-8`")
+
+
+def _first_non_utf8(path: str) -> ValueError:
+    # Text mode decodes in chunks, so its own error gives an offset within a chunk: find the
+    # line and the file offset by decoding line by line.
+    offset = 0
     with open(path, "rb") as f:
         for line_no, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return _not_utf8(path, line_no, offset + e.start, line[e.start:e.end])
+            offset += len(line)
+    return ValueError(f"{path}: not UTF-8 text: input files must be UTF-8 encoded")
+
+
+def json_lines(path: str) -> Iterator[tuple[int, Any, int]]:
+    """(line number, value, bytes of the line) of each non-blank line of a JSON-lines file; a
+    line that is not JSON, or not UTF-8, raises a ValueError naming the file and the line."""
+    offset = 0
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, 1):
+            start, offset = offset, offset + len(line)
             if not line.strip():
                 continue
             try:
                 value = json.loads(line)
+            except UnicodeDecodeError as e:  # json decodes bytes itself: UTF-8, or UTF-16/32 by BOM
+                raise _not_utf8(path, line_no, start + e.start, line[e.start:e.end]) from None
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{line_no}: not a JSON line ({e.msg})") from None
             yield line_no, value, len(line)
@@ -44,6 +73,13 @@ def text_documents(path: str, text_split: str) -> Iterator[tuple[str, int]]:
     """A plain text file's paragraphs (`text_split="paragraph"`) or the whole file ("file")."""
     if text_split not in TEXT_SPLITS:
         raise ValueError(f"text_split={text_split!r}: allowed {list(TEXT_SPLITS)}")
+    try:
+        yield from _text_documents(path, text_split)
+    except UnicodeDecodeError:
+        raise _first_non_utf8(path) from None
+
+
+def _text_documents(path: str, text_split: str) -> Iterator[tuple[str, int]]:
     with open(path, encoding="utf-8") as f:
         if text_split == "file":
             text = f.read()

@@ -14,6 +14,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Iterable
 
+import numpy
+
 # The .idx layout megatron's _IndexWriter writes: magic, version (u64), dtype code (u8),
 # sequence count (u64), document-boundary count (u64), then int32 sequence lengths, int64 byte
 # pointers and int64 document boundaries.
@@ -86,6 +88,22 @@ def check_indexed_prefix(prefix: str) -> int:
         raise ValueError(f"{bin_path}: has {os.path.getsize(bin_path)} bytes but {idx_path} indexes "
                          f"{bin_expected}: truncated, or the two files come from different runs")
     return sequences
+
+
+def count_tokens(prefix: str, first: int, stop: int, enough: int) -> int:
+    """Tokens of documents [first, stop) of PREFIX.idx, counted only until `enough`: a split of
+    millions of documents is known to fill a sample after reading a few lengths, not all of them."""
+    header = read_index_header(prefix + ".idx")
+    if not 0 <= first <= stop <= header.sequences:
+        raise ValueError(f"documents [{first}, {stop}) are outside the {header.sequences} of {prefix}.idx")
+    lengths = numpy.memmap(prefix + ".idx", dtype=numpy.int32, mode="r", offset=IDX_HEADER_BYTES,
+                           shape=(header.sequences,))
+    total, chunk = 0, max(1, enough)  # every document holds >= 1 token (its EOD): one chunk, mostly
+    for start in range(first, stop, chunk):
+        total += int(lengths[start:min(stop, start + chunk)].sum(dtype=numpy.int64))
+        if total >= enough:
+            break
+    return total
 
 
 def indexed_counts(prefix: str) -> tuple[int, int]:

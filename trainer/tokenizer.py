@@ -3,6 +3,7 @@ and training the byte-level BPE used when a corpus comes without a tokenizer."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Iterable
@@ -37,11 +38,28 @@ def find_eod(tokenizer: Tokenizer, eod_token: str | None, where: str) -> int:
 
 
 def load_tokenizer(path: str, eod_token: str | None = None) -> tuple[Tokenizer, int]:
-    """A tokenizer.json and its EOD id."""
+    """A tokenizer.json and its EOD id; a file that is not one raises a ValueError naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer file not found: {path}")
-    tokenizer = Tokenizer.from_file(path)
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception that names neither file nor cause
+        raise ValueError(f"tokenizer {path}: {_why_not_a_tokenizer(path, e)}; expected a Hugging Face "
+                         "tokenizers file (a tokenizer.json as Tokenizer.save writes it)") from None
     return tokenizer, find_eod(tokenizer, eod_token, path)
+
+
+def _why_not_a_tokenizer(path: str, err: Exception) -> str:
+    try:
+        with open(path, "rb") as f:
+            value = json.load(f)
+    except UnicodeDecodeError:
+        return "not JSON (not even UTF-8 text)"
+    except json.JSONDecodeError as e:
+        return f"not JSON (line {e.lineno} column {e.colno}: {e.msg})"
+    if not isinstance(value, dict) or "model" not in value:
+        return 'JSON, but not a tokenizer (no "model" entry)'
+    return f"a tokenizer the installed tokenizers library cannot read ({err})"
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
