@@ -16,26 +16,30 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import TrainConfig, register_configs
+from trainer.config import TrainConfig, register_configs, reject_unknown_keys
+from trainer.run_lock import stop_with_launcher
 
 
 def _same_run_id_on_every_rank() -> None:
-    """Give all ranks of one launch the same run name, and keep Hydra's files to rank 0.
+    """Give all ranks of one launch the same run name, and keep Hydra's hands off the run directory.
 
     torchrun gives every rank the rendezvous id (a uuid with --standalone, the Slurm job id in
     launch/slurm.sbatch), so a requeued Slurm job finds its own run directory and resumes.
+    Hydra writes nothing there (no .hydra/, no log file): the trainer first takes the run's lock,
+    then writes the config it actually uses and its log (trainer/loop.py), so a second launch of a
+    live run cannot overwrite them before it is refused.
     """
     if "FP8MOE_RUN_ID" not in os.environ:
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
         if run_id == "none":
             run_id = os.environ.get("SLURM_JOB_ID") or time.strftime("%Y%m%d-%H%M%S")
         os.environ["FP8MOE_RUN_ID"] = run_id
-    if int(os.environ.get("RANK", "0")) != 0:
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
+    reject_unknown_keys(cfg)  # Hydra's `+key=value` adds keys the schema lacks; they would be ignored
     train_cfg: TrainConfig = OmegaConf.to_object(cfg)
     train_cfg.validate()
     if train_cfg.run.dry_run:
@@ -43,12 +47,14 @@ def main(cfg: DictConfig) -> None:
 
         dry_run(train_cfg)
         return
-    from trainer.loop import train
+    from trainer.run import train
 
-    train(train_cfg, run_dir=HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    train(train_cfg, run_dir=hydra_cfg.runtime.output_dir, overrides=list(hydra_cfg.overrides.task))
 
 
 if __name__ == "__main__":
+    stop_with_launcher()  # under torchrun: die with the launcher (trainer/run_lock.py)
     register_configs()
     _same_run_id_on_every_rank()
     main()

@@ -3,20 +3,16 @@ gloo, configuration errors for EP sizes, and train.py end to end (torchrun EP=2 
 process, BF16 and FP8, resume from an EP checkpoint, a bad EP size).
 """
 
-import os
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
 
 import pytest
 import torch
 
+from app_helpers import TINY, app_env, by_step, records, run_train
 from ep_helpers import _build, _env, _spawn, _tiny_cfg
 from trainer.config import ParallelConfig
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- checkpoint under EP -------------------------------------------------------------------------
@@ -85,66 +81,61 @@ def test_ep_not_dividing_world_size_or_experts_is_a_clear_error():
 
 # ---- torchrun end to end -------------------------------------------------------------------------
 
-TINY = [
-    "model.dim=64", "model.n_layers=2", "model.moe.ffn_dim=64", "run.seq_len=64",
-    "run.micro_batch_size=2", "run.eval_interval=0", "logging.wandb=disabled", "logging.interval=1",
-    "run.dtype=float32",
-]
+# fp32: the EP and one-process runs differ only in the order of their sums.
+EP_TINY = [*TINY, "run.dtype=float32"]
 
 
 def _train(env, out, *overrides, torchrun=0, check=True):
-    cmd = [sys.executable, "train.py"]
-    if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", "train.py"]
-    cmd += [*TINY, f"run.output_root={out}", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
-
-
-def _records(run_dir):
-    import json
-
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-
-
-def _losses(run_dir):
-    return {r["step"]: r["loss"] for r in _records(run_dir)}
+    return run_train(env, out, *overrides, torchrun=torchrun, check=check, timeout=300, tiny=EP_TINY)
 
 
 @pytest.fixture(scope="module")
 def train_env(tmp_path_factory):
-    e = dict(os.environ, FP8MOE_CACHE=str(tmp_path_factory.mktemp("cache")), OMP_NUM_THREADS="1",
-             PYTHONUNBUFFERED="1")
-    e.pop("FP8MOE_RUN_ID", None)
-    return e
+    return app_env(tmp_path_factory.mktemp("cache"))
+
+
+# The lr of the default warm-up (20 steps to 3e-3) at each of these runs' steps, within the
+# warm-up a run of 4 or 5 steps now needs (optim.warmup_steps <= run.steps).
+SCHEDULE_4 = ["optim.warmup_steps=4", "optim.lr=6e-4"]
+SCHEDULE_5 = ["optim.warmup_steps=5", "optim.lr=7.5e-4"]
 
 
 def test_torchrun_ep2_matches_single_process_and_resumes(train_env, tmp_path):
-    _train(train_env, tmp_path, "run.name=single", "run.grad_accum=2", "run.steps=4")
+    _train(train_env, tmp_path, "run.name=single", "run.grad_accum=2", "run.steps=4", "checkpoint.interval=2",
+           *SCHEDULE_4)
     proc = _train(train_env, tmp_path, "run.name=ep", "run.steps=4", "checkpoint.interval=2", "parallel.ep=2",
-                  torchrun=2)
-    single, ep = _losses(tmp_path / "single"), _losses(tmp_path / "ep")
+                  *SCHEDULE_4, torchrun=2)
+    single, ep = by_step(tmp_path / "single"), by_step(tmp_path / "ep")
     assert sorted(single) == sorted(ep) == [1, 2, 3, 4]
     for step in single:
         assert ep[step] == pytest.approx(single[step], rel=1e-5), (step, single, ep)
     # All-to-all time per step and its share of the step: EP only, every window (the first too).
-    for r in _records(tmp_path / "single"):
+    for r in records(tmp_path / "single"):
         assert r["a2a_ms"] is None and r["a2a_share"] is None, r
-    for r in _records(tmp_path / "ep"):
+    for r in records(tmp_path / "ep"):
         assert r["a2a_ms"] > 0 and 0 < r["a2a_share"] < 1, r
     assert " | a2a " in proc.stdout + proc.stderr
     assert (tmp_path / "ep" / "checkpoints" / "step_000004").is_dir()
     # Resume the EP run from its step-2 checkpoint: steps 3 and 4 come out the same.
     proc = _train(train_env, tmp_path, "run.name=ep", "run.steps=4", "parallel.ep=2",
            f"checkpoint.resume={tmp_path / 'ep' / 'checkpoints' / 'step_000002'}",
-           "checkpoint.dir=" + str(tmp_path / "resumed_ckpt"), torchrun=2)
+           "checkpoint.dir=" + str(tmp_path / "resumed_ckpt"), *SCHEDULE_4, torchrun=2)
     assert "resumed from step 2" in proc.stdout + proc.stderr
-    resumed = _losses(tmp_path / "ep")  # appended records: the last of each step wins
+    resumed = by_step(tmp_path / "ep")  # appended records: the last of each step wins
     assert sorted(resumed) == [1, 2, 3, 4]
     for step in (3, 4):
         assert resumed[step] == pytest.approx(ep[step], rel=1e-6), (step, ep, resumed)
+    # Across layouts, the same global batch: the EP=2 checkpoint on one process, and the one-process
+    # checkpoint under EP=2 (the optimizer's groups and the scheduler are the same at every layout).
+    _train(train_env, tmp_path, "run.name=ep_to_one", "run.steps=4", "run.grad_accum=2", *SCHEDULE_4,
+           f"checkpoint.resume={tmp_path / 'ep' / 'checkpoints' / 'step_000002'}")
+    _train(train_env, tmp_path, "run.name=one_to_ep", "run.steps=4", "parallel.ep=2", *SCHEDULE_4,
+           f"checkpoint.resume={tmp_path / 'single' / 'checkpoints' / 'step_000002'}", torchrun=2)
+    for name in ("ep_to_one", "one_to_ep"):
+        got = by_step(tmp_path / name)
+        assert sorted(got) == [3, 4], (name, got)
+        for step in (3, 4):  # fp32: the layouts differ only in the order of gradient sums
+            assert got[step] == pytest.approx(single[step], rel=1e-5), (name, step, single, got)
 
 
 def test_train_py_bad_ep_is_a_clear_error(train_env, tmp_path):
@@ -159,10 +150,10 @@ def test_torchrun_ep2_fp8_tracks_single_process_fp8(train_env, tmp_path, recipe)
     bitwise equal; the bound is 10x below the drift seen when each step's weight update failed
     to reach the cached FP8 weights (0.5-0.7% by step 4)."""
     env = dict(train_env, TRITON_INTERPRET="0")  # CPU: the kernels' pure-torch references
-    common = ["run.steps=5", f"fp8={recipe}", "model.dim=128", "model.moe.ffn_dim=128"]
+    common = ["run.steps=5", *SCHEDULE_5, f"fp8={recipe}", "model.dim=128", "model.moe.ffn_dim=128"]
     _train(env, tmp_path, "run.name=single", "run.grad_accum=2", *common)
     _train(env, tmp_path, "run.name=ep", "parallel.ep=2", *common, torchrun=2)
-    single, ep = _losses(tmp_path / "single"), _losses(tmp_path / "ep")
+    single, ep = by_step(tmp_path / "single"), by_step(tmp_path / "ep")
     assert sorted(single) == sorted(ep) == [1, 2, 3, 4, 5]
     for step in single:
         assert ep[step] == pytest.approx(single[step], rel=5e-4), (step, single, ep)

@@ -97,8 +97,9 @@ def test_sbatch_runs_one_torchrun_per_node_with_rendezvous(stubs, tmp_path):
     assert flag == {"--nnodes": "2", "--nproc_per_node": "8", "--rdzv-backend": "c10d",
                     "--rdzv-endpoint": "gpu-node-017:29500", "--rdzv-id": "4242"}
     assert inner[-3:] == [str(tmp_path / "repo" / "train.py"), "experiment=x", "fp8=rowwise"]
-    # The agent must not die of SIGUSR1 before its workers save.
-    assert "trap \"\" USR1; exec \"$@\"" in srun
+    # The agent must not die of SIGUSR1 before its workers save, and its workers die with it
+    # (the pid the inner bash hands torchrun by exec: trainer/run_lock.py stop_with_launcher).
+    assert "trap \"\" USR1; export FP8MOE_LAUNCHER_PID=$$; exec \"$@\"" in srun
 
 
 def test_sbatch_adds_pyxis_flags_for_a_container(stubs, tmp_path):

@@ -23,6 +23,7 @@ TINY = [
     "model.dim=128", "model.n_layers=1", "model.moe.ffn_dim=128", "run.seq_len=64",
     "run.micro_batch_size=4", "run.steps=10", "logging.interval=1", "run.eval_interval=5",
     "run.eval_steps=2", "logging.wandb=disabled", "logging.group=pair",
+    "optim.warmup_steps=10", "optim.lr=1.5e-3",  # the default warm-up's lr (20 steps to 3e-3) at steps 1-10
 ]
 FIELDS = ("steps", "params_total", "recipe", "mean_rel_diff_last10pct", "max_rel_diff_last10pct",
           "val_loss", "tokens_per_s", "speed_ratio")

@@ -5,55 +5,25 @@ in a temporary cache) with logging to files; each test reads metrics.jsonl back.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.dim=64", "model.n_layers=2", "model.moe.ffn_dim=64", "run.seq_len=64",
-    "run.micro_batch_size=2", "run.eval_interval=0", "logging.wandb=disabled", "logging.interval=1",
-]
+from app_helpers import ROOT, TINY, app_env, by_step, run_train
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    e = dict(os.environ, FP8MOE_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    e.pop("FP8MOE_RUN_ID", None)
-    return e
-
-
-def _train(env, out, *overrides, torchrun=0, check=True, timeout=600):
-    cmd = [sys.executable, "train.py"]
-    if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", "train.py"]
-    cmd += [*TINY, f"run.output_root={out}", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss, the last record of each step (a resumed run appends to the same file)."""
-    losses = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            losses[rec["step"]] = rec["loss"]
-    return losses
+    return app_env(tmp_path_factory.mktemp("cache"))
 
 
 def test_default_run_loss_falls_and_metrics_and_wandb(env, tmp_path):
-    _train(env, tmp_path, "run.name=base", "run.steps=30", "logging.interval=5", "logging.wandb=offline",
+    run_train(env, tmp_path, "run.name=base", "run.steps=30", "logging.interval=5", "logging.wandb=offline",
            "logging.group=pair1", "logging.job_type=bf16", "logging.expert_hist_interval=10")
     run_dir = tmp_path / "base"
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -77,8 +47,8 @@ def test_default_run_loss_falls_and_metrics_and_wandb(env, tmp_path):
 
 def test_resume_after_kill_gives_identical_losses(env, tmp_path):
     common = ["run.steps=12", "checkpoint.interval=6"]
-    _train(env, tmp_path, "run.name=straight", *common)
-    straight = _losses(tmp_path / "straight")
+    run_train(env, tmp_path, "run.name=straight", *common)
+    straight = by_step(tmp_path / "straight")
 
     cmd = [sys.executable, "train.py", *TINY, f"run.output_root={tmp_path}", "run.name=killed", *common]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -91,8 +61,8 @@ def test_resume_after_kill_gives_identical_losses(env, tmp_path):
     assert ckpt.exists(), proc.stderr.read().decode()[-3000:]
     assert not (tmp_path / "killed" / "checkpoints" / "step_000012").exists(), "killed too late to test resume"
 
-    _train(env, tmp_path, "run.name=killed", *common)
-    resumed = _losses(tmp_path / "killed")
+    run_train(env, tmp_path, "run.name=killed", *common)
+    resumed = by_step(tmp_path / "killed")
     assert sorted(resumed) == sorted(straight) == list(range(1, 13))
     assert resumed == straight  # bitwise: same data order, RNG, optimizer and scheduler state
 
@@ -112,25 +82,35 @@ def test_sigterm_saves_checkpoint_that_resumes(env, tmp_path):
     saved_step = int(ckpts[0].name.split("_")[1])
     assert 3 <= saved_step < 500
 
-    out = _train(env, tmp_path, "run.name=term", f"run.steps={saved_step + 2}")
+    out = run_train(env, tmp_path, "run.name=term", f"run.steps={saved_step + 2}")
     assert f"resumed from step {saved_step}" in out.stderr + out.stdout
-    assert max(_losses(tmp_path / "term")) == saved_step + 2
+    assert max(by_step(tmp_path / "term")) == saved_step + 2
 
 
 @pytest.mark.parametrize("parallel", ["single", "fsdp"])
 def test_torchrun_two_ranks_matches_one_process_same_global_batch(env, tmp_path, parallel):
-    common = ["run.steps=6", "run.dtype=float32"]
+    common = ["run.steps=6", "run.dtype=float32", "checkpoint.interval=3"]
     # One process: 2 micro-batches of 2 = global batch 4. Two ranks: 1 micro-batch of 2 each.
-    _train(env, tmp_path, "run.name=single", "run.grad_accum=2", *common)
+    run_train(env, tmp_path, "run.name=single", "run.grad_accum=2", *common)
     # FSDP2 also with activation checkpointing: recomputation in fp32 changes no number.
     extra = ["parallel=fsdp", "run.activation_checkpointing=true"] if parallel == "fsdp" else []
-    _train(env, tmp_path, "run.name=ddp", *common, *extra, torchrun=2)
-    single, ddp = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
+    run_train(env, tmp_path, "run.name=ddp", *common, *extra, torchrun=2)
+    single, ddp = by_step(tmp_path / "single"), by_step(tmp_path / "ddp")
     assert sorted(single) == sorted(ddp) == list(range(1, 7))
     for step in single:
         # fp32 everywhere; only the order of the gradient sums differs (all-reduce vs accumulate).
         assert ddp[step] == pytest.approx(single[step], rel=1e-5), (step, single, ddp)
     assert not (tmp_path / "ddp" / ".hydra").exists() or len(list((tmp_path / "ddp").glob(".hydra*"))) == 1
+    # Checkpoints resume across the layouts, the same global batch: two ranks -> one process and
+    # one process -> two ranks, steps 4-6 as the uninterrupted run's.
+    ckpt = lambda name: f"checkpoint.resume={tmp_path / name / 'checkpoints' / 'step_000003'}"  # noqa: E731
+    run_train(env, tmp_path, "run.name=to_one", "run.grad_accum=2", *common, ckpt("ddp"))
+    run_train(env, tmp_path, "run.name=to_two", *common, *extra, ckpt("single"), torchrun=2)
+    for name in ("to_one", "to_two"):
+        got = by_step(tmp_path / name)
+        assert sorted(got) == [4, 5, 6], (name, got)
+        for step in got:
+            assert got[step] == pytest.approx(single[step], rel=1e-5), (name, step, single, got)
 
 
 @pytest.mark.parametrize(
@@ -142,28 +122,36 @@ def test_torchrun_two_ranks_matches_one_process_same_global_batch(env, tmp_path,
          "/nonexistent/"),
         (["model.moe.top_k=9"], "model.moe.top_k"),
         (["fp8.experts=int4"], "fp8.experts"),
+        (["optim.weight_decay=-1"], "optim.weight_decay must be finite and >= 0"),
+        (["run.eval_interval=-1"], "run.eval_interval must be >= 0"),
+        (["optim.beta1=1.5"], "optim.beta1 must be in [0, 1)"),
+        (["optim.eps=0"], "optim.eps must be finite and > 0"),
+        (["optim.warmup_steps=3"], "optim.warmup_steps must be <= run.steps=2"),
+        (["+modle=tiny"], "'modle': did you mean 'model'?"),
+        (["+run.stepz=5"], "'run.stepz': did you mean 'run.steps'?"),
+        (["data=mock", "optim.warmup_steps=2"], "data.mock_vocab_size=N with 2 <= N <= 4096"),
     ],
 )
 def test_bad_input_is_a_clear_error(env, tmp_path, overrides, needle):
-    proc = _train(env, tmp_path, "run.steps=2", *overrides, check=False)
+    proc = run_train(env, tmp_path, "run.steps=2", *overrides, check=False)
     assert proc.returncode != 0
     assert needle in proc.stderr, proc.stderr[-3000:]
 
 
 def test_corrupted_checkpoint_is_refused_not_restarted(env, tmp_path):
-    _train(env, tmp_path, "run.name=corrupt", "run.steps=2")
+    run_train(env, tmp_path, "run.name=corrupt", "run.steps=2")
     ckpt = tmp_path / "corrupt" / "checkpoints" / "step_000002"
     metadata = ckpt / ".metadata"
     metadata.write_bytes(metadata.read_bytes()[:20])  # truncated DCP metadata
-    proc = _train(env, tmp_path, "run.name=corrupt", "run.steps=4", check=False)
+    proc = run_train(env, tmp_path, "run.name=corrupt", "run.steps=4", check=False)
     assert proc.returncode != 0
     assert str(ckpt) in proc.stderr, proc.stderr[-3000:]
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(env, tmp_path):
     # lr 1e30: the first update blows the weights up, every later loss is NaN.
-    proc = _train(env, tmp_path, "run.name=nan", "run.steps=10", "optim.lr=1e30",
+    proc = run_train(env, tmp_path, "run.name=nan", "run.steps=10", "optim.lr=1e30",
                   "run.max_nonfinite_steps=3", check=False)
     assert proc.returncode != 0
-    assert "3 consecutive non-finite losses (run.max_nonfinite_steps=3) at step 4" in proc.stderr
+    assert "3 consecutive steps with a non-finite loss or gradient norm (run.max_nonfinite_steps=3) at step 4" in proc.stderr
     assert "update skipped" in proc.stdout + proc.stderr

@@ -42,6 +42,7 @@ if __package__ in (None, ""):  # run as a script: make `trainer` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.documents import json_lines  # noqa: E402
+from trainer.resume import flatten  # noqa: E402
 
 # Config sections whose keys must match between the paired runs, and the keys inside them that
 # do not change what is computed (worker counts, cache paths, the step budget checked as steps).
@@ -64,15 +65,6 @@ class Run:
     @property
     def name(self) -> str:
         return self.path.name
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree}
 
 
 def _load_config(path: Path) -> dict[str, Any]:
@@ -127,7 +119,7 @@ def check_comparable(base: Run, other: Run) -> None:
             f"(steps only there: {only_other[:5]}{'...' if len(only_other) > 5 else ''}); "
             "compare runs of the same run.steps and logging.interval"
         )
-    a, b = _flatten(base.config), _flatten(other.config)
+    a, b = flatten(base.config), flatten(other.config)
 
     def compared(key: str) -> bool:
         return key not in IGNORED_KEYS and (key.split(".")[0] in COMPARED_SECTIONS or key in COMPARED_RUN_KEYS)

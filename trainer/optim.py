@@ -7,26 +7,34 @@ import math
 import torch
 from torch import nn
 
+from moe.experts import GroupedMLP
 from trainer.config import OptimConfig
+
+# The parameter groups, in this order, whatever the layout: a checkpoint's optimizer and scheduler
+# state (one entry per group) then loads at every other layout (one process, DDP, FSDP, expert
+# parallelism, where the expert weights are DTensors that AdamW's foreach path cannot mix with
+# plain tensors in one group).
+PARAM_GROUPS = ("decay", "no_decay", "experts")
+
+
+def _weight_decays(cfg: OptimConfig) -> list[float]:
+    decay = {"decay": cfg.weight_decay, "no_decay": 0.0, "experts": cfg.weight_decay}
+    return [decay[name] for name in PARAM_GROUPS]
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Matrices (and the embedding table) decay; norms and 1-D parameters do not, as in LLaMa.
+    The routed experts' weights decay in a group of their own (it may be empty)."""
+    experts = {id(p) for m in model.modules() if isinstance(m, GroupedMLP) for p in m.parameters()}
+    by_group: dict[str, list[nn.Parameter]] = {name: [] for name in PARAM_GROUPS}
+    for p in model.parameters():
+        if p.requires_grad:
+            by_group["experts" if id(p) in experts else "decay" if p.dim() >= 2 else "no_decay"].append(p)
+    return [{"params": by_group[name], "weight_decay": wd} for name, wd in zip(PARAM_GROUPS, _weight_decays(cfg))]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    # Matrices (and the embedding table) decay; norms and 1-D parameters do not, as in LLaMa.
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    # Expert parallelism holds expert weights as DTensors; AdamW's foreach path cannot mix them
-    # with plain tensors in one group, so they get a group of their own.
-    from torch.distributed.tensor import DTensor
-
-    sharded = [p for p in decay if isinstance(p, DTensor)]
-    if sharded:
-        groups[0]["params"] = [p for p in decay if not isinstance(p, DTensor)]
-        groups.append({"params": sharded, "weight_decay": cfg.weight_decay})
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):
@@ -44,3 +52,31 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
+
+
+def schedule_steps(cfg: OptimConfig, run_steps: int) -> int:
+    """The lr schedule's length: optim.schedule_steps, or run.steps where it is 0."""
+    return cfg.schedule_steps or run_steps
+
+
+def set_hyperparameters(opt: torch.optim.Optimizer, cfg: OptimConfig) -> None:
+    """The config's betas, eps and weight decay replace those an optimizer state brought (a resume
+    with checkpoint.apply_changes; the lr goes through `resume_scheduler`)."""
+    for group, wd in zip(opt.param_groups, _weight_decays(cfg)):
+        group.update(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=wd)
+
+
+def resume_scheduler(opt: torch.optim.Optimizer, loaded: dict, cfg: OptimConfig, total_steps: int,
+                     reset_lr: bool) -> torch.optim.lr_scheduler.LambdaLR:
+    """The scheduler of a resumed run: the loaded state's step on a schedule of `total_steps`
+    (the checkpoint's own length unless a resume changes it deliberately); reset_lr: optim.lr
+    replaces the checkpoint's base lr. The groups' lr is set for the current step."""
+    sched = build_scheduler(opt, cfg, total_steps)
+    sched.load_state_dict(loaded)
+    if reset_lr:
+        sched.base_lrs = [cfg.lr] * len(opt.param_groups)
+    factor = sched.lr_lambdas[0](sched.last_epoch)
+    for group, base in zip(opt.param_groups, sched.base_lrs):
+        group["initial_lr"], group["lr"] = base, base * factor
+    sched._last_lr = [group["lr"] for group in opt.param_groups]
+    return sched
