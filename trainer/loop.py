@@ -198,8 +198,9 @@ class Trainer:
         due = float(env.is_main and self._save_timer_due())
         stats = torch.stack([lm_loss_sum / accum, aux_sum / accum, torch.full_like(lm_loss_sum, due)]).float()
         all_reduce_(stats, env)
-        lm_loss, aux_loss = (stats[:2] / env.world_size).tolist()
-        self.timed_save_due = bool(stats[2].item())
+        lm_sum, aux_sum, due_sum = stats.tolist()  # the step's one read back to the host
+        lm_loss, aux_loss = lm_sum / env.world_size, aux_sum / env.world_size
+        self.timed_save_due = due_sum > 0
         finite = math.isfinite(lm_loss) and math.isfinite(aux_loss)
         grad_norm = float("nan")
         if env.ep > 1:
