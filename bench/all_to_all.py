@@ -8,14 +8,16 @@ Every rank holds M routed rows of width H (bench.common.SHAPES) grouped by exper
 counts from seeded skewed routing (bench.moe_block.routed_counts, seed = rank, so ranks send
 different amounts); the EP group is all ranks, each owning E / world experts. The experts are the
 identity, so only the dispatcher is timed:
-  fwd      dispatch (the gather of the rows in token order (here the identity permutation), the
-           counts all-to-all, the one host synchronisation for split sizes, the payload
-           all-to-all, regrouping by local expert) then combine (BF16 all-to-all back), in the
-           autograd Functions as the MoE layer calls them (grad enabled, no backward)
+  fwd      dispatch (the counts all-to-all, the one host synchronisation for split sizes, the
+           payload all-to-all, regrouping by local expert; bf16 gathers the rows in token order
+           first (here the identity permutation), FP8 gathers them inside its quantization) then
+           combine (BF16 all-to-all back), in the autograd Functions as the MoE layer calls them
+           (grad enabled, no backward)
   fwd_bwd  the same, then backward: the reverse all-to-alls of the gradients (always BF16)
-Payloads: bf16 (2H bytes a row), rowwise (H bytes of E4M3 + one fp32 scale a row), blockwise
-(H bytes + H / 128 fp32 scales a row); FP8 payloads include the sender's quantization and the
-receiver's dequantization, as in training.
+Payloads: bf16 (2H bytes a row), rowwise and blockwise: one packed row of E4M3 bytes and fp32
+scales (one, or H / 128), padded to 16 bytes (moe/all_to_all.py's wire format; 4112 and 4224
+bytes at H = 4096), in one all-to-all; FP8 payloads include the sender's quantization and the
+receiver's unpacking and dequantization, as in training.
 
 Timing: all ranks meet at a barrier before each timed call, which then runs between two CUDA
 events (wall clock on CPU); after warm-up, the median over iterations per rank. ms_* is rank 0's
@@ -41,6 +43,7 @@ import torch.distributed as dist
 
 from bench.common import GIB, REPO, SHAPES, git_commit, print_table, require_gpu, write_results
 from bench.moe_block import routed_counts
+from kernels.quantize_packed import packed_row_layout
 from moe.all_to_all import AllToAllDispatcher
 from moe.fp8.recipe import Fp8Recipe
 from moe.permute import plan_permute
@@ -67,8 +70,7 @@ def row_bytes(payload: str, H: int) -> int:
     """Bytes one row occupies on the wire in dispatch."""
     if payload == "bf16":
         return 2 * H
-    block = Fp8Recipe(payload).block
-    return H + 4 * (H // block if block else 1)  # E4M3 bytes + fp32 scales
+    return packed_row_layout(H, Fp8Recipe(payload).block)[2]  # E4M3 bytes + fp32 scales + padding
 
 
 class Timer:

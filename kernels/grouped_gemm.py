@@ -25,7 +25,12 @@ step's fp8 dot starts from zero (Hopper's tensor core keeps ~14 mantissa bits wh
 products, so it never sums more than 128 of them) and its fp32 result is promoted:
 acc += dot(a_blk, b_blk) * sa[:, None] * sb[None, :]. A tile's N side is SPLIT_N halves of 128
 columns with their own accumulators, so each half meets one weight block (a scalar scale: one
-FMA per element) and a 128x256 tile holds 3 fp32 tiles in registers, not 4.
+FMA per element) and a 128x256 tile holds 3 fp32 tiles in registers, not 4. `promotion_interval`
+(32 or 64; an ablation knob, fp8.promotion_interval) promotes more often, inside each step:
+Triton's max_num_imprecise_acc makes the tensor core start a fresh partial sum every that many
+K elements and adds it into an fp32 one; 128 (the default) leaves each step's dot to Triton's own
+default, one unpromoted sum of 128 products. The pure-torch references sum exactly in fp32
+whatever the interval: it only changes what the tensor core rounds.
 
 2d x 3d schedule (group sizes stay on the device, no host sync): a persistent grid of
 PROGRAMS_PER_SM x #SMs programs. Each loads group_end once (E_PAD lanes), adds a pseudo-group
@@ -56,6 +61,10 @@ from kernels.common import triton_interpret
 from kernels.contracts import GEMM_SCALE_BLOCK, check_grouped_mm_args
 from kernels.dispatch import kernel_op
 from kernels.reference_gemm import torch_fp8_grouped_mm
+
+# K elements the tensor core sums before promotion into fp32 (module docstring); wgmma takes 32
+# fp8 products per instruction and Triton accepts at most the dot's K, one 128-wide step.
+PROMOTION_INTERVALS = (32, 64, 128)
 
 try:  # host-side TMA descriptors: triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -104,6 +113,25 @@ def autotuned(kernel, configs: list[triton.Config], key: list[str]):
 
 
 # ---- shared device helpers -------------------------------------------------------------------
+
+
+def promote_k(promotion_interval: int) -> int:
+    """The kernels' PROMOTE_K for an interval: 0 for 128, which keeps Triton's default (an
+    explicit 128 would add a partial-sum register tile for the same arithmetic)."""
+    if promotion_interval not in PROMOTION_INTERVALS:
+        raise ValueError(f"promotion_interval must be one of {PROMOTION_INTERVALS}, got {promotion_interval!r}")
+    return 0 if promotion_interval == 128 else promotion_interval
+
+
+@triton.jit
+def tl_fp8_dot(a, b, PROMOTE_K: tl.constexpr):
+    """fp32 a @ b of one 128-wide K step; PROMOTE_K > 0: promoted into fp32 every PROMOTE_K
+    products (module docstring)."""
+    if PROMOTE_K:
+        d = tl.dot(a, b, max_num_imprecise_acc=PROMOTE_K)
+    else:
+        d = tl.dot(a, b)
+    return d
 
 
 @triton.jit
@@ -156,7 +184,7 @@ def _fp8_grouped_mm_kernel(
     stride_om,
     E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_N: tl.constexpr, GROUP_M: tl.constexpr,
     PROGRAMS_PER_SM: tl.constexpr,  # read by the launcher's grid only
-    USE_TMA: tl.constexpr, PIN: tl.constexpr,
+    USE_TMA: tl.constexpr, PIN: tl.constexpr, PROMOTE_K: tl.constexpr,
 ):
     BLOCK_K: tl.constexpr = 128
     BLOCK_N: tl.constexpr = 128 * SPLIT_N  # SPLIT_N halves of one weight-scale block each
@@ -192,7 +220,7 @@ def _fp8_grouped_mm_kernel(
             # one weight block per half: its scale folds into the row scales, one FMA/element
             b_lo = tl_load_tile(b, b_row0, ks * BLOCK_K, E * N, stride_bn, 128, BLOCK_K, USE_TMA)
             sb_lo = tl.load(sb_ptr + ks * stride_sbk)
-            acc_lo += tl.dot(a_t, b_lo.T) * (sa * sb_lo)[:, None]
+            acc_lo += tl_fp8_dot(a_t, b_lo.T, PROMOTE_K) * (sa * sb_lo)[:, None]
             if SPLIT_N == 2:
                 acc_lo = tl_pin(acc_lo, PIN)
                 b_hi = tl_load_tile(b, b_row0 + 128, ks * BLOCK_K, E * N, stride_bn, 128, BLOCK_K,
@@ -200,7 +228,7 @@ def _fp8_grouped_mm_kernel(
                 # no second half at the right edge: read the first half's scale (stays in
                 # bounds; that half is computed on zero-padded rows and never stored)
                 sb_hi = tl.load(sb_ptr + tl.where(has_hi, stride_sbn, 0) + ks * stride_sbk)
-                acc_hi += tl.dot(a_t, b_hi.T) * (sa * sb_hi)[:, None]
+                acc_hi += tl_fp8_dot(a_t, b_hi.T, PROMOTE_K) * (sa * sb_hi)[:, None]
 
         cols = n0 + tl.arange(0, 128)
         out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
@@ -211,7 +239,9 @@ def _fp8_grouped_mm_kernel(
                      mask=row_ok & (cols + 128 < N)[None, :])
 
 
-tuned_grouped_mm = autotuned(_fp8_grouped_mm_kernel, _mm_configs(triton_interpret()), ["N", "K", "USE_TMA"])
+tuned_grouped_mm = autotuned(
+    _fp8_grouped_mm_kernel, _mm_configs(triton_interpret()), ["N", "K", "USE_TMA", "PROMOTE_K"]
+)
 
 
 # ---- path selection: TMA once, pointer fallback ----------------------------------------------
@@ -277,7 +307,8 @@ def run_gemm(kernel, grid, args, use_tma: bool, config: dict | None, **meta) -> 
 # ---- 2d x 3d launcher and entry point --------------------------------------------------------
 
 
-def launch_grouped_mm(a_q, a_scale, b_q, b_scale, group_end, out, use_tma: bool, config: dict | None = None) -> None:
+def launch_grouped_mm(a_q, a_scale, b_q, b_scale, group_end, out, use_tma: bool, config: dict | None = None,
+                      promotion_interval: int = 128) -> None:  # fmt: skip
     """Write out (M, N) in place (rows past group_end[-1] get zeros); config: one explicit
     autotune candidate's meta-parameters instead of the autotuner (tests and benchmarks)."""
     (M, K), (E, N, _) = a_q.shape, b_q.shape
@@ -295,14 +326,16 @@ def launch_grouped_mm(a_q, a_scale, b_q, b_scale, group_end, out, use_tma: bool,
             a_scale.stride(0), a_scale.stride(1), *b_scale.stride(), out.stride(0))  # fmt: skip
     if config is not None:
         config = {"PROGRAMS_PER_SM": 1, **config}
-    run_gemm(tuned_grouped_mm, grid, args, use_tma, config, E_PAD=triton.next_power_of_2(E + 1))
+    run_gemm(tuned_grouped_mm, grid, args, use_tma, config, E_PAD=triton.next_power_of_2(E + 1),
+             PROMOTE_K=promote_k(promotion_interval))  # fmt: skip
 
 
 def triton_fp8_grouped_mm(
     a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor, group_end: torch.Tensor,
-    out_dtype: torch.dtype = torch.bfloat16,
+    out_dtype: torch.dtype = torch.bfloat16, promotion_interval: int = 128,
 ) -> torch.Tensor:  # fmt: skip
-    """out (M, N): out[rows of e] = dequant(a_q rows) @ dequant(b_q[e]).T; fp32 accumulation.
+    """out (M, N): out[rows of e] = dequant(a_q rows) @ dequant(b_q[e]).T; fp32 accumulation,
+    promoted every `promotion_interval` products (module docstring).
 
     a_q (M, K) fp8 row-major, a_scale (M, Kb) fp32 (any strides: a column-major view,
     `scale_KbM.t()`, gives coalesced scale loads), b_q (E, N, K) fp8 (nn.Linear layout per
@@ -311,17 +344,31 @@ def triton_fp8_grouped_mm(
     group_end[-1] are written as zeros. K and N must be multiples of 128.
     """
     check_grouped_mm_args(a_q, a_scale, b_q, b_scale, group_end, out_dtype)
+    promote_k(promotion_interval)  # refused before anything is allocated
     out = torch.empty(a_q.shape[0], b_q.shape[1], dtype=out_dtype, device=a_q.device)
     if out.numel() == 0 or b_q.shape[0] == 0 or a_q.shape[1] == 0:
         return out.zero_()
     check_tma_aligned(a_q=a_q, b_q=b_q)
-    launch_on_path("fp8_grouped_mm", lambda tma: launch_grouped_mm(a_q, a_scale, b_q, b_scale, group_end, out, tma))
+    launch_on_path(
+        "fp8_grouped_mm",
+        lambda tma: launch_grouped_mm(a_q, a_scale, b_q, b_scale, group_end, out, tma,
+                                      promotion_interval=promotion_interval),  # fmt: skip
+    )
     return out
 
 
-def _fake_fp8_grouped_mm(a_q, a_scale, b_q, b_scale, group_end, out_dtype=torch.bfloat16):
+def _fake_fp8_grouped_mm(a_q, a_scale, b_q, b_scale, group_end, out_dtype=torch.bfloat16, promotion_interval=128):
     check_grouped_mm_args(a_q, a_scale, b_q, b_scale, group_end, out_dtype)
+    promote_k(promotion_interval)
     return a_q.new_empty(a_q.shape[0], b_q.shape[1], dtype=out_dtype)
 
 
-fp8_grouped_mm = kernel_op("fp8_grouped_mm", triton_fp8_grouped_mm, _fake_fp8_grouped_mm, torch_fp8_grouped_mm)
+def _reference_fp8_grouped_mm(a_q, a_scale, b_q, b_scale, group_end, out_dtype=torch.bfloat16, promotion_interval=128):
+    """kernels/reference_gemm.py's reference: exact fp32 sums, so every interval gives the same."""
+    promote_k(promotion_interval)
+    return torch_fp8_grouped_mm(a_q, a_scale, b_q, b_scale, group_end, out_dtype)
+
+
+fp8_grouped_mm = kernel_op(
+    "fp8_grouped_mm", triton_fp8_grouped_mm, _fake_fp8_grouped_mm, _reference_fp8_grouped_mm
+)

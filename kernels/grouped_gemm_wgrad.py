@@ -31,8 +31,10 @@ from kernels.grouped_gemm import (
     check_tma_aligned,
     gemm_config,
     launch_on_path,
+    promote_k,
     run_gemm,
     tensor_desc,
+    tl_fp8_dot,
     tl_load_tile,
     tl_pin,
     tl_swizzle,
@@ -54,9 +56,10 @@ def _fp8_grouped_mm_wgrad_kernel(
     stride_san, stride_sap, stride_sbk, stride_sbp,
     stride_oe, stride_on,
     BLOCK_M: tl.constexpr, SPLIT_N: tl.constexpr, GROUP_M: tl.constexpr,
-    USE_TMA: tl.constexpr, PIN: tl.constexpr, ROWWISE: tl.constexpr,
+    USE_TMA: tl.constexpr, PIN: tl.constexpr, ROWWISE: tl.constexpr, PROMOTE_K: tl.constexpr,
 ):
-    """ROWWISE: scales (N, E) and (K, E), applied in the epilogue; else (N, P/128), (K, P/128)."""
+    """ROWWISE: scales (N, E) and (K, E), applied in the epilogue; else (N, P/128), (K, P/128).
+    PROMOTE_K: kernels/grouped_gemm.py's `tl_fp8_dot`."""
     BLOCK_K: tl.constexpr = 128
     BLOCK_N: tl.constexpr = 128 * SPLIT_N
     n_tiles = tl.cdiv(N, BLOCK_M)
@@ -83,21 +86,21 @@ def _fp8_grouped_mm_wgrad_kernel(
         a_t = tl_load_tile(a, n0, ps * BLOCK_K, N, stride_an, BLOCK_M, BLOCK_K, USE_TMA)
         b_lo = tl_load_tile(b, k0, ps * BLOCK_K, K, stride_bk, 128, BLOCK_K, USE_TMA)
         if ROWWISE:
-            acc_lo += tl.dot(a_t, b_lo.T)
+            acc_lo += tl_fp8_dot(a_t, b_lo.T, PROMOTE_K)
         else:
             # each 128-token step is one scale tile of both operands: promote by the outer
             # product, (d * sa) * sb in place (a materialized sa x sb tile: 64 more registers)
             sa = tl.load(sa_ptrs + ps * stride_sap, mask=rows < N, other=0.0)
             sb_lo = tl.load(sb_lo_ptrs + ps * stride_sbp, mask=cols_lo < K, other=0.0)
-            acc_lo += (tl.dot(a_t, b_lo.T) * sa[:, None]) * sb_lo[None, :]
+            acc_lo += (tl_fp8_dot(a_t, b_lo.T, PROMOTE_K) * sa[:, None]) * sb_lo[None, :]
         if SPLIT_N == 2:
             acc_lo = tl_pin(acc_lo, PIN)
             b_hi = tl_load_tile(b, k0 + 128, ps * BLOCK_K, K, stride_bk, 128, BLOCK_K, USE_TMA)
             if ROWWISE:
-                acc_hi += tl.dot(a_t, b_hi.T)
+                acc_hi += tl_fp8_dot(a_t, b_hi.T, PROMOTE_K)
             else:
                 sb_hi = tl.load(sb_hi_ptrs + ps * stride_sbp, mask=cols_hi < K, other=0.0)
-                acc_hi += (tl.dot(a_t, b_hi.T) * sa[:, None]) * sb_hi[None, :]
+                acc_hi += (tl_fp8_dot(a_t, b_hi.T, PROMOTE_K) * sa[:, None]) * sb_hi[None, :]
     if ROWWISE:  # this expert's scales: column e of (N, E) and (K, E)
         sa_e = tl.load(sa_ptrs + e * stride_sap, mask=rows < N, other=0.0)[:, None]
         acc_lo *= sa_e * tl.load(sb_lo_ptrs + e * stride_sbp, mask=cols_lo < K, other=0.0)[None, :]
@@ -114,12 +117,12 @@ def _fp8_grouped_mm_wgrad_kernel(
 
 
 tuned_grouped_mm_wgrad = autotuned(
-    _fp8_grouped_mm_wgrad_kernel, _wgrad_configs(triton_interpret()), ["N", "K", "USE_TMA", "ROWWISE"]
+    _fp8_grouped_mm_wgrad_kernel, _wgrad_configs(triton_interpret()), ["N", "K", "USE_TMA", "ROWWISE", "PROMOTE_K"]
 )
 
 
 def launch_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out, use_tma: bool, config: dict | None = None,
-                            rowwise: bool = False) -> None:  # fmt: skip
+                            rowwise: bool = False, promotion_interval: int = 128) -> None:  # fmt: skip
     """Write out (E, N, K) in place, every block (zeros for experts without tokens); config: one
     explicit autotune candidate's meta-parameters instead of the autotuner."""
     (N, P), K, E = a_q.shape, b_q.shape[0], padded_end.shape[0]
@@ -139,11 +142,14 @@ def launch_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out, use_tma
             *a_scale.stride(), *b_scale.stride(), out.stride(0), out.stride(1))  # fmt: skip
     if config is not None:
         config = {k: v for k, v in config.items() if k != "PROGRAMS_PER_SM"}
-    run_gemm(tuned_grouped_mm_wgrad, grid, args, use_tma, config, ROWWISE=rowwise)
+    run_gemm(tuned_grouped_mm_wgrad, grid, args, use_tma, config, ROWWISE=rowwise,
+             PROMOTE_K=promote_k(promotion_interval))  # fmt: skip
 
 
-def _launch_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise: bool) -> torch.Tensor:
+def _launch_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise: bool,
+                  promotion_interval: int = 128) -> torch.Tensor:  # fmt: skip
     """Both scalings' launchers, after their checks."""
+    promote_k(promotion_interval)  # refused before anything is allocated
     E, N, K = padded_end.shape[0], a_q.shape[0], b_q.shape[0]
     out = torch.empty(E, N, K, dtype=out_dtype, device=a_q.device)
     if out.numel() == 0 or a_q.shape[1] == 0:
@@ -151,16 +157,18 @@ def _launch_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise: bo
     check_tma_aligned(a_q=a_q, b_q=b_q)
     launch_on_path(
         "fp8_grouped_mm_wgrad",
-        lambda tma: launch_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out, tma, rowwise=rowwise),
+        lambda tma: launch_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out, tma, rowwise=rowwise,
+                                            promotion_interval=promotion_interval),  # fmt: skip
     )
     return out
 
 
 def triton_fp8_grouped_mm_wgrad(
     a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor, padded_end: torch.Tensor,
-    out_dtype: torch.dtype = torch.bfloat16,
+    out_dtype: torch.dtype = torch.bfloat16, promotion_interval: int = 128,
 ) -> torch.Tensor:  # fmt: skip
-    """out (E, N, K): out[e] = sum over tokens p of group e of dequant(a)[:, p] dequant(b)[:, p]^T.
+    """out (E, N, K): out[e] = sum over tokens p of group e of dequant(a)[:, p] dequant(b)[:, p]^T,
+    promoted into fp32 every `promotion_interval` products (kernels/grouped_gemm.py).
 
     a_q (N, P) fp8 row-major (tokens contiguous), a_scale (N, Pb) fp32 (1x128 tiles along
     tokens), b_q (K, P) fp8, b_scale (K, Pb) fp32, padded_end (E,) int32 cumulative group ends
@@ -168,7 +176,8 @@ def triton_fp8_grouped_mm_wgrad(
     empty (their block is written as zeros). P must be a multiple of 128.
     """
     check_grouped_mm_wgrad_args(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise=False)
-    return _launch_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise=False)
+    return _launch_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise=False,
+                         promotion_interval=promotion_interval)  # fmt: skip
 
 
 def triton_fp8_grouped_mm_wgrad_rowwise(
@@ -188,8 +197,20 @@ def _fake_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype=torch.bfloat16
     return a_q.new_empty(padded_end.shape[0], a_q.shape[0], b_q.shape[0], dtype=out_dtype)
 
 
+def _fake_wgrad_blockwise(a_q, a_scale, b_q, b_scale, padded_end, out_dtype=torch.bfloat16, promotion_interval=128):
+    promote_k(promotion_interval)
+    return _fake_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype)
+
+
+def _reference_wgrad_blockwise(a_q, a_scale, b_q, b_scale, padded_end, out_dtype=torch.bfloat16,
+                               promotion_interval=128):  # fmt: skip
+    """kernels/reference_gemm.py's reference: exact fp32 sums, so every interval gives the same."""
+    promote_k(promotion_interval)
+    return torch_fp8_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype)
+
+
 fp8_grouped_mm_wgrad = kernel_op(
-    "fp8_grouped_mm_wgrad", triton_fp8_grouped_mm_wgrad, _fake_wgrad, torch_fp8_grouped_mm_wgrad
+    "fp8_grouped_mm_wgrad", triton_fp8_grouped_mm_wgrad, _fake_wgrad_blockwise, _reference_wgrad_blockwise
 )
 fp8_grouped_mm_wgrad_rowwise = kernel_op(
     "fp8_grouped_mm_wgrad_rowwise", triton_fp8_grouped_mm_wgrad_rowwise, _fake_wgrad,

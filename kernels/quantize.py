@@ -6,6 +6,9 @@
         row_index_M: quantize x_MK[row_index_M] instead (permute + quantize in one pass, so only
                      FP8 leaves the permutation); the output has len(row_index_M) rows.
 
+`launch_quantize_rows` writes into outputs the caller made (any row stride): the expert-parallel
+dispatch quantizes straight into its wire buffer that way (kernels/quantize_packed.py).
+
 Memory-bound: one read of x, one write of q. A program owns BLOCK_M rows and one span of
 columns (the whole row, or one 128-wide tile); a row that fits in BLOCK_K stays in registers
 between the amax and the cast, longer rows are read twice, the second time from L2.
@@ -47,7 +50,7 @@ _SPAN_FIRST = True
 @triton.jit
 def _quantize_rows_kernel(
     x_ptr, idx_ptr, q_ptr, s_ptr,
-    M, K, stride_xm, SPAN,
+    M, K, stride_xm, stride_qm, stride_sm, SPAN,
     HAS_IDX: tl.constexpr, POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr, SPAN_FIRST: tl.constexpr,
 ):  # fmt: skip
@@ -60,7 +63,7 @@ def _quantize_rows_kernel(
         src = rows.to(tl.int64)
     c0 = pid_s * SPAN
     x_rows = x_ptr + src * stride_xm + c0
-    q_rows = q_ptr + rows.to(tl.int64) * K + c0
+    q_rows = q_ptr + rows.to(tl.int64) * stride_qm + c0
     cols = tl.arange(0, BLOCK_K)
     if ONE_CHUNK:
         mask = row_ok[:, None] & (cols[None, :] < SPAN)
@@ -79,7 +82,7 @@ def _quantize_rows_kernel(
             mask = row_ok[:, None] & (k + cols[None, :] < SPAN)
             x = tl.load(x_rows[:, None] + k + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(q_rows[:, None] + k + cols[None, :], tl_fp8_quantize_by(x, inv), mask=mask)
-    tl.store(s_ptr + rows * (K // SPAN) + pid_s, scale, mask=row_ok)
+    tl.store(s_ptr + rows.to(tl.int64) * stride_sm + pid_s, scale, mask=row_ok)
 
 
 def _rows_launch_config(K: int, block_k: int) -> tuple[int, int, int]:
@@ -102,24 +105,38 @@ def triton_quantize_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 rows of x_MK (or of x_MK[row_index_M]) and their scales; see the module docstring."""
     check_quantize_rows_args(x_MK, block_k)
+    q_MK, scale = _rows_outputs(x_MK, x_MK.shape[0] if row_index_M is None else row_index_M.shape[0], block_k)
+    launch_quantize_rows(x_MK, q_MK, scale, block_k, pow2_scale, row_index_M)
+    return q_MK, scale
+
+
+def launch_quantize_rows(
+    x_MK: torch.Tensor, q_MK: torch.Tensor, scale: torch.Tensor, block_k: int, pow2_scale: bool,
+    row_index_M: torch.Tensor | None = None,
+) -> None:  # fmt: skip
+    """The kernel of `triton_quantize_rows`, writing into q_MK (fp8 (M, K)) and scale (fp32, (M,)
+    or (M, K // block_k)): each with unit column stride, any row stride (views of a wider buffer)."""
     if x_MK.stride(1) != 1:
         x_MK = x_MK.contiguous()
-    M = x_MK.shape[0] if row_index_M is None else row_index_M.shape[0]
-    K = x_MK.shape[1]
+    M, K = q_MK.shape
     span = block_k or K
-    q_MK, scale = _rows_outputs(x_MK, M, block_k)
+    scale_MS = scale.unsqueeze(1) if scale.dim() == 1 else scale  # unsqueeze: unit stride on the new dim
+    if q_MK.stride(1) != 1 or scale_MS.stride(1) != 1 or scale_MS.shape != (M, K // span):
+        raise ValueError(
+            f"q_MK and scale need unit column strides and shapes (M, K), (M, K // block_k): got "
+            f"{tuple(q_MK.shape)} stride {q_MK.stride()}, {tuple(scale.shape)} stride {scale.stride()}"
+        )
     if M == 0:
-        return q_MK, scale
+        return
     BLOCK_M, BLOCK_K, num_warps = _rows_launch_config(K, block_k)
     grid, span_first = tile_grid(triton.cdiv(M, BLOCK_M), K // span, _SPAN_FIRST and span < K)
     _quantize_rows_kernel[grid](
-        x_MK, row_index_M if row_index_M is not None else x_MK, q_MK, scale,
-        M, K, x_MK.stride(0), span,
+        x_MK, row_index_M if row_index_M is not None else x_MK, q_MK, scale_MS,
+        M, K, x_MK.stride(0), q_MK.stride(0), scale_MS.stride(0), span,
         HAS_IDX=row_index_M is not None, POW2=pow2_scale,
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, ONE_CHUNK=span <= BLOCK_K, SPAN_FIRST=span_first,
         num_warps=num_warps, num_stages=_NUM_STAGES,
     )  # fmt: skip
-    return q_MK, scale
 
 
 def _rows_outputs(x_MK: torch.Tensor, M: int, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,8 @@
 # Single-node launch: one process per GPU on this machine.
 #
 #   launch/torchrun.sh [NGPUS] [--] <hydra overrides>
-#   launch/torchrun.sh 8 -- experiment=mixtral_8x7b fp8=rowwise
+#   launch/torchrun.sh 8 -- experiment=qwen3_30b_a3b data=megatron data.paths=[/data/corpus] \
+#       data.tokenizer=/data/corpus.tokenizer.json          # Qwen3-30B-A3B on one 8-GPU node
 #   launch/torchrun.sh -- model=tiny            # NGPUS defaults to every visible GPU (1 on CPU)
 #
 # Only the environment lives here; hyperparameters are Hydra overrides, passed through as given.

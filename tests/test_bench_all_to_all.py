@@ -34,11 +34,12 @@ def test_all_to_all_bench_cpu_smoke(tmp_path):
     for shape in {s for s, _ in rows}:
         bf16, rw, bw = (rows[shape, p] for p in ("bf16", "rowwise", "blockwise"))
         H = bf16["H"]
-        # Same routing, so the same rows travel: FP8 dispatch is H + 4 bytes (rowwise) or
-        # H + 4 H / 128 bytes (blockwise) a row against 2H; combine is BF16 for every payload.
+        # Same routing, so the same rows travel: FP8 dispatch is one packed row of H bytes + 4
+        # (rowwise) or + 4 H / 128 (blockwise), padded to 16 bytes (H = 256, 384 here: no padding
+        # before the scales), against 2H; combine is BF16 for every payload.
         rows_sent = bf16["dispatch_bytes"] // (2 * H)
-        assert rw["dispatch_bytes"] == rows_sent * (H + 4)
-        assert bw["dispatch_bytes"] == rows_sent * (H + 4 * (H // 128))
+        assert rw["dispatch_bytes"] == rows_sent * -(-(H + 4) // 16) * 16
+        assert bw["dispatch_bytes"] == rows_sent * -(-(H + 4 * (H // 128)) // 16) * 16
         assert rw["combine_bytes"] == bw["combine_bytes"] == bf16["combine_bytes"]
-        assert rw["dispatch_bytes_vs_bf16"] < 0.51
+        assert rw["dispatch_bytes_vs_bf16"] < 0.54
     assert "payload" in proc.stdout.splitlines()[-7]  # the table is printed last

@@ -44,7 +44,7 @@ def test_parity_experiment_as_train_py_runs_it():
     cfg.validate()
     assert cfg.run.steps >= 1000 and cfg.data.kind == "megatron"
     assert cfg.data.paths[0].endswith("python_corpus/python_sources")
-    assert cfg.run.eval_interval == 250 and cfg.checkpoint.interval == 0
+    assert cfg.run.eval_interval == 100 and cfg.checkpoint.interval == 0
     assert cfg.run.name == "parity_300m-bf16" and cfg.logging.group == "parity_300m"
     # the run consumes well under one epoch of the ~40M-token corpus tools/prepare_python_corpus.py prepares
     assert cfg.run.steps * cfg.run.micro_batch_size * cfg.run.seq_len < 10e6

@@ -1,8 +1,9 @@
 """Expert parallelism on CPU over gloo, the dispatcher alone: the all-to-all round trip (uneven and
-empty splits, gradients), FP8 rows on the wire against the non-EP FP8 experts, and the all-to-all
-timer and the wire dtype under autocast.
+empty splits, gradients), FP8 rows on the wire against the non-EP FP8 experts, and what travels:
+every all_to_all_single recorded (one packed FP8 buffer in dispatch, BF16 elsewhere, the timer
+seeing each), the FP8 bytes and scales bit for bit, the wire dtype under autocast.
 
-Every test spawns 2 processes (tests/ep_helpers.py); failures name the rank.
+The multi-process tests spawn 2 or 4 processes (tests/ep_helpers.py); failures name the rank.
 """
 
 import pytest
@@ -144,51 +145,150 @@ def test_fp8_dispatch_sends_fp8_and_matches_non_ep(recipe):
     _spawn(_fp8_dispatch, 2, recipe)
 
 
-# ---- all-to-all timing and the wire dtype ------------------------------------------------------
+# ---- what travels: one packed FP8 all-to-all per direction, bit for bit -------------------------
+
+WIRE_E = 8
+# Rows each rank sends per expert and its dropped rows. Expert 1 gets nothing anywhere; at 2
+# ranks rank 0 gets rows of one expert from both (regrouping moves them); at 4 ranks rank 2 sends
+# nothing and (experts 4, 5) receives nothing.
+WIRE_COUNTS = {
+    0: ([3, 0, 5, 1, 0, 0, 7, 0], 2),
+    1: ([1, 0, 0, 4, 0, 0, 0, 3], 0),
+    2: ([0, 0, 0, 0, 0, 0, 0, 0], 1),
+    3: ([0, 0, 6, 0, 0, 0, 1, 2], 0),
+}
+# (recipe, H, bytes of a packed row, x dtype, autocast): C written out from moe/all_to_all.py's
+# wire format, H = 70 (not a multiple of 4, 8 or 128) pads the E4M3 bytes before the scale.
+WIRE_CASES = [("rowwise", 70, 80, torch.float32, True), ("blockwise", 256, 272, torch.bfloat16, False)]
 
 
-def _timed_dispatch(rank, world):
+def _wire_inputs(rank, H, x_dtype):
+    """Rank `rank`'s tokens (top-2, routed in shuffled order) and permutation: any rank can make
+    any rank's, so each checks what it received against what the senders quantized."""
+    from moe.permute import plan_permute
+
+    counts, dropped = WIRE_COUNTS[rank]
+    g = torch.Generator().manual_seed(100 + rank)
+    ids = torch.cat([torch.repeat_interleave(torch.arange(WIRE_E), torch.tensor(counts)),
+                     torch.full((dropped + (sum(counts) + dropped) % 2,), WIRE_E)])  # fmt: skip
+    ids = ids[torch.randperm(len(ids), generator=g)].view(-1, 2)
+    x_TH = torch.randn(ids.shape[0], H, generator=g) * torch.logspace(-3, 3, ids.shape[0])[:, None]
+    if ids.shape[0] > 1:
+        x_TH[1] = 0.0  # an all-zero token: scale and bytes of a zero row travel too
+    return x_TH.to(x_dtype), plan_permute(ids, WIRE_E), torch.tensor(counts)
+
+
+def _record_all_to_alls(calls):
+    """Wrap dist.all_to_all_single (which moe.all_to_all calls through the module): record each
+    call's (dtype, shape, input split sizes)."""
+    import torch.distributed as dist
+
+    original = dist.all_to_all_single
+
+    def recording(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+        calls.append((input.dtype, tuple(input.shape), input_split_sizes))
+        return original(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+
+    dist.all_to_all_single = recording
+    return original
+
+
+def _wire(rank, world):
+    import torch.distributed as dist
+
+    from kernels.common import dequantize
+    from kernels.quantize import quantize_rows
     from moe.all_to_all import AllToAllDispatcher
     from moe.comm_timer import CommTimer
     from moe.fp8.recipe import Fp8Recipe
 
     env = _env(world, world)
-    Hd, dropped = 128, 2
-    counts = torch.tensor(F8_COUNTS[rank])
-    perm = _grouped_rows_perm(F8_COUNTS[rank], dropped)
-    x0 = torch.randn(int(counts.sum()) + dropped, Hd, generator=torch.Generator().manual_seed(rank))
-    dy = torch.randn(x0.shape, generator=torch.Generator().manual_seed(10 + rank))
+    Z = WIRE_E // world
+    calls = []
+    original = _record_all_to_alls(calls)
+    try:
+        for name, H, C, x_dtype, autocast in WIRE_CASES:
+            recipe = Fp8Recipe(name)
+            x0, perm, counts = _wire_inputs(rank, H, x_dtype)
+            U = int(counts.sum())
+            dy = torch.randn(perm.token_idx_M.shape[0], H, generator=torch.Generator().manual_seed(rank))
+            results = {}
+            for wire in ("bf16", "fp8"):
+                calls.clear()
+                timer = CommTimer("cpu")
+                disp = AllToAllDispatcher(env.ep_group, WIRE_E, recipe if wire == "fp8" else None, timer)
+                x = x0.clone().requires_grad_()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    inp, handle = disp.dispatch(x, perm, counts)
+                    n_dispatch = len(calls)
+                    y = disp.combine(inp.x * 2, handle)  # identity experts, times 2 (exact)
+                n_combine = len(calls) - n_dispatch
+                y.backward(dy.to(y.dtype))
+                n_forward = n_dispatch + n_combine
+                phases = calls[:n_dispatch], calls[n_dispatch:n_forward], calls[n_forward:]
+                results[wire] = inp, handle, y.detach(), x.grad, phases, timer.spans
+            inp, handle, y, dx, (fwd_disp, fwd_comb, bwd), spans = results["fp8"]
+            R, dtype = inp.x.shape[0], inp.x.dtype
+            assert dtype == torch.bfloat16
+            where = f"rank {rank}/{world} {name}"
 
-    def step(disp):  # identity experts: dispatch, combine, backward
-        x = x0.clone().requires_grad_()
-        inp, handle = disp.dispatch(x, perm, counts)
-        y = disp.combine(inp.x * 2, handle)
-        spans_fwd = disp.timer.spans if disp.timer is not None else None
-        y.backward(dy)
-        return y.detach(), x.grad, spans_fwd
+            # One all-to-all per direction and pass after the counts; dispatch moves only packed
+            # FP8 rows (payload + scales, no bf16): U rows of C bytes, split as sent.
+            payload = (torch.uint8, (U, C), handle.send_splits)
+            assert fwd_disp == [(torch.int64, (world, Z), None), payload], (where, fwd_disp)
+            assert fwd_comb == [(dtype, (R, H), handle.recv_splits)], (where, fwd_comb)
+            assert bwd == [(dtype, (U, H), handle.send_splits), (dtype, (R, H), handle.recv_splits)], (where, bwd)
+            assert spans == len(fwd_disp) + len(fwd_comb) + len(bwd) == 5, where  # the timer saw each
+            assert results["bf16"][4][0][1] == (dtype, (U, H), handle.send_splits)  # against 2H bytes a row
 
-    # Forward: counts + rows (+ scales for FP8) + combine; backward: combine's and dispatch's reverse.
-    for recipe, fwd_spans in ((None, 3), (Fp8Recipe("rowwise"), 4)):
-        timer = CommTimer(torch.device("cpu"))
-        y_ref, dx_ref, _ = step(AllToAllDispatcher(env.ep_group, E, recipe))
-        y, dx, spans_fwd = step(AllToAllDispatcher(env.ep_group, E, recipe, timer))
-        assert (spans_fwd, timer.spans) == (fwd_spans, fwd_spans + 2), (recipe, spans_fwd, timer.spans)
-        assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref), f"rank {rank}: the timer changed results"
-        assert timer.drain_ms() > 0 and timer.spans == 0
+            # Bit for bit: each sender's own quantization of its rows, grouped by local expert then
+            # source rank, and the dequantized rows are exactly q * scale in the compute dtype.
+            expected_q, expected_s = [], []
+            for e in range(rank * Z, (rank + 1) * Z):
+                for src in range(world):
+                    x_src, perm_src, counts_src = _wire_inputs(src, H, x_dtype)
+                    q_src, s_src = quantize_rows(
+                        x_src.to(dtype), recipe.block, recipe.pow2_scales, perm_src.token_idx_M
+                    )
+                    lo = int(counts_src[:e].sum())
+                    expected_q.append(q_src[lo : lo + int(counts_src[e])])
+                    expected_s.append(s_src[lo : lo + int(counts_src[e])])
+            q, s = inp.fp8.q_MH, inp.fp8.scale
+            assert q.dtype == torch.float8_e4m3fn and q.is_contiguous() and s.is_contiguous(), where
+            assert torch.equal(q.view(torch.uint8), torch.cat(expected_q).view(torch.uint8)), where
+            assert torch.equal(s, torch.cat(expected_s)), where
+            assert torch.equal(inp.x, dequantize(q, s).to(dtype)), where
+            tpe = torch.stack([torch.tensor(WIRE_COUNTS[r][0]) for r in range(world)]).sum(0)
+            assert inp.tokens_per_expert_E.tolist() == tpe[rank * Z : (rank + 1) * Z].tolist(), where
 
-    # Under autocast the permuted rows are fp32; they travel in bf16 (the experts' dtype), and the
-    # gradient comes back to fp32.
-    disp = AllToAllDispatcher(env.ep_group, E)
-    x = x0.clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        inp, handle = disp.dispatch(x, perm, counts)
-        assert inp.x.dtype == torch.bfloat16
-        y = disp.combine(inp.x * 2, handle)
-    y.float().backward(dy)
-    assert x.grad.dtype == torch.float32
-    kept = int(counts.sum())
-    assert torch.equal(y[:kept], (x0[:kept].bfloat16() * 2))
+            # Round trip: this rank's kept rows come back as 2 * their dequantized values, dropped
+            # rows as zeros; the gradient is the BF16 wire's bit for bit (straight-through).
+            q_mine, s_mine = quantize_rows(x0.to(dtype), recipe.block, recipe.pow2_scales, perm.token_idx_M[:U])
+            assert torch.equal(y[:U], dequantize(q_mine, s_mine).to(dtype) * 2), where
+            assert (y[U:] == 0).all(), where
+            assert dx.dtype == x_dtype and torch.equal(dx, results["bf16"][3]), where
+    finally:
+        dist.all_to_all_single = original
 
 
-def test_dispatcher_timer_counts_every_all_to_all_and_changes_nothing():
-    _spawn(_timed_dispatch, 2)
+@pytest.mark.parametrize("world", [2, 4])
+def test_fp8_dispatch_one_packed_all_to_all_bit_exact(world):
+    _spawn(_wire, world)
+
+
+def test_dequantize_rows_is_the_reference():
+    """moe.all_to_all.dequantize_rows against kernels.common.dequantize: every E4M3 byte (NaN
+    included), scales that push products past bf16's range and into its subnormals, both scale
+    shapes, three dtypes."""
+    from kernels.common import dequantize
+    from moe.all_to_all import dequantize_rows
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.arange(256, dtype=torch.uint8).repeat(6, 2)[:, torch.randperm(512, generator=g)]
+    q = q.view(torch.float8_e4m3fn)  # (6, 512): each row holds every byte twice
+    for scale in (torch.tensor([1.0, 3e-3, 7.1e35, 1e-38, 0.0, 1.7]),
+                  torch.exp(torch.randn(6, 4, generator=g) * 20)):  # fmt: skip
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            torch.testing.assert_close(
+                dequantize_rows(q, scale, dtype), dequantize(q, scale).to(dtype), rtol=0, atol=0, equal_nan=True
+            )

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def _model_grads(rank, world, ep):
     from torch.distributed.tensor import DTensor
 
-    from trainer.parallel import apply_expert_parallel, clip_grad_norm_ep, reduce_gradients
+    from trainer.parallel import apply_expert_parallel, clip_grad_norm_, reduce_gradients
 
     env = _env(world, ep)
     cfg = _tiny_cfg()
@@ -43,7 +43,7 @@ def _model_grads(rank, world, ep):
     dist.all_reduce(loss)
     _close(loss / world, torch.tensor(ref_loss), "loss")
     reduce_gradients(model, env)
-    norm = clip_grad_norm_ep(model, float("inf"), env)
+    norm = clip_grad_norm_(model, float("inf"), env)
     _close(norm, ref_norm, "grad norm")
 
     ref_params = dict(ref.named_parameters())

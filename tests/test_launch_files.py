@@ -7,6 +7,7 @@ print their arguments, so the tests check the real command lines without GPUs or
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -18,6 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
 SBATCH = REPO / "launch" / "slurm.sbatch"
 DOCKERFILE = REPO / "Dockerfile"
+EXPERIMENTS = REPO / "configs" / "experiment"
+# Where launch commands are written down for users: the scripts' headers, the README, the presets.
+DOCUMENTED = [TORCHRUN_SH, SBATCH, REPO / "README.md", *sorted(EXPERIMENTS.glob("*.yaml"))]
 
 
 def _stub(bin_dir: Path, name: str, body: str) -> None:
@@ -110,3 +114,34 @@ def test_sbatch_adds_pyxis_flags_for_a_container(stubs, tmp_path):
     i = srun.index("--container-image")
     assert srun[i + 1] == "registry#fp8moe:1"
     assert srun[srun.index("--container-mounts") + 1] == "/data:/data"
+
+
+def test_every_named_experiment_exists():
+    # Lower case: upper-case words (experiment=NAME) are placeholders in prose.
+    named = {(path.name, name) for path in DOCUMENTED
+             for name in re.findall(r"experiment=([a-z][a-z0-9_]*)", path.read_text())}  # fmt: skip
+    assert {name for _, name in named} >= {"mixtral_8x7b", "qwen3_30b_a3b"}
+    missing = [(where, name) for where, name in sorted(named) if not (EXPERIMENTS / f"{name}.yaml").exists()]
+    assert not missing, f"experiment=NAME without configs/experiment/NAME.yaml: {missing}"
+
+
+def _preset_gpus(name: str) -> int:
+    """The GPUs an experiment preset is laid out for (its run.dry_run_gpus; 1 when it names none)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(EXPERIMENTS / f"{name}.yaml").get("run", {}).get("dry_run_gpus", 0) or 1
+
+
+def test_example_launch_sizes_are_the_presets_own():
+    """`sbatch --nodes K ... experiment=X` starts K x 8 GPUs and `launch/torchrun.sh G -- experiment=X`
+    G: each must be the size preset X is laid out for, where its memory plan fits."""
+    checked = 0
+    for path in DOCUMENTED:
+        for line in path.read_text().splitlines():
+            for nodes, name in re.findall(r"sbatch --nodes (\d+) .*?experiment=(\w+)", line):
+                assert int(nodes) * 8 == _preset_gpus(name), (path.name, line)
+                checked += 1
+            for gpus, name in re.findall(r"torchrun\.sh (\d+) -- .*?experiment=(\w+)", line):
+                assert int(gpus) == _preset_gpus(name), (path.name, line)
+                checked += 1
+    assert checked >= 6  # the scripts' examples, the README's and the presets' own

@@ -1,13 +1,13 @@
-"""tools/parity_report.py on two real tiny runs (BF16 and FP8 rowwise experts), and the corpus tool.
+"""tools/parity_report.py and tools/parity_stats.py on synthetic run directories with known answers.
 
-The runs are train.py subprocesses on CPU: the FP8 experts run their pure-torch emulation
-(TRITON_INTERPRET=0 with CPU tensors selects it), quantizing exactly as the GPU recipe does, so
-the FP8 loss differs from the BF16 one by a little, never by nothing.
+Each run directory is written by the test (`.hydra/config.yaml`, `metrics.jsonl`, a `train.log`
+with the lines the report parses), so every number below is computed by hand. The real train.py
+runs are in tests/test_parity_sweep.py.
 """
 
+import copy
 import json
-import os
-import shutil
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -15,164 +15,207 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tools import parity_report, prepare_python_corpus
-from trainer.indexed import indexed_counts
+from tools import parity_report, parity_stats
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.dim=128", "model.n_layers=1", "model.moe.ffn_dim=128", "run.seq_len=64",
-    "run.micro_batch_size=4", "run.steps=10", "logging.interval=1", "run.eval_interval=5",
-    "run.eval_steps=2", "logging.wandb=disabled", "logging.group=pair",
-    "optim.warmup_steps=10", "optim.lr=1.5e-3",  # the default warm-up's lr (20 steps to 3e-3) at steps 1-10
-]
-FIELDS = ("steps", "params_total", "recipe", "mean_rel_diff_last10pct", "max_rel_diff_last10pct",
-          "val_loss", "tokens_per_s", "speed_ratio")
-
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    env = dict(os.environ, FP8MOE_CACHE=str(tmp_path_factory.mktemp("cache")), OMP_NUM_THREADS="1",
-               TRITON_INTERPRET="0", PYTHONUNBUFFERED="1")
-    env.pop("FP8MOE_RUN_ID", None)
-    for recipe in ("bf16", "rowwise"):
-        cmd = [sys.executable, "train.py", *TINY, f"fp8={recipe}", f"run.name={recipe}", f"run.output_root={out}"]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return out
+CONFIG = {
+    "model": {"name": "synthetic", "dim": 8},
+    "data": {"kind": "megatron", "paths": ["/corpora/synth"], "split": "98,2,0", "seed": 0, "num_workers": 2},
+    "optim": {"lr": 1e-3},
+    "run": {"seed": 0, "seq_len": 16, "micro_batch_size": 2, "grad_accum": 1, "dtype": "bfloat16", "steps": 200},
+    "fp8": {"experts": "bf16", "dense": "bf16", "pow2_scales": False},
+    "logging": {"wandb": "disabled"},
+}
+# The last half of a 200-step run logged every 10 steps: 110..200. A pattern symmetric about its
+# middle is uncorrelated with the step, so it moves neither the slope nor the intercept.
+HALF = list(range(110, 201, 10))
+SYMMETRIC = [1, -1, 1, -1, 0, 0, -1, 1, -1, 1]
 
 
-def _copy_run(src: Path, dst: Path, **config_changes) -> Path:
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints"))
-    cfg_path = dst / ".hydra" / "config.yaml"
-    cfg = yaml.safe_load(cfg_path.read_text())
-    for dotted, value in config_changes.items():
-        *parents, leaf = dotted.split("__")
-        node = cfg
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    return dst
+def make_run(root: Path, recipe: str, seed: int, gap=lambda s: 0.0, val=None, base=5.0, steps=200,
+             eval_interval=100, name=None, fp8=None, corpus="synth", **changes) -> Path:
+    """A run whose training loss is (base - s/1000) * (1 + gap(s)) at every 10th step, with
+    validation losses val(s) at every eval_interval (default: the training loss)."""
+    cfg = copy.deepcopy(CONFIG)
+    cfg["fp8"].update(experts=recipe, **(fp8 or {}))
+    cfg["run"].update(seed=seed, steps=steps)
+    cfg["data"].update(seed=seed, paths=[f"/corpora/{corpus}"])
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        cfg[section][key] = value
+    run_dir = root / (name or f"{corpus}-{recipe}-s{seed}")
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    lines = []
+    for s in range(10, steps + 1, 10):
+        loss = (base - s / 1000) * (1 + gap(s))
+        lines.append({"step": s, "loss": loss, "tokens_per_s": 1000.0 if recipe == "bf16" else 1200.0})
+        if s % eval_interval == 0:
+            lines.append({"step": s, "val_loss": val(s) if val else loss})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (run_dir / "train.log").write_text("model synthetic: params total=1234 active=1000, 0.001 GFLOP/token; "
+                                       "global batch 2 x 16 tokens; 1 rank(s) on cpu; fp8.experts=x\n")
+    return run_dir
 
 
-def test_report_files_and_values(runs, tmp_path):
-    out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "tools/parity_report.py", str(runs / "rowwise"), str(runs / "bf16"),
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| rowwise | 10 |" in proc.stdout  # the markdown table is printed
+def summary(out: Path, name: str) -> dict:
+    return json.loads((out / f"{name}.json").read_text())
 
-    png = (out / "parity.png").read_bytes()
+
+def test_t_quantiles_match_the_tables():
+    # Student's t 0.975 quantiles from the standard tables; beyond df=30 the expansion.
+    for df, t in ((1, 12.7062), (2, 4.3027), (9, 2.2622), (30, 2.0423), (31, 2.0395), (60, 2.0003),
+                  (120, 1.9799), (10**6, 1.9600)):
+        assert parity_stats.t975(df) == pytest.approx(t, abs=1e-4), df
+    assert parity_stats.t975(2.9) == parity_stats.t975(2)  # fractional df: the wider interval
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        parity_stats.t975(0.5)
+
+
+def test_paired_difference_interval_spread_and_floor(tmp_path):
+    bf16_val, diffs = [4.0, 4.1, 4.2], [0.001, 0.002, 0.003]
+    early = [4.4, 4.6, 4.8]  # step 100: a wider spread than at the end
+    for i, seed in enumerate((1, 2, 3)):
+        make_run(tmp_path / "runs", "bf16", seed, val=lambda s, i=i: early[i] if s < 200 else bf16_val[i],
+                 eval_interval=100)
+        make_run(tmp_path / "runs", "rowwise", seed, eval_interval=100,
+                 val=lambda s, i=i: (early[i] if s < 200 else bf16_val[i]) * (1 + diffs[i]))
+    parity_report.report([tmp_path / "runs"], out=tmp_path / "out", wandb="off")
+    s = summary(tmp_path / "out", "synth-rowwise")
+    assert s["corpus"] == "synth" and s["recipe"] == "rowwise" and s["steps"] == 200
+    assert s["seeds"] == [[1, 1], [2, 2], [3, 3]] and s["tokens"] == 200 * 32 and s["params_total"] == 1234
+    assert s["val_loss_mean_bf16"] == pytest.approx(4.1)
+    assert s["val_loss_mean_fp8"] == pytest.approx(sum(b * (1 + d) for b, d in zip(bf16_val, diffs)) / 3)
+    assert s["val_loss_rel_diff"] == pytest.approx((s["val_loss_mean_fp8"] - 4.1) / 4.1)
+    assert s["val_loss_rel_diffs"] == pytest.approx(diffs)
+    half = 4.30265273 * 0.001 / math.sqrt(3)  # t(0.975, 2) * s / sqrt(n), s = 0.001
+    assert s["val_loss_rel_diff_paired"] == pytest.approx(0.002)
+    assert s["val_loss_rel_diff_ci95"] == pytest.approx([0.002 - half, 0.002 + half])
+    assert s["bf16_seed_spread"] == pytest.approx(0.1 / 4.1)
+    assert s["val_loss_std_bf16"] == pytest.approx(0.1)
+    spread = s["bf16_spread_by_step"]
+    assert spread["steps"] == [100, 200] and spread["tokens"] == [3200, 6400]
+    assert spread["rel_std"] == pytest.approx([0.2 / 4.6, 0.1 / 4.1])
+    # the floor is 0.25% (the spread, 2.4%, is wider); the mean is inside it, the interval is not
+    assert s["floor"] == 0.0025 and s["within_floor"] is True
+    assert s["parity_verdict"] == "inconclusive" and s["passes"] is True
+    assert s["tokens_per_s"] == {"bf16": 1000.0, "fp8": 1200.0} and s["speed_ratio"] == pytest.approx(1.2)
+    assert s["provenance"] == "report" and {"commit", "gpu", "torch", "triton"} <= set(s)
+    table = (tmp_path / "out" / "parity.md").read_text()
+    assert "| synth | rowwise | 3 | 200 | 6.4k | 4.1000 ± 0.1000 |" in table
+    png = (tmp_path / "out" / "parity.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
-    summary = json.loads((out / "rowwise.json").read_text())
-    for key in FIELDS:
-        assert key in summary, key
-    assert summary["recipe"] == "rowwise" and summary["steps"] == 10
-    assert 1_000_000 < summary["params_total"] < 2_000_000  # dim 128, 1 layer, vocab 4096
-    # FP8 emulation changes the loss a little: visible, yet far below a percent on 10 steps.
-    assert 0 < summary["mean_rel_diff_last10pct"] <= summary["max_rel_diff_last10pct"] < 5e-3
-    val = summary["val_loss"]
-    assert val["steps"] == [5, 10] and len(val["bf16"]) == len(val["fp8"]) == 2
-    assert abs(val["final_rel_diff"]) < 5e-3 and 5 < val["final_bf16"] < 9
-    speeds = summary["tokens_per_s"]
-    assert speeds["bf16"] > 0 and speeds["fp8"] > 0
-    assert summary["speed_ratio"] == pytest.approx(speeds["fp8"] / speeds["bf16"])
 
-    table = (out / "parity.md").read_text()
-    assert table.startswith("| recipe |") and "| rowwise | 10 | 1.5M |" in table
-
-
-def test_params_total_recomputed_without_log(runs, tmp_path):
-    run = _copy_run(runs / "rowwise", tmp_path / "nolog")
-    for log_file in run.glob("*.log"):
-        log_file.unlink()
-    with_log = parity_report.params_total(parity_report.load_run(runs / "rowwise"))
-    assert parity_report.params_total(parity_report.load_run(run)) == with_log
-
-
-def test_default_out_dir_is_beside_the_first_run(runs, tmp_path):
-    bf16 = _copy_run(runs / "bf16", tmp_path / "b")
-    fp8 = _copy_run(runs / "rowwise", tmp_path / "f")
-    parity_report.report([bf16, fp8], wandb="off")
-    assert (tmp_path / "parity" / "f.json").is_file()
+def test_growing_gap_is_flagged_and_a_flat_one_is_not(tmp_path):
+    slope = 2e-5  # per step: 2% per 1000 steps
+    noise = dict(zip(HALF, SYMMETRIC))
+    for seed in (1, 2):
+        make_run(tmp_path / "runs", "bf16", seed, base=5.0 + seed / 10)
+        make_run(tmp_path / "runs", "blockwise", seed, base=5.0 + seed / 10,
+                 gap=lambda s: 0.001 + slope * s + 1e-4 * noise.get(s, 0))
+        make_run(tmp_path / "runs", "rowwise", seed, base=5.0 + seed / 10,
+                 gap=lambda s: 0.001 + 1e-4 * noise.get(s, 0))
+    parity_report.report([tmp_path / "runs"], out=tmp_path / "out", wandb="off")
+    growing, flat = summary(tmp_path / "out", "synth-blockwise"), summary(tmp_path / "out", "synth-rowwise")
+    # residuals = the pattern * 1e-4: SSR = 8e-8 over 10 points, Sxx = 8250; its lag-1 correlation is
+    # negative, so no widening
+    stderr = 1000 * math.sqrt(8e-8 / 8 / 8250)
+    assert growing["gap_slope_last_half"] == pytest.approx(1000 * slope, rel=1e-6)
+    assert growing["gap_slope_stderr"] == pytest.approx(stderr, rel=1e-6)
+    assert growing["gap_slope_points"] == 10 and growing["gap_slope_autocorr"] == pytest.approx(-6 / 8)
+    assert growing["gap_slope_significant"] is True and growing["passes"] is False
+    assert flat["gap_slope_last_half"] == pytest.approx(0.0, abs=1e-12)
+    assert flat["gap_slope_significant"] is False
+    assert flat["train_loss_rel_diff_paired"] == pytest.approx(0.001, rel=1e-3)  # the last 10%: steps 190, 200
+    assert "(significant)" in (tmp_path / "out" / "parity.md").read_text().splitlines()[2]
 
 
-def test_missing_metrics_is_named(runs, tmp_path):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="empty has no metrics.jsonl"):
-        parity_report.report([runs / "bf16", empty], out=tmp_path / "o")
+def test_slope_error_widens_with_autocorrelated_residuals():
+    xs = list(range(8))
+    pattern = [1, 1, -1, -1, -1, -1, 1, 1]  # symmetric: slope 0.5 exactly; lag-1 correlation 3/8
+    test = parity_stats.slope_test(xs, [0.5 * x + p for x, p in zip(xs, pattern)])
+    widen = (1 + 3 / 8) / (1 - 3 / 8)
+    assert test.slope == pytest.approx(0.5) and test.autocorr == pytest.approx(3 / 8)
+    assert test.stderr == pytest.approx(math.sqrt(8 / 6 / 42 * widen))  # SSR 8, n - 2 = 6, Sxx 42
+    assert parity_stats.slope_test([1, 2], [0.0, 1.0]).significant is None  # too few points
 
 
-def test_no_bf16_run(runs, tmp_path):
-    other = _copy_run(runs / "rowwise", tmp_path / "blockwise", fp8__experts="blockwise")
-    with pytest.raises(ValueError, match=r"no BF16 run .*rowwise \(fp8.experts=rowwise\)"):
-        parity_report.report([runs / "rowwise", other], out=tmp_path / "o")
+def test_recipe_labels_from_the_fp8_defaults():
+    label = parity_report.recipe_label
+    assert label({"experts": "rowwise", "dense": "bf16", "pow2_scales": False}) == "rowwise"
+    assert label({"experts": "rowwise", "pow2_scales": True}) == "rowwise+pow2_scales=true"
+    assert label({"experts": "rowwise", "dense": "rowwise", "amax_margin": 1}) == "rowwise+amax_margin=1+dense=rowwise"
+    assert label({"experts": "bf16"}) == "bf16"
+    assert parity_report.slug("rowwise+pow2_scales=true") == "rowwise+pow2_scales-true"
+    with pytest.raises(ValueError, match="no fp8.experts"):
+        label({"dense": "bf16"})
 
 
-def test_different_steps(runs, tmp_path):
-    short = _copy_run(runs / "rowwise", tmp_path / "short")
-    lines = (short / "metrics.jsonl").read_text().splitlines()
-    (short / "metrics.jsonl").write_text("\n".join(l for l in lines if json.loads(l)["step"] != 10) + "\n")
-    with pytest.raises(ValueError, match=r"different steps.*steps only there: \[10\]"):
-        parity_report.report([runs / "bf16", short], out=tmp_path / "o")
+def test_ablation_label_runs_beside_its_recipe_single_seed(tmp_path):
+    make_run(tmp_path, "bf16", 1)
+    make_run(tmp_path, "rowwise", 1, gap=lambda s: 0.001)
+    make_run(tmp_path, "rowwise", 1, gap=lambda s: 0.003, fp8={"pow2_scales": True}, name="pow2")
+    parity_report.report([tmp_path / "synth-bf16-s1", tmp_path / "synth-rowwise-s1", tmp_path / "pow2"],
+                         wandb="off")
+    out = tmp_path / "parity"  # the default: beside the first run
+    plain, pow2 = summary(out, "synth-rowwise"), summary(out, "synth-rowwise+pow2_scales-true")
+    assert pow2["recipe"] == "rowwise+pow2_scales=true" and pow2["val_loss_rel_diff"] == pytest.approx(0.003)
+    # one seed: no interval, no spread; the floor is the 0.25% bound alone
+    for key in ("val_loss_rel_diff_ci95", "bf16_seed_spread", "bf16_spread_by_step", "parity_verdict",
+                "val_loss_std_bf16", "train_loss_rel_diff_ci95"):
+        assert plain[key] is None and pow2[key] is None, key
+    assert plain["within_floor"] is True and pow2["within_floor"] is False and plain["floor"] == 0.0025
 
 
-def test_different_data_and_seed_are_named(runs, tmp_path):
-    other = _copy_run(runs / "rowwise", tmp_path / "reseeded", run__seed=7, data__split="90,10,0")
-    with pytest.raises(ValueError, match=r"data\.split .*run\.seed \(1234 vs 7\)"):
-        parity_report.report([runs / "bf16", other], out=tmp_path / "o")
+def test_two_corpora_in_one_report(tmp_path):
+    for corpus in ("python_sources", "prose"):
+        make_run(tmp_path / "runs", "bf16", 1, corpus=corpus)
+        make_run(tmp_path / "runs", "blockwise", 1, corpus=corpus, gap=lambda s: -0.001)
+    summaries = parity_report.report([tmp_path / "runs"], out=tmp_path / "out", wandb="off")
+    assert sorted(s["corpus"] for s in summaries) == ["prose", "python_sources"]
+    assert (tmp_path / "out" / "prose-blockwise.json").is_file()
+    assert (tmp_path / "out" / "python_sources-blockwise.json").is_file()
+
+
+def test_a_seed_missing_for_one_recipe_is_named(tmp_path):
+    for seed in (1, 2):
+        make_run(tmp_path, "bf16", seed)
+    make_run(tmp_path, "rowwise", 1)
+    make_run(tmp_path, "blockwise", 3)
+    with pytest.raises(ValueError, match=r"recipe rowwise lacks the seeds run.seed=2 data.seed=2 that BF16 has"):
+        parity_report.report([tmp_path / "synth-bf16-s1", tmp_path / "synth-bf16-s2", tmp_path / "synth-rowwise-s1"],
+                             out=tmp_path / "o")
+    with pytest.raises(ValueError, match=r"BF16 lacks the seeds run.seed=3 data.seed=3 that recipe blockwise has"):
+        parity_report.report([tmp_path / "synth-bf16-s1", tmp_path / "synth-bf16-s2", tmp_path / "synth-blockwise-s3"],
+                             out=tmp_path / "o")
+
+
+def test_mismatching_config_is_named_seeds_may_differ(tmp_path):
+    make_run(tmp_path, "bf16", 1)
+    make_run(tmp_path, "bf16", 2, optim__lr=2e-3)
+    make_run(tmp_path, "rowwise", 1)
+    make_run(tmp_path, "rowwise", 2)
+    with pytest.raises(ValueError, match=r"synth-bf16-s1 and synth-bf16-s2 differ .*: optim\.lr \(0\.001 vs 0\.002\)"):
+        parity_report.report([tmp_path], out=tmp_path / "o")
     # the command line says so in one line and exits 2, without a traceback
-    proc = subprocess.run([sys.executable, "tools/parity_report.py", str(runs / "bf16"), str(other)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "tools/parity_report.py", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert "optim.lr" in proc.stderr
 
 
-def test_python_corpus_tiny_cap_is_deterministic(tmp_path):
-    prefix = tmp_path / "py"
-    proc = subprocess.run([sys.executable, "tools/prepare_python_corpus.py", "--output-prefix", str(prefix),
-                           "--max-bytes", "60000", "--workers", "1", "--vocab-size", "512"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for suffix in (".bin", ".idx", ".tokenizer.json", ".jsonl", ".files.txt"):
-        assert Path(f"{prefix}{suffix}").is_file(), suffix
-    docs = [json.loads(l) for l in Path(f"{prefix}.jsonl").read_text().splitlines()]
-    assert docs and all(d["path"].endswith(".py") and d["text"].strip() for d in docs)
-    sizes = [int(l.split("\t")[0]) for l in Path(f"{prefix}.files.txt").read_text().splitlines()]
-    assert len(sizes) == len(docs) and sum(sizes) <= 60000
-    again = tmp_path / "again.jsonl"
-    prepare_python_corpus.collect(prepare_python_corpus.site_packages(), str(again), max_bytes=60000)
-    assert again.read_bytes() == Path(f"{prefix}.jsonl").read_bytes()
-
-
-def test_logs_to_wandb_when_the_runs_did(runs, tmp_path):
-    pytest.importorskip("wandb")
-    bf16 = _copy_run(runs / "bf16", tmp_path / "b", logging__wandb="offline")
-    fp8 = _copy_run(runs / "rowwise", tmp_path / "f", logging__wandb="offline")
-    parity_report.report([bf16, fp8], out=tmp_path / "o")
-    assert list((tmp_path / "o" / "wandb").glob("offline-run-*/run-*.wandb"))
-
-
-def test_python_corpus_bpe_sample_workers_and_stats(tmp_path):
-    prefix = tmp_path / "py"
-    proc = subprocess.run([sys.executable, "tools/prepare_python_corpus.py", "--output-prefix", str(prefix),
-                           "--max-bytes", "200000", "--bpe-max-bytes", "50000", "--workers", "2",
-                           "--vocab-size", "512"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    stats = json.loads(Path(f"{prefix}.stats.json").read_text())
-    assert stats["workers"] == 2 and stats["bpe_max_bytes"] == 50000 and 0 < stats["bytes"] <= 200000
-    assert set(stats["seconds"]) == {"collect", "bpe", "tokenize", "total"}
-    # the token count is the .bin's: every document's tokens plus one EOD each
-    assert stats["documents"] == stats["files"] and stats["tokens"] > stats["bytes"] / 8
-    assert indexed_counts(str(prefix)) == (stats["documents"], stats["tokens"])
-    # the BPE saw a spread sample (every k-th document), not the first files only
-    sample = list(prepare_python_corpus.sample_texts(f"{prefix}.jsonl", stats["bytes"], 50000))
-    docs = [json.loads(l)["text"] for l in Path(f"{prefix}.jsonl").read_text().splitlines()]
-    stride = -(-stats["bytes"] // 50000)
-    assert sample == docs[::stride][:len(sample)] and len(sample) > 1
-    assert sum(len(t.encode()) for t in sample[:-1]) < 50000
-    assert "tokens in" in proc.stderr and f"data.paths=[{prefix}]" in proc.stdout
+def test_duplicate_runs_steps_baseline_and_files_are_named(tmp_path):
+    make_run(tmp_path, "bf16", 1)
+    make_run(tmp_path, "rowwise", 1)
+    make_run(tmp_path, "rowwise", 1, name="again")
+    with pytest.raises(ValueError, match=r"two runs of recipe rowwise on corpus synth with run.seed=1 data.seed=1"):
+        parity_report.report([tmp_path], out=tmp_path / "o")
+    make_run(tmp_path, "blockwise", 1, steps=190)
+    with pytest.raises(ValueError, match=r"different steps.*steps only there: \[200\]"):
+        parity_report.report([tmp_path / "synth-bf16-s1", tmp_path / "synth-blockwise-s1"], out=tmp_path / "o")
+    with pytest.raises(ValueError, match=r"no BF16 run .* on corpus synth: again \(rowwise\)"):
+        parity_report.report([tmp_path / "again", tmp_path / "synth-blockwise-s1"], out=tmp_path / "o")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty has no metrics.jsonl and no run directory"):
+        parity_report.report([tmp_path / "synth-bf16-s1", tmp_path / "empty"], out=tmp_path / "o")

@@ -48,6 +48,16 @@ def test_trajectory_changes_are_refused_unless_applied(key, value):
     assert [c.key for c in plan.applied] == [key]
 
 
+def test_a_key_added_to_the_schema_after_the_checkpoint_is_no_change_at_its_default():
+    saved = _cfg()
+    del saved["fp8"]["intermediate"]  # a checkpoint older than the key
+    assert plan_resume(saved, _cfg(), 8, 8, apply_changes=False).changes == ()
+    new = _cfg()
+    new["fp8"]["intermediate"] = "bf16"  # not the default: the old run did not do this
+    with pytest.raises(ValueError, match="fp8.intermediate: None -> 'bf16'"):
+        plan_resume(saved, new, 8, 8, apply_changes=False)
+
+
 def test_a_changed_global_batch_changes_the_data_order_and_is_refused():
     with pytest.raises(ValueError, match=r"global batch .*: 8 -> 16"):
         plan_resume(_cfg(), _cfg(), 8, 16, apply_changes=False)

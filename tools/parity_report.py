@@ -1,70 +1,113 @@
-"""Loss parity of FP8 against BF16 experts: plots, a JSON summary per FP8 run, a markdown table.
+"""Loss parity of FP8 against BF16 over several seeds: a JSON summary per FP8 recipe, a table, a plot.
 
-    python tools/parity_report.py RUN_BF16 RUN_FP8 [RUN_FP8 ...] [--out DIR] [--wandb auto|off]
+    python tools/parity_report.py RUN_OR_SWEEP_DIR [...] [--out DIR] [--wandb auto|off]
 
-Each RUN is a run directory of train.py (`outputs/<run.name>/`: `metrics.jsonl` and
-`.hydra/config.yaml`). The run whose config has `fp8.experts=bf16` is the baseline; every other
-run is compared with it. The runs must share their step set and every config key that decides
-the data order and the numerics apart from the recipe (COMPARED_SECTIONS, less IGNORED_KEYS).
+Each argument is a train.py run directory (`metrics.jsonl` and `.hydra/config.yaml`, or a
+`config.yaml` beside the metrics) or a directory holding run directories (a sweep of
+tools/parity_sweep.py). Runs are grouped by corpus, by recipe and by seeds:
+- corpus: the basename of data.paths (several joined by "+"), or data.kind for the built-in
+  corpora (default_corpus, mock);
+- recipe: fp8.experts, then "+key=value" for every other fp8.* key that differs from the FP8Config
+  defaults (moe/fp8/recipe.py), sorted by key: `rowwise+pow2_scales=true`; the baseline is `bf16`;
+- seeds: (run.seed, data.seed), the initialization and the data order.
+Within a corpus every run must share its logged steps and every config key that decides the model,
+the data and the numerics (COMPARED_SECTIONS and COMPARED_RUN_KEYS, less IGNORED_KEYS; the seed
+keys may differ between seeds), and every FP8 recipe must have exactly the BF16 runs' seeds: a run
+of recipe R with seeds S is paired with the BF16 run with seeds S. One seed per recipe works (no
+interval, no spread: those fields are null).
 
 Writes into --out (default: <first run's parent>/parity):
-  parity.png            loss curves overlaid (validation losses marked), and below them the
-                        relative difference (fp8 - bf16) / bf16 per logged step
-  <fp8 run dir>.json    {"steps", "params_total", "recipe", "mean_rel_diff_last10pct",
-                        "max_rel_diff_last10pct", "val_loss", "tokens_per_s", "speed_ratio", ...}
-  parity.md             the markdown table, also printed
+  <corpus>-<recipe>.json  per FP8 recipe: the fields of tools/parity_stats.summarize (the README's
+                          "Loss parity" section lists them), params_total, and commit, gpu, torch,
+                          triton of the runs (from each run's run_info.json, which the sweep writes;
+                          else the report's own environment, with "provenance": "report")
+  parity.md               the table, also printed
+  parity.png              per corpus, against tokens: the BF16 mean training loss with its seed band
+                          (min..max over seeds), each FP8 recipe's mean, validation means as markers;
+                          below, each recipe's mean paired relative gap with its 95% interval band
 and logs them to wandb (a `parity_report` job in the runs' group) when the runs logged to wandb
-and wandb is importable; a wandb failure only warns.
-
-Definitions:
-- a logged loss is the mean training loss over its log interval, as in metrics.jsonl;
-- the last 10% are the logged steps > S - ceil(S / 10), S the last step;
-- mean/max_rel_diff_last10pct: mean/max of |fp8 - bf16| / bf16 over them (absolute values, so
-  errors of opposite sign do not cancel); the signed mean is reported beside it;
-- tokens_per_s: median over the run's log records, the first one excluded (start-up, compile);
-- speed_ratio: fp8 tokens_per_s / bf16 tokens_per_s.
+and wandb is importable; a wandb failure only warns. tools/parity_stats.py defines every number.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import os
 import re
-import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-if __package__ in (None, ""):  # run as a script: make `trainer` importable
+if __package__ in (None, ""):  # run as a script: make `trainer` and `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moe.fp8.recipe import FP8Config  # noqa: E402
+from tools import parity_plot  # noqa: E402
+from tools.parity_stats import BASELINE, PARITY_BOUND, seed_order, summarize  # noqa: E402
 from trainer.documents import json_lines  # noqa: E402
 from trainer.resume import flatten  # noqa: E402
 
-# Config sections whose keys must match between the paired runs, and the keys inside them that
-# do not change what is computed (worker counts, cache paths, the step budget checked as steps).
+# Config sections whose keys must match between compared runs, and the keys inside them that do
+# not change what is computed (worker counts, cache paths). The seed keys may differ between the
+# seeds of a recipe; a BF16 run and an FP8 run are paired when theirs are equal. run.eval_steps
+# sizes the validation set the validation losses are means over.
 COMPARED_SECTIONS = ("model", "data", "optim")
-COMPARED_RUN_KEYS = ("run.seed", "run.seq_len", "run.micro_batch_size", "run.grad_accum", "run.dtype")
+COMPARED_RUN_KEYS = ("run.seed", "run.seq_len", "run.micro_batch_size", "run.grad_accum", "run.dtype",
+                     "run.eval_steps")
 IGNORED_KEYS = ("data.num_workers", "data.cache_dir")
-BASELINE = "bf16"
+SEED_KEYS = ("run.seed", "data.seed")
 PARAMS_LINE = re.compile(r"params total=(\d+)")
+BATCH_LINE = re.compile(r"global batch (\d+) x (\d+) tokens")
+RUN_INFO = "run_info.json"  # written beside a run's metrics by tools/parity_sweep.py
+PROVENANCE_KEYS = ("commit", "gpu", "torch", "triton")
 
 
 @dataclass
 class Run:
     path: Path
     config: dict[str, Any]
-    recipe: str
+    label: str  # the recipe label (recipe_label)
+    corpus: str
+    seeds: tuple[Any, Any]  # (run.seed, data.seed)
     losses: dict[int, float]  # step -> mean loss of the interval ending there
     val_losses: dict[int, float] = field(default_factory=dict)
     tokens_per_s: list[float] = field(default_factory=list)  # in log order
+    tokens_per_step: int = 0
 
     @property
     def name(self) -> str:
         return self.path.name
+
+
+def _format(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def recipe_label(fp8: dict[str, Any]) -> str:
+    """fp8.experts plus "+key=value" for each other fp8 key away from its FP8Config default."""
+    experts = str(fp8.get("experts", ""))
+    if not experts:
+        raise ValueError("no fp8.experts key in the run's config")
+    defaults = {f.name: f.default for f in dataclasses.fields(FP8Config)}
+    extra = [f"+{k}={_format(v)}" for k, v in sorted(fp8.items())
+             if k != "experts" and (k not in defaults or defaults[k] != v)]  # fmt: skip
+    return experts + "".join(extra)
+
+
+def slug(label: str) -> str:
+    """A label as a file or run name: characters other than letters, digits, . _ + - become '-'."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "-", label)
+
+
+def corpus_name(config: dict[str, Any]) -> str:
+    data = config.get("data", {})
+    paths = [str(p) for p in data.get("paths") or []]
+    if data.get("kind", "megatron") == "megatron" and paths:
+        return "+".join(os.path.basename(p.rstrip("/")) for p in paths)
+    return str(data.get("kind") or "unknown")
 
 
 def _load_config(path: Path) -> dict[str, Any]:
@@ -77,21 +120,33 @@ def _load_config(path: Path) -> dict[str, Any]:
         return OmegaConf.to_container(cfg, resolve=False)
 
 
+def _tokens_per_step(run_dir: Path, config: dict[str, Any]) -> int:
+    """From the run's log line ("global batch N x S tokens": all data-parallel ranks), else
+    one rank's micro_batch_size * grad_accum * seq_len."""
+    for log_file in sorted(run_dir.glob("*.log")):
+        match = BATCH_LINE.search(log_file.read_text(errors="replace"))
+        if match:
+            return int(match.group(1)) * int(match.group(2))
+    run = config.get("run", {})
+    return int(run.get("micro_batch_size", 1)) * int(run.get("grad_accum", 1)) * int(run.get("seq_len", 1))
+
+
 def load_run(path: str | os.PathLike) -> Run:
     """Read a run directory; a resumed run's later record of a step replaces the earlier one."""
     run_dir = Path(path)
     metrics = run_dir / "metrics.jsonl"
-    config = run_dir / ".hydra" / "config.yaml"
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
     if not metrics.is_file():
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: is it a train.py run directory?")
-    if not config.is_file():
+    config = next((p for p in (run_dir / ".hydra" / "config.yaml", run_dir / "config.yaml") if p.is_file()), None)
+    if config is None:
         raise FileNotFoundError(f"{run_dir} has no .hydra/config.yaml: is it a train.py run directory?")
     cfg = _load_config(config)
-    recipe = str(cfg.get("fp8", {}).get("experts", ""))
-    if not recipe:
-        raise ValueError(f"{config}: no fp8.experts key")
+    try:
+        label = recipe_label(cfg.get("fp8", {}))
+    except ValueError as err:
+        raise ValueError(f"{config}: {err}") from None
     losses: dict[int, float] = {}
     vals: dict[int, float] = {}
     speed: dict[int, float] = {}
@@ -105,11 +160,28 @@ def load_run(path: str | os.PathLike) -> Run:
                 speed[step] = float(rec["tokens_per_s"])
     if not losses:
         raise ValueError(f"{metrics} holds no training loss records")
-    return Run(run_dir, cfg, recipe, losses, vals, [speed[s] for s in sorted(speed)])
+    seeds = (cfg.get("run", {}).get("seed"), cfg.get("data", {}).get("seed"))
+    return Run(run_dir, cfg, label, corpus_name(cfg), seeds, losses, vals, [speed[s] for s in sorted(speed)],
+               _tokens_per_step(run_dir, cfg))
 
 
-def check_comparable(base: Run, other: Run) -> None:
-    """Same logged steps and the same data, seed, model and optimizer config, or a ValueError."""
+def expand_run_dirs(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Run directories as given; a directory without metrics.jsonl stands for its sub-directories
+    that have one (a sweep's output directory), in name order."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir() and not (p / "metrics.jsonl").exists():
+            found = sorted(d for d in p.iterdir() if (d / "metrics.jsonl").is_file())
+            if not found:
+                raise FileNotFoundError(f"{p} has no metrics.jsonl and no run directory with one")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
+def check_comparable(base: Run, other: Run, ignore: Sequence[str] = ()) -> None:
+    """Same logged steps and the same model, data and optimizer config (less `ignore`), or a ValueError."""
     if set(base.losses) != set(other.losses):
         only_base = sorted(set(base.losses) - set(other.losses))
         only_other = sorted(set(other.losses) - set(base.losses))
@@ -122,7 +194,9 @@ def check_comparable(base: Run, other: Run) -> None:
     a, b = flatten(base.config), flatten(other.config)
 
     def compared(key: str) -> bool:
-        return key not in IGNORED_KEYS and (key.split(".")[0] in COMPARED_SECTIONS or key in COMPARED_RUN_KEYS)
+        if key in IGNORED_KEYS or key in ignore:
+            return False
+        return key.split(".")[0] in COMPARED_SECTIONS or key in COMPARED_RUN_KEYS
 
     keys = sorted(k for k in set(a) | set(b) if compared(k))
     differing = [k for k in keys if a.get(k) != b.get(k)]
@@ -130,7 +204,8 @@ def check_comparable(base: Run, other: Run) -> None:
         detail = ", ".join(f"{k} ({a.get(k)!r} vs {b.get(k)!r})" for k in differing)
         raise ValueError(
             f"{base.name} and {other.name} differ in config that must match for a parity comparison "
-            f"(same model, data order and seed; only fp8.* may differ): {detail}"
+            f"(same model, data and optimizer; only fp8.* and the seeds {', '.join(SEED_KEYS)} may "
+            f"differ): {detail}"
         )
 
 
@@ -153,103 +228,108 @@ def params_total(run: Run) -> int:
     return count_params(model).total
 
 
-def _median_speed(run: Run) -> Optional[float]:
-    values = run.tokens_per_s[1:] or run.tokens_per_s  # the first interval includes start-up
-    return statistics.median(values) if values else None
+def _seeds_text(seeds) -> str:
+    return ", ".join(f"run.seed={r} data.seed={d}" for r, d in seed_order(seeds))
 
 
-def rel_diffs(base: Run, fp8: Run) -> dict[int, float]:
-    return {s: (fp8.losses[s] - base.losses[s]) / base.losses[s] for s in sorted(base.losses)}
+def group_runs(runs: Sequence[Run]) -> dict[str, dict[str, dict[tuple, Run]]]:
+    """corpus -> recipe label -> seeds -> run, checked: one run per (recipe, seeds), comparable
+    runs, a BF16 baseline, and every recipe with exactly the baseline's seeds."""
+    groups: dict[str, dict[str, dict[tuple, Run]]] = {}
+    for run in runs:
+        by_seed = groups.setdefault(run.corpus, {}).setdefault(run.label, {})
+        if run.seeds in by_seed:
+            raise ValueError(
+                f"two runs of recipe {run.label} on corpus {run.corpus} with run.seed={run.seeds[0]} "
+                f"data.seed={run.seeds[1]}: {by_seed[run.seeds].path} and {run.path}; give one of them"
+            )
+        by_seed[run.seeds] = run
+    for corpus, recipes in groups.items():
+        base = recipes.get(BASELINE)
+        if base is None:
+            found = ", ".join(f"{r.name} ({r.label})" for rs in recipes.values() for r in rs.values())
+            raise ValueError(f"no BF16 run (fp8.experts=bf16, other fp8 keys at their defaults) on corpus "
+                             f"{corpus}: {found}")
+        if len(recipes) < 2:
+            raise ValueError(f"corpus {corpus}: only BF16 runs ({', '.join(r.name for r in base.values())}); "
+                             "give at least one FP8 run")
+        first = next(iter(base.values()))
+        for label, by_seed in recipes.items():
+            for run in by_seed.values():
+                if run is not first:
+                    check_comparable(first, run, ignore=SEED_KEYS)
+            if label == BASELINE:
+                continue
+            missing, extra = set(base) - set(by_seed), set(by_seed) - set(base)
+            if missing or extra:
+                parts = []
+                if missing:
+                    parts.append(f"recipe {label} lacks the seeds {_seeds_text(missing)} that BF16 has")
+                if extra:
+                    parts.append(f"BF16 lacks the seeds {_seeds_text(extra)} that recipe {label} has")
+                raise ValueError(f"corpus {corpus}: {'; '.join(parts)}: every recipe needs a run for each "
+                                 "BF16 seed (run the missing ones or leave the unpaired ones out)")
+    return groups
 
 
-def summarize(base: Run, fp8: Run) -> dict[str, Any]:
-    diffs = rel_diffs(base, fp8)
-    last = max(diffs)
-    tail = [d for s, d in diffs.items() if s > last - math.ceil(last / 10)]
-    common_val = sorted(set(base.val_losses) & set(fp8.val_losses))
-    val: dict[str, Any] = {
-        "steps": common_val,
-        BASELINE: [base.val_losses[s] for s in common_val],
-        "fp8": [fp8.val_losses[s] for s in common_val],
-    }
-    if common_val:
-        b, f = base.val_losses[common_val[-1]], fp8.val_losses[common_val[-1]]
-        val.update(final_bf16=b, final_fp8=f, final_diff=f - b, final_rel_diff=(f - b) / b)
-    speed_b, speed_f = _median_speed(base), _median_speed(fp8)
-    return {
-        "run": str(fp8.path),
-        "baseline_run": str(base.path),
-        "recipe": fp8.recipe,
-        "steps": last,
-        "logged_steps": len(diffs),
-        "params_total": params_total(fp8),
-        "final_loss": {BASELINE: base.losses[last], "fp8": fp8.losses[last]},
-        "mean_rel_diff_last10pct": statistics.fmean(abs(d) for d in tail),
-        "max_rel_diff_last10pct": max(abs(d) for d in tail),
-        "mean_signed_rel_diff_last10pct": statistics.fmean(tail),
-        "val_loss": val,
-        "tokens_per_s": {BASELINE: speed_b, "fp8": speed_f},
-        "speed_ratio": speed_f / speed_b if speed_b and speed_f else None,
-    }
+def provenance(runs: Sequence[Run]) -> dict[str, Any]:
+    """commit, gpu, torch, triton of the runs (a list where they differ), from their run_info.json;
+    else the report's own environment."""
+    infos = []
+    for run in runs:
+        path = run.path / RUN_INFO
+        if not path.is_file():
+            break
+        infos.append(json.loads(path.read_text()))
+    else:
+        out: dict[str, Any] = {}
+        for key in PROVENANCE_KEYS:
+            values = sorted({str(i.get(key)) for i in infos})
+            out[key] = values[0] if len(values) == 1 else values
+        return {**out, "provenance": "runs"}
+    from bench.common import run_info
+
+    return {**{k: run_info()[k] for k in PROVENANCE_KEYS}, "provenance": "report"}
+
+
+def _pct(v: Optional[float], digits: int = 3) -> str:
+    return "-" if v is None else f"{100 * v:+.{digits}f}%"
+
+
+def _tokens(n: int) -> str:
+    return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
 def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
 
+    def mean_std(mean, std):
+        return "-" if mean is None else f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}")
+
     lines = [
-        "| recipe | steps | params | mean rel diff (last 10%) | max rel diff (last 10%) "
-        "| val loss bf16 / fp8 | tokens/s bf16 / fp8 | speed |",
-        "|---|---|---|---|---|---|---|---|",
+        "| corpus | recipe | seeds | steps | tokens | val loss bf16 | val loss fp8 | rel diff [95% CI] "
+        "| bf16 spread | within floor | gap slope /1k steps | speed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
-        v, t = s["val_loss"], s["tokens_per_s"]
+        ci = s["val_loss_rel_diff_ci95"]
+        ci_text = "" if ci is None else f" [{_pct(ci[0])}, {_pct(ci[1])}]"
+        slope = s["gap_slope_last_half"]
+        slope_text = "-" if slope is None else f"{_pct(slope)}" + (
+            "" if s["gap_slope_stderr"] is None else f" ± {100 * s['gap_slope_stderr']:.3f}%")
+        if s["gap_slope_significant"]:
+            slope_text += " (significant)"
+        spread = s["bf16_seed_spread"]
+        floor = "-" if s["within_floor"] is None else ("yes" if s["within_floor"] else "no")
         lines.append(
-            f"| {s['recipe']} | {s['steps']} | {s['params_total'] / 1e6:.1f}M "
-            f"| {100 * s['mean_rel_diff_last10pct']:.3f}% | {100 * s['max_rel_diff_last10pct']:.3f}% "
-            f"| {num(v.get('final_bf16'), '.4f')} / {num(v.get('final_fp8'), '.4f')} "
-            f"| {num(t[BASELINE], ',.0f')} / {num(t['fp8'], ',.0f')} | {num(s['speed_ratio'], '.3f')}x |"
+            f"| {s['corpus']} | {s['recipe']} | {len(s['seeds'])} | {s['steps']} | {_tokens(s['tokens'])} "
+            f"| {mean_std(s['val_loss_mean_bf16'], s['val_loss_std_bf16'])} "
+            f"| {mean_std(s['val_loss_mean_fp8'], s['val_loss_std_fp8'])} "
+            f"| {_pct(s['val_loss_rel_diff'])}{ci_text} | {'-' if spread is None else f'{100 * spread:.3f}%'} "
+            f"| {floor} | {slope_text} | {num(s['speed_ratio'], '.3f')}x |"
         )
     return "\n".join(lines) + "\n"
-
-
-def plot(base: Run, fp8_runs: Sequence[Run], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, height_ratios=(2, 1))
-    runs = [base, *fp8_runs]
-    for i, run in enumerate(runs):
-        color = f"C{i}"
-        steps = sorted(run.losses)
-        style = "-" if run is base else "--"  # dashed FP8 stays visible where the curves coincide
-        top.plot(steps, [run.losses[s] for s in steps], color=color, ls=style, lw=1.2,
-                 label=f"{run.recipe} train")
-        if run.val_losses:
-            vs = sorted(run.val_losses)
-            top.plot(vs, [run.val_losses[s] for s in vs], color=color, ls="none", marker="o", ms=5,
-                     mfc="none", label=f"{run.recipe} validation")
-        if run is not base:
-            diffs = rel_diffs(base, run)
-            bottom.plot(list(diffs), [100 * d for d in diffs.values()], color=color, lw=1.0, label=run.recipe)
-    last = max(base.losses)
-    for ax in (top, bottom):
-        ax.axvspan(last - math.ceil(last / 10), last, color="0.9", zorder=0)  # the last 10%
-        ax.grid(alpha=0.3)
-    bottom.axhline(0.0, color="k", lw=0.8)
-    top.set_ylabel("loss")
-    top.set_title(f"FP8 vs BF16 loss parity ({base.config.get('model', {}).get('name', '?')}; "
-                  "shaded: last 10%)")
-    top.legend(fontsize=8)
-    bottom.set_ylabel("(fp8 - bf16) / bf16 [%]")
-    bottom.set_xlabel("step")
-    bottom.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def log_to_wandb(base: Run, summaries: Sequence[dict[str, Any]], png: Path, table: str, out: Path) -> None:
@@ -262,17 +342,17 @@ def log_to_wandb(base: Run, summaries: Sequence[dict[str, Any]], png: Path, tabl
         import wandb
     except ImportError:
         return
+    columns = ["corpus", "recipe", "val_loss_rel_diff", "bf16_seed_spread", "gap_slope_last_half", "speed_ratio"]
     try:
         group = logging_cfg.get("group") or base.config.get("run", {}).get("name") or base.name
         run = wandb.init(project=logging_cfg.get("project", "fp8moe"), group=group, job_type="parity_report",
                          name=f"parity-{group}", dir=str(out), mode=mode,
                          settings=wandb.Settings(silent=True, x_disable_stats=True))
-        columns = ["recipe", "mean_rel_diff_last10pct", "max_rel_diff_last10pct", "speed_ratio"]
         rows = [[s[c] for c in columns] for s in summaries]
         run.log({"parity/plot": wandb.Image(str(png)), "parity/table": wandb.Table(columns=columns, data=rows)})
         for s in summaries:
-            for key in ("mean_rel_diff_last10pct", "max_rel_diff_last10pct", "speed_ratio"):
-                run.summary[f"{s['recipe']}/{key}"] = s[key]
+            for key in columns[2:]:
+                run.summary[f"{s['corpus']}/{s['recipe']}/{key}"] = s[key]
         run.summary["parity/markdown"] = table
         run.finish()
     except Exception as err:  # the report is on disk already; wandb is a convenience
@@ -281,38 +361,42 @@ def log_to_wandb(base: Run, summaries: Sequence[dict[str, Any]], png: Path, tabl
 
 def report(run_dirs: Sequence[str | os.PathLike], out: Optional[str | os.PathLike] = None,
            wandb: str = "auto") -> list[dict[str, Any]]:
-    """Compare every FP8 run with the BF16 run; write the PNG, JSONs and table; return the summaries."""
-    if len(run_dirs) < 2:
-        raise ValueError(f"give a BF16 run and at least one FP8 run, got {len(run_dirs)} run(s)")
-    runs = [load_run(p) for p in run_dirs]
-    bases = [r for r in runs if r.recipe == BASELINE]
-    if not bases:
-        found = ", ".join(f"{r.name} (fp8.experts={r.recipe})" for r in runs)
-        raise ValueError(f"no BF16 run (fp8.experts=bf16) among the runs: {found}")
-    if len(bases) > 1:
-        raise ValueError(f"more than one BF16 run: {', '.join(r.name for r in bases)}; give exactly one")
-    base = bases[0]
-    fp8_runs = [r for r in runs if r is not base]
-    for run in fp8_runs:
-        check_comparable(base, run)
+    """Compare every FP8 recipe with BF16 on each corpus; write the JSONs, table and PNG; return
+    the summaries."""
+    paths = expand_run_dirs(run_dirs)
+    if len(paths) < 2:
+        raise ValueError(f"give a BF16 run and at least one FP8 run, got {len(paths)} run(s)")
+    runs = [load_run(p) for p in paths]
+    groups = group_runs(runs)
     out_dir = Path(out) if out else runs[0].path.resolve().parent / "parity"
     out_dir.mkdir(parents=True, exist_ok=True)
-    summaries = [summarize(base, r) for r in fp8_runs]
-    for run, summary in zip(fp8_runs, summaries):
-        (out_dir / f"{run.name}.json").write_text(json.dumps(summary, indent=1) + "\n")
-    png = plot(base, fp8_runs, out_dir / "parity.png")
+    summaries = []
+    for corpus, recipes in groups.items():
+        seeds = seed_order(recipes[BASELINE])
+        base_runs = [recipes[BASELINE][s] for s in seeds]
+        for label, by_seed in recipes.items():
+            if label == BASELINE:
+                continue
+            fp8_runs = [by_seed[s] for s in seeds]
+            summary = summarize(corpus, label, base_runs, fp8_runs)
+            summary.update(params_total=params_total(fp8_runs[0]), parity_bound=PARITY_BOUND,
+                           **provenance([*base_runs, *fp8_runs]))
+            (out_dir / f"{slug(corpus)}-{slug(label)}.json").write_text(json.dumps(summary, indent=1) + "\n")
+            summaries.append(summary)
+    png = parity_plot.plot(groups, out_dir / "parity.png")
     table = markdown_table(summaries)
     (out_dir / "parity.md").write_text(table)
     print(table, end="")
     print(f"wrote {png}, {out_dir / 'parity.md'} and {len(summaries)} JSON summary file(s) in {out_dir}")
     if wandb == "auto":
-        log_to_wandb(base, summaries, png, table, out_dir)
+        log_to_wandb(runs[0], summaries, png, table, out_dir)
     return summaries
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="run directories: one BF16 run and one or more FP8 runs")
+    parser.add_argument("runs", nargs="+",
+                        help="run directories (BF16 and FP8, one or more seeds each), or directories holding them")
     parser.add_argument("--out", default=None, help="output directory (default: <first run's parent>/parity)")
     parser.add_argument("--wandb", choices=("auto", "off"), default="auto",
                         help="auto: log to wandb when the runs did and wandb is importable")
@@ -326,5 +410,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `moe` for params_total's fallback
     sys.exit(main())

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import sysconfig
@@ -37,18 +36,11 @@ from typing import Iterator, Sequence
 if __package__ in (None, ""):  # run as a script: make `trainer` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tools.prepare_common import add_tokenizer_args, check_args, tokenize_and_record  # noqa: E402
 from trainer.default_corpus import default_cache_dir  # noqa: E402
-from trainer.indexed import indexed_counts  # noqa: E402
-from trainer.preprocess import preprocess  # noqa: E402
 from trainer.progress import Progress  # noqa: E402
-from trainer.tokenizer import save_tokenizer, train_bpe, trained_tokenizer_path  # noqa: E402
 
-DEFAULT_VOCAB = 32000
 DEFAULT_MAX_FILE_BYTES = 1 << 20  # larger .py files are mostly generated data
-
-
-def default_workers() -> int:
-    return max(1, min(16, (os.cpu_count() or 2) - 1))
 
 
 def default_prefix() -> str:
@@ -119,30 +111,6 @@ def collect(roots: Sequence[str], jsonl_path: str, max_bytes: int = 0,
     return {"files": len(listing), "bytes": kept_bytes, "skipped": skipped}
 
 
-def sample_texts(jsonl_path: str, total_bytes: int, max_bytes: int) -> Iterator[str]:
-    """Every k-th document of the jsonl (k = ceil(total / max_bytes)), up to max_bytes of text:
-    a deterministic sample spread over all the packages, not just the first ones."""
-    stride = max(1, math.ceil(total_bytes / max_bytes))
-    taken = 0
-    with open(jsonl_path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if i % stride:
-                continue
-            text = json.loads(line)["text"]
-            taken += len(text.encode("utf-8"))
-            yield text
-            if taken >= max_bytes:
-                return
-
-
-def train_sample_bpe(jsonl_path: str, prefix: str, total_bytes: int, max_bytes: int, vocab_size: int) -> str:
-    """Train the byte-level BPE on a sample of the documents; saved where `preprocess` would put it."""
-    path = trained_tokenizer_path(prefix)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_tokenizer(train_bpe(sample_texts(jsonl_path, total_bytes, max_bytes), vocab_size), path)
-    return path
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-prefix", default=None,
@@ -152,17 +120,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-bytes", type=int, default=0, help="cap on collected source bytes (0: none)")
     parser.add_argument("--max-file-bytes", type=int, default=DEFAULT_MAX_FILE_BYTES,
                         help="skip larger files (generated code)")
-    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB, help="of the trained BPE")
-    parser.add_argument("--bpe-max-bytes", type=int, default=0,
-                        help="train the BPE on an evenly spread sample of about this many bytes (0: all)")
-    parser.add_argument("--workers", type=int, default=default_workers(),
-                        help="tokenizer processes (default: cores - 1, at most 16)")
+    add_tokenizer_args(parser)
     args = parser.parse_args(argv)
-    for name in ("max_bytes", "bpe_max_bytes"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.workers < 1:
-        parser.error(f"--workers must be >= 1, got {args.workers}")
+    check_args(parser, args, ("max_bytes",))
     prefix = args.output_prefix or default_prefix()
     roots = args.roots or site_packages()
     jsonl = prefix + ".jsonl"
@@ -173,27 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     seconds["collect"] = time.perf_counter() - t
     print(f"wrote {jsonl}: {info['files']} files, {info['bytes'] / 1e6:.1f} MB ({info['skipped']} skipped)"
           f" in {seconds['collect']:.1f} s", file=sys.stderr, flush=True)
-    tokenizer_path = None
-    if args.bpe_max_bytes and args.bpe_max_bytes < info["bytes"]:
-        t = time.perf_counter()
-        print(f"training a byte-level BPE (vocab {args.vocab_size}) on ~{args.bpe_max_bytes / 1e6:.0f} MB "
-              "of the documents", file=sys.stderr, flush=True)
-        tokenizer_path = train_sample_bpe(jsonl, prefix, info["bytes"], args.bpe_max_bytes, args.vocab_size)
-        seconds["bpe"] = time.perf_counter() - t
-    t = time.perf_counter()
-    prefix, tokenizer = preprocess([jsonl], prefix, tokenizer_path, vocab_size=args.vocab_size,
-                                   workers=args.workers)
-    seconds["bpe+tokenize" if tokenizer_path is None else "tokenize"] = time.perf_counter() - t
-    seconds["total"] = time.perf_counter() - t0
-    documents, tokens = indexed_counts(prefix)
-    stats = {**info, "documents": documents, "tokens": tokens, "vocab_size": args.vocab_size,
-             "bpe_max_bytes": args.bpe_max_bytes, "workers": args.workers, "cpus": os.cpu_count(),
-             "roots": list(roots), "seconds": {k: round(v, 2) for k, v in seconds.items()}}
-    Path(prefix + ".stats.json").write_text(json.dumps(stats, indent=1) + "\n")
-    print(f"{tokens} tokens in {documents} documents, {seconds['total']:.1f} s "
-          f"({', '.join(f'{k} {v:.1f} s' for k, v in seconds.items() if k != 'total')})", file=sys.stderr)
-    print(f"data prefix: {prefix}\ntokenizer: {tokenizer}\n"
-          f"train with: data=megatron data.paths=[{prefix}] data.tokenizer={tokenizer}")
+    tokenize_and_record(prefix, jsonl, info, args, seconds, t0, roots=list(roots))
 
 
 if __name__ == "__main__":

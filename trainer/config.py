@@ -33,7 +33,8 @@ WANDB_MODES = ("offline", "online", "disabled")
 class RunConfig:
     name: str = "${model.name}-${oc.env:FP8MOE_RUN_ID,local}"  # same on every rank (train.py sets the id)
     output_root: str = "outputs"
-    dry_run: bool = False  # build on the meta device, print sizes and FLOPs, exit
+    dry_run: bool = False  # build on the meta device, print sizes, FLOPs and the memory plan, exit
+    dry_run_gpus: int = 0  # GPUs the dry run's memory plan lays the run out on; 0: this launch's world size
     steps: int = 200
     micro_batch_size: int = 8  # sequences per rank per micro-batch
     grad_accum: int = 1  # global batch = micro_batch_size * grad_accum * data-parallel size
@@ -67,21 +68,22 @@ class OptimConfig:
 class ParallelConfig:
     backend: str = "ddp"  # data parallelism: one of DP_BACKENDS
     ep: int = 1  # expert-parallel size
-    # When the experts are FP8 and ep > 1: true sends E4M3 rows + their scales on the wire
-    # (H + 4 bytes a row rowwise, against 2H); false sends BF16 and the experts quantize after
-    # receiving, as without EP. A comparison knob (all-to-all share of step time, a2a_share).
+    # When the experts are FP8 and ep > 1: true sends E4M3 rows + their scales on the wire (H + 4
+    # bytes a row rowwise, padded to 16: moe/all_to_all.py; against 2H); false sends BF16 and the
+    # experts quantize after receiving, as without EP. A comparison knob (a2a_share).
     fp8_dispatch: bool = True
+    # backend=fsdp with FP8 experts: true all-gathers the expert weights as E4M3 + scales, each
+    # rank quantizing its own shard once per step (moe/fp8/fsdp_all_gather.py: bytes, exactness);
+    # false all-gathers BF16 and the experts quantize the gathered weight. Ignored elsewhere: BF16
+    # experts, experts whose FSDP group is one rank (ep = world size), and where the BF16 expert
+    # weights are read (an fp8.gemms ablation, logging.sqnr_interval > 0).
+    fp8_all_gather: bool = True
 
     def validate(self, num_experts: int | None = None, world_size: int | None = None) -> None:
         """Each relation is checked once its other side is known: the experts from the model
         config, the world size once the processes exist (trainer/parallel.py)."""
         require(self.backend in DP_BACKENDS, f"parallel.backend must be one of {DP_BACKENDS}, got {self.backend!r}")
         require(self.ep >= 1, f"parallel.ep must be >= 1, got {self.ep}")
-        require(
-            self.ep == 1 or self.backend == "ddp",
-            f"parallel.ep={self.ep} works with parallel.backend=ddp only (gradients are reduced by "
-            f"trainer/parallel.reduce_gradients), got parallel.backend={self.backend!r}",
-        )
         if num_experts is not None:
             require(num_experts % self.ep == 0, f"parallel.ep={self.ep} must divide model.moe.num_experts={num_experts}")
         if world_size is not None:
@@ -100,6 +102,9 @@ class LoggingConfig:
     group: str = ""  # pairs runs (a bf16 and an fp8 run of one experiment); default: run.name
     job_type: str = ""  # default: fp8.experts ("bf16", "rowwise", ...)
     expert_hist_interval: int = 50  # steps between per-expert load histograms (0 disables)
+    # Steps between SQNR probes of the FP8 experts (moe/fp8/sqnr_probe.py: FP8 against BF16 on
+    # one micro-batch, sqnr/L{i}/{y,dx,dw1,dw2} in dB; 0 disables).
+    sqnr_interval: int = 0
 
 
 @dataclass
@@ -127,6 +132,8 @@ class TrainConfig:
         )
         require(run.device in DEVICES, f"run.device must be one of {DEVICES}, got {run.device!r}")
         require(run.dtype in DTYPES, f"run.dtype must be one of {DTYPES}, got {run.dtype!r}")
+        require(run.dry_run_gpus >= 0,
+                f"run.dry_run_gpus must be >= 0 (0: the launch's world size), got {run.dry_run_gpus}")  # fmt: skip
         require(run.max_nonfinite_steps >= 1,
                 f"run.max_nonfinite_steps must be >= 1, got {run.max_nonfinite_steps}")
         require(run.eval_interval >= 0,
@@ -160,7 +167,16 @@ class TrainConfig:
             self.logging.expert_hist_interval >= 0,
             f"logging.expert_hist_interval must be >= 0 (0 disables), got {self.logging.expert_hist_interval}",
         )
-        # Last: a relation between groups, once each group is known to be sound on its own.
+        require(self.logging.sqnr_interval >= 0,
+                f"logging.sqnr_interval must be >= 0 (0 disables), got {self.logging.sqnr_interval}")  # fmt: skip
+        # Last: relations between groups, once each group is known to be sound on its own.
+        par = self.parallel
+        require(
+            self.fp8.gemms == "all" or par.ep == 1 or not par.fp8_dispatch,
+            f"fp8.gemms={self.fp8.gemms} runs some expert GEMMs in BF16, but parallel.ep={par.ep} with "
+            "parallel.fp8_dispatch=true sends the experts FP8 rows: set parallel.fp8_dispatch=false "
+            "(or fp8.gemms=all)",
+        )
         require(opt.schedule_steps >= 0,
                 f"optim.schedule_steps must be >= 0 (0: run.steps), got {opt.schedule_steps}")
         length = f"optim.schedule_steps={opt.schedule_steps}" if opt.schedule_steps else f"run.steps={run.steps}"

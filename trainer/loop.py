@@ -19,21 +19,17 @@ from torch.utils.checkpoint import checkpoint
 
 from moe.comm_timer import CommTimer
 from moe.counting import count_params, training_flops_per_token
+from moe.fp8.sqnr_probe import probe as sqnr_probe
 from moe.fp8.training import Fp8Training
-from moe.model import MoETransformer, build_model
+from moe.model import MoETransformer
 from trainer.checkpoint import CheckpointManager
 from trainer.config import TrainConfig
 from trainer.data import build_train_valid
 from trainer.optim import build_optimizer, build_scheduler, resume_scheduler, schedule_steps, set_hyperparameters
-from trainer.parallel import (
-    DistEnv,
-    all_reduce_,
-    apply_data_parallel,
-    apply_expert_parallel,
-    clip_grad_norm_ep,
-    reduce_gradients,
-)
+from trainer.parallel import DistEnv, all_reduce_, apply_expert_parallel, apply_fsdp, clip_grad_norm_, reduce_gradients, wrap_ddp
 from trainer.resume import log_plan, plan_resume
+from trainer.memory_plan import refuse_if_cannot_fit
+from trainer.sharded_init import materialize
 
 log = logging.getLogger("fp8moe")
 
@@ -63,11 +59,14 @@ def _apply_block_wrappers(model: MoETransformer, cfg: TrainConfig) -> None:
 
 
 def build(cfg: TrainConfig, env: DistEnv, fp8: Fp8Training, comm_timer: CommTimer | None = None) -> MoETransformer:
-    """The model of `cfg` on this rank: built and initialised (the same weights on every rank, from
-    run.seed), converted to FP8, its experts split over the EP group, its blocks wrapped."""
-    _seed_everything(cfg.run.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model, env.device)
-    fp8.convert(model)
+    """The model of `cfg` on this rank, sharded from the start: built on the meta device,
+    converted to FP8, its experts split over the EP group, FSDP applied (backend=fsdp), and only
+    then this rank's shards allocated and initialised (the same full weights at every layout, from
+    run.seed: trainer/sharded_init.py); last, its blocks wrapped."""
+    _seed_everything(cfg.run.seed)
+    with torch.device("meta"):
+        model = MoETransformer(cfg.model)
+        fp8.convert(model)
     if env.device.type == "cpu" and (fp8.experts_recipe or fp8.dense_recipe) and env.is_main:
         log.warning("fp8.experts=%s fp8.dense=%s on a CPU: the FP8 GEMMs run as a torch emulation "
                     "(the same numbers, far slower; for tests); a Hopper GPU runs them on its tensor "
@@ -75,6 +74,12 @@ def build(cfg: TrainConfig, env: DistEnv, fp8: Fp8Training, comm_timer: CommTime
     # After the FP8 swap: the dispatcher sends what the experts eat.
     dispatch_recipe = fp8.experts_recipe if cfg.parallel.fp8_dispatch else None
     apply_expert_parallel(model, env, fp8_recipe=dispatch_recipe, timer=comm_timer)
+    if env.fsdp:
+        # The SQNR probe compares against the BF16 expert weights, which an FP8 all-gather never brings.
+        fp8_all_gather = cfg.parallel.fp8_all_gather and cfg.logging.sqnr_interval == 0
+        apply_fsdp(model, env, torch.bfloat16 if cfg.run.dtype == "bfloat16" else None, fp8_all_gather)
+    refuse_if_cannot_fit(cfg, env.world_size, env.device)  # before the first byte is allocated
+    materialize(model, env.device, cfg.run.seed)
     _apply_block_wrappers(model, cfg)
     return model
 
@@ -101,7 +106,7 @@ class Trainer:
         self.model = build(cfg, env, self.fp8, self.comm_timer)
         self.counts = count_params(self.model)
         self.flops_per_token = training_flops_per_token(self.model, run.seq_len)
-        self.wrapped = apply_data_parallel(self.model, env, cfg.parallel)
+        self.wrapped = wrap_ddp(self.model, env)
         self.optimizer = build_optimizer(self.wrapped, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, schedule_steps(cfg.optim, run.steps))
         self.autocast_dtype = torch.bfloat16 if run.dtype == "bfloat16" else None
@@ -181,7 +186,9 @@ class Trainer:
             batch = next(train_iter)
             last = micro == accum - 1
             sync = contextlib.nullcontext()
-            if env.distributed and not last and hasattr(self.wrapped, "no_sync"):
+            if env.fsdp:  # reduce-scatter once, on the last micro-batch
+                self.model.set_requires_gradient_sync(last)
+            elif env.distributed and not last and hasattr(self.wrapped, "no_sync"):
                 sync = self.wrapped.no_sync()  # DDP: all-reduce gradients once, on the last micro-batch
             with sync:
                 lm_loss, aux_loss, out = self._forward(batch, self.wrapped)
@@ -203,18 +210,12 @@ class Trainer:
         self.timed_save_due = due_sum > 0
         finite = math.isfinite(lm_loss) and math.isfinite(aux_loss)
         grad_norm = float("nan")
-        if env.ep > 1:
+        if env.ep > 1 and not env.fsdp:
             reduce_gradients(self.model, env)  # EP replaces DDP's all-reduce (trainer/parallel.py)
         if finite:
             # max_norm=inf measures without clipping.
             max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            if env.ep > 1:
-                norm = clip_grad_norm_ep(self.model, max_norm, env)
-            else:
-                norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), max_norm)
-            if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
-                norm = norm.full_tensor()
-            grad_norm = float(norm)
+            grad_norm = float(clip_grad_norm_(self.model, max_norm, env))
             finite = math.isfinite(grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         if finite:
@@ -243,7 +244,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        return {"loss": lm_loss, "aux_loss": aux_loss, "grad_norm": grad_norm, "lr": lr, "counts_YE": counts_YE}
+        result = {"loss": lm_loss, "aux_loss": aux_loss, "grad_norm": grad_norm, "lr": lr, "counts_YE": counts_YE}
+        every = cfg.logging.sqnr_interval
+        if every and self.step % every == 0:  # FP8 against BF16 experts on this step's last micro-batch
+            result["sqnr"] = sqnr_probe(self.model, lambda: self._forward(batch, self.model))
+        return result
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def _save_timer_due(self) -> bool:

@@ -28,7 +28,7 @@ log = logging.getLogger("fp8moe")
 # Prefixes of the keys a resume may change freely (a key matches a prefix ending in "." by
 # prefix, any other prefix exactly).
 FREE = (
-    "run.name", "run.output_root", "run.dry_run", "run.steps", "run.device", "run.compile",
+    "run.name", "run.output_root", "run.dry_run", "run.dry_run_gpus", "run.steps", "run.device", "run.compile",
     "run.activation_checkpointing", "run.eval_interval", "run.eval_steps", "run.max_nonfinite_steps",
     "run.micro_batch_size", "run.grad_accum", "logging.", "checkpoint.", "parallel.",
     "data.num_workers", "data.cache_dir",
@@ -74,12 +74,26 @@ def schedule_steps(cfg: Mapping[str, Any]) -> int:
     return cfg["optim"]["schedule_steps"] or cfg["run"]["steps"]
 
 
+def _schema_defaults() -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    from trainer.config import TrainConfig
+
+    return flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig()), resolve=False))
+
+
 def plan_resume(saved: Mapping[str, Any], new: Mapping[str, Any], saved_global_batch: int,
                 global_batch: int, apply_changes: bool) -> ResumePlan:
     """Compare the checkpoint's resolved config with this run's; ValueError when the difference
     cannot or may not be applied. Global batches are in sequences (they depend on the world size,
     which the config does not hold)."""
     old, cur = flatten(saved), flatten(new)
+    # A key the checkpoint lacks was added to the schema after it was saved; at its default it
+    # keeps the behaviour the checkpoint's run had, so it is no change.
+    defaults = _schema_defaults()
+    for key in cur.keys() - old.keys():
+        if key in defaults and cur[key] == defaults[key]:
+            old[key] = cur[key]
     changes = [Change(k, old.get(k), cur.get(k)) for k in sorted(old.keys() | cur.keys()) if old.get(k) != cur.get(k)]
     if saved_global_batch != global_batch:
         changes.append(Change("global batch (sequences: micro_batch_size x grad_accum x ranks)",

@@ -100,6 +100,8 @@ def _train(cfg: TrainConfig, run_dir: str, env: DistEnv, overrides: Sequence[str
         with PreemptionHandler() as preempt:
             while trainer.step < run.steps:
                 out = trainer.train_step(train_iter)
+                if out.get("sqnr") and metrics is not None:
+                    metrics.log({"step": trainer.step, **out["sqnr"]})
                 window["loss"] += out["loss"] if math.isfinite(out["loss"]) else 0.0
                 window["n"] += int(math.isfinite(out["loss"]))
                 window["steps"] += 1

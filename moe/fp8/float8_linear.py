@@ -70,13 +70,17 @@ def fp8_dtype_of(name: str) -> torch.dtype:
     return E4M3 if name == "e4m3" else E5M2
 
 
-def amax_to_scale(amax: torch.Tensor, fmax: torch.Tensor | float) -> torch.Tensor:
+def amax_to_scale(amax: torch.Tensor, fmax: torch.Tensor | float, pow2: bool = False) -> torch.Tensor:
     """Dequantization scale amax / fmax (fp32, IEEE division by a tensor), 1 where amax == 0,
     floored at 2**-126 as kernels/common.py's scale rule (quantizing multiplies by 1 / scale,
-    which a subnormal scale would make inf)."""
+    which a subnormal scale would make inf); pow2: rounded up to a power of two, as that rule's
+    pow2_scale (the fp32 bits' mantissa carried into the exponent)."""
     amax = amax.float()
     fmax = torch.as_tensor(fmax, dtype=torch.float32, device=amax.device)
-    return torch.where(amax == 0, torch.ones_like(amax), (amax / fmax).clamp_min(FP32_MIN_NORMAL))
+    scale = (amax / fmax).clamp_min(FP32_MIN_NORMAL)
+    if pow2:
+        scale = ((scale.view(torch.int32) + 0x007FFFFF) & 0x7F800000).view(torch.float32)
+    return torch.where(amax == 0, torch.ones_like(amax), scale)
 
 
 class Fp8Operand(NamedTuple):
@@ -153,22 +157,23 @@ def _cols_padded(q_MK: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_tensorwise(
-    x: torch.Tensor, scale: Optional[torch.Tensor], fp8_dtype: torch.dtype
+    x: torch.Tensor, scale: Optional[torch.Tensor], fp8_dtype: torch.dtype, pow2: bool = False
 ) -> tuple[Fp8Operand, torch.Tensor]:
-    """(x quantized with one scale, x's amax). scale None: current scaling, from x's amax."""
+    """(x quantized with one scale, x's amax). scale None: current scaling, from x's amax
+    (pow2: rounded up to a power of two)."""
     if scale is None:
         # A separate read for the amax: the scale must exist before the first element is cast.
-        scale = amax_to_scale(x.abs().amax(), torch.finfo(fp8_dtype).max)
+        scale = amax_to_scale(x.abs().amax(), torch.finfo(fp8_dtype).max, pow2)
     q, amax = quantize_tensor(x, scale.reshape(()).float(), fp8_dtype)
     # q row-major (the kernel writes it so; the CPU reference keeps a transposed input's strides).
     return Fp8Operand(q.contiguous(), scale.reshape(()).float()), amax
 
 
-def quantize_rowwise(x_MK: torch.Tensor) -> Fp8Operand:
+def quantize_rowwise(x_MK: torch.Tensor, pow2: bool = False) -> Fp8Operand:
     """E4M3 rows of x_MK (M rows of a GEMM operand, K its reduction dim) with a scale per row,
-    scale shaped (M, 1) (a's side of scaled_mm).
+    scale shaped (M, 1) (a's side of scaled_mm); pow2: scales rounded up to powers of two.
     q row-major (the kernel writes it so; the CPU reference keeps a transposed input's strides)."""
-    q, scale_M = quantize_rows(x_MK)
+    q, scale_M = quantize_rows(x_MK, 0, pow2)
     return Fp8Operand(q.contiguous(), scale_M.unsqueeze(1))
 
 
@@ -180,14 +185,14 @@ class QuantizedLinearWeight(NamedTuple):
 
 
 def quantize_linear_weight(weight_NK: torch.Tensor, recipe: Float8LinearRecipe) -> QuantizedLinearWeight:
-    w = weight_NK.detach()
+    w, pow2 = weight_NK.detach(), recipe.pow2_scales
     if recipe.scaling == "rowwise":
         # Forward reduces over K: a scale per output channel; dgrad reduces over N: per input channel.
-        w_op, wt_op = quantize_rowwise(w), quantize_rowwise(w.t())
+        w_op, wt_op = quantize_rowwise(w, pow2), quantize_rowwise(w.t(), pow2)
         return QuantizedLinearWeight(
             Fp8Operand(w_op.q, w_op.scale.reshape(1, -1)), Fp8Operand(wt_op.q, wt_op.scale.reshape(1, -1))
         )
-    w_op, _ = quantize_tensorwise(w, None, E4M3)
+    w_op, _ = quantize_tensorwise(w, None, E4M3, pow2)
     # The transpose of one-byte FP8 moves half the bytes of a bf16 transpose; same scale.
     return QuantizedLinearWeight(w_op, Fp8Operand(w_op.q.t().contiguous(), w_op.scale))
 
@@ -227,14 +232,14 @@ class _Float8LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_MK, weight_NK, w_q, w_s, wt_q, wt_s, recipe, amax_history_OL, scale_O, out_dtype):
-        rowwise = recipe.scaling == "rowwise"
+        rowwise, pow2 = recipe.scaling == "rowwise", recipe.pow2_scales
         if rowwise:
-            x_op = quantize_rowwise(x_MK)
-            xt = quantize_rowwise(x_MK.t())  # TODO(perf) in the note: one fused rows+cols pass
+            x_op = quantize_rowwise(x_MK, pow2)
+            xt = quantize_rowwise(x_MK.t(), pow2)  # TODO(perf) in the note: one fused rows+cols pass
             xt = Fp8Operand(xt.q, xt.scale.reshape(1, -1))
         else:
             x_scale = None if scale_O is None else scale_O[_X]
-            x_op, amax = quantize_tensorwise(x_MK, x_scale, E4M3)
+            x_op, amax = quantize_tensorwise(x_MK, x_scale, E4M3, pow2)
             _record_amax(amax_history_OL, _X, amax)
             xt = Fp8Operand(x_op.q.t(), x_op.scale)
         y_MN = scaled_mm(x_op, Fp8Operand(w_q.t(), w_s), out_dtype, rowwise)
@@ -247,14 +252,14 @@ class _Float8LinearFunction(torch.autograd.Function):
     def backward(ctx, dy_MN):
         xt_q, xt_s, wt_q, wt_s, amax_history_OL, scale_O = ctx.saved_tensors
         recipe = ctx.recipe
-        rowwise = recipe.scaling == "rowwise"
+        rowwise, pow2 = recipe.scaling == "rowwise", recipe.pow2_scales
         dy_MN = dy_MN.contiguous()
         if rowwise:
-            dy_op = quantize_rowwise(dy_MN)
-            dyt_op = quantize_rowwise(dy_MN.t())
+            dy_op = quantize_rowwise(dy_MN, pow2)
+            dyt_op = quantize_rowwise(dy_MN.t(), pow2)
         else:
             dy_scale = None if scale_O is None else scale_O[_DY]
-            dy_op, amax = quantize_tensorwise(dy_MN, dy_scale, fp8_dtype_of(recipe.grad_dtype))
+            dy_op, amax = quantize_tensorwise(dy_MN, dy_scale, fp8_dtype_of(recipe.grad_dtype), pow2)
             _record_amax(amax_history_OL, _DY, amax)
             dyt_op = Fp8Operand(dy_op.q.t(), dy_op.scale)
         dyt_op = Fp8Operand(_cols_padded(dyt_op.q), dyt_op.scale)  # (N, M16)
@@ -288,6 +293,10 @@ class Float8Linear(nn.Linear):
             L = self.recipe.history_len
             self.register_buffer("amax_history_OL", torch.zeros(2, L, dtype=torch.float32, device=device))
             self.register_buffer("scale_O", torch.ones(2, dtype=torch.float32, device=device))
+
+    def reset_buffers(self) -> None:
+        """The delayed-scaling state as built, in place (after `to_empty` on a meta-built model)."""
+        self.init_fp8_state(self.weight.device)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: Float8LinearRecipe) -> "Float8Linear":
@@ -336,7 +345,8 @@ class Float8Linear(nn.Linear):
         hist[:, 0] = amax_O
         fmax_O = torch.tensor([torch.finfo(E4M3).max, torch.finfo(fp8_dtype_of(self.recipe.grad_dtype)).max],
                               dtype=torch.float32, device=hist.device)  # fmt: skip
-        self.scale_O.copy_(amax_to_scale(hist.amax(dim=1) * 2.0**self.recipe.margin, fmax_O))
+        amax_O = hist.amax(dim=1) * 2.0**self.recipe.margin
+        self.scale_O.copy_(amax_to_scale(amax_O, fmax_O, self.recipe.pow2_scales))
         hist.copy_(hist.roll(1, dims=1))
         hist[:, 0] = 0
         self._delayed_ready = True

@@ -21,17 +21,24 @@ writes the copy the next GEMM needs, so no BF16 activation is stored for backwar
               dw1   = dht @ xt^T  per expert                wgrad1
               dx_TH = each token's A rows of dx summed      from tokens (kernels/combine.py)
 
-Saved for backward: xt (FP8), h (FP8), their scales, the group offsets, and the transposed FP8
-weights that dgrad reads (the forward orientation is dropped once GEMM2 ran); backward lets go of
-each FP8 weight as soon as its dgrad ran, and the weight gradients come out in the parameter's
-dtype (fp32 master weights: both recipes' weight-gradient GEMMs write fp32, no bf16 copy to cast).
+Saved for backward: xt (FP8), h (FP8; BF16 with unit scales under the fp8.intermediate=bf16
+ablation, which act_quant_bwd reads as h * scale like FP8 bytes), their scales, the group
+offsets, and the transposed FP8 weights that dgrad reads (the forward orientation is dropped
+once GEMM2 ran); backward lets go of each FP8 weight as soon as its dgrad ran, and the weight
+gradients come out in the parameter's dtype (fp32 master weights: both recipes' weight-gradient
+GEMMs write fp32, no bf16 copy to cast).
 
-Weights, two policies (`cache_weights`):
+Weights, two policies (`cache_weights`), and a third way in:
 - False (default, one micro-batch per optimizer step): quantized in every forward, both
   orientations in one pass, and nothing outlives the step: a cache alive through backward would
   lift the block's peak memory above BF16's (bench/NOTES.md).
 - True (gradient accumulation: moe/fp8/training.py sets it when run.grad_accum > 1): quantized once per
   optimizer step and reused by every micro-batch until the weights change (WeightCache).
+- Neither under FSDP with parallel.fp8_all_gather: the weights arrive quantized (each rank
+  quantizes its own shard once per step, FSDP all-gathers the FP8 bytes: moe/fp8/fsdp_all_gather.py).
+
+A recipe with `gemms` other than "all" (an ablation, moe/fp8/recipe.py) runs moe/fp8/ablation.py
+instead of this Function.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ from kernels.quantize_grouped import quantize_cols_grouped, quantize_rows_and_co
 from kernels.quantize_weight import QuantizedWeight, quantize_weight
 from moe.dispatch import ExpertInput, compute_dtype
 from moe.experts import GroupedMLP
+from moe.fp8.ablation import ablation_grouped_mlp
+from moe.fp8.fsdp_all_gather import gathered_fp8
 from moe.fp8.gemm import grouped_mm, grouped_mm_wgrad
 from moe.fp8.recipe import Fp8Recipe
 from moe.fp8.weight_cache import WeightCache
@@ -58,6 +67,12 @@ def quantize_expert_weight(w_ENK: torch.Tensor, recipe: Fp8Recipe) -> QuantizedW
     reference included), without writing that copy (rowwise 3.62 ms against 4.32 for the copy
     and the bf16 quantizer at Mixtral-8x7B width: bench/NOTES.md)."""
     return quantize_weight(w_ENK, recipe.name, recipe.pow2_scales, round_bf16=True)
+
+
+def unit_scales(h_MX: torch.Tensor, block: int) -> torch.Tensor:
+    """Scales of 1 in the shape act_quant_bwd takes for h: (M,), or (M, X // 128) for 1x128 tiles."""
+    M, X = h_MX.shape
+    return h_MX.new_ones((M, X // block) if block else (M,), dtype=torch.float32)
 
 
 class _Fp8GroupedMLPFunction(torch.autograd.Function):
@@ -87,7 +102,10 @@ class _Fp8GroupedMLPFunction(torch.autograd.Function):
             x_q, x_s = x_fp8.q_MH, x_fp8.scale
             xt_q, xt_s, padded_end_E = quantize_cols_grouped(x, group_end_E, align, block, pow2)[:3]
         h_MX = grouped_mm(x_q, x_s, wq1.q_ENK, wq1.scale, group_end_E, recipe)
-        a_q, a_s, h_q, h_s = act_quant_fwd(h_MX, activation, block, pow2, True)
+        keep_bf16_h = recipe.intermediate == "bf16"
+        a_q, a_s, h_q, h_s = act_quant_fwd(h_MX, activation, block, pow2, not keep_bf16_h)
+        if keep_bf16_h:
+            h_q, h_s = h_MX, unit_scales(h_MX, block)
         del h_MX
         y_MH = grouped_mm(a_q, a_s, wq2.q_ENK, wq2.scale, group_end_E, recipe)
         ctx.save_for_backward(xt_q, xt_s, h_q, h_s, group_end_E, padded_end_E, *(gather or ()))
@@ -148,7 +166,10 @@ class Fp8GroupedMLP(GroupedMLP):
         gather, x = None, inp.x.to(dtype)
         if inp.perm is not None:  # x stays in its dtype: the gathering quantizer casts the T tokens
             gather, x = (inp.perm.token_idx_M, inp.perm.row_of_TA, inp.perm.kept_TA), inp.x
-        if self.cache_weights:
+        wq1, wq2 = gathered_fp8(self.w1), gathered_fp8(self.w2)
+        if wq1 is not None and wq2 is not None:
+            pass  # FSDP all-gathered them as FP8, quantized per shard (moe/fp8/fsdp_all_gather.py)
+        elif self.cache_weights:
             wq1 = self._w1_cache.get(self.w1, self.recipe)
             wq2 = self._w2_cache.get(self.w2, self.recipe)
         else:
@@ -157,6 +178,8 @@ class Fp8GroupedMLP(GroupedMLP):
             with torch.no_grad():
                 wq1 = quantize_expert_weight(self.w1.detach(), self.recipe)
                 wq2 = quantize_expert_weight(self.w2.detach(), self.recipe)
+        if self.recipe.gemms != "all":
+            return ablation_grouped_mlp(inp, self.w1, self.w2, wq1, wq2, self.activation, self.recipe, dtype)
         return _Fp8GroupedMLPFunction.apply(
             x.contiguous(), self.w1, self.w2, inp.group_end_E(), self.activation, self.recipe, wq1, wq2, inp.fp8,
             gather, dtype,

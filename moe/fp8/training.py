@@ -7,7 +7,8 @@ model code never branches on FP8, and the trainer never on a recipe.
     fp8 = Fp8Training(cfg.fp8, grad_accum=run.grad_accum)
     fp8.convert(model)              # on the built model, before parallelism: the swaps below
     ... forward and backward of the step's micro-batches ...
-    fp8.after_backward(model)       # delayed scaling: the step's amaxes reduced, next scales set
+    fp8.after_backward(model)       # delayed scaling: the step's amaxes reduced, next scales set;
+                                    # FSDP's FP8 all-gather inputs dropped
     optimizer.step()
     fp8.after_optimizer_step(model) # FP8 weight copies of the old weights dropped
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from moe.fp8.convert import convert_experts_to_fp8
 from moe.fp8.float8_linear import Float8Linear
+from moe.fp8.fsdp_all_gather import clear_shard_caches
 from moe.fp8.grouped_mlp import Fp8GroupedMLP
 from moe.fp8.linear_convert import convert_to_float8_training, sync_float8_amax_and_scale_history
 from moe.fp8.recipe import FP8Config, Float8LinearRecipe, Fp8Recipe
@@ -39,12 +41,13 @@ class Fp8Training:
     def __init__(self, cfg: FP8Config, grad_accum: int = 1) -> None:
         cfg.validate()
         self.experts_recipe: Optional[Fp8Recipe] = (
-            None if cfg.experts == "bf16" else Fp8Recipe(cfg.experts, cfg.pow2_scales)
+            None if cfg.experts == "bf16" else Fp8Recipe(cfg.experts, cfg.pow2_scales, **cfg.expert_knobs())
         )
         self.dense_recipe: Optional[Float8LinearRecipe] = (
             None
             if cfg.dense == "bf16"
-            else Float8LinearRecipe(cfg.dense, cfg.dense_grad_dtype, cfg.amax_history_len, cfg.amax_margin)
+            else Float8LinearRecipe(cfg.dense, cfg.dense_grad_dtype, cfg.amax_history_len, cfg.amax_margin,
+                                    cfg.pow2_scales)  # fmt: skip
         )
         self.cache_weights = grad_accum > 1
 
@@ -63,9 +66,12 @@ class Fp8Training:
         non-finite amax is dropped inside, whether or not the update is then skipped). Delayed
         scaling only: every micro-batch's amaxes (x in forward, dy in backward) are in, reduced
         over `group` (default: the world), so the next step's scales see the whole step, and a
-        checkpoint saved after this step holds the scales the next step uses."""
+        checkpoint saved after this step holds the scales the next step uses. FSDP's FP8
+        all-gather inputs (each rank's quantized shard, moe/fp8/fsdp_all_gather.py) are dropped:
+        the step's gathers are done, and they need not live through the optimizer step's peak."""
         if self.dense_recipe is not None and self.dense_recipe.delayed:
             sync_float8_amax_and_scale_history(model, group)
+        clear_shard_caches(model)
 
     def after_optimizer_step(self, model: nn.Module) -> None:
         """Every FP8 module re-quantizes its weights on next use (moe/fp8/weight_cache.py says why
