@@ -260,6 +260,19 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, env: DistEnv) -> torch.Te
 # ---- data parallelism --------------------------------------------------------------------------
 
 
+def _expose_router_output() -> None:
+    """FSDP2 finds the tensors of a unit's output through pytree, to re-gather the unit's weights
+    before their backward. The router returns a dataclass, one opaque leaf to pytree unless
+    registered, and torch 2.11 then runs the router's backward on freed weights. Registering is
+    once per process and changes nothing else."""
+    from torch.utils import _pytree
+
+    from moe.router import RouterOutput
+
+    if RouterOutput not in _pytree.SUPPORTED_NODES:
+        _pytree.register_dataclass(RouterOutput)
+
+
 def apply_fsdp(
     model: nn.Module, env: DistEnv, param_dtype: torch.dtype | None, fp8_all_gather: bool = False
 ) -> nn.Module:
@@ -274,6 +287,7 @@ def apply_fsdp(
     # Inputs keep their dtype: the residual stream stays fp32 between blocks, as in one process.
     blocks_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     fp32_mp = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
+    _expose_router_output()
     world = env.world_mesh
     for block in model.layers:
         if block.is_moe:

@@ -57,6 +57,7 @@ from torch.utils import _pytree as pytree
 
 from kernels.common import FP8_DTYPE
 from kernels.quantize_weight import QuantizedWeight
+from kernels.transpose_bytes import transpose_bytes
 from moe.fp8.recipe import Fp8Recipe
 from moe.fp8.weight_cache import WeightCache
 
@@ -122,7 +123,7 @@ def assemble(fp8: list[torch.Tensor], scales: torch.Tensor, E: int, recipe: Fp8R
     if out is None:
         scale = scales.new_empty(scale_shape)
         scale_t = scales.new_empty((E, K) if rowwise else (E, K // 128, N // 128))
-        qt_EKN = None if rowwise else q_ENK.new_empty((E, K, N))
+        qt_EKN = None
     else:
         scale, scale_t, qt_EKN = out.scale, out.scale_t, None if rowwise else out.qt_EKN
     if rowwise:
@@ -132,7 +133,11 @@ def assemble(fp8: list[torch.Tensor], scales: torch.Tensor, E: int, recipe: Fp8R
     else:  # the same 128x128 blocks: bytes and scales transposed
         scale.copy_(scales[:E].view(scale_shape))
         scale_t.copy_(scale.transpose(1, 2))
-        _bytes(qt_EKN).copy_(_bytes(q_ENK).transpose(1, 2))
+        qt_bytes = transpose_bytes(_bytes(q_ENK))  # a tiled kernel: torch's strided copy is slow
+        if qt_EKN is None:
+            qt_EKN = qt_bytes.view(FP8_DTYPE)
+        else:
+            _bytes(qt_EKN).copy_(qt_bytes)
     return QuantizedWeight(q_ENK, scale, qt_EKN, scale_t)
 
 
