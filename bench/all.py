@@ -10,6 +10,7 @@ outputs/bench/<timestamp>/), run from the repository root:
   all_to_all   bench.all_to_all under torchrun on 2 GPUs          (2+ GPUs only)
   scaling      bench.scaling, which schedules its own torchruns   (2+ GPUs only)
   memory_plan  bench.memory_plan: the memory plan against measured peaks on one GPU
+  fp8_all_gather  bench.fp8_all_gather: one FSDP rank's share of the FP8 weight quantization
 Default: every stage this machine can run; a stage that needs more GPUs than are visible is
 reported as skipped. A failing stage does not stop the others. --deadline S: everything ends S
 seconds after the start; a stage whose expected duration no longer fits is skipped, a running one
@@ -72,6 +73,7 @@ def default_stages(pytest_args: Sequence[str] = ()) -> tuple[Stage, ...]:
         # bench.scaling starts no job after its --deadline-s (540) and stops each after 300 s
         Stage("scaling", (py, "-m", "bench.scaling"), 600, 900, min_gpus=2),
         Stage("memory_plan", (py, "-m", "bench.memory_plan"), 120, 300),
+        Stage("fp8_all_gather", (py, "-m", "bench.fp8_all_gather"), 120, 300),
     )
 
 

@@ -183,6 +183,22 @@ def _take(iterator, n):
     return list(itertools.islice(iterator, n))
 
 
+def test_valid_seed_fixes_the_validation_sequences_whatever_the_data_order(cache):
+    def build(seed, valid_seed=None):
+        data = _build(DataConfig(kind="default_corpus", cache_dir=cache, num_workers=0, seed=seed,
+                                 valid_seed=valid_seed))  # fmt: skip
+        return torch.cat(_tokens(_take(data.train(0), 2))), torch.cat(_tokens(list(data.valid())))
+
+    train_a, valid_a = build(1, valid_seed=7)
+    train_b, valid_b = build(2, valid_seed=7)
+    assert not torch.equal(train_a, train_b)  # another data order...
+    assert torch.equal(valid_a, valid_b)  # ...evaluated on the same sequences
+    assert torch.equal(build(7)[1], valid_a)  # valid_seed=7 is what seed=7 evaluates on
+    assert not torch.equal(build(1)[1], build(2)[1])  # without it the validation follows the seed
+    with pytest.raises(ValueError, match="data.valid_seed=-1: must be in"):
+        DataConfig(valid_seed=-1).validate()
+
+
 def test_batches_shape_and_resume_exactly(cache):
     cfg = DataConfig(kind="default_corpus", cache_dir=cache, num_workers=0)
     data = _build(cfg)

@@ -67,6 +67,9 @@ class DataConfig:
     num_workers: int = 2  # DataLoader worker processes per rank (0: load in the main process)
     cache_dir: str = ""  # default corpus + megatron index cache; "" = $FP8MOE_CACHE or ~/.cache/fp8moe
     seed: int = 1234  # megatron's shuffle of documents and samples
+    # The validation samples' shuffle (which ones a pass reads); None: `seed`. Fixed, runs that
+    # differ in data order are evaluated on the same sequences (tools/parity_report.py's floor).
+    valid_seed: Optional[int] = None
 
     def validate(self, prefix: str = "data") -> None:
         if self.kind not in KINDS:
@@ -74,8 +77,10 @@ class DataConfig:
         split_weights(self.split, prefix)
         if self.num_workers < 0:
             raise ValueError(f"{prefix}.num_workers={self.num_workers}: must be >= 0")
-        if not 0 <= self.seed < 2**32:  # megatron seeds numpy's RandomState with it
-            raise ValueError(f"{prefix}.seed={self.seed}: must be in [0, 2**32)")
+        for name in ("seed", "valid_seed"):  # megatron seeds numpy's RandomState with them
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 2**32:
+                raise ValueError(f"{prefix}.{name}={value}: must be in [0, 2**32)")
         if self.kind == "mock" and self.mock_vocab_size < 2:
             raise ValueError(f"{prefix}.mock_vocab_size={self.mock_vocab_size}: must be >= 2")
         if self.kind == "megatron":
@@ -398,8 +403,7 @@ def build_train_valid(cfg: DataConfig, *, seq_len: int, micro_batch_size: int,
               f"{valid_samples} valid samples)", file=sys.stderr, flush=True)
     gpt_dataset, Builder = _megatron()
     mock = blend_ is None
-    config = _gpt_config(
-        gpt_dataset,
+    config_kw = dict(
         random_seed=cfg.seed,
         sequence_length=seq_len,
         blend=blend_,
@@ -413,12 +417,17 @@ def build_train_valid(cfg: DataConfig, *, seq_len: int, micro_batch_size: int,
         create_attention_mask=False,  # the model masks causally itself; an S x S mask per sample is waste
         add_extra_token_to_sequence=True,  # seq_len + 1 tokens per sample: inputs and labels both S long
     )
+    config = _gpt_config(gpt_dataset, **config_kw)
     if not mock:
         _check_split_sizes(blend_[0], config.split_matrix, cfg.split, seq_len, valid_samples)
     cls = gpt_dataset.MockGPTDataset if mock else gpt_dataset.GPTDataset
     with _no_rank_warnings():
         builder = Builder(cls, [train_samples, valid_samples, 0], lambda: True, config)
         train_ds, valid_ds, _ = builder.build()
+        if cfg.valid_seed is not None and cfg.valid_seed != cfg.seed and valid_samples:
+            # The same split under the validation seed: its valid part, the train part unused.
+            valid_config = _gpt_config(gpt_dataset, **{**config_kw, "random_seed": cfg.valid_seed})
+            valid_ds = Builder(cls, [train_samples, valid_samples, 0], lambda: True, valid_config).build()[1]
     if not mock:  # mock ids are taken modulo the vocabulary already
         check = functools.partial(_CheckedIds, vocab_size=tokenizer.vocab_size,
                                   vocab_source=vocab_source, prefixes=blend_[0])

@@ -31,7 +31,7 @@ FREE = (
     "run.name", "run.output_root", "run.dry_run", "run.dry_run_gpus", "run.steps", "run.device", "run.compile",
     "run.activation_checkpointing", "run.eval_interval", "run.eval_steps", "run.max_nonfinite_steps",
     "run.micro_batch_size", "run.grad_accum", "logging.", "checkpoint.", "parallel.",
-    "data.num_workers", "data.cache_dir",
+    "data.num_workers", "data.cache_dir", "data.valid_seed",
 )  # fmt: skip
 ARCHITECTURE = ("model.",)
 
