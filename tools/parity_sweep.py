@@ -333,14 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{len(failed)} run(s) failed: {', '.join(j.name for j in failed)}; the report is skipped. "
               "Fix the cause and run the same command again: finished runs are kept.", file=sys.stderr)
         return 1
-    from tools.parity_report import report
+    from tools import parity_report
 
-    try:
-        report([j.run_dir for j in jobs], out / "parity", wandb=args.wandb)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return parity_report.main([*(str(j.run_dir) for j in jobs), "--out", str(out / "parity"), "--wandb", args.wandb])
 
 
 if __name__ == "__main__":
