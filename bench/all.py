@@ -6,7 +6,7 @@
 Each stage is a subprocess with its own time limit and log file (LOG_DIR/<stage>.log; default
 outputs/bench/<timestamp>/), run from the repository root:
   tests        python -m pytest -m gpu (--pytest-args are appended, e.g. "-k permute")
-  kernels, moe_block, train_step, gemm, linear   python -m bench.<stage>, its default rows
+  kernels, moe_block, train_step, step_profile, gemm, linear   python -m bench.<stage>, its default rows
   all_to_all   bench.all_to_all under torchrun on 2 GPUs          (2+ GPUs only)
   scaling      bench.scaling, which schedules its own torchruns   (2+ GPUs only)
   memory_plan  bench.memory_plan: the memory plan against measured peaks on one GPU
@@ -66,7 +66,8 @@ def default_stages(pytest_args: Sequence[str] = ()) -> tuple[Stage, ...]:
         Stage("tests", (py, "-m", "pytest", "-m", "gpu", "-q", "--durations=15", *pytest_args), 240, 600),
         Stage("kernels", (py, "-m", "bench.kernels"), 420, 900),
         Stage("moe_block", (py, "-m", "bench.moe_block"), 300, 600),
-        Stage("train_step", (py, "-m", "bench.train_step"), 240, 420),
+        Stage("train_step", (py, "-m", "bench.train_step"), 450, 900),
+        Stage("step_profile", (py, "-m", "bench.step_profile"), 240, 480),
         Stage("gemm", (py, "-m", "bench.gemm"), 90, 240),
         Stage("linear", (py, "-m", "bench.linear"), 180, 360),
         Stage("all_to_all", (*torchrun, "-m", "bench.all_to_all"), 90, 300, min_gpus=2),
@@ -74,6 +75,8 @@ def default_stages(pytest_args: Sequence[str] = ()) -> tuple[Stage, ...]:
         Stage("scaling", (py, "-m", "bench.scaling"), 600, 900, min_gpus=2),
         Stage("memory_plan", (py, "-m", "bench.memory_plan"), 120, 300),
         Stage("fp8_all_gather", (py, "-m", "bench.fp8_all_gather"), 120, 300),
+        Stage("glue", (py, "-m", "bench.glue"), 90, 240),
+        Stage("hf_experts", (py, "-m", "bench.hf_experts"), 240, 480),
     )
 
 

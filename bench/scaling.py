@@ -33,8 +33,9 @@ the steps is at most twice the run-to-run noise, the largest difference between 
 its identical rerun over all recipes (nondeterministic reductions alone, amplified by training:
 one rerun pair is one sample of it, 1.7% for rowwise against 6.8% for BF16 in the same Mixtral
 -width call), with a floor of 1e-3 where reruns agree bitwise.
-Writes bench/results/scaling.json and bench/results/scaling.png (tokens/s per GPU against GPUs)
-and prints a table last.
+Writes bench/results/scaling.json and bench/results/scaling.png (tokens/s per GPU against GPUs,
+each recipe's ideal line, flat at its EP=1 value, and each point's share of it; the title names
+the GPU, the model and its shape) and prints a table last.
 """
 
 from __future__ import annotations
@@ -240,7 +241,8 @@ def summarize(jobs: list[Job], root: Path, args, timing: dict[str, dict]) -> dic
         for recipe in recipes[1:]:
             d = max_rel_diff(losses.get("ep1_bf16") or {}, losses.get(f"ep1_{recipe}") or {})
             checks.append({"a": "ep1_bf16", "b": f"ep1_{recipe}", "max_rel_diff": d, "what": "fp8 vs bf16 (scale)"})
-    settings = {"model_args": args.model_args, "seq_len": args.seq, "micro_batch_size_per_gpu": args.mbs,
+    settings = {"model_args": args.model_args, "model": model_shape(root, jobs), "seq_len": args.seq,
+                "micro_batch_size_per_gpu": args.mbs,
                 "scaling": "weak: grad_accum = max EP at every EP size" if args.weak
                 else "same global batch: grad_accum = max EP / EP",
                 "global_batch_sequences": {j.ep: j.ep * grad_accum(j, args, max_ep) * args.mbs for j in jobs},
@@ -250,7 +252,49 @@ def summarize(jobs: list[Job], root: Path, args, timing: dict[str, dict]) -> dic
             "losses": losses, "timing": timing}  # fmt: skip
 
 
-def plot(summary: dict, path: Path) -> Optional[Path]:
+def model_shape(root: Path, jobs: list[Job]) -> Optional[dict]:
+    """The model the runs trained, from the first recorded run config: name and shape."""
+    for j in jobs:
+        path = root / j.name / ".hydra" / "config.yaml"
+        if path.is_file():
+            from omegaconf import OmegaConf
+
+            model = OmegaConf.to_container(OmegaConf.load(path), resolve=False)["model"]
+            moe = model.get("moe", {})
+            return {"name": model.get("name"), "n_layers": model.get("n_layers"), "dim": model.get("dim"),
+                    "num_experts": moe.get("num_experts"), "top_k": moe.get("top_k"), "ffn_dim": moe.get("ffn_dim")}
+    return None
+
+
+def _series(rows: list[dict]) -> dict[str, list[dict]]:
+    """label -> rows by GPUs. EP=1 sends nothing, so a recipe's EP=1 run starts each of its wire
+    series (FP8 and BF16 on the wire); the EP=1 reruns are left out."""
+    rows = [r for r in rows if not r["again"] and r.get("tokens_per_s_per_gpu")]
+    out: dict[str, list[dict]] = {}
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        mine = [r for r in rows if r["recipe"] == recipe]
+        ep1 = [r for r in mine if r["ep"] == 1]
+        wires = list(dict.fromkeys(r["wire"] for r in mine if r["ep"] > 1))
+        for wire in wires or ["bf16"]:
+            label = recipe if recipe == "bf16" or not wires else f"{recipe} ({wire} on the wire)"
+            out[label] = sorted(ep1 + [r for r in mine if r["ep"] > 1 and r["wire"] == wire], key=lambda r: r["gpus"])
+    return out
+
+
+def _title(summary: dict) -> str:
+    settings = summary["settings"]
+    how = "weak scaling" if settings["scaling"].startswith("weak") else "one global batch"
+    m = settings.get("model")
+    model = (f"{m['name']}: {m['n_layers']} layers, dim {m['dim']}, {m['num_experts']} experts of ffn "
+             f"{m['ffn_dim']}, top-{m['top_k']}") if m else settings["model_args"]
+    return (f"{summary['gpu']}: expert-parallel scaling ({how})\n{model}\n"
+            f"seq {settings['seq_len']}, {settings['micro_batch_size_per_gpu']} sequences per GPU per micro-batch")
+
+
+def plot(summary: dict, path: Path):
+    """tokens/s per GPU against GPUs, each series with its ideal (flat at its EP=1 value) and
+    each point's efficiency (per_gpu_vs_ep1) printed; writes `path`, returns the Figure (closed)
+    or None without matplotlib or a finished run."""
     try:
         import matplotlib
 
@@ -259,31 +303,38 @@ def plot(summary: dict, path: Path) -> Optional[Path]:
     except ImportError:
         print("matplotlib missing: no plot")
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    series: dict[str, list[tuple[int, float]]] = {}
-    for r in summary["rows"]:
-        if r["again"] or not r.get("tokens_per_s_per_gpu"):
-            continue
-        label = r["recipe"] if r["recipe"] == "bf16" else f"{r['recipe']} ({r['wire']} on the wire)"
-        series.setdefault(label, []).append((r["gpus"], r["tokens_per_s_per_gpu"]))
+    series = _series(summary["rows"])
     if not series:
         print("no run finished: no plot")
         return None
-    for label, pts in series.items():
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    fig, ax = plt.subplots(figsize=(7.2, 5.0))
+    ideal_drawn: set[str] = set()
+    for i, (label, rows) in enumerate(series.items()):
+        color = f"C{i}"
+        xs, ys = [r["gpus"] for r in rows], [r["tokens_per_s_per_gpu"] for r in rows]
+        ax.plot(xs, ys, marker="o", color=color, label=label)
+        ep1 = next((r for r in rows if r["ep"] == 1), None)
+        recipe = rows[0]["recipe"]
+        if ep1 is not None and recipe not in ideal_drawn:  # both wire series share their EP=1 run
+            ideal_drawn.add(recipe)
+            ax.axhline(ep1["tokens_per_s_per_gpu"], color=color, ls=":", lw=1.0,
+                       label=f"{recipe} ideal (EP=1 tokens/s per GPU)")
+        for r in rows:
+            if r["ep"] > 1 and r.get("per_gpu_vs_ep1") is not None:
+                ax.annotate(f"{100 * r['per_gpu_vs_ep1']:.0f}%", (r["gpus"], r["tokens_per_s_per_gpu"]),
+                            textcoords="offset points", xytext=(6, 2), fontsize=7, color=color)
     ax.set_xlabel("GPUs (EP size)")
-    ax.set_ylabel("tokens/s per GPU")
+    ax.set_ylabel("tokens/s per GPU (labels: % of the recipe's EP=1)")
     ax.set_xticks(sorted({r["gpus"] for r in summary["rows"]}))
+    ax.margins(x=0.1)  # room for the last point's label
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend()
-    how = "weak scaling" if summary["settings"]["scaling"].startswith("weak") else "one global batch"
-    ax.set_title(f"{summary['gpu']}: expert-parallel scaling ({how})", fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title(_title(summary), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,8 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only and not any(r["ok"] for r in summary["rows"]):
         raise SystemExit(f"every job failed: {args.out} left as it was")
     out = write_json(args.out, summary)
-    png = plot(summary, out.with_suffix(".png"))
-    print(f"wrote {out}" + (f" and {png}" if png else ""))
+    png = out.with_suffix(".png")
+    fig = plot(summary, png)
+    print(f"wrote {out}" + (f" and {png}" if fig is not None else ""))
     for c in summary["loss_checks"]:
         d = c["max_rel_diff"]
         verdict = {None: "  (not judged)", True: "  matches", False: "  DIFFERS"}[c["matches"]] if "matches" in c else ""

@@ -1,6 +1,7 @@
 """Full training steps, BF16 vs FP8 experts, on one GPU: tokens/s, TFLOP/s per GPU, MFU, peak memory.
 
-    python -m bench.train_step [--models mixtral_2layer,parity_300m] [--impls bf16,rowwise,blockwise]
+    python -m bench.train_step [--models mixtral_2layer,parity_300m,qwen3_slice]
+        [--impls bf16,rowwise,blockwise,bf16_forward_cast]
         [--warmup 3] [--steps 10] [--micro-batch-size N] [--out PATH]
 
 A step is exactly what train.py runs (trainer.loop.Trainer.train_step): forward (attention,
@@ -14,17 +15,25 @@ tokens (data=mock) so no corpus is needed:
   parity_300m     configs/experiment/parity_300m.yaml: the loss-parity model (311M total / 141M
                   active: dim 1024, 6 layers, 8 experts of ffn 1536, top-2), sequence 1024, its
                   batch of 8 sequences (8,192 tokens a step)
-Impls: fp8.experts = bf16 | rowwise | blockwise (the dense layers stay BF16 in all three).
-All six rows take ~1.5-2 min on an H200 (per row: building the model and optimizer, FP8 autotuning,
-13 steps of ~0.1 s for mixtral_2layer and ~0.05 s for parity_300m).
+  qwen3_slice     configs/experiment/qwen3_slice_bench.yaml: Qwen3-30B-A3B width (dim 2048, 128
+                  experts of ffn 768, top-8, vocabulary 151,936), 4 layers, sequence 4096, 2
+                  sequences a step (what one 80 GB GPU holds: the file says why)
+Impls (IMPLS: each one's Hydra overrides): bf16 | rowwise | blockwise are fp8.experts (the dense
+layers stay BF16 in all three) on the default config, whose BF16 is the reference of every
+ratio (speedup_vs_bf16); bf16_forward_cast is the BF16 of before run.weight_cast and optim.fused
+(weights cast in every forward, foreach AdamW), a second reference (speedup_vs_bf16_forward_cast).
+The 16 default rows take ~6-8 min on one H100 or H200 (per row: building the model and
+optimizer, FP8 autotuning, 13 steps of 0.05-0.8 s).
 
 Timing: `--warmup` steps untimed, then `--steps` steps with a CUDA event between consecutive steps
 (the per-step host synchronisation is counted, as in training); the median step gives
 tokens_per_s = tokens per step / median step time;
 tflops_per_gpu uses the trainer's FLOP count (moe.counting.training_flops_per_token: 6 x active
-matmul parameters + causal attention); mfu divides by trainer.metrics.peak_tflops (dense BF16
-peak, also for the FP8 rows, so the MFU column compares like with like); peak_gib is the peak
-allocated memory over the timed steps (weights, gradients and AdamW state included).
+matmul parameters + causal attention), tflops_per_gpu_megatron Megatron-LM's formula
+(moe.counting.megatron_flops_per_token: the same less the router and the norms' weights); mfu
+divides tflops_per_gpu by trainer.metrics.peak_tflops (dense BF16 peak, also for the FP8 rows,
+so the MFU column compares like with like); peak_gib is the peak allocated memory over the
+timed steps (weights, gradients and AdamW state included).
 Writes bench/results/train_step.json after every row ("complete": false until the last one, so a
 run cut short keeps the rows it finished) and prints a table last. Without a CUDA GPU it refuses
 before writing anything, and a run whose rows all failed leaves the file as it was.
@@ -33,6 +42,7 @@ before writing anything, and a run whose rows all failed leaves the file as it w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import statistics
@@ -51,9 +61,17 @@ MODELS = {  # name -> Hydra overrides
     # instead of once per 4,096 tokens.
     "mixtral_2layer_accum8": ["experiment=mixtral_2layer_bench", "run.grad_accum=8"],
     "parity_300m": ["experiment=parity_300m", "data=mock", "data.mock_vocab_size=32000"],
+    "qwen3_slice": ["experiment=qwen3_slice_bench"],
 }
-IMPLS = ("bf16", "rowwise", "blockwise")
-COLUMNS = ["model", "impl", "tokens_per_s", "tflops_per_gpu", "mfu", "peak_gib", "step_ms"]
+IMPLS = {  # name -> Hydra overrides; "bf16" is the reference of every speedup
+    "bf16": ["fp8=bf16"],
+    "rowwise": ["fp8=rowwise"],
+    "blockwise": ["fp8=blockwise"],
+    "bf16_forward_cast": ["fp8=bf16", "run.weight_cast=forward", "optim.fused=false"],
+}
+REFERENCES = ("bf16", "bf16_forward_cast")  # each row's tokens/s over theirs: speedup_vs_<name>
+COLUMNS = ["model", "impl", "tokens_per_s", "tflops_per_gpu", "tflops_per_gpu_megatron", "mfu", "peak_gib",
+           "step_ms"]  # fmt: skip
 
 
 def compose_config(model: str, impl: str, steps: int, extra: list[str]):
@@ -64,7 +82,7 @@ def compose_config(model: str, impl: str, steps: int, extra: list[str]):
     from trainer.config import register_configs
 
     register_configs()
-    overrides = [*MODELS[model], f"fp8={impl}", f"run.steps={steps}", "run.eval_interval=0",
+    overrides = [*MODELS[model], *IMPLS[impl], f"run.steps={steps}", "run.eval_interval=0",
                  "logging.wandb=disabled", *extra]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
@@ -75,15 +93,30 @@ def compose_config(model: str, impl: str, steps: int, extra: list[str]):
     return cfg
 
 
-def measure(model: str, impl: str, warmup: int, steps: int, extra: list[str], scratch: str) -> dict:
+def timed_steps_ms(trainer, train_iter, steps: int) -> list[float]:
+    """Each of `steps` training steps' milliseconds: a CUDA event between consecutive steps (the
+    step's host synchronisation counted, as in training)."""
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    events[0].record()
+    for i in range(steps):
+        trainer.train_step(train_iter)
+        events[i + 1].record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) for a, b in zip(events, events[1:])]
+
+
+@contextlib.contextmanager
+def warm_trainer(model: str, impl: str, warmup: int, steps: int, extra: list[str], scratch: str, who: str):
+    """(cfg, trainer, train_iter) of one bench row on the GPU, `warmup` steps run (compile,
+    autotune) and the peak memory counter reset; `steps`: the steps the row runs after them.
+    Everything is freed on exit, so the next row starts from an empty GPU."""
     from trainer.loop import Trainer
-    from trainer.metrics import peak_tflops
     from trainer.parallel import init_distributed
 
     cfg = compose_config(model, impl, warmup + steps, extra)
     env = init_distributed(cfg.run, cfg.parallel)
     if env.device.type != "cuda":
-        raise RuntimeError("bench/train_step.py times CUDA steps: it needs a GPU")
+        raise RuntimeError(f"{who} measures CUDA steps: it needs a GPU")
     trainer = Trainer(cfg, run_dir=os.path.join(scratch, f"{model}-{impl}"), env=env)
     train_iter = trainer.data.train(0)
     try:
@@ -91,23 +124,31 @@ def measure(model: str, impl: str, warmup: int, steps: int, extra: list[str], sc
             trainer.train_step(train_iter)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        # An event between steps and the median step: one slow step (a GC pause, a host hiccup)
-        # moved the mean of 10 parity_300m steps (~50 ms each) by up to 25% between runs.
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
-        events[0].record()
-        for i in range(steps):
-            trainer.train_step(train_iter)
-            events[i + 1].record()
-        torch.cuda.synchronize()
-        ms_per_step = statistics.median(a.elapsed_time(b) for a, b in zip(events, events[1:]))
+        yield cfg, trainer, train_iter
+    finally:
+        del trainer, train_iter
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def measure(model: str, impl: str, warmup: int, steps: int, extra: list[str], scratch: str) -> dict:
+    from moe.counting import megatron_flops_per_token
+    from trainer.metrics import peak_tflops
+
+    with warm_trainer(model, impl, warmup, steps, extra, scratch, "bench/train_step.py") as (cfg, trainer, train_iter):
+        # The median step: one slow step (a GC pause, a host hiccup) moved the mean of 10
+        # parity_300m steps (~50 ms each) by up to 25% between runs.
+        ms_per_step = statistics.median(timed_steps_ms(trainer, train_iter, steps))
         tokens_per_s = trainer.global_batch * cfg.run.seq_len / (ms_per_step / 1e3)
         tflops = tokens_per_s * trainer.flops_per_token / 1e12
-        peak = peak_tflops(env.device)
+        megatron_flops = megatron_flops_per_token(cfg.model, cfg.run.seq_len)
+        peak = peak_tflops(trainer.env.device)
         return {
             "model": model,
             "impl": impl,
             "tokens_per_s": tokens_per_s,
             "tflops_per_gpu": tflops,
+            "tflops_per_gpu_megatron": tokens_per_s * megatron_flops / 1e12,
             "mfu": tflops / peak if peak else None,
             "peak_gib": torch.cuda.max_memory_allocated() / GIB,
             "step_ms": ms_per_step,
@@ -115,11 +156,18 @@ def measure(model: str, impl: str, warmup: int, steps: int, extra: list[str], sc
             "params_total": trainer.counts.total,
             "params_active": trainer.counts.active,
             "flops_per_token": trainer.flops_per_token,
+            "flops_per_token_megatron": megatron_flops,
         }
-    finally:
-        del trainer, train_iter
-        gc.collect()
-        torch.cuda.empty_cache()
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """speedup_vs_<ref> on every measured row: its tokens/s over those of its model's `ref` row,
+    for each ref of REFERENCES that was measured."""
+    for ref in REFERENCES:
+        base = {r["model"]: r["tokens_per_s"] for r in rows if r["impl"] == ref and r.get("tokens_per_s")}
+        for r in rows:
+            if r.get("tokens_per_s") and r["model"] in base:
+                r[f"speedup_vs_{ref}"] = r["tokens_per_s"] / base[r["model"]]
 
 
 def main(argv=None) -> None:
@@ -155,27 +203,23 @@ def main(argv=None) -> None:
                 row = measure(model, impl, args.warmup, args.steps, extra, args.scratch)
             except torch.cuda.OutOfMemoryError as err:
                 print(f"{model} {impl}: out of memory ({str(err).splitlines()[0]})")
-                row = {"model": model, "impl": impl, "tokens_per_s": None, "tflops_per_gpu": None,
-                       "mfu": None, "peak_gib": None, "error": "out of memory"}
+                row = {**dict.fromkeys(COLUMNS), "model": model, "impl": impl, "error": "out of memory"}
                 gc.collect()
                 torch.cuda.empty_cache()
             except Exception as err:  # one broken recipe must not lose the other rows
                 traceback.print_exc()
-                row = {"model": model, "impl": impl, "tokens_per_s": None, "tflops_per_gpu": None,
-                       "mfu": None, "peak_gib": None, "error": f"{type(err).__name__}: {err}"[:500]}
+                row = {**dict.fromkeys(COLUMNS), "model": model, "impl": impl,
+                       "error": f"{type(err).__name__}: {err}"[:500]}
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
             rows.append(row)
             print({k: row.get(k) for k in COLUMNS}, flush=True)
-            base = next((r for r in rows if r["model"] == model and r["impl"] == "bf16" and r["tokens_per_s"]), None)
-            for r in rows:
-                if base and r["model"] == model and r["tokens_per_s"]:
-                    r["speedup_vs_bf16"] = r["tokens_per_s"] / base["tokens_per_s"]
+            add_speedups(rows)
             write_results(args.out, {**info, "complete": False, "rows": rows})
     path = write_results(args.out, {**info, "complete": True, "rows": rows})
     print(f"wrote {path}" if path else f"every row failed: {args.out} left as it was")
-    print_table(rows, [*COLUMNS, "speedup_vs_bf16"])
+    print_table(rows, [*COLUMNS, *(f"speedup_vs_{ref}" for ref in REFERENCES)])
     failed = [f"{r['model']}/{r['impl']}" for r in rows if r.get("error")]
     if failed:
         sys.exit(f"rows that failed: {', '.join(failed)}")

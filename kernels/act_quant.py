@@ -4,9 +4,11 @@ Shape letters (README.md): M routed rows (grouped by expert), F expert FFN hidde
 (SwiGLU: [gate | up]) or F (GELU) columns of h, E experts, P = round_up(M, align) + E * align
 padded rows (here the transposed copies' columns).
 
-    act_quant_fwd(h_MX, activation, block_k, pow2_scale, save_input)
+    act_quant_fwd(h_MX, activation, block_k, pow2_scale, save_input, stats)
         -> a_q (M, F) fp8 + a_scale (M,) | (M, F//128)          the A operand of GEMM2
            h_q (M, X) fp8 + h_scale (M,) | (M, X//128)          saved for backward (or empty)
+        stats: None, or an FP8 statistics buffer of two operands, a then h (kernels/fp8_stats.py),
+        that the forward adds the two casts' counts to (h's only when it is saved)
     act_quant_bwd(da_MF, h_q, h_scale, activation, group_end_E, align, block, pow2_scale)
         -> dh_q  (M, X) fp8 + scale (M,) | (M, X//128)            dgrad1: dx = dh @ w1
            dht_q (X, P) fp8 + scale (X, E) | (X, P//128)          wgrad1: dw1 = dh^T x
@@ -51,6 +53,7 @@ from kernels.act_math import LAUNCH_OPTIONS, act, inv_scale
 from kernels.common import FP8_DTYPE, tile_grid, tl_fp8_quantize_by, tl_fp8_scale, tl_tile_ids, triton_interpret
 from kernels.contracts import check_act_quant_args
 from kernels.dispatch import kernel_op
+from kernels.fp8_stats import check_stats_arg, tl_fp8_stats_add
 from kernels.reference_act import torch_act_quant_fwd
 
 
@@ -69,20 +72,27 @@ def _fwd_load(h_rows, row_ok, f, F, SWIGLU: tl.constexpr):
 
 
 @triton.jit
-def _fwd_store(a_rows, hq_rows, f, F, mask, a, g, u, a_inv, h_inv, SWIGLU: tl.constexpr, SAVE: tl.constexpr):
-    """Quantized a (and g, u) of one chunk, given the inverse row scales."""
+def _fwd_store(a_rows, hq_rows, f, F, mask, a, g, u, a_inv, h_inv, stats_ptr, SWIGLU: tl.constexpr,
+               SAVE: tl.constexpr, STATS: tl.constexpr):  # fmt: skip
+    """Quantized a (and g, u) of one chunk, given the inverse row scales; STATS: their counts."""
     tl.store(a_rows[:, None] + f[None, :], tl_fp8_quantize_by(a, a_inv[:, None]), mask=mask)
+    if STATS:
+        tl_fp8_stats_add(stats_ptr, a, a_inv[:, None], mask)
     if SAVE:
         tl.store(hq_rows[:, None] + f[None, :], tl_fp8_quantize_by(g, h_inv[:, None]), mask=mask)
+        if STATS:
+            tl_fp8_stats_add(stats_ptr + 4, g, h_inv[:, None], mask)
         if SWIGLU:
             tl.store(hq_rows[:, None] + F + f[None, :], tl_fp8_quantize_by(u, h_inv[:, None]), mask=mask)
+            if STATS:
+                tl_fp8_stats_add(stats_ptr + 4, u, h_inv[:, None], mask)
 
 
 @triton.jit
 def _act_fwd_kernel(
-    h_ptr, a_ptr, a_scale_ptr, hq_ptr, h_scale_ptr,
+    h_ptr, a_ptr, a_scale_ptr, hq_ptr, h_scale_ptr, stats_ptr,
     M, F, stride_h,
-    SWIGLU: tl.constexpr, BLOCK_K: tl.constexpr, POW2: tl.constexpr, SAVE: tl.constexpr,
+    SWIGLU: tl.constexpr, BLOCK_K: tl.constexpr, POW2: tl.constexpr, SAVE: tl.constexpr, STATS: tl.constexpr,
     INTERP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, ONE_CHUNK: tl.constexpr,
     F_FIRST: tl.constexpr,
 ):  # fmt: skip
@@ -102,23 +112,29 @@ def _act_fwd_kernel(
         tl.store(a_scale_ptr + rows * (F // BLOCK_K) + fb, a_scale, mask=row_ok)
         a_inv = inv_scale(a_scale, INTERP)[:, None]
         tl.store(a_rows[:, None] + f[None, :], tl_fp8_quantize_by(a, a_inv), mask=mask)
+        if STATS:
+            tl_fp8_stats_add(stats_ptr, a, a_inv, mask)
         if SAVE:
             g_scale = tl_fp8_scale(tl.max(tl.abs(g), axis=1), POW2)
             tl.store(h_scale_ptr + rows * (X // BLOCK_K) + fb, g_scale, mask=row_ok)
             g_inv = inv_scale(g_scale, INTERP)[:, None]
             tl.store(hq_rows[:, None] + f[None, :], tl_fp8_quantize_by(g, g_inv), mask=mask)
+            if STATS:
+                tl_fp8_stats_add(stats_ptr + 4, g, g_inv, mask)
             if SWIGLU:
                 u_scale = tl_fp8_scale(tl.max(tl.abs(u), axis=1), POW2)
                 tl.store(h_scale_ptr + rows * (X // BLOCK_K) + F // BLOCK_K + fb, u_scale, mask=row_ok)
                 u_inv = inv_scale(u_scale, INTERP)[:, None]
                 tl.store(hq_rows[:, None] + F + f[None, :], tl_fp8_quantize_by(u, u_inv), mask=mask)
+                if STATS:
+                    tl_fp8_stats_add(stats_ptr + 4, u, u_inv, mask)
     elif ONE_CHUNK:  # the whole row in registers: one read
         g, u, mask = _fwd_load(h_rows, row_ok, cols, F, SWIGLU)
         a = act(g, u, SWIGLU, INTERP)
         a_scale = tl_fp8_scale(tl.max(tl.abs(a), axis=1), POW2)
         h_scale = tl_fp8_scale(tl.maximum(tl.max(tl.abs(g), axis=1), tl.max(tl.abs(u), axis=1)), POW2)
         a_inv, h_inv = inv_scale(a_scale, INTERP), inv_scale(h_scale, INTERP)
-        _fwd_store(a_rows, hq_rows, cols, F, mask, a, g, u, a_inv, h_inv, SWIGLU, SAVE)
+        _fwd_store(a_rows, hq_rows, cols, F, mask, a, g, u, a_inv, h_inv, stats_ptr, SWIGLU, SAVE, STATS)
         tl.store(a_scale_ptr + rows, a_scale, mask=row_ok)
         if SAVE:
             tl.store(h_scale_ptr + rows, h_scale, mask=row_ok)
@@ -139,7 +155,7 @@ def _act_fwd_kernel(
             f0 = (n_chunks - 1 - i) * BLOCK_F
             g, u, mask = _fwd_load(h_rows, row_ok, f0 + cols, F, SWIGLU)
             a = act(g, u, SWIGLU, INTERP)
-            _fwd_store(a_rows, hq_rows, f0 + cols, F, mask, a, g, u, a_inv, h_inv, SWIGLU, SAVE)
+            _fwd_store(a_rows, hq_rows, f0 + cols, F, mask, a, g, u, a_inv, h_inv, stats_ptr, SWIGLU, SAVE, STATS)
         tl.store(a_scale_ptr + rows, a_scale, mask=row_ok)
         if SAVE:
             tl.store(h_scale_ptr + rows, h_scale, mask=row_ok)
@@ -167,10 +183,12 @@ def _fwd_config(F: int, block_k: int) -> tuple[int, int, int]:
 
 
 def triton_act_quant_fwd(
-    h_MX: torch.Tensor, activation: str = "swiglu", block_k: int = 0, pow2_scale: bool = False, save_input: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    h_MX: torch.Tensor, activation: str = "swiglu", block_k: int = 0, pow2_scale: bool = False, save_input: bool = True,
+    stats: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(a_q, a_scale, h_q, h_scale); see the module docstring."""
     F = check_act_quant_args(h_MX, activation, block_k)
+    check_stats_arg(stats, h_MX, 2)
     if h_MX.stride(1) != 1:
         h_MX = h_MX.contiguous()
     M, X = h_MX.shape
@@ -180,9 +198,9 @@ def triton_act_quant_fwd(
     BLOCK_M, BLOCK_F, num_warps = _fwd_config(F, block_k)
     grid, f_first = tile_grid(triton.cdiv(M, BLOCK_M), F // block_k if block_k else 1, _F_FIRST and block_k > 0)
     _act_fwd_kernel[grid](
-        h_MX, a_q, a_scale, h_q, h_scale,
+        h_MX, a_q, a_scale, h_q, h_scale, stats if stats is not None else a_scale,  # placeholder: STATS off
         M, F, h_MX.stride(0),
-        SWIGLU=activation == "swiglu", BLOCK_K=block_k, POW2=pow2_scale, SAVE=save_input,
+        SWIGLU=activation == "swiglu", BLOCK_K=block_k, POW2=pow2_scale, SAVE=save_input, STATS=stats is not None,
         INTERP=triton_interpret(), BLOCK_M=BLOCK_M, BLOCK_F=BLOCK_F, ONE_CHUNK=F <= BLOCK_F, F_FIRST=f_first,
         num_warps=num_warps, **LAUNCH_OPTIONS,
     )  # fmt: skip
@@ -200,8 +218,10 @@ def _fwd_outputs(h_MX: torch.Tensor, F: int, block_k: int, save_input: bool):
     return a_q, a_scale, h_q, h_scale
 
 
-def _fake_act_quant_fwd(h_MX, activation="swiglu", block_k=0, pow2_scale=False, save_input=True):
+def _fake_act_quant_fwd(h_MX, activation="swiglu", block_k=0, pow2_scale=False, save_input=True, stats=None):
     return _fwd_outputs(h_MX, check_act_quant_args(h_MX, activation, block_k), block_k, save_input)
 
 
-act_quant_fwd = kernel_op("act_quant_fwd", triton_act_quant_fwd, _fake_act_quant_fwd, torch_act_quant_fwd)
+act_quant_fwd = kernel_op(
+    "act_quant_fwd", triton_act_quant_fwd, _fake_act_quant_fwd, torch_act_quant_fwd, mutates_args=("stats",)
+)

@@ -42,8 +42,9 @@ class KernelOp(Generic[R]):
         reference: Callable[..., Any],
         use_kernel: Callable[..., bool],
         result: Callable[[Any], R] | None,
+        mutates_args: tuple[str, ...] = (),
     ) -> None:
-        self.op = torch.library.custom_op(f"fp8moe::{name}", launcher, mutates_args=())
+        self.op = torch.library.custom_op(f"fp8moe::{name}", launcher, mutates_args=mutates_args)
         self.op.register_fake(fake)
         self.launcher, self.reference = launcher, reference
         self._use_kernel, self._result = use_kernel, result
@@ -67,11 +68,13 @@ def kernel_op(
     *,
     use_kernel: Callable[..., bool] = _first_on_triton,
     result: Callable[[Any], R] | None = None,
+    mutates_args: tuple[str, ...] = (),
 ) -> KernelOp[R]:
     """Register `launcher` as the custom op fp8moe::<name> (`fake` its shape function) and return
     the entry point. launcher, fake and reference take the same arguments; launcher's type hints
     give the op's schema and its docstring is the entry point's. use_kernel(*args, **kwargs):
     whether the kernel takes this call (default: the first argument is on a GPU or under the
     interpreter). result: applied to every path's output (e.g. a NamedTuple's constructor: a
-    custom op returns plain tuples)."""
-    return KernelOp(name, launcher, fake, reference, use_kernel, result)
+    custom op returns plain tuples). mutates_args: the arguments the op writes into (an FP8
+    statistics buffer, kernels/fp8_stats.py)."""
+    return KernelOp(name, launcher, fake, reference, use_kernel, result, mutates_args)

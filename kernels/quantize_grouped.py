@@ -9,7 +9,7 @@ K step), zeros in the padding:
 
     quantize_cols_grouped(x_MK, group_end_E, align, block_m, pow2_scale, row_index_M)
         -> GroupedColsFP8(qt_KP, scale, padded_end_E)
-    quantize_rows_and_cols_grouped(x_MK, group_end_E, align, block, pow2_scale, row_index_M)
+    quantize_rows_and_cols_grouped(x_MK, group_end_E, align, block, pow2_scale, row_index_M, stats)
         -> RowsAndColsFP8(q_MK, row_scale, qt_KP, col_scale, padded_end_E)
 
 P = round_up(M, align) + E * align is a host-side upper bound (no sync); columns past
@@ -32,7 +32,8 @@ its tile lies inside one group and the padding is just the rows its masked loads
   group's rows x 32 columns and sweeps them twice, the second time mostly from L2
   (`_group_strip_kernel`, 1.2-1.25x faster at Qwen3 and DeepSeek-V3 widths).
 Rows past group_end_E[-1] belong to no group: they are left out of qt; in the fused op they are
-still quantized into q, as the "tail" group E.
+still quantized into q, as the "tail" group E. The fused op's `stats` (kernels/fp8_stats.py) counts
+q_MK's cast, all M rows (the forward operand), in the pass that writes q.
 
 Shape letters (README.md): M rows (grouped by expert), K the row length (the reduction dim of the
 forward GEMM reading q_MK), E experts, P padded rows (the weight-gradient GEMM's reduction dim).
@@ -54,6 +55,7 @@ from kernels.contracts import (
     padded_size,
 )
 from kernels.dispatch import kernel_op
+from kernels.fp8_stats import check_stats_arg, tl_fp8_stats_add
 from kernels.quantize import triton_quantize_rows
 from kernels.reference import torch_quantize_cols_grouped, torch_quantize_rows_and_cols_grouped
 
@@ -147,9 +149,9 @@ def _gather_rows(x_ptr, idx_ptr, stride_xm, r, in_g, cols, col_ok, HAS_IDX: tl.c
 @triton.jit
 def _cols_quant_kernel(
     x_ptr, idx_ptr, ge_ptr, col_amax_ptr, qt_ptr, cscale_ptr, pend_ptr,
-    row_amax_ptr, q_ptr, rscale_ptr,
+    row_amax_ptr, q_ptr, rscale_ptr, stats_ptr,
     M, K, P, stride_xm, E, align,
-    HAS_IDX: tl.constexpr, POW2: tl.constexpr, BLOCKWISE: tl.constexpr, ROWS: tl.constexpr,
+    HAS_IDX: tl.constexpr, POW2: tl.constexpr, BLOCKWISE: tl.constexpr, ROWS: tl.constexpr, STATS: tl.constexpr,
     E_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
     SUB_P: tl.constexpr, N_CHUNKS: tl.constexpr, ONE_SLICE: tl.constexpr, K_MAJOR: tl.constexpr,
 ):  # fmt: skip
@@ -162,7 +164,8 @@ def _cols_quant_kernel(
     BLOCK_P): the tile is loaded once and kept in registers for both, in bf16 (160 registers
     where fp32 took 254 at 128x64). Else (rowwise) the column scales come from col_amax (pass
     1), their inverses are taken before the tiles are loaded, and there is one sweep.
-    ROWS (fused, rowwise only): also writes q[m, k] for the tile's rows, scaled by row_amax.
+    ROWS (fused, rowwise only): also writes q[m, k] for the tile's rows, scaled by row_amax;
+    STATS: counts that cast into stats_ptr.
     K_MAJOR: consecutive programs take consecutive column blocks of the same tokens (grid
     (n_k, n_p)), so the programs resident together read whole lines of x's rows.
     """
@@ -229,6 +232,8 @@ def _cols_quant_kernel(
                     if ROWS:
                         q_ptrs = q_ptr + r.to(tl.int64)[:, None] * K + cols[None, :]
                         tl.store(q_ptrs, tl_fp8_quantize_by(x, rinv), mask=in_g[:, None] & col_ok[None, :])
+                        if STATS:
+                            tl_fp8_stats_add(stats_ptr, x, rinv, in_g[:, None] & col_ok[None, :])
                         x = tl.where(g < E, x, 0.0)  # the tail's rows go to q only
                     tl.store(qt_cols + pp[:, None], tl_fp8_quantize_by(x, cinv), mask=col_ok[None, :])
 
@@ -321,13 +326,14 @@ def _grouped_launch_config(block: int, rows: bool, align: int):
 
 def _launch_grouped(
     x_MK: torch.Tensor, group_end_E: torch.Tensor, align: int, block: int, pow2_scale: bool,
-    row_index_M: torch.Tensor | None, rows: bool,
+    row_index_M: torch.Tensor | None, rows: bool, stats: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
-    """Both entry points: `rows` adds the q_MK / row_scale outputs (fused forward-input quantization)."""
+    """Both entry points: `rows` adds the q_MK / row_scale outputs (fused forward-input quantization)
+    and their cast's `stats`."""
     if x_MK.stride(1) != 1:
         x_MK = x_MK.contiguous()
     if rows and block:  # two launches (module docstring)
-        q_MK, rscale = triton_quantize_rows(x_MK, block, pow2_scale, row_index_M)
+        q_MK, rscale = triton_quantize_rows(x_MK, block, pow2_scale, row_index_M, stats)
         return (q_MK, rscale, *_launch_grouped(x_MK, group_end_E, align, block, pow2_scale, row_index_M, False))
     dev = x_MK.device
     M = x_MK.shape[0] if row_index_M is None else row_index_M.shape[0]
@@ -371,9 +377,10 @@ def _launch_grouped(
         grid, k_major = tile_grid(n_p, n_k, _K_MAJOR[(bool(block), rows)])
         _cols_quant_kernel[grid](
             x_MK, idx, group_end_E, col_amax, qt_KP, cscale, padded_end_E,
-            row_amax, q_MK, rscale,
+            row_amax, q_MK, rscale, stats if stats is not None else rscale,  # a placeholder when STATS is off
             M, K, P, x_MK.stride(0), E, align,
             HAS_IDX=row_index_M is not None, POW2=pow2_scale, BLOCKWISE=bool(block), ROWS=rows,
+            STATS=stats is not None,
             E_PAD=E_PAD, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K,
             SUB_P=SUB_P, N_CHUNKS=N_CHUNKS, ONE_SLICE=bool(block) and SUB_P == BLOCK_P, K_MAJOR=k_major,
             num_warps=warps, num_stages=_NUM_STAGES,
@@ -408,14 +415,15 @@ def triton_quantize_cols_grouped(
 
 def triton_quantize_rows_and_cols_grouped(
     x_MK: torch.Tensor, group_end_E: torch.Tensor, align: int = 16, block: int = 0, pow2_scale: bool = False,
-    row_index_M: torch.Tensor | None = None,
+    row_index_M: torch.Tensor | None = None, stats: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """quantize_rows(block_k=block) and quantize_cols_grouped(block_m=block) of the same x in one
     call: for block=128 the two kernels one after the other (faster than one kernel holding a
     128x128 tile, see the module docstring), for block=0 fused into an amax pass and one
-    quantize pass (two reads of x instead of three)."""
+    quantize pass (two reads of x instead of three). stats: q_MK's cast statistics."""
     check_quantize_rows_and_cols_grouped_args(x_MK, group_end_E, align, block)
-    return _launch_grouped(x_MK, group_end_E, align, block, pow2_scale, row_index_M, rows=True)
+    check_stats_arg(stats, x_MK, 1)
+    return _launch_grouped(x_MK, group_end_E, align, block, pow2_scale, row_index_M, rows=True, stats=stats)
 
 
 def _fake_cols_grouped(x_MK, group_end_E, align=16, block_m=0, pow2_scale=False, row_index_M=None):
@@ -423,7 +431,8 @@ def _fake_cols_grouped(x_MK, group_end_E, align=16, block_m=0, pow2_scale=False,
     return _grouped_outputs(x_MK, group_end_E, align, block_m, row_index_M, rows=False)
 
 
-def _fake_rows_and_cols_grouped(x_MK, group_end_E, align=16, block=0, pow2_scale=False, row_index_M=None):
+def _fake_rows_and_cols_grouped(x_MK, group_end_E, align=16, block=0, pow2_scale=False, row_index_M=None,
+                                stats=None):  # fmt: skip
     check_quantize_rows_and_cols_grouped_args(x_MK, group_end_E, align, block)
     return _grouped_outputs(x_MK, group_end_E, align, block, row_index_M, rows=True)
 
@@ -434,5 +443,5 @@ quantize_cols_grouped = kernel_op(
 )  # fmt: skip
 quantize_rows_and_cols_grouped = kernel_op(
     "quantize_rows_and_cols_grouped", triton_quantize_rows_and_cols_grouped, _fake_rows_and_cols_grouped,
-    torch_quantize_rows_and_cols_grouped, result=lambda out: RowsAndColsFP8(*out),
+    torch_quantize_rows_and_cols_grouped, result=lambda out: RowsAndColsFP8(*out), mutates_args=("stats",),
 )  # fmt: skip

@@ -1,6 +1,6 @@
 """Expert weights to FP8, both orientations the grouped GEMMs need, from one call.
 
-    quantize_weight(w_ENK, mode, pow2_scale, round_bf16) -> QuantizedWeight(q_ENK, scale, qt_EKN, scale_t)
+    quantize_weight(w_ENK, mode, pow2_scale, round_bf16, stats) -> QuantizedWeight(q_ENK, scale, qt_EKN, scale_t)
 
 q_ENK (forward operand, nn.Linear layout) is scaled along K, qt_EKN (contiguous (E, K, N), the
 operand of the transposed GEMM) along N:
@@ -20,6 +20,9 @@ registers, so the FP8 bytes equal those of their bf16 copy, which is never writt
 Mixtral-8x7B width: 3.67 ms with torch's fp32 -> bf16 copy first, 2.76 ms without, H200,
 bench/NOTES.md).
 
+stats: None, or an FP8 statistics buffer (kernels/fp8_stats.py) that gets q_ENK's cast counted,
+in the quantize pass (the forward operand; qt_EKN holds the same values, scaled along N).
+
 Shape letters (README.md): E experts, N output dim, K reduction dim of the forward GEMM (w_ENK is
 nn.Linear's layout per expert); Nb = N // 128, Kb = K // 128 scale blocks.
 """
@@ -35,6 +38,7 @@ import triton.language as tl
 from kernels.common import FP8_DTYPE, tl_fp8_inverse, tl_fp8_quantize_by, tl_fp8_scale
 from kernels.contracts import check_quantize_weight_args
 from kernels.dispatch import kernel_op
+from kernels.fp8_stats import check_stats_arg, tl_fp8_stats_add
 from kernels.reference import torch_quantize_weight
 
 # Loops here run over a few chunks or groups, never a pipeline's worth: no software pipelining.
@@ -110,9 +114,9 @@ def _weight_amax_kernel(
 
 @triton.jit
 def _weight_quant_kernel(
-    w_ptr, row_amax_ptr, col_amax_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, N, K,
+    w_ptr, row_amax_ptr, col_amax_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, stats_ptr, N, K,
     MODE: tl.constexpr, POW2: tl.constexpr, EVEN: tl.constexpr, ROUND_BF16: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_N: tl.constexpr, STATS: tl.constexpr,
 ):  # fmt: skip
     """Writes q (E, N, K) and qt (E, K, N) for one BLOCK_N x BLOCK_K tile, in SUB_N-row slices.
 
@@ -165,6 +169,8 @@ def _weight_quant_kernel(
         else:
             w = _load(w_ptr + base + n[:, None] * K + k[None, :], mask, EVEN, ROUND_BF16)
         _store(q_ptr + base + n[:, None] * K + k[None, :], tl_fp8_quantize_by(w, rinv), mask, EVEN)
+        if STATS:
+            tl_fp8_stats_add(stats_ptr, w, rinv, mask)
         # The transposed copy is transposed in registers (tl.trans) and stored row-major. Storing
         # the untransposed tile through transposed pointers (k * N + n) left ~25% of the rowwise
         # qt's bytes wrong from fp32 input on triton 3.6 / H200 (bf16 input was right).
@@ -173,12 +179,14 @@ def _weight_quant_kernel(
 
 
 def triton_quantize_weight(
-    w_ENK: torch.Tensor, mode: str = "rowwise", pow2_scale: bool = False, round_bf16: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    w_ENK: torch.Tensor, mode: str = "rowwise", pow2_scale: bool = False, round_bf16: bool = False,
+    stats: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Both FP8 orientations of w_ENK (see the module docstring). round_bf16: quantize the bf16
     rounding of an fp32 w_ENK (bitwise what quantizing w_ENK.to(torch.bfloat16) gives) without
-    writing that copy."""
+    writing that copy. stats: q_ENK's cast statistics."""
     check_quantize_weight_args(w_ENK, mode)
+    check_stats_arg(stats, w_ENK, 1)
     round_bf16 = round_bf16 and w_ENK.dtype != torch.bfloat16
     if w_ENK.is_cuda and w_ENK.dtype != torch.bfloat16 and mode != "rowwise" and not round_bf16:
         # On an H200 with triton 3.6 (tests/test_kernels_quantize.py::test_quantize_weight_gpu),
@@ -222,9 +230,10 @@ def triton_quantize_weight(
             num_stages=_NUM_STAGES,
         )  # fmt: skip
     _weight_quant_kernel[grid](
-        w_ENK, row_amax, col_amax, q_ENK, qt_EKN, scale, scale_t, N, K,
+        w_ENK, row_amax, col_amax, q_ENK, qt_EKN, scale, scale_t,
+        stats if stats is not None else scale, N, K,  # a placeholder pointer when STATS is off
         MODE=MODE, POW2=pow2_scale, EVEN=EVEN, ROUND_BF16=round_bf16,
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SUB_N=SUB_N, num_warps=num_warps,
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SUB_N=SUB_N, STATS=stats is not None, num_warps=num_warps,
         num_stages=_NUM_STAGES,
     )  # fmt: skip
     return q_ENK, scale, qt_EKN, scale_t
@@ -262,7 +271,7 @@ def _scale_shapes(E: int, N: int, K: int, mode: str):
     return (E,), (E,)
 
 
-def _fake_quantize_weight(w_ENK, mode="rowwise", pow2_scale=False, round_bf16=False):
+def _fake_quantize_weight(w_ENK, mode="rowwise", pow2_scale=False, round_bf16=False, stats=None):
     check_quantize_weight_args(w_ENK, mode)
     E, N, K = w_ENK.shape
     scale_shape, scale_t_shape = _scale_shapes(E, N, K, mode)
@@ -276,5 +285,5 @@ def _fake_quantize_weight(w_ENK, mode="rowwise", pow2_scale=False, round_bf16=Fa
 
 quantize_weight = kernel_op(
     "quantize_weight", triton_quantize_weight, _fake_quantize_weight, torch_quantize_weight,
-    result=lambda out: QuantizedWeight(*out),
+    result=lambda out: QuantizedWeight(*out), mutates_args=("stats",),
 )  # fmt: skip

@@ -5,7 +5,8 @@ Tests compare each kernel with its reference bit for bit (FP8 bytes, scales, off
 and under Triton's interpreter; plain CPU calls outside the interpreter run these
 (kernels/dispatch.py). References of the other kernels: kernels/reference_act.py (activation +
 quantization), kernels/reference_combine.py (unpermute + combine), kernels/reference_gemm.py
-(grouped GEMMs, and the one CPU emulation of a scaled GEMM).
+(grouped GEMMs, and the one CPU emulation of a scaled GEMM). A `stats` buffer (kernels/fp8_stats.py)
+gets the statistics of the cast its kernel counts (`torch_fp8_stats_add`).
 
 Shape letters (README.md): M rows, K reduction dim (the row length here), N output dim, E experts,
 P padded rows; Kb = K // 128, Nb = N // 128, Pb = P // 128 scale blocks.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from kernels.common import FP8_DTYPE, FP32_MIN_NORMAL, torch_fp8_inverse, torch_fp8_quantize, torch_fp8_scale
+from kernels.fp8_stats import check_stats_arg, torch_fp8_stats_add
 from kernels.contracts import (
     check_quantize_cols_grouped_args,
     check_quantize_rows_and_cols_grouped_args,
@@ -27,19 +29,23 @@ from kernels.contracts import (
 
 
 def torch_quantize_rows(
-    x_MK: torch.Tensor, block_k: int = 0, pow2_scale: bool = False, row_index_M: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x_MK: torch.Tensor, block_k: int = 0, pow2_scale: bool = False, row_index_M: torch.Tensor | None = None,
+    stats: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Quantize each row (block_k=0: scale (M,)) or each 1x128 tile (block_k=128: scale (M, Kb)).
 
     With row_index_M the rows are x_MK[row_index_M] (permute + quantize); output has that many rows.
+    stats: the statistics of q_MK's cast.
     """
     check_quantize_rows_args(x_MK, block_k)
+    check_stats_arg(stats, x_MK, 1)
     x = (x_MK if row_index_M is None else x_MK[row_index_M]).float()
     M, K = x.shape
     span = block_k or K
     spans = x.view(M, K // span, span)  # each row in K // span scale spans of `span` elements
     scale = torch_fp8_scale(spans.abs().amax(dim=2, keepdim=True), pow2_scale)
     q_MK = torch_fp8_quantize(spans, scale).view(M, K)
+    torch_fp8_stats_add(stats, spans, torch_fp8_inverse(scale))
     return q_MK, (scale.view(M) if block_k == 0 else scale.view(M, K // span))
 
 
@@ -99,43 +105,50 @@ def torch_quantize_cols_grouped(
 
 def torch_quantize_rows_and_cols_grouped(
     x_MK: torch.Tensor, group_end_E: torch.Tensor, align: int = 16, block: int = 0, pow2_scale: bool = False,
-    row_index_M: torch.Tensor | None = None,
+    row_index_M: torch.Tensor | None = None, stats: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(q_MK, row_scale) of torch_quantize_rows(block_k=block) followed by the three outputs of
-    torch_quantize_cols_grouped(block_m=block): both operands of the FP8 GroupedMLP input."""
+    torch_quantize_cols_grouped(block_m=block): both operands of the FP8 GroupedMLP input.
+    stats: the statistics of q_MK's cast (the rows, every one of the M, the forward operand)."""
     check_quantize_rows_and_cols_grouped_args(x_MK, group_end_E, align, block)
-    q_MK, row_scale = torch_quantize_rows(x_MK, block, pow2_scale, row_index_M)
+    q_MK, row_scale = torch_quantize_rows(x_MK, block, pow2_scale, row_index_M, stats)
     return (q_MK, row_scale, *torch_quantize_cols_grouped(x_MK, group_end_E, align, block, pow2_scale, row_index_M))
 
 
 def torch_quantize_weight(
-    w_ENK: torch.Tensor, mode: str = "rowwise", pow2_scale: bool = False, round_bf16: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    w_ENK: torch.Tensor, mode: str = "rowwise", pow2_scale: bool = False, round_bf16: bool = False,
+    stats: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Both FP8 operands of the expert weights, for the forward and the transposed GEMMs.
 
     Returns (q_ENK, scale, qt_EKN, scale_t): q_ENK scaled along K, qt_EKN (contiguous (E, K, N))
     scaled along N. rowwise: scale (E, N), scale_t (E, K); blockwise (128x128 blocks, N and K
     multiples of 128): scale (E, Nb, Kb) and scale_t its transpose (E, Kb, Nb), qt_EKN is
     exactly q_ENK transposed; tensorwise: scale and scale_t (E,), qt_EKN = q_ENK^T.
-    round_bf16: the values quantized are w_ENK rounded to bf16 first.
+    round_bf16: the values quantized are w_ENK rounded to bf16 first. stats: the statistics of
+    q_ENK's cast (the forward operand; the transposed copy holds the same values).
     """
     check_quantize_weight_args(w_ENK, mode)
+    check_stats_arg(stats, w_ENK, 1)
     w = (w_ENK.to(torch.bfloat16) if round_bf16 else w_ENK).float()
     E, N, K = w.shape
     if mode == "rowwise":
         scale = torch_fp8_scale(w.abs().amax(dim=2), pow2_scale)
         scale_t = torch_fp8_scale(w.abs().amax(dim=1), pow2_scale)
         q_ENK = torch_fp8_quantize(w, scale[:, :, None])
+        torch_fp8_stats_add(stats, w, torch_fp8_inverse(scale[:, :, None]))
         qt_EKN = torch_fp8_quantize(w, scale_t[:, None, :]).view(torch.uint8).transpose(1, 2)
         return q_ENK, scale, qt_EKN.contiguous().view(FP8_DTYPE), scale_t
     if mode == "blockwise":
         blocks = w.view(E, N // 128, 128, K // 128, 128)  # (E, Nb, 128, Kb, 128)
         scale = torch_fp8_scale(blocks.abs().amax(dim=(2, 4)), pow2_scale)
         q_ENK = torch_fp8_quantize(blocks, scale[:, :, None, :, None]).view(E, N, K)
+        torch_fp8_stats_add(stats, blocks, torch_fp8_inverse(scale[:, :, None, :, None]))
         scale_t = scale.transpose(1, 2).contiguous()
     else:
         scale = torch_fp8_scale(w.abs().amax(dim=(1, 2)), pow2_scale)
         q_ENK = torch_fp8_quantize(w, scale[:, None, None])
+        torch_fp8_stats_add(stats, w, torch_fp8_inverse(scale[:, None, None]))
         scale_t = scale.clone()
     qt_EKN = q_ENK.view(torch.uint8).transpose(1, 2).contiguous().view(FP8_DTYPE)
     return q_ENK, scale, qt_EKN, scale_t

@@ -20,6 +20,7 @@ import torch
 
 from kernels.common import FP8_DTYPE, dequantize
 from kernels.contracts import check_act_quant_args, check_act_quant_bwd_args
+from kernels.fp8_stats import check_stats_arg
 from kernels.reference import torch_quantize_cols_grouped, torch_quantize_rows
 
 # exp(x) = 2**n * p(r), x = n*ln2 + r, |r| <= ln2/2: n = round(x / ln2) by adding 1.5 * 2**23
@@ -96,19 +97,22 @@ def torch_act_bwd(da_MF: torch.Tensor, h_MX: torch.Tensor, activation: str) -> t
 
 
 def torch_act_quant_fwd(
-    h_MX: torch.Tensor, activation: str = "swiglu", block_k: int = 0, pow2_scale: bool = False, save_input: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    h_MX: torch.Tensor, activation: str = "swiglu", block_k: int = 0, pow2_scale: bool = False, save_input: bool = True,
+    stats: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """FP8 a = act(h) for GEMM2, and h itself in FP8 for the backward (empty unless save_input).
 
     Scales follow block_k for both: one per row (0) or per 1x128 tile (128); a's amax is taken on
-    the fp32 activation of the bf16 h.
+    the fp32 activation of the bf16 h. stats: the two casts' statistics, a then h (2 operands).
     """
     check_act_quant_args(h_MX, activation, block_k)
+    check_stats_arg(stats, h_MX, 2)
+    stats_a, stats_h = (None, None) if stats is None else stats.view(2, -1).unbind(0)
     h = h_MX.float()
-    a_q, a_scale = torch_quantize_rows(torch_act(h, activation), block_k, pow2_scale)
+    a_q, a_scale = torch_quantize_rows(torch_act(h, activation), block_k, pow2_scale, stats=stats_a)
     if not save_input:
         return a_q, a_scale, h_MX.new_empty(0, dtype=FP8_DTYPE), h_MX.new_empty(0, dtype=torch.float32)
-    h_q, h_scale = torch_quantize_rows(h, block_k, pow2_scale)
+    h_q, h_scale = torch_quantize_rows(h, block_k, pow2_scale, stats=stats_h)
     return a_q, a_scale, h_q, h_scale
 
 

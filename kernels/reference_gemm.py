@@ -34,22 +34,25 @@ def _group_ranges(ends: torch.Tensor, limit: int) -> list[tuple[int, int, int]]:
 
 def emulated_grouped_mm(a_MK: torch.Tensor, b_ENK: torch.Tensor, group_end_E: torch.Tensor | None = None):
     """fp32 out_MN: out[rows of e] = a[rows of e] @ b[e].T, rows past group_end_E[-1] zero.
-    group_end_E None: one group of every row and b (N, K), out = a @ b.T."""
-    if group_end_E is None:
-        return a_MK.float() @ b_ENK.float().T
-    out_MN = torch.zeros(a_MK.shape[0], b_ENK.shape[1], dtype=torch.float32, device=a_MK.device)
-    for e, start, end in _group_ranges(group_end_E, a_MK.shape[0]):
-        out_MN[start:end] = a_MK[start:end].float() @ b_ENK[e].float().T
-    return out_MN
+    group_end_E None: one group of every row and b (N, K), out = a @ b.T. In fp32 also under an
+    enclosing autocast (which would run the matmuls in bf16)."""
+    with torch.autocast(a_MK.device.type, enabled=False):
+        if group_end_E is None:
+            return a_MK.float() @ b_ENK.float().T
+        out_MN = torch.zeros(a_MK.shape[0], b_ENK.shape[1], dtype=torch.float32, device=a_MK.device)
+        for e, start, end in _group_ranges(group_end_E, a_MK.shape[0]):
+            out_MN[start:end] = a_MK[start:end].float() @ b_ENK[e].float().T
+        return out_MN
 
 
 def emulated_grouped_mm_wgrad(a_NP: torch.Tensor, b_KP: torch.Tensor, padded_end_E: torch.Tensor) -> torch.Tensor:
     """fp32 out_ENK: out[e] = a[:, tokens of e] @ b[:, tokens of e].T, a zero block for an expert
-    without tokens."""
+    without tokens. In fp32 also under an enclosing autocast."""
     (N, P), K = a_NP.shape, b_KP.shape[0]
     out_ENK = torch.zeros(padded_end_E.shape[0], N, K, dtype=torch.float32, device=a_NP.device)
-    for e, start, end in _group_ranges(padded_end_E, P):
-        out_ENK[e] = a_NP[:, start:end].float() @ b_KP[:, start:end].float().T
+    with torch.autocast(a_NP.device.type, enabled=False):
+        for e, start, end in _group_ranges(padded_end_E, P):
+            out_ENK[e] = a_NP[:, start:end].float() @ b_KP[:, start:end].float().T
     return out_ENK
 
 

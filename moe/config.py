@@ -118,6 +118,9 @@ class ModelConfig:
     first_k_dense: int = 0  # DeepSeek: the first k layers use a dense FFN
     dense_ffn_dim: int = 512  # hidden size of those dense FFNs
     init_std: float = 0.02
+    # The output head's cross-entropy this many rows at a time when the micro-batch has more rows,
+    # so that its fp32 logits never exist whole (moe/loss.py); 0 computes them all at once.
+    loss_chunk_rows: int = 4096
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
@@ -127,6 +130,8 @@ class ModelConfig:
     def validate(self, prefix: str = "model") -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
             require(getattr(self, name) >= 1, f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")
+        require(self.loss_chunk_rows >= 0,
+                f"{prefix}.loss_chunk_rows must be >= 0 (0: the whole micro-batch at once), got {self.loss_chunk_rows}")
         require(
             self.head_dim > 0 or self.dim % self.n_heads == 0,
             f"{prefix}.dim={self.dim} must be divisible by {prefix}.n_heads={self.n_heads} "

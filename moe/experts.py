@@ -15,6 +15,10 @@ limit) come back as unspecified values; the unpermute step masks them.
 says what it consumes: the BF16 experts compute on the rows (gathered from the tokens when they
 got tokens) and refuse FP8 rows; moe/fp8/grouped_mlp.py's gather inside their quantization and
 take FP8 rows as they come. Same constructor, same parameters.
+
+The BF16 experts cast their fp32 weights to the compute dtype themselves (autocast sees no op of
+theirs): in every forward, or once inside moe/step_casts.py `weights_cast_once` (the trainer's
+run.weight_cast=step), which hands the module its scope's copies through `_step_casts`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch import nn
 
 from moe.config import ACTIVATIONS, EXPERT_IMPLS
 from moe.dispatch import ExpertInput, compute_dtype
+from moe.step_casts import StepCasts
 
 
 def activation_fn(h_MX: torch.Tensor, activation: str) -> torch.Tensor:
@@ -79,6 +84,8 @@ def loop_grouped_mlp(
 class GroupedMLP(nn.Module):
     """E independent MLPs (SwiGLU or GELU) over rows grouped by expert."""
 
+    _step_casts: StepCasts | None = None  # inside moe/step_casts.py `weights_cast_once`
+
     def __init__(
         self,
         dim: int,
@@ -117,10 +124,17 @@ class GroupedMLP(nn.Module):
             raise ValueError(f"{type(self).__name__} cannot take FP8 rows: FP8 dispatch needs FP8 experts")
         dtype = compute_dtype(inp.x)
         x_MH = inp.rows(dtype)
-        w1_EXH, w2_EHF = self.w1.to(dtype), self.w2.to(dtype)
+        w1_EXH, w2_EHF = self._weight("w1", dtype), self._weight("w2", dtype)
         if self.impl == "loop":
             return loop_grouped_mlp(x_MH, w1_EXH, w2_EHF, inp.tokens_per_expert_E, self.activation)
         return torch_grouped_mlp(x_MH, w1_EXH, w2_EHF, inp.group_end_E(), self.activation)
+
+    def _weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """w1 or w2 in the compute dtype: the scope's copy inside weights_cast_once, else a cast."""
+        w = getattr(self, name)
+        if torch.compiler.is_compiling() or self._step_casts is None:
+            return w.to(dtype)
+        return self._step_casts.cast(self, name, w, dtype)
 
     def flops_per_row(self) -> int:
         """Forward FLOPs of one routed row (two GEMMs); x3 for forward + backward."""

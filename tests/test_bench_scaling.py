@@ -76,3 +76,42 @@ def test_scaling_tool_cpu_smoke(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 1000
     # checkpoint.at_end=false: throughput runs leave no checkpoint behind
     assert not any((tmp_path / "runs").glob("*/checkpoints/step_*"))
+
+
+def _row(ep, recipe, wire, per_gpu, base=None, again=False):
+    return {"run": f"ep{ep}_{recipe}_{wire}", "ep": ep, "gpus": ep, "recipe": recipe, "wire": wire, "again": again,
+            "ok": True, "tokens_per_s_per_gpu": per_gpu, "per_gpu_vs_ep1": per_gpu / base if base else None}
+
+
+def test_scaling_plot_names_the_model_and_draws_ideal_and_efficiency(tmp_path):
+    from bench.scaling import plot
+
+    rows = [_row(1, "bf16", "bf16", 1000.0, 1000.0), _row(1, "blockwise", "bf16", 1200.0, 1200.0),
+            _row(1, "bf16", "bf16", 990.0, again=True), _row(2, "bf16", "bf16", 900.0, 1000.0),
+            _row(2, "blockwise", "fp8", 1140.0, 1200.0), _row(2, "blockwise", "bf16", 1080.0, 1200.0),
+            _row(4, "bf16", "bf16", 800.0, 1000.0), _row(4, "blockwise", "fp8", 1020.0, 1200.0)]
+    summary = {"gpu": "4 x NVIDIA H200", "rows": rows, "settings": {
+        "scaling": "same global batch: grad_accum = max EP / EP", "model_args": "model=qwen3_30b_a3b",
+        "model": {"name": "qwen3_30b_a3b", "n_layers": 4, "dim": 2048, "num_experts": 128, "top_k": 8,
+                  "ffn_dim": 768}, "seq_len": 2048, "micro_batch_size_per_gpu": 2}}
+    fig = plot(summary, tmp_path / "scaling.png")
+    assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (ax,) = fig.axes
+    assert ax.get_xlabel() == "GPUs (EP size)" and ax.get_ylabel().startswith("tokens/s per GPU")
+    title = ax.get_title()
+    assert "4 x NVIDIA H200" in title and "one global batch" in title and "seq 2048" in title
+    assert "qwen3_30b_a3b: 4 layers, dim 2048, 128 experts of ffn 768, top-8" in title
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    # the EP=1 run starts both wire series of its recipe; the rerun is no point
+    assert list(lines["bf16"].get_xdata()) == [1, 2, 4] and list(lines["bf16"].get_ydata()) == [1000, 900, 800]
+    assert list(lines["blockwise (fp8 on the wire)"].get_xdata()) == [1, 2, 4]
+    assert list(lines["blockwise (bf16 on the wire)"].get_ydata()) == [1200, 1080]
+    # ideal: flat at each recipe's EP=1 tokens/s per GPU
+    assert list(lines["bf16 ideal (EP=1 tokens/s per GPU)"].get_ydata()) == [1000, 1000]
+    assert list(lines["blockwise ideal (EP=1 tokens/s per GPU)"].get_ydata()) == [1200, 1200]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(legend) == 5 and "blockwise (fp8 on the wire)" in legend
+    # efficiency per EP > 1 point, at that point
+    notes = {(t.xy, t.get_text()) for t in ax.texts}
+    assert notes == {((2, 900.0), "90%"), ((4, 800.0), "80%"), ((2, 1140.0), "95%"), ((4, 1020.0), "85%"),
+                     ((2, 1080.0), "90%")}

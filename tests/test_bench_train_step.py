@@ -1,4 +1,5 @@
-"""bench/train_step.py on CPU: its model configs (the loss-parity model among them).
+"""bench/train_step.py on CPU: its model configs (the loss-parity model and the Qwen3 slice among
+them), each impl's overrides, the speedup columns.
 
 The timing itself needs a GPU; here the configs it composes are checked against what the
 experiments promise (tests/test_input_errors.py checks that it refuses without a GPU and never
@@ -11,6 +12,7 @@ import torch
 from bench import train_step
 from moe.counting import count_params, training_flops_per_token
 from moe.model import MoETransformer
+from trainer.memory_plan import GIB, REFUSE_RATIO, plan_memory
 
 
 def _counts(cfg):
@@ -19,7 +21,7 @@ def _counts(cfg):
     return count_params(model), training_flops_per_token(model, cfg.run.seq_len)
 
 
-@pytest.mark.parametrize("impl", train_step.IMPLS)
+@pytest.mark.parametrize("impl", ["bf16", "rowwise", "blockwise"])
 def test_parity_model_is_issue_7_sized(impl):
     cfg = train_step.compose_config("parity_300m", impl, steps=13, extra=[])
     assert cfg.fp8.experts == impl and cfg.data.kind == "mock" and cfg.data.mock_vocab_size == 32000
@@ -53,3 +55,42 @@ def test_parity_experiment_as_train_py_runs_it():
 def test_mixtral_2layer_row():
     cfg = train_step.compose_config("mixtral_2layer", "rowwise", steps=13, extra=[])
     assert (cfg.model.dim, cfg.model.n_layers, cfg.model.moe.num_experts, cfg.run.seq_len) == (4096, 2, 8, 4096)
+
+
+@pytest.mark.parametrize("model", list(train_step.MODELS))
+def test_every_impl_row_composes(model):
+    cfgs = {impl: train_step.compose_config(model, impl, steps=13, extra=[]) for impl in train_step.IMPLS}
+    assert {i: c.fp8.experts for i, c in cfgs.items()} == {
+        "bf16": "bf16", "rowwise": "rowwise", "blockwise": "blockwise", "bf16_forward_cast": "bf16"}
+    # The reference is the default BF16 step; the old one differs in exactly the two knobs.
+    ref, old = cfgs["bf16"], cfgs["bf16_forward_cast"]
+    assert (ref.run.weight_cast, ref.optim.fused) == ("step", True)
+    assert (old.run.weight_cast, old.optim.fused) == ("forward", False)
+    old.run.weight_cast, old.optim.fused = ref.run.weight_cast, ref.optim.fused
+    assert old == ref
+
+
+def test_qwen3_slice_fits_one_80gb_gpu_with_the_plans_margin():
+    h100_bytes = 79 * GIB  # an H100 80 GB's torch.cuda total_memory is ~79.1 GiB
+    for impl in train_step.IMPLS:
+        cfg = train_step.compose_config("qwen3_slice", impl, steps=13, extra=[])
+        m = cfg.model
+        assert (m.dim, m.n_layers, m.moe.num_experts, m.moe.top_k, m.vocab_size) == (2048, 4, 128, 8, 151936)
+        assert (cfg.run.seq_len, cfg.run.grad_accum, cfg.run.activation_checkpointing) == (4096, 1, False)
+        plan = plan_memory(cfg, 1)
+        assert plan.total_bytes * REFUSE_RATIO <= h100_bytes, (impl, plan.gib)
+    # One more sequence would not fit BF16, the recipe that needs the most: the slice fills the GPU.
+    cfg = train_step.compose_config("qwen3_slice", "bf16", steps=13, extra=[])
+    cfg.run.micro_batch_size += 1
+    assert plan_memory(cfg, 1).total_bytes * REFUSE_RATIO > h100_bytes
+
+
+def test_speedups_against_both_references():
+    rows = [{"model": "m", "impl": "bf16", "tokens_per_s": 100.0},
+            {"model": "m", "impl": "rowwise", "tokens_per_s": 150.0},
+            {"model": "m", "impl": "bf16_forward_cast", "tokens_per_s": 80.0},
+            {"model": "n", "impl": "rowwise", "tokens_per_s": 10.0},
+            {"model": "m", "impl": "blockwise", "tokens_per_s": None, "error": "x"}]  # fmt: skip
+    train_step.add_speedups(rows)
+    assert [r.get("speedup_vs_bf16") for r in rows] == [1.0, 1.5, 0.8, None, None]
+    assert [r.get("speedup_vs_bf16_forward_cast") for r in rows] == [1.25, 1.875, 1.0, None, None]

@@ -189,6 +189,7 @@ def _validated(overrides):
         (["optim.lr=inf"], r"optim\.lr must be finite and > 0, got inf"),
         (["optim.lr=nan"], r"optim\.lr must be finite and > 0, got nan"),
         (["logging.expert_hist_interval=-1"], r"logging\.expert_hist_interval must be >= 0"),
+        (["logging.wandb_id=a/b"], r"logging\.wandb_id must be at most 64 letters, digits, '-' or '_'.*'a/b'"),
         (["run.name=''"], r"run\.name must not be empty"),
         (["data.seed=-1"], r"data\.seed=-1: must be in \[0, 2\*\*32\)"),
     ],

@@ -170,7 +170,14 @@ def fp64_dequant(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.double() * scale.double()[:, blk[1][:, None], blk[2][None, :]]
 
 
-def test_references_against_fp64():
+@pytest.mark.parametrize("autocast", [False, True])
+def test_references_against_fp64(autocast):
+    """fp32 arithmetic, also inside a bf16 autocast region (a training step's forward)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        _check_references_against_fp64()
+
+
+def _check_references_against_fp64():
     a_q, a_s, b_q, b_s, group_end = grouped_inputs(M, K, N, SIZES, seed=4)
     a64, b64 = fp64_dequant(a_q, a_s), fp64_dequant(b_q, b_s)
     want = torch.zeros(M, N, dtype=torch.float64)

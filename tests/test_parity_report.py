@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tools import parity_report, parity_stats
+from tools import parity_plot, parity_report, parity_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {
-    "model": {"name": "synthetic", "dim": 8},
+    "model": {"name": "synthetic", "dim": 8, "n_layers": 2, "moe": {"num_experts": 4, "top_k": 2}},
     "data": {"kind": "megatron", "paths": ["/corpora/synth"], "split": "98,2,0", "seed": 0, "num_workers": 2},
     "optim": {"lr": 1e-3},
     "run": {"seed": 0, "seq_len": 16, "micro_batch_size": 2, "grad_accum": 1, "dtype": "bfloat16", "steps": 200},
@@ -219,3 +219,33 @@ def test_duplicate_runs_steps_baseline_and_files_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty has no metrics.jsonl and no run directory"):
         parity_report.report([tmp_path / "synth-bf16-s1", tmp_path / "empty"], out=tmp_path / "o")
+
+
+def test_parity_plot_shows_the_gap_against_bf16_noise_with_labels(tmp_path):
+    """parity.png as the report draws it: labelled axes and panels, the model in the title, BF16's
+    seed-to-seed spread on the gap axis, and the last-10% figure printed."""
+    for seed in (1, 2):
+        make_run(tmp_path / "runs", "bf16", seed, base=5.0 + seed / 100)
+        make_run(tmp_path / "runs", "rowwise", seed, base=5.0 + seed / 100, gap=lambda s: 0.002)
+    runs = [parity_report.load_run(p) for p in parity_report.expand_run_dirs([tmp_path / "runs"])]
+    fig = parity_plot.plot(parity_report.group_runs(runs), tmp_path / "parity.png")
+    assert (tmp_path / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    top, bottom = fig.axes
+    assert top.get_ylabel() == "training loss" and bottom.get_ylabel() == "(fp8 - bf16) / bf16 [%]"
+    assert bottom.get_xlabel() == "tokens [k]" and "paired by seed" in bottom.get_title()
+    assert "synth" in top.get_title() and "synthetic: 2 layers, dim 8, 4 experts top-2" in top.get_title()
+    assert "2 seed(s)" in top.get_title()
+    top_labels = [t.get_text() for t in top.get_legend().get_texts()]
+    assert top_labels[:3] == ["bf16 mean of 2 seed(s)", "bf16 seed band (min..max)", "rowwise mean"]
+    labels = [t.get_text() for t in bottom.get_legend().get_texts()]
+    for label in ("bf16 seed-to-seed spread (+-rel. std)", "rowwise mean paired gap", "rowwise 95% interval",
+                  "slope test window", "last 10% of steps"):
+        assert label in labels, labels
+    # the spread band: +-std/mean of the two BF16 losses, widest at the last step (the lowest mean)
+    band = next(c for c in bottom.collections if c.get_label().startswith("bf16 seed-to-seed"))
+    widest = max(abs(y) for path in band.get_paths() for y in path.vertices[:, 1])
+    assert widest == pytest.approx(100 * 0.01 / math.sqrt(2) / (5.015 - 0.2), rel=1e-6)
+    # last 10%: steps 190 and 200; the gap is 0.2% in every pair, the BF16 spread std/mean there
+    spread = 100 * 0.01 / math.sqrt(2) / (5.015 - 0.195)
+    assert bottom.get_title().splitlines()[1:] == [f"last 10% of steps, bf16 seed spread {spread:.3f}%:",
+                                                   "rowwise +0.200% [95% CI +0.200%, +0.200%]"]

@@ -25,6 +25,7 @@ Writes into --out (default: <first run's parent>/parity):
   parity.png              per corpus, against tokens: the BF16 mean training loss with its seed band
                           (min..max over seeds), each FP8 recipe's mean, validation means as markers;
                           below, each recipe's mean paired relative gap with its 95% interval band
+                          against BF16's seed-to-seed spread, and its last-10% figure printed
 and logs them to wandb (a `parity_report` job in the runs' group) when the runs logged to wandb
 and wandb is importable; a wandb failure only warns. tools/parity_stats.py defines every number.
 """
@@ -383,7 +384,8 @@ def report(run_dirs: Sequence[str | os.PathLike], out: Optional[str | os.PathLik
                            **provenance([*base_runs, *fp8_runs]))
             (out_dir / f"{slug(corpus)}-{slug(label)}.json").write_text(json.dumps(summary, indent=1) + "\n")
             summaries.append(summary)
-    png = parity_plot.plot(groups, out_dir / "parity.png")
+    png = out_dir / "parity.png"
+    parity_plot.plot(groups, png)
     table = markdown_table(summaries)
     (out_dir / "parity.md").write_text(table)
     print(table, end="")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from interop.hf_config import EXPORT_DTYPES
+
 
 @dataclass
 class CheckpointConfig:
@@ -27,6 +29,12 @@ class CheckpointConfig:
     apply_changes: on resume, apply this run's values where they differ from the checkpoint's
         in what decides the trajectory (optimizer, lr schedule, data, batch, FP8 recipe, seed)
         instead of refusing the resume (trainer/resume.py).
+    init_from_hf: a Hugging Face model directory (config.json + safetensors) a fresh start takes
+        its weights from, each rank reading only its shards (interop/hf_import.py); the model
+        config must have its architecture. A resumed run keeps its checkpoint's weights.
+    export_hf_at_end: after the last step, convert the final checkpoint (so at_end must be true)
+        into an HF model directory, export_hf_dir ("" = <run dir>/hf), in export_hf_dtype
+        (interop/hf_export.py; tools/hf_export.py converts any saved checkpoint).
     """
 
     dir: str = ""
@@ -37,6 +45,10 @@ class CheckpointConfig:
     at_end: bool = True
     verify: bool = True
     apply_changes: bool = False
+    init_from_hf: str = ""
+    export_hf_at_end: bool = False
+    export_hf_dir: str = ""
+    export_hf_dtype: str = "bfloat16"  # one of interop.hf_config.EXPORT_DTYPES
 
     def __post_init__(self) -> None:
         self.validate()
@@ -56,7 +68,17 @@ class CheckpointConfig:
         if not isinstance(self.resume, str) or not self.resume:
             raise ValueError(f"checkpoint.resume must be 'auto', 'none' or the path of a "
                              f"checkpoint directory, got {self.resume!r}")
-        for name in ("at_end", "verify", "apply_changes"):
+        for name in ("at_end", "verify", "apply_changes", "export_hf_at_end"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"checkpoint.{name} must be true or false, "
                                  f"got {getattr(self, name)!r}")
+        for name in ("init_from_hf", "export_hf_dir"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"checkpoint.{name} must be a directory path or '', "
+                                 f"got {getattr(self, name)!r}")
+        if self.export_hf_dtype not in EXPORT_DTYPES:
+            raise ValueError(f"checkpoint.export_hf_dtype must be one of {EXPORT_DTYPES}, "
+                             f"got {self.export_hf_dtype!r}")
+        if self.export_hf_at_end and not self.at_end:
+            raise ValueError("checkpoint.export_hf_at_end=true converts the checkpoint saved after "
+                             "the last step: it needs checkpoint.at_end=true")

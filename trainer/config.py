@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,14 +19,17 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from interop.hf_config import check_exportable_at_end
 from moe.config import ModelConfig, require
 from moe.fp8.recipe import FP8Config
 from trainer.checkpoint import CheckpointConfig
 from trainer.data import DataConfig
+from trainer.profiling import ProfileConfig
 
 DP_BACKENDS = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("bfloat16", "float32")
+WEIGHT_CASTS = ("step", "forward")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -42,11 +46,17 @@ class RunConfig:
     seed: int = 1234
     device: str = "auto"  # auto: cuda when present, else cpu
     dtype: str = "bfloat16"  # compute dtype under autocast; parameters stay fp32
+    # When the fp32 weights are cast to run.dtype (one of WEIGHT_CASTS): "step", once per optimizer
+    # step, every micro-batch computing with those copies (the same numbers); "forward", in every
+    # forward (a reference for benchmarks). trainer/loop.py `Trainer._step_casts` says how.
+    weight_cast: str = "step"
     compile: bool = False  # torch.compile each block
     activation_checkpointing: bool = False  # recompute each block in backward
     eval_interval: int = 100  # steps between validation passes (0 disables)
     eval_steps: int = 10  # micro-batches per validation pass
     max_nonfinite_steps: int = 5  # consecutive non-finite losses before the run stops
+    # A torch.profiler trace (+ a CUDA memory snapshot) of chosen steps (trainer/profiling.py).
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 @dataclass
@@ -59,6 +69,9 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm (0 disables)
+    # AdamW's fused implementation (one kernel pass over each group); false: its foreach one. The
+    # same update up to fp32 rounding; a checkpoint saved with either resumes with the other.
+    fused: bool = True
     # The lr schedule's length in steps; 0: run.steps of the run that starts it. A resume keeps
     # the checkpoint's length (trainer/resume.py), so a longer run.steps does not re-stretch it.
     schedule_steps: int = 0
@@ -101,10 +114,32 @@ class LoggingConfig:
     project: str = "fp8moe"
     group: str = ""  # pairs runs (a bf16 and an fp8 run of one experiment); default: run.name
     job_type: str = ""  # default: fp8.experts ("bf16", "rowwise", ...)
+    # The wandb run every launch of this run directory writes into; "": derived from run.name and
+    # the directory (trainer/metrics.py wandb_run_id). Set it to continue a run from a moved directory.
+    wandb_id: str = ""
     expert_hist_interval: int = 50  # steps between per-expert load histograms (0 disables)
     # Steps between SQNR probes of the FP8 experts (moe/fp8/sqnr_probe.py: FP8 against BF16 on
     # one micro-batch, sqnr/L{i}/{y,dx,dw1,dw2} in dB; 0 disables).
     sqnr_interval: int = 0
+    # Every N-th step the FP8 experts count amax, underflow and saturation per operand
+    # (moe/fp8/stats.py: fp8/layer{i}/{operand}/... in each log window; 0 disables, at no cost),
+    # and the shares past which a warning names the layer and operand.
+    fp8_stats_interval: int = 0
+    fp8_saturation_warn: float = 1e-3  # share of an operand's values clipped at 448
+    fp8_underflow_warn: float = 0.1  # share of an operand's values, nonzero, cast to zero
+
+
+def check_fp8_stats(lg: LoggingConfig, compile_blocks: bool) -> None:
+    """The logging.fp8_* fields; the statistics are counted in eager mode only (their buffers are
+    set on the modules between steps, which a compiled graph does not see)."""
+    require(lg.fp8_stats_interval >= 0,
+            f"logging.fp8_stats_interval must be >= 0 (0 disables), got {lg.fp8_stats_interval}")  # fmt: skip
+    for name in ("fp8_saturation_warn", "fp8_underflow_warn"):
+        value = getattr(lg, name)
+        require(0.0 <= value <= 1.0, f"logging.{name} must be a share in [0, 1], got {value}")
+    require(not (lg.fp8_stats_interval and compile_blocks),
+            f"logging.fp8_stats_interval={lg.fp8_stats_interval} counts FP8 statistics in eager mode only; "
+            "with run.compile=true set logging.fp8_stats_interval=0")  # fmt: skip
 
 
 @dataclass
@@ -132,10 +167,13 @@ class TrainConfig:
         )
         require(run.device in DEVICES, f"run.device must be one of {DEVICES}, got {run.device!r}")
         require(run.dtype in DTYPES, f"run.dtype must be one of {DTYPES}, got {run.dtype!r}")
+        require(run.weight_cast in WEIGHT_CASTS,
+                f"run.weight_cast must be one of {WEIGHT_CASTS}, got {run.weight_cast!r}")  # fmt: skip
         require(run.dry_run_gpus >= 0,
                 f"run.dry_run_gpus must be >= 0 (0: the launch's world size), got {run.dry_run_gpus}")  # fmt: skip
         require(run.max_nonfinite_steps >= 1,
                 f"run.max_nonfinite_steps must be >= 1, got {run.max_nonfinite_steps}")
+        run.profile.validate(run.steps)
         require(run.eval_interval >= 0,
                 f"run.eval_interval must be >= 0 (0 disables validation), got {run.eval_interval}")
         least = 1 if run.eval_interval > 0 else 0
@@ -163,13 +201,19 @@ class TrainConfig:
             f"logging.wandb must be one of {WANDB_MODES}, got {self.logging.wandb!r}",
         )
         require(self.logging.interval >= 1, f"logging.interval must be >= 1, got {self.logging.interval}")
+        require(re.fullmatch(r"[A-Za-z0-9_-]{0,64}", self.logging.wandb_id) is not None,
+                f"logging.wandb_id must be at most 64 letters, digits, '-' or '_' (empty: derived from "
+                f"run.name), got {self.logging.wandb_id!r}")  # fmt: skip
         require(
             self.logging.expert_hist_interval >= 0,
             f"logging.expert_hist_interval must be >= 0 (0 disables), got {self.logging.expert_hist_interval}",
         )
         require(self.logging.sqnr_interval >= 0,
                 f"logging.sqnr_interval must be >= 0 (0 disables), got {self.logging.sqnr_interval}")  # fmt: skip
+        check_fp8_stats(self.logging, self.run.compile)
         # Last: relations between groups, once each group is known to be sound on its own.
+        if self.checkpoint.export_hf_at_end:
+            check_exportable_at_end(self.model)  # before training, not after it
         par = self.parallel
         require(
             self.fp8.gemms == "all" or par.ep == 1 or not par.fp8_dispatch,

@@ -17,11 +17,13 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.checkpoint import checkpoint
 
+from interop.trainer_hooks import init_from_hf
 from moe.comm_timer import CommTimer
 from moe.counting import count_params, training_flops_per_token
 from moe.fp8.sqnr_probe import probe as sqnr_probe
 from moe.fp8.training import Fp8Training
 from moe.model import MoETransformer
+from moe.step_casts import weights_cast_once
 from trainer.checkpoint import CheckpointManager
 from trainer.config import TrainConfig
 from trainer.data import build_train_valid
@@ -105,7 +107,7 @@ class Trainer:
         self.data.check_model_vocab(cfg.model.vocab_size)
         # EP only: with one EP rank nothing travels, and a2a_ms / a2a_share are logged as None.
         self.comm_timer = CommTimer(env.device) if env.ep > 1 else None
-        self.fp8 = Fp8Training(cfg.fp8, grad_accum=run.grad_accum)
+        self.fp8 = Fp8Training(cfg.fp8, grad_accum=run.grad_accum, stats_interval=cfg.logging.fp8_stats_interval)
         self.model = build(cfg, env, self.fp8, self.comm_timer)
         self.counts = count_params(self.model)
         self.flops_per_token = training_flops_per_token(self.model, run.seq_len)
@@ -145,6 +147,7 @@ class Trainer:
     def resume(self) -> None:
         state = self.app_state()
         if self.ckpt.load(state) is None:
+            init_from_hf(self)  # a fresh start: checkpoint.init_from_hf's weights, if it names any
             return
         meta = state["meta"]
         self.step = int(meta["step"])
@@ -172,6 +175,22 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
 
+    def _step_casts(self):
+        """run.weight_cast=step with run.grad_accum > 1: the step's micro-batches compute with one
+        cast of each fp32 weight (moe/step_casts.py), made by the first forward and let go after
+        the last backward, before clipping and the optimizer step (no copy outlives the step).
+        Otherwise every forward casts: one micro-batch casts once a step anyway, and frees each
+        cast as its backward goes, off backward's end where every gradient is new. Memory: a
+        backward that keeps the copies to its end stays below the start of the next backward (or
+        its own, for the last), which holds every copy, every gradient and the activations.
+        FSDP with run.dtype=bfloat16 gathers the blocks in bf16, leaving only its fp32 root's
+        output layer to cast; a re-gather within the step brings the same values (weights change
+        only in the optimizer step, after the scope), so no kept copy can be stale."""
+        run = self.cfg.run
+        if run.weight_cast == "step" and run.grad_accum > 1 and self.autocast_dtype is not None:
+            return weights_cast_once(self.model)
+        return contextlib.nullcontext()
+
     def _forward(self, batch: dict, model) -> tuple[torch.Tensor, torch.Tensor, object]:
         tokens = batch["tokens"].to(self.env.device, non_blocking=True)
         labels = batch["labels"].to(self.env.device, non_blocking=True)
@@ -185,41 +204,47 @@ class Trainer:
         lm_loss_sum = torch.zeros((), device=env.device, dtype=torch.float64)
         aux_sum = torch.zeros((), device=env.device, dtype=torch.float64)
         counts_YE = None
-        for micro in range(accum):
-            batch = next(train_iter)
-            last = micro == accum - 1
-            sync = contextlib.nullcontext()
-            if env.fsdp:  # reduce-scatter once, on the last micro-batch
-                self.model.set_requires_gradient_sync(last)
-            elif env.distributed and not last and hasattr(self.wrapped, "no_sync"):
-                sync = self.wrapped.no_sync()  # DDP: all-reduce gradients once, on the last micro-batch
-            with sync:
-                lm_loss, aux_loss, out = self._forward(batch, self.wrapped)
-                ((lm_loss + aux_loss) / accum).backward()
-            lm_loss_sum += lm_loss.detach()
-            aux_sum += aux_loss.detach()
-            if out.tokens_per_expert_YE is not None:
-                counts_YE = out.tokens_per_expert_YE if counts_YE is None else counts_YE + out.tokens_per_expert_YE
+        layer_aux: dict[str, torch.Tensor] = {}  # per kind, (Y,): each MoE layer's balancing loss
+        self.fp8.before_step(self.model, self.step + 1)  # logging.fp8_stats_interval's steps count
+        with self._step_casts():
+            for micro in range(accum):
+                batch = next(train_iter)
+                last = micro == accum - 1
+                sync = contextlib.nullcontext()
+                if env.fsdp:  # reduce-scatter once, on the last micro-batch
+                    self.model.set_requires_gradient_sync(last)
+                elif env.distributed and not last and hasattr(self.wrapped, "no_sync"):
+                    sync = self.wrapped.no_sync()  # DDP: all-reduce gradients once, on the last micro-batch
+                with sync:
+                    lm_loss, aux_loss, out = self._forward(batch, self.wrapped)
+                    ((lm_loss + aux_loss) / accum).backward()
+                lm_loss_sum += lm_loss.detach()
+                aux_sum += aux_loss.detach()
+                if out.tokens_per_expert_YE is not None:
+                    counts_YE = out.tokens_per_expert_YE if counts_YE is None else counts_YE + out.tokens_per_expert_YE
+                for name, value_Y in out.layer_aux_losses.items():
+                    layer_aux[name] = layer_aux[name] + value_Y if name in layer_aux else value_Y
         self.consumed_samples += self.global_batch
         self.fp8.after_backward(self.model)
 
-        # One host synchronisation per step: the loss decides whether the step is applied, and
-        # rank 0's clock whether a timed checkpoint is due (every rank must save at the same step).
+        # One host synchronisation per step: the loss decides whether the step is applied, the
+        # gradient norm too, and rank 0's clock whether a timed checkpoint is due (every rank must
+        # save at the same step). The norm is taken (and the gradients clipped) before the loss is
+        # known: a step with a non-finite loss is skipped and its gradients dropped either way.
         due = float(env.is_main and self._save_timer_due())
         stats = torch.stack([lm_loss_sum / accum, aux_sum / accum, torch.full_like(lm_loss_sum, due)]).float()
         all_reduce_(stats, env)
-        lm_sum, aux_sum, due_sum = stats.tolist()  # the step's one read back to the host
+        if env.ep > 1 and not env.fsdp:
+            reduce_gradients(self.model, env)  # EP replaces DDP's all-reduce (trainer/parallel.py)
+        # max_norm=inf measures without clipping.
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        norm = clip_grad_norm_(self.model, max_norm, env)
+        lm_sum, aux_sum, due_sum, grad_norm = torch.cat([stats, norm.reshape(1).float()]).tolist()  # the one read
         lm_loss, aux_loss = lm_sum / env.world_size, aux_sum / env.world_size
         self.timed_save_due = due_sum > 0
         finite = math.isfinite(lm_loss) and math.isfinite(aux_loss)
-        grad_norm = float("nan")
-        if env.ep > 1 and not env.fsdp:
-            reduce_gradients(self.model, env)  # EP replaces DDP's all-reduce (trainer/parallel.py)
-        if finite:
-            # max_norm=inf measures without clipping.
-            max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = float(clip_grad_norm_(self.model, max_norm, env))
-            finite = math.isfinite(grad_norm)
+        grad_norm = grad_norm if finite else float("nan")  # a skipped step's gradients mean nothing
+        finite = finite and math.isfinite(grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         if finite:
             self.optimizer.step()
@@ -247,7 +272,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        result = {"loss": lm_loss, "aux_loss": aux_loss, "grad_norm": grad_norm, "lr": lr, "counts_YE": counts_YE}
+        result = {"loss": lm_loss, "aux_loss": aux_loss, "grad_norm": grad_norm, "lr": lr, "counts_YE": counts_YE,
+                  "layer_aux_Y": {name: v / accum for name, v in layer_aux.items()}}  # fmt: skip
         every = cfg.logging.sqnr_interval
         if every and self.step % every == 0:  # FP8 against BF16 experts on this step's last micro-batch
             result["sqnr"] = sqnr_probe(self.model, lambda: self._forward(batch, self.model))

@@ -7,13 +7,16 @@ local to the rank, R rows its experts receive, F expert FFN, X = 2F (SwiGLU) or 
 
 c is the compute dtype's size: 2 under bf16 autocast, where the residual stream stays fp32 (4);
 4 with run.dtype=float32 (nothing is cast). Saved for backward:
-- RMSNorm: its fp32 input and its normalised fp32 output, 4TH each, and the rsqrt, 4T.
+- RMSNorm (kernels/rmsnorm.py, the FFN norm fused with the attention's residual add): the fp32
+  residual stream it normalises (its input, or the sum it makes) 4TH and the rsqrt 4T.
 - nn.Linear: its input cast to c bytes (q, k and v each cast their own: 3cTH) and, unless FSDP
   gathers bf16 parameters, autocast's cast of the weight (c bytes a parameter: `weight_copy_bytes`).
   Float8Linear: its input as FP8 columns (T rounded up to 16, one byte each); its FP8 weights are
   a cache of the whole step (trainer/memory_plan.py counts them).
-- SDPA: q, and k and v after the GQA repeat (Q heads each), its output: 4cTQD, and the
-  log-sum-exp 4TQ. qk_norm: each head norm's fp32 input and output, 8T(Q+J)D, rsqrt 4T(Q+J).
+- SDPA: q and its output (Q heads), k and v (J heads: no GQA repeat), 2cT(Q+J)D, and the
+  log-sum-exp 4TQ; its output, written (B, S, Q, D), is the storage an nn.Linear output
+  projection saves as its input (counted there). qk_norm: each head norm's c-byte input
+  cT(Q+J)D and rsqrt 4T(Q+J). RoPE saves nothing (its tables are buffers).
 - SwiGLU MLPs (dense, shared experts): h cTX, silu(gate) cTF; the second Linear's input is a.
 - Router: its fp32 input 4TH, the scores 4TE (and the logits for the z-loss, 4TE + 4T), the top-k
   weights and ids 12TA, 4T for the renormalisation.
@@ -24,8 +27,9 @@ c is the compute dtype's size: 2 under bf16 autocast, where the residual stream 
   the rows are gathered inside the quantization). Their transposed FP8 weights live on the
   autograd context (trainer/memory_plan.py: FP8 weight copies).
 - Under EP, the regrouping permutation and its inverse, 16R.
-- Head: the final norm 8TH + 4T, the output projection's input cTH, cross-entropy's fp32
-  log-probabilities 4TV; token ids and labels 8T each.
+- Head: the final norm 4TH + 4T and the token ids 8T; with 0 < model.loss_chunk_rows < T
+  (moe/loss.py) the gradients made in forward, dh 4TH and dW 4VH, else the output projection's
+  input cTH, cross-entropy's fp32 log-probabilities 4TV and the labels 8T.
 R is T*A under balanced routing (an EP rank receives its group's rows for its experts: the same
 mean); a skewed router gives some ranks more.
 """
@@ -59,11 +63,12 @@ def _linears_bytes(module: nn.Module, T: int, c: int) -> int:
 
 def _attention_bytes(attn: Attention, T: int, c: int) -> int:
     Q, J, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    saved = _linears_bytes(attn, T, c) + 4 * c * T * Q * D + FP32 * T * Q
+    out = c * T * Q * D if type(attn.wo) is not nn.Linear else 0  # else wo's input: the same storage
+    saved = _linears_bytes(attn, T, c) + c * T * (Q + 2 * J) * D + out + FP32 * T * Q
     if c == FP32:  # nothing is cast: q, k and v save the one fp32 input they share
         saved -= sum(linear_input_bytes(m, T, c) for m in (attn.wk, attn.wv) if type(m) is nn.Linear)
     if attn.q_norm is not None:
-        saved += 2 * FP32 * T * (Q + J) * D + FP32 * T * (Q + J)
+        saved += c * T * (Q + J) * D + FP32 * T * (Q + J)
     return saved
 
 
@@ -118,7 +123,7 @@ def experts_backward_bytes(experts: GroupedMLP, R: int, c: int, ep: int = 1) -> 
 def block_activation_bytes(block: Block, T: int, c: int, ep: int = 1, intermediate: str = "fp8") -> int:
     """Bytes block `block` saves for backward over T tokens (not its weight copies)."""
     H = block.attn_norm.weight.numel()
-    saved = 2 * (2 * FP32 * T * H + FP32 * T) + _attention_bytes(block.attn, T, c)
+    saved = 2 * (FP32 * T * H + FP32 * T) + _attention_bytes(block.attn, T, c)
     if not block.is_moe:
         return saved + _mlp_bytes(block.ffn, T, c)
     layer = block.ffn
@@ -137,7 +142,33 @@ def block_activation_bytes(block: Block, T: int, c: int, ep: int = 1, intermedia
 def head_activation_bytes(model: MoETransformer, T: int, c: int) -> int:
     """The final norm, the output projection and cross-entropy, the embedding's token ids."""
     H, V = model.cfg.dim, model.cfg.vocab_size
-    return 2 * FP32 * T * H + FP32 * T + linear_input_bytes(model.output, T, c) + FP32 * T * V + 2 * INDEX * T
+    norm_and_ids = FP32 * T * H + FP32 * T + INDEX * T
+    if _chunked_loss(model, T):
+        return norm_and_ids + FP32 * T * H + FP32 * V * H
+    return norm_and_ids + linear_input_bytes(model.output, T, c) + FP32 * T * V + INDEX * T
+
+
+def _chunked_loss(model: MoETransformer, T: int) -> bool:
+    return 0 < model.cfg.loss_chunk_rows < T
+
+
+def cross_entropy_bytes(model: MoETransformer, T: int, c: int) -> tuple[int, int, str]:
+    """(forward, backward, what) beyond the saved head: the working set of the loss. Plain: the
+    logits and their fp32 copy, then backward's two fp32 T x V tensors. Chunked: the weight's
+    cast, and the larger of a chunk's two fp32 rows x V tensors (its fp32 logits, then their
+    log-probabilities) and its gradient's cast with the chunk's dW (compute dtype); backward
+    scales dh and dW into new tensors."""
+    H, V, rows = model.cfg.dim, model.cfg.vocab_size, model.cfg.loss_chunk_rows
+    cast = c if c != FP32 else 0
+    if not _chunked_loss(model, T):
+        return (c + cast) * T * V, 2 * FP32 * T * V, "two fp32 T x V tensors"
+    fwd = max(2 * FP32 * rows * V, c * rows * V + c * V * H) + cast * V * H
+    return fwd, FP32 * (T + V) * H, "one chunk's logits; dh and dW scaled"
+
+
+def head_weight_copy_bytes(model: MoETransformer, T: int, c: int) -> int:
+    """Autocast's cast of the output head's weight, saved for backward by the plain loss only."""
+    return 0 if _chunked_loss(model, T) else weight_copy_bytes(model.output, c)
 
 
 def block_input_bytes(model: MoETransformer, T: int) -> int:

@@ -22,11 +22,15 @@ its recompute.
 
 Peak = parameters + optimizer state (+ buckets) + CONTEXT_BYTES + the larger of two phases:
     forward/backward  weight copies, FP8 copies, FSDP's unsharded blocks, and the largest of
-                      (every saved activation + the cross-entropy backward's two fp32 T x V
-                      tensors + the head's gradients) and each point of backward, where block b's
-                      activations are traded for its gradients (all gradients with grad_accum > 1)
-    optimizer step    every gradient + AdamW's foreach temporary (sqrt of exp_avg_sq: 4 bytes a
-                      parameter of its largest group) or EP's flattened gradient reduction
+                      (every saved activation + the cross-entropy's working set (plain:
+                      backward's two fp32 T x V tensors) + the head's gradients) and each point of
+                      backward, where block b's activations are traded for its gradients (all
+                      gradients with grad_accum > 1);
+                      with grad_accum > 1 and run.weight_cast=step every BF16 weight copy is kept
+                      for the whole step
+    optimizer step    every gradient + foreach AdamW's temporary (optim.fused=false: sqrt of
+                      exp_avg_sq, 4 bytes a parameter of its largest group; fused AdamW has none)
+                      or EP's flattened gradient reduction
 bench/memory_plan.py measures it against real steps on a GPU (bench/NOTES.md, Memory).
 """
 
@@ -50,8 +54,10 @@ from trainer.memory_activations import (
     FP32,
     block_activation_bytes,
     block_input_bytes,
+    cross_entropy_bytes,
     experts_backward_bytes,
     head_activation_bytes,
+    head_weight_copy_bytes,
     routed_rows,
     weight_copy_bytes,
 )
@@ -161,7 +167,7 @@ def plan_memory(cfg: TrainConfig, num_gpus: int, model: MoETransformer | None = 
     cfg.parallel.validate(num_experts=cfg.model.moe.num_experts, world_size=num_gpus)
     model = meta_model(cfg) if model is None else model
     lay, run = _Layout(cfg, num_gpus), cfg.run
-    W, T, V = lay.W, run.micro_batch_size * run.seq_len, cfg.model.vocab_size
+    W, T = lay.W, run.micro_batch_size * run.seq_len
     c = 2 if run.dtype == "bfloat16" else FP32
     blocks, accum, ac = list(model.layers), run.grad_accum > 1, run.activation_checkpointing
 
@@ -173,7 +179,9 @@ def plan_memory(cfg: TrainConfig, num_gpus: int, model: MoETransformer | None = 
     expert_ids = {id(p) for m in _experts(model) for p in m.parameters()}
     dense = [p for p in model.parameters() if id(p) not in expert_ids]
     groups = (_numel(p for p in dense if p.dim() >= 2), _numel(p for p in dense if p.dim() < 2))
-    step_temp = FP32 * max(lay.local(groups[0]), lay.local(groups[1]), lay.local(0, experts_total))
+    # Foreach AdamW's sqrt of exp_avg_sq over its largest group; fused AdamW (optim.fused) updates in place.
+    step_temp = 0 if cfg.optim.fused else FP32 * max(lay.local(groups[0]), lay.local(groups[1]),
+                                                      lay.local(0, experts_total))  # fmt: skip
     if W > 1 and not lay.fsdp:  # reduce_gradients flattens each kind into one buffer
         step_temp = max(step_temp, FP32 * max(dense_total, experts_total // W))
     # One rank per experts' FSDP group (EP = world size): nothing to gather, the knob does not apply.
@@ -190,11 +198,16 @@ def plan_memory(cfg: TrainConfig, num_gpus: int, model: MoETransformer | None = 
              + (experts_backward_bytes(b.ffn.experts, routed_rows(b.ffn, T), c, W) if b.is_moe else 0)
              for b in blocks]  # fmt: skip
     head_grads = 0 if lay.fsdp else FP32 * lay.local(model.output.weight.numel() + model.norm.weight.numel())
-    head = head_activation_bytes(model, T, c) + weight_copy_bytes(model.output, c)  # FSDP's root gathers fp32
-    ce_bwd = 2 * FP32 * T * V  # the log-probabilities' gradient and the logits' (fp32)
-    ce_fwd = (c + (FP32 if c != FP32 else 0)) * T * V  # the logits and their fp32 copy
+    # run.weight_cast=step with micro-batches: every cast copy lives from the step's first forward
+    # to its last backward (trainer/loop.py `Trainer._step_casts`).
+    step_casts = accum and run.weight_cast == "step"
+    head_copy = head_weight_copy_bytes(model, T, c)  # FSDP's root gathers fp32
+    kept_copies = sum(wcopy) + head_copy if step_casts else 0
+    head = head_activation_bytes(model, T, c) + (0 if step_casts else head_copy)
+    ce_fwd, ce_bwd, ce_note = cross_entropy_bytes(model, T, c)
     # Autocast's casts of the Linears, cached until forward's end (checkpointing saves none).
-    dense_cache = sum(w - _bf16_expert_copy(b, c, W, lay.fsdp) for b, w in zip(blocks, wcopy))
+    dense_cache = 0 if step_casts else sum(w - _bf16_expert_copy(b, c, W, lay.fsdp) for b, w in zip(blocks, wcopy))
+    recast = [0 if step_casts else w for w in wcopy]  # a recompute's casts (step casts: the kept copies)
     kept = block_input_bytes(model, T)
 
     def held(b: int) -> int:  # gradients made by the time block b's backward ends
@@ -202,22 +215,23 @@ def plan_memory(cfg: TrainConfig, num_gpus: int, model: MoETransformer | None = 
 
     # Forward/backward: the largest of backward's start and each block's backward.
     if not ac:
-        saved = [a + w for a, w in zip(act, wcopy)]
-        points = [sum(saved) + head + ce_bwd + head_grads]
+        saved = [a + (0 if step_casts else w) for a, w in zip(act, wcopy)]
+        points = [sum(saved) + head + max(ce_fwd, ce_bwd) + head_grads]
         points += [sum(saved[: b + 1]) + head_grads + held(b) + trans[b] for b in range(len(blocks))]
     else:
         L = len(blocks)
         points = [L * kept + head + ce_fwd + dense_cache, L * kept + head + ce_bwd + head_grads]
-        points += [(b + 1) * kept + act[b] + wcopy[b] + fp8.recompute + head_grads + held(b) + trans[b]
+        points += [(b + 1) * kept + act[b] + recast[b] + fp8.recompute + head_grads + held(b) + trans[b]
                    for b in range(L)]  # fmt: skip
     points.append(0 if accum else grads_all)  # backward's end
-    fixed = fp8.forward_backward + fsdp_bytes + (grads_all if accum else 0)
+    fixed = fp8.forward_backward + fsdp_bytes + (grads_all if accum else 0) + kept_copies
     phases = (("forward/backward", fixed + max(points)), ("optimizer step", grads_all + step_temp + fp8.step))
     peak_name, peak = max(phases, key=lambda p: p[1])
 
     buckets = FP32 * p_local if lay.buckets else 0
     head_act = head_activation_bytes(model, T, c)
-    copies = max(dense_cache, max(wcopy)) if ac else sum(wcopy)  # checkpointing: the cache or one block
+    # Checkpointing without step casts: the forward's cache or one block's recompute.
+    copies = max(dense_cache, max(wcopy)) if ac and not step_casts else sum(wcopy)
     entries = (
         PlanEntry("parameters", FP32 * p_local, "fp32 master weights, this rank's share"),
         PlanEntry("gradients", grads_all, "fp32"),
@@ -226,11 +240,12 @@ def plan_memory(cfg: TrainConfig, num_gpus: int, model: MoETransformer | None = 
         PlanEntry("FSDP unsharded", fsdp_bytes, "fp32 root + 2 bf16 blocks + one block's gradient"
                   + (" + fp32 gradient accumulation" if accum else "")),  # fmt: skip
         PlanEntry("FP8 weight copies", max(fp8.forward_backward, fp8.step), fp8.note),
-        PlanEntry("BF16 weight copies", copies + weight_copy_bytes(model.output, c), "saved for backward"),
+        PlanEntry("BF16 weight copies", copies + head_copy,
+                  "kept for the step" if step_casts else "saved for backward"),  # fmt: skip
         PlanEntry("activations, no checkpointing", sum(act) + head_act, "" if ac else "used"),
         PlanEntry("activations, checkpointing", len(blocks) * kept + head_act + max(act), "used" if ac else ""),
-        PlanEntry("cross-entropy backward", ce_bwd, "two fp32 T x V tensors"),
-        PlanEntry("optimizer step temporaries", step_temp, "AdamW foreach sqrt / EP gradient flattening"),
+        PlanEntry("cross-entropy backward", ce_bwd, ce_note),
+        PlanEntry("optimizer step temporaries", step_temp, "foreach AdamW's sqrt / EP gradient flattening"),
         PlanEntry("CUDA context + allocator reserve", CONTEXT_BYTES, "fixed"),
     )
     total = 3 * FP32 * p_local + buckets + peak + CONTEXT_BYTES  # parameters and AdamW state: 12 bytes each

@@ -12,9 +12,11 @@ from trainer.config import OptimConfig
 
 # The parameter groups, in this order, whatever the layout: a checkpoint's optimizer and scheduler
 # state (one entry per group) then loads at every other layout (one process, DDP, FSDP, expert
-# parallelism, where the expert weights are DTensors that AdamW's foreach path cannot mix with
-# plain tensors in one group).
+# parallelism, where the expert weights are DTensors that AdamW's fused and foreach paths cannot
+# mix with plain tensors in one group).
 PARAM_GROUPS = ("decay", "no_decay", "experts")
+# The group keys that name AdamW's implementation rather than its hyperparameters.
+IMPLEMENTATION_KEYS = ("fused", "foreach")
 
 
 def _weight_decays(cfg: OptimConfig) -> list[float]:
@@ -34,7 +36,24 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    """AdamW, fused (optim.fused) or foreach, over `param_groups`. Its state loads whichever
+    implementation saved it: `_keep_implementation`."""
+    impl = {"fused": True} if cfg.fused else {"foreach": True}
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **impl)
+    opt.register_load_state_dict_pre_hook(_keep_implementation)
+    return opt
+
+
+def _keep_implementation(opt: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """A loaded state's groups name the implementation of the run that saved it, and
+    `load_state_dict` would adopt it with the hyperparameters: this run's stays. Set before the
+    state is cast, so each `step` counter lands where this implementation keeps it (fused: on the
+    parameter's device). The moments are the same tensors in both."""
+    if len(state_dict["param_groups"]) != len(opt.param_groups):
+        return state_dict  # load_state_dict refuses it, naming the mismatch
+    groups = [{**saved, **{k: own[k] for k in IMPLEMENTATION_KEYS if k in own}}
+              for saved, own in zip(state_dict["param_groups"], opt.param_groups)]  # fmt: skip
+    return {**state_dict, "param_groups": groups}
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):

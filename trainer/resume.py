@@ -5,7 +5,8 @@ On resume the two are compared key by key and every difference is printed, then:
 
 - free keys: how the run is launched, logged, evaluated and saved, its length (run.steps) and its
   parallel layout (a checkpoint loads at every layout) come from the new config;
-- model.*: the architecture; the weights cannot load into another one, so a change is refused;
+- model.*: the architecture; the weights cannot load into another one, so a change is refused
+  (model.loss_chunk_rows, how the loss is computed, is free);
 - everything else (the optimizer's hyperparameters and lr schedule, the data and its order, the
   global batch, the FP8 recipe, the seed) is the checkpoint's trajectory: a change is refused
   unless `checkpoint.apply_changes=true`, which applies the new values deliberately (the
@@ -30,8 +31,10 @@ log = logging.getLogger("fp8moe")
 FREE = (
     "run.name", "run.output_root", "run.dry_run", "run.dry_run_gpus", "run.steps", "run.device", "run.compile",
     "run.activation_checkpointing", "run.eval_interval", "run.eval_steps", "run.max_nonfinite_steps",
-    "run.micro_batch_size", "run.grad_accum", "logging.", "checkpoint.", "parallel.",
+    "run.weight_cast", "optim.fused",  # how a step computes: the same update up to fp32 rounding
+    "run.micro_batch_size", "run.grad_accum", "run.profile.", "logging.", "checkpoint.", "parallel.",
     "data.num_workers", "data.cache_dir", "data.valid_seed",
+    "model.loss_chunk_rows",  # the loss computed in chunks: the same gradients up to rounding
 )  # fmt: skip
 ARCHITECTURE = ("model.",)
 
@@ -104,7 +107,7 @@ def plan_resume(saved: Mapping[str, Any], new: Mapping[str, Any], saved_global_b
     explicit_length = length.saved != length.new and new["optim"]["schedule_steps"] != 0
     if explicit_length:
         changes.append(length)
-    architecture = [c for c in changes if _matches(c.key, ARCHITECTURE)]
+    architecture = [c for c in changes if _matches(c.key, ARCHITECTURE) and not _matches(c.key, FREE)]
     trajectory = [c for c in changes if not _matches(c.key, FREE + ARCHITECTURE)]
     if architecture:
         raise ValueError(

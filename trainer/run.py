@@ -5,7 +5,8 @@ What a run writes into `outputs/<run.name>/`, and when: rank 0 takes the directo
 (trainer/run_lock.py), then opens `train.log`; after the resume, `.hydra/config.yaml` records the
 config the run actually uses (a resume keeps the checkpoint's lr schedule length, for instance)
 and `.hydra/overrides.yaml` the command line's overrides; Hydra itself writes nothing there
-(train.py).
+(train.py). `profile/` holds the traces and memory snapshots of the steps run.profile.steps names
+(trainer/profiling.py).
 
 Under expert parallelism one CommTimer (moe/comm_timer.py) times every all-to-all of every MoE
 layer, forward and backward; each log window reports a2a_ms (their milliseconds per optimizer
@@ -24,11 +25,14 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from interop.trainer_hooks import export_at_end
 from trainer.config import TrainConfig
+from trainer.layer_metrics import layer_metrics
 from trainer.loop import Trainer
 from trainer.metrics import MetricsLogger, format_line, load_imbalance, memory_gib, peak_tflops
 from trainer.parallel import DistEnv, all_reduce_, barrier, init_distributed, shutdown
 from trainer.preemption import PreemptionHandler
+from trainer.profiling import build_step_profiler, profiled
 from trainer.run_lock import acquire_run_lock
 
 log = logging.getLogger("fp8moe")
@@ -91,15 +95,19 @@ def _train(cfg: TrainConfig, run_dir: str, env: DistEnv, overrides: Sequence[str
             name=run.name,
             group=cfg.logging.group or run.name,
             job_type=cfg.logging.job_type or cfg.fp8.experts,
+            wandb_id=cfg.logging.wandb_id,
         )
     train_iter = trainer.data.train(trainer.consumed_samples)
+    profiler = build_step_profiler(run.profile, run_dir, env.rank, env.device, start_step=trainer.step)
     peak = peak_tflops(env.device)
     tokens_per_step = trainer.global_batch * run.seq_len
-    window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "steps": 0, "counts": None, "a2a_ms": 0.0}
+    window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "steps": 0, "counts": None, "a2a_ms": 0.0,
+              "layer_aux": {}}  # fmt: skip
     try:
         with PreemptionHandler() as preempt:
             while trainer.step < run.steps:
-                out = trainer.train_step(train_iter)
+                with profiled(profiler, trainer.step + 1):  # run.profile: the steps it names
+                    out = trainer.train_step(train_iter)
                 if out.get("sqnr") and metrics is not None:
                     metrics.log({"step": trainer.step, **out["sqnr"]})
                 window["loss"] += out["loss"] if math.isfinite(out["loss"]) else 0.0
@@ -108,6 +116,8 @@ def _train(cfg: TrainConfig, run_dir: str, env: DistEnv, overrides: Sequence[str
                 if out["counts_YE"] is not None:
                     c = out["counts_YE"].detach()
                     window["counts"] = c if window["counts"] is None else window["counts"] + c
+                for name, value_Y in out["layer_aux_Y"].items():  # summed over the window's steps
+                    window["layer_aux"][name] = window["layer_aux"].get(name, 0.0) + value_Y
                 step = trainer.step
                 if step % cfg.logging.interval == 0 or step == run.steps:
                     _log_window(trainer, metrics, window, out, tokens_per_step, peak)
@@ -124,6 +134,7 @@ def _train(cfg: TrainConfig, run_dir: str, env: DistEnv, overrides: Sequence[str
                     trainer.save()  # a no-op where the step was just saved
                     log.warning("preemption signal received: stopping at step %d", step)
                     return
+        export_at_end(trainer)  # checkpoint.export_hf_at_end: the last checkpoint as an HF model
     finally:
         if metrics is not None:
             metrics.close()
@@ -157,6 +168,7 @@ def _log_window(trainer: Trainer, metrics, window: dict, out: dict, tokens_per_s
         "lr": out["lr"],
         "grad_norm": out["grad_norm"],
         "tokens_per_s": tokens_per_s,
+        "step_ms": 1e3 * elapsed / window["steps"],
         "tflops_per_gpu": tflops,
         "mfu": tflops / peak if peak else None,
         "a2a_ms": a2a_ms,
@@ -166,11 +178,13 @@ def _log_window(trainer: Trainer, metrics, window: dict, out: dict, tokens_per_s
         "skipped_steps": trainer.skipped_steps,
         "consumed_samples": trainer.consumed_samples,
     }
+    # moe/layer{i}/... and fp8/layer{i}/... (trainer/layer_metrics.py): flat keys, after the above.
+    record |= layer_metrics(trainer, counts, window["layer_aux"], window["steps"], tokens_per_step * window["steps"])
     hist = None
     hist_every = trainer.cfg.logging.expert_hist_interval
     if counts is not None and hist_every and trainer.step % hist_every == 0:
         hist = {f"expert_load/layer_{i}": row.tolist() for i, row in enumerate(counts.cpu())}
     if metrics is not None:
-        log.info(format_line(record))
+        log.info(format_line(record, trainer.cfg.run.steps))
         metrics.log(record, hist)
-    window.update(loss=0.0, n=0, t0=time.perf_counter(), steps=0, counts=None, a2a_ms=0.0)
+    window.update(loss=0.0, n=0, t0=time.perf_counter(), steps=0, counts=None, a2a_ms=0.0, layer_aux={})

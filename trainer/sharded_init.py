@@ -65,7 +65,9 @@ class ReplayOnShards(TorchFunctionMode):
         target = args[0] if args else kwargs.get("tensor")
         name = self.names.get(id(target))
         replayed = func in _RANDOM or func in _FIXED
-        if name is None or not (replayed or getattr(func, "__name__", "").endswith("_")):
+        fname = getattr(func, "__name__", "")
+        in_place = fname.endswith("_") and not fname.startswith("__")  # not __get__ (re-tying a weight)
+        if name is None or not (replayed or in_place):
             return func(*args, **kwargs)  # buffers, and reads of a parameter (its shape, ...)
         if not replayed:  # another in-place write: its values would not be layout-independent
             raise TypeError(f"init_weights initialises parameter {name!r} with {func.__name__}; "
@@ -90,7 +92,8 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
     replay = ReplayOnShards(model, seed)
     with replay:
         model.init_weights()
-    missed = sorted(set(replay.names.values()) - replay.done)
+    # The parameters after init: re-tying an output head to the embedding drops one of them.
+    missed = sorted({name for name, _ in model.named_parameters()} - replay.done)
     if missed:
         raise RuntimeError(f"init_weights left parameters {missed} uninitialised (a sharded build "
                            f"allocates them empty): initialise them there through torch.nn.init")

@@ -39,9 +39,15 @@ Weights, two policies (`cache_weights`), and a third way in:
 
 A recipe with `gemms` other than "all" (an ablation, moe/fp8/recipe.py) runs moe/fp8/ablation.py
 instead of this Function.
+
+Statistics (logging.fp8_stats_interval): while the trainer has set `stats` (an Fp8Stats,
+moe/fp8/stats.py), the quantizers of x, w1, a, h, w2 and dy count amax, underflows and
+saturations into it in the pass that casts (kernels/fp8_stats.py); None (the default) counts nothing.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -58,15 +64,21 @@ from moe.fp8.gemm import grouped_mm, grouped_mm_wgrad
 from moe.fp8.recipe import Fp8Recipe
 from moe.fp8.weight_cache import WeightCache
 
+if TYPE_CHECKING:
+    from moe.fp8.stats import Fp8Stats
 
-def quantize_expert_weight(w_ENK: torch.Tensor, recipe: Fp8Recipe) -> QuantizedWeight:
+
+def quantize_expert_weight(
+    w_ENK: torch.Tensor, recipe: Fp8Recipe, stats: Optional[torch.Tensor] = None
+) -> QuantizedWeight:
     """Both FP8 orientations of an expert weight, quantized from its bf16 rounding for every recipe.
 
     fp32 masters are read as they are and rounded to bf16 inside the quantizer (round_bf16): the
     same bytes as quantizing the bf16 copy that autocast would make, on every device (the CPU
     reference included), without writing that copy (rowwise 3.62 ms against 4.32 for the copy
-    and the bf16 quantizer at Mixtral-8x7B width: bench/NOTES.md)."""
-    return quantize_weight(w_ENK, recipe.name, recipe.pow2_scales, round_bf16=True)
+    and the bf16 quantizer at Mixtral-8x7B width: bench/NOTES.md). stats: the forward copy's
+    cast statistics (kernels/fp8_stats.py)."""
+    return quantize_weight(w_ENK, recipe.name, recipe.pow2_scales, round_bf16=True, stats=stats)
 
 
 def unit_scales(h_MX: torch.Tensor, block: int) -> torch.Tensor:
@@ -78,22 +90,24 @@ def unit_scales(h_MX: torch.Tensor, block: int) -> torch.Tensor:
 class _Fp8GroupedMLPFunction(torch.autograd.Function):
     """x: the permuted rows x_MH, or with `gather` = (token_idx_M, row_of_TA, kept_TA) the tokens
     x_TH (any float dtype, cast to `dtype` here) whose rows the quantizer gathers; dx then comes
-    back as x_TH's gradient in x's dtype, each token's rows summed in fp32."""
+    back as x_TH's gradient in x's dtype, each token's rows summed in fp32. stats: an Fp8Stats or
+    None (module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, w1_EXH, w2_EHF, group_end_E, activation, recipe, wq1, wq2, x_fp8, gather, dtype):
+    def forward(ctx, x, w1_EXH, w2_EHF, group_end_E, activation, recipe, wq1, wq2, x_fp8, gather, dtype, stats):
         block, align, pow2 = recipe.block, recipe.align, recipe.pow2_scales
+        ctx.stats = stats
         ctx.x_dtype = x.dtype
         ctx.gather = gather is not None
         if gather is not None:
             # The T token rows cast once (fp32 residual stream under autocast), the M = T*A
             # routed rows never written: they exist only as the FP8 bytes below.
             x_q, x_s, xt_q, xt_s, padded_end_E = quantize_rows_and_cols_grouped(
-                x.to(dtype), group_end_E, align, block, pow2, gather[0]
+                x.to(dtype), group_end_E, align, block, pow2, gather[0], stats=_of(stats, "x")
             )[:5]
         elif x_fp8 is None:
             x_q, x_s, xt_q, xt_s, padded_end_E = quantize_rows_and_cols_grouped(
-                x, group_end_E, align, block, pow2
+                x, group_end_E, align, block, pow2, stats=_of(stats, "x")
             )[:5]
         else:
             # FP8 dispatch: the rows came quantized over the wire (the bytes this function would
@@ -103,7 +117,7 @@ class _Fp8GroupedMLPFunction(torch.autograd.Function):
             xt_q, xt_s, padded_end_E = quantize_cols_grouped(x, group_end_E, align, block, pow2)[:3]
         h_MX = grouped_mm(x_q, x_s, wq1.q_ENK, wq1.scale, group_end_E, recipe)
         keep_bf16_h = recipe.intermediate == "bf16"
-        a_q, a_s, h_q, h_s = act_quant_fwd(h_MX, activation, block, pow2, not keep_bf16_h)
+        a_q, a_s, h_q, h_s = act_quant_fwd(h_MX, activation, block, pow2, not keep_bf16_h, stats=_of(stats, "a", 2))
         if keep_bf16_h:
             h_q, h_s = h_MX, unit_scales(h_MX, block)
         del h_MX
@@ -121,7 +135,9 @@ class _Fp8GroupedMLPFunction(torch.autograd.Function):
         recipe = ctx.recipe
         block, align, pow2 = recipe.block, recipe.align, recipe.pow2_scales
         dy_MH = dy_MH.contiguous()
-        dy_q, dy_s, dyt_q, dyt_s = quantize_rows_and_cols_grouped(dy_MH, group_end_E, align, block, pow2)[:4]
+        dy_q, dy_s, dyt_q, dyt_s = quantize_rows_and_cols_grouped(
+            dy_MH, group_end_E, align, block, pow2, stats=_of(ctx.stats, "dy")
+        )[:4]
         da_MF = grouped_mm(dy_q, dy_s, *ctx.wt2, group_end_E, recipe)
         ctx.wt2 = None  # this backward's last use of the FP8 w2
         del dy_q, dy_s
@@ -140,8 +156,46 @@ class _Fp8GroupedMLPFunction(torch.autograd.Function):
             dx = gather_sum(dx_MH, row_of_TA, kept_TA, ctx.x_dtype)
         else:
             dx = dx_MH
-        return dx, dw1_EXH, dw2_EHF, None, None, None, None, None, None, None, None
+        return dx, dw1_EXH, dw2_EHF, None, None, None, None, None, None, None, None, None
 
+
+def _of(stats: Optional[Fp8Stats], operand: str, n: int = 1) -> Optional[torch.Tensor]:
+    return None if stats is None else stats.of(operand, n)
+
+
+def fp8_grouped_mlp(
+    inp: ExpertInput,
+    w1_EXH: torch.Tensor,
+    w2_EHF: torch.Tensor,
+    activation: str,
+    recipe: Fp8Recipe,
+    wq1: QuantizedWeight | None = None,
+    wq2: QuantizedWeight | None = None,
+    stats: Optional[Fp8Stats] = None,
+) -> torch.Tensor:
+    """The FP8 experts on weights the caller owns (Fp8GroupedMLP's, or another library's expert
+    parameters in the same layout): (M, H), differentiable w.r.t. inp.x, w1 and w2.
+
+    Tokens are gathered inside the quantization (permute + quantize in one pass); FP8 rows from an
+    FP8 dispatch go to GEMM1 as they came; BF16 rows are quantized here. wq1, wq2: FP8 copies of
+    the weights the caller already has (a WeightCache, FSDP's FP8 all-gather); None quantizes them
+    for this call only. stats: an Fp8Stats to count into, or None (module docstring)."""
+    dtype = compute_dtype(inp.x)
+    if dtype != torch.bfloat16 and inp.x.is_cuda:
+        raise ValueError(f"FP8 experts take bfloat16 activations on the GPU (or bf16 autocast), got {dtype}")
+    gather, x = None, inp.x.to(dtype)
+    if inp.perm is not None:  # x stays in its dtype: the gathering quantizer casts the T tokens
+        gather, x = (inp.perm.token_idx_M, inp.perm.row_of_TA, inp.perm.kept_TA), inp.x
+    if wq1 is None or wq2 is None:
+        with torch.no_grad():
+            wq1 = quantize_expert_weight(w1_EXH.detach(), recipe, _of(stats, "w1"))
+            wq2 = quantize_expert_weight(w2_EHF.detach(), recipe, _of(stats, "w2"))
+    if recipe.gemms != "all":
+        return ablation_grouped_mlp(inp, w1_EXH, w2_EHF, wq1, wq2, activation, recipe, dtype)
+    return _Fp8GroupedMLPFunction.apply(
+        x.contiguous(), w1_EXH, w2_EHF, inp.group_end_E(), activation, recipe, wq1, wq2, inp.fp8, gather, dtype,
+        stats,
+    )  # fmt: skip
 
 
 class Fp8GroupedMLP(GroupedMLP):
@@ -149,6 +203,7 @@ class Fp8GroupedMLP(GroupedMLP):
 
     recipe: Fp8Recipe = Fp8Recipe("rowwise")
     cache_weights: bool = False  # see the module docstring; moe/fp8/training.py sets it per grad_accum
+    stats: Optional[Fp8Stats] = None  # see the module docstring; moe/fp8/stats.py sets it
 
     def __init__(self, *args, recipe: Fp8Recipe | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -158,32 +213,19 @@ class Fp8GroupedMLP(GroupedMLP):
         self._w2_cache = WeightCache(quantize_expert_weight)
 
     def grouped_mlp(self, inp: ExpertInput) -> torch.Tensor:
-        """Tokens are gathered inside the quantization (permute + quantize in one pass); FP8 rows
-        from an FP8 dispatch go to GEMM1 as they came; BF16 rows are quantized here."""
-        dtype = compute_dtype(inp.x)
-        if dtype != torch.bfloat16 and inp.x.is_cuda:
-            raise ValueError(f"FP8 experts take bfloat16 activations on the GPU (or bf16 autocast), got {dtype}")
-        gather, x = None, inp.x.to(dtype)
-        if inp.perm is not None:  # x stays in its dtype: the gathering quantizer casts the T tokens
-            gather, x = (inp.perm.token_idx_M, inp.perm.row_of_TA, inp.perm.kept_TA), inp.x
+        """`fp8_grouped_mlp` on this module's weights, their FP8 copies from where the policy in
+        the module docstring says."""
         wq1, wq2 = gathered_fp8(self.w1), gathered_fp8(self.w2)
         if wq1 is not None and wq2 is not None:
             pass  # FSDP all-gathered them as FP8, quantized per shard (moe/fp8/fsdp_all_gather.py)
         elif self.cache_weights:
-            wq1 = self._w1_cache.get(self.w1, self.recipe)
-            wq2 = self._w2_cache.get(self.w2, self.recipe)
+            wq1 = self._w1_cache.get(self.w1, self.recipe, stats=_of(self.stats, "w1"))
+            wq2 = self._w2_cache.get(self.w2, self.recipe, stats=_of(self.stats, "w2"))
         else:
             if not torch.compiler.is_compiling():
                 self.invalidate_weight_cache()  # a cache left from cache_weights=True would go stale
-            with torch.no_grad():
-                wq1 = quantize_expert_weight(self.w1.detach(), self.recipe)
-                wq2 = quantize_expert_weight(self.w2.detach(), self.recipe)
-        if self.recipe.gemms != "all":
-            return ablation_grouped_mlp(inp, self.w1, self.w2, wq1, wq2, self.activation, self.recipe, dtype)
-        return _Fp8GroupedMLPFunction.apply(
-            x.contiguous(), self.w1, self.w2, inp.group_end_E(), self.activation, self.recipe, wq1, wq2, inp.fp8,
-            gather, dtype,
-        )  # fmt: skip
+            wq1 = wq2 = None  # quantized for this forward only
+        return fp8_grouped_mlp(inp, self.w1, self.w2, self.activation, self.recipe, wq1, wq2, self.stats)
 
     def invalidate_weight_cache(self) -> None:
         self._w1_cache.clear()

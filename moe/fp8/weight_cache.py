@@ -17,21 +17,23 @@ Q = TypeVar("Q")
 
 
 class WeightCache(Generic[Q]):
-    def __init__(self, quantize: Callable[[torch.Tensor, object], Q]) -> None:
-        self._quantize = quantize  # (weight, recipe) -> FP8 copies
+    def __init__(self, quantize: Callable[..., Q]) -> None:
+        self._quantize = quantize  # (weight, recipe, **kwargs) -> FP8 copies
         self._key: Optional[tuple] = None
         self._value: Optional[Q] = None
 
     def clear(self) -> None:
         self._key = self._value = None
 
-    def get(self, w: torch.Tensor, recipe) -> Q:
+    def get(self, w: torch.Tensor, recipe, **kwargs) -> Q:
+        """The copies of w for recipe; kwargs go to `quantize` when it runs (they are no part of the
+        key: an FP8 statistics buffer, say, which counts only the quantizations that happen)."""
         if torch.compiler.is_compiling():
             # The version counter is not traceable; a compiled graph fuses the cast anyway.
-            return self._quantize(w, recipe)
+            return self._quantize(w, recipe, **kwargs)
         key = (w.data_ptr(), w._version, w.dtype, w.device, recipe)
         if self._key != key:
             with torch.no_grad():
-                self._value = self._quantize(w.detach(), recipe)
+                self._value = self._quantize(w.detach(), recipe, **kwargs)
             self._key = key
         return self._value
