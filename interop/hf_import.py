@@ -25,7 +25,7 @@ from interop.hf_config import check_matches, hf_architecture
 from interop.hf_io import HfCheckpoint
 from interop.hf_names import Index, Piece, check_hf, check_ours, detect_layout, param_shapes, pieces_for
 from moe.config import ModelConfig, require
-from trainer.sharded_init import _local, _local_slices
+from trainer.sharded_init import local_slices, local_tensor
 
 log = logging.getLogger("fp8moe")
 
@@ -82,9 +82,9 @@ def load_hf_weights(model: nn.Module, hf_dir: str, cfg: ModelConfig, what: str =
             by_param[piece.ours].append(piece)
         nbytes = 0
         for name, param in model.named_parameters():
-            local = _local(param)
+            local = local_tensor(param)
             shard = torch.zeros(local.shape, dtype=local.dtype)  # zero: rows past HF's vocabulary
-            nbytes += fill_shard(shard, _local_slices(param), by_param[name], ckpt)
+            nbytes += fill_shard(shard, local_slices(param), by_param[name], ckpt)
             local.copy_(shard)
     log.info("%s: %d HF tensors (%s layout) read, %.2f GiB on this rank, in %.1f s", source, len(pieces),
              layout, nbytes / 2**30, time.monotonic() - started)  # fmt: skip

@@ -2,7 +2,9 @@
 into one wandb run (offline, read back with wandb's own reader), each step once and in order."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -34,7 +36,9 @@ def test_killed_and_resumed_run_writes_into_one_wandb_run(tmp_path):
     common = [f"run.output_root={tmp_path}", "run.name=wr", "logging.wandb=offline", "checkpoint.interval=3",
               "logging.expert_hist_interval=0"]
     cmd = [sys.executable, "train.py", *TINY, *common, "run.steps=500"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Its own process group: the kill takes wandb's service process with it, as a job's crash does.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
     ckpt = run_dir / "checkpoints" / "step_000003"
     deadline = time.time() + 300
     while not (ckpt / "manifest.json").exists() and proc.poll() is None and time.time() < deadline:
@@ -47,19 +51,20 @@ def test_killed_and_resumed_run_writes_into_one_wandb_run(tmp_path):
         time.sleep(0.05)
     time.sleep(3 * WANDB_FLUSH_S)
     assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-    proc.kill()  # SIGKILL: wandb gets no finish
+    os.killpg(proc.pid, signal.SIGKILL)  # wandb gets no finish
     proc.wait()
     killed_at = max(r["step"] for r in records(run_dir))
     assert killed_at >= 4
 
-    run_train(env, tmp_path, *common, f"run.steps={killed_at + 2}")
+    relaunch = run_train(env, tmp_path, *common, f"run.steps={killed_at + 2}")
+    assert "wandb failed" not in relaunch.stderr, relaunch.stderr[-3000:]
     run_id = wandb_run_id("wr", str(run_dir))
     launches = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert [d.name.rsplit("-", 1)[-1] for d in launches] == [run_id.rsplit("-", 1)[-1]] * 2, launches
     assert all(d.name.endswith(f"-{run_id}") for d in launches)
     history = []
     logs = _logs(run_dir)
-    assert [f.parent for f in logs] == launches, (logs, launches)
+    assert [f.parent for f in logs] == launches, [(d.name, sorted(f.name for f in d.iterdir())) for d in launches]
     for log_file in logs:
         recs = _wandb_records(log_file)
         run = next(r["run"] for r in recs if r["type"] == "run")

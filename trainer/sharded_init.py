@@ -34,7 +34,7 @@ def param_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _local_slices(param: torch.Tensor) -> tuple[slice, ...]:
+def local_slices(param: torch.Tensor) -> tuple[slice, ...]:
     """Where this rank's shard of `param` sits in the full tensor (all of it when not a DTensor)."""
     from torch.distributed.tensor import DTensor
 
@@ -46,7 +46,8 @@ def _local_slices(param: torch.Tensor) -> tuple[slice, ...]:
     return tuple(slice(o, o + n) for o, n in zip(offset, shape))
 
 
-def _local(param: torch.Tensor) -> torch.Tensor:
+def local_tensor(param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `param`: a DTensor's local shard, a plain tensor itself."""
     return param.to_local() if hasattr(param, "to_local") else param
 
 
@@ -74,12 +75,12 @@ class ReplayOnShards(TorchFunctionMode):
                             f"a sharded build replays only {sorted({f.__name__ for f in _RANDOM | _FIXED})}")
         rest = args[1:] if args else ()
         kwargs.pop("tensor", None)
-        full = torch.empty(target.shape, dtype=target.dtype, device=_local(target).device)
+        full = torch.empty(target.shape, dtype=target.dtype, device=local_tensor(target).device)
         if func in _RANDOM:
             kwargs["generator"] = torch.Generator(device=full.device).manual_seed(param_seed(self.seed, name))
         func(full, *rest, **kwargs)
         with torch.no_grad():
-            _local(target).copy_(full[_local_slices(target)])
+            local_tensor(target).copy_(full[local_slices(target)])
         self.done.add(name)
         return target
 
