@@ -17,12 +17,15 @@ TINY = [
 
 
 def app_env(cache: Path) -> dict:
-    """The environment of a test launch: its own corpus cache, one thread, no inherited run id,
+    """The environment of a test launch: its own corpus cache, one thread, no inherited run id or wandb service,
     and the kernels' pure-torch references (TRITON_INTERPRET=0, the CPU product path): these
     tests check the application, the kernels under the interpreter have their own tests and the
     in-process model tests."""
     env = dict(os.environ, FP8MOE_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TRITON_INTERPRET="0")
     env.pop("FP8MOE_RUN_ID", None)
+    # A wandb started in this test process exports its service's address; a launch inheriting it
+    # would log through that service, which outlives a killed launch and keeps its run id taken.
+    env.pop("WANDB_SERVICE", None)
     return env
 
 
