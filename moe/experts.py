@@ -132,9 +132,9 @@ class GroupedMLP(nn.Module):
     def _weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """w1 or w2 in the compute dtype: the scope's copy inside weights_cast_once, else a cast."""
         w = getattr(self, name)
-        if torch.compiler.is_compiling() or self._step_casts is None:
+        if self._step_casts is None:
             return w.to(dtype)
-        return self._step_casts.cast(self, name, w, dtype)
+        return self._step_casts.cast(self, name, w, dtype)  # a plain cast when compiling
 
     def flops_per_row(self) -> int:
         """Forward FLOPs of one routed row (two GEMMs); x3 for forward + backward."""

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from trainer.metrics import MetricsLogger, format_eta, format_line, last_logged_step, load_imbalance, wandb_run_id
+from wandb_fake import install_fake_wandb
 
 RECORD = {"step": 3, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 1000.0,
           "tflops_per_gpu": 1.0, "mfu": None, "memory_gib": 1.0, "load_imbalance": 1.25, "skipped_steps": 0}
@@ -82,26 +83,7 @@ def test_last_logged_step_skips_a_cut_line_and_reads_past_a_chunk(tmp_path):
 
 def test_resumed_logger_leaves_logged_steps_out_of_wandb(tmp_path, monkeypatch):
     """The steps a resumed launch re-runs are in the wandb run already: file only."""
-    calls = []
-
-    class Run:
-        def log(self, payload, step):
-            calls.append(step)
-
-        def finish(self):
-            pass
-
-    class FakeWandb:
-        class Settings:
-            def __init__(self, **kw):
-                pass
-
-        @staticmethod
-        def init(**kw):
-            calls.append(kw)
-            return Run()
-
-    monkeypatch.setitem(sys.modules, "wandb", FakeWandb)
+    events = install_fake_wandb(monkeypatch)
     first = MetricsLogger(str(tmp_path), {"a": 1}, "offline", "p", "n", "g", "bf16")
     for step in (1, 2, 3, 4):
         first.log(RECORD | {"step": step})
@@ -110,6 +92,7 @@ def test_resumed_logger_leaves_logged_steps_out_of_wandb(tmp_path, monkeypatch):
     for step in (3, 4, 5):
         second.log(RECORD | {"step": step})
     second.close()
+    calls = [e if isinstance(e, dict) else e[0] for e in events]  # init kwargs, or a logged step
     init1, init2 = calls[0], calls[5]
     assert calls[1:5] == [1, 2, 3, 4] and calls[6:] == [5]
     assert init1["id"] == init2["id"] == wandb_run_id("n", str(tmp_path)) and init1["resume"] == "allow"
@@ -118,7 +101,7 @@ def test_resumed_logger_leaves_logged_steps_out_of_wandb(tmp_path, monkeypatch):
         [1, 2, 3, 4, 3, 4, 5]
     explicit = MetricsLogger(str(tmp_path / "b"), {}, "offline", "p", "n", "g", "bf16", wandb_id="my-run_1")
     explicit.close()
-    assert calls[-1]["id"] == "my-run_1"
+    assert events[-1]["id"] == "my-run_1"
 
 
 def test_line_shows_all_to_all_time_only_under_expert_parallelism():

@@ -5,7 +5,6 @@ load imbalance, dropped share and expert-bias norm from planted counts, and the 
 from __future__ import annotations
 
 import json
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,6 +16,7 @@ from moe.model import build_model
 from trainer.config import TrainConfig
 from trainer.layer_metrics import layer_metrics, moe_layer_metrics
 from trainer.metrics import MetricsLogger
+from wandb_fake import install_fake_wandb
 
 LOSSES = ("aux_loss", "seq_aux_loss", "z_loss")
 
@@ -86,29 +86,7 @@ def test_layer_metrics_of_a_model(capacity, bias):
 
 
 def test_wandb_groups_the_keys_and_metrics_jsonl_keeps_them_flat(tmp_path, monkeypatch):
-    logged = []
-
-    class Run:
-        def log(self, payload, step):
-            logged.append(payload)
-
-        def finish(self):
-            pass
-
-    class FakeWandb:
-        class Settings:
-            def __init__(self, **kw):
-                pass
-
-        class Histogram:
-            def __init__(self, values):
-                self.values = values
-
-        @staticmethod
-        def init(**kw):
-            return Run()
-
-    monkeypatch.setitem(sys.modules, "wandb", FakeWandb)
+    events = install_fake_wandb(monkeypatch)
     logger = MetricsLogger(str(tmp_path), {}, "offline", "p", "n", "g", "bf16")
     record = {"step": 1, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 10.0, "memory_gib": 1.0, "load_imbalance": 1.1,
               "mfu": None, "moe/layer1/dropped": 0.0, "fp8/layer1/x/amax": 3.0}  # fmt: skip
@@ -116,6 +94,7 @@ def test_wandb_groups_the_keys_and_metrics_jsonl_keeps_them_flat(tmp_path, monke
     logger.log({"step": 1, "val_loss": 2.5})
     logger.log({"step": 2, "sqnr/L1/y": 26.0})
     logger.close()
+    logged = [e[1] for e in events if isinstance(e, tuple)]  # the payloads
     assert set(logged[0]) == {"train/loss", "train/lr", "perf/tokens_per_s", "mem/memory_gib", "moe/load_imbalance",
                               "moe/layer1/dropped", "fp8/layer1/x/amax", "moe/expert_load/layer_0"}  # fmt: skip
     assert logged[1] == {"val/loss": 2.5} and logged[2] == {"fp8/sqnr/L1/y": 26.0}
