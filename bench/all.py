@@ -77,6 +77,7 @@ def default_stages(pytest_args: Sequence[str] = ()) -> tuple[Stage, ...]:
         Stage("fp8_all_gather", (py, "-m", "bench.fp8_all_gather"), 120, 300),
         Stage("glue", (py, "-m", "bench.glue"), 90, 240),
         Stage("hf_experts", (py, "-m", "bench.hf_experts"), 240, 480),
+        Stage("optim_step", (py, "-m", "bench.optim_step"), 60, 180),
     )
 
 

@@ -3,9 +3,9 @@
     python -m bench.glue [--widths mixtral_8x7b,parity_300m] [--ops gqa,add_rmsnorm,...] [--out PATH]
 
 Widths (B sequences of S tokens, T = B * S; H hidden, Q query / J key-value heads of D = H / Q,
-V vocabulary):
-  mixtral_8x7b   B 1, S 4096, H 4096, Q 32, J 8, V 32000
-  parity_300m    B 8, S 1024, H 1024, Q 16, J 8, V 32000
+V vocabulary; E experts of FFN size F, A routed to a token):
+  mixtral_8x7b   B 1, S 4096, H 4096, Q 32, J 8, V 32000, E 8, F 14336, A 2
+  parity_300m    B 8, S 1024, H 1024, Q 16, J 8, V 32000, E 8, F 1536, A 2
 Ops, each forward + backward of what the model runs (inputs made once, outside the timing):
   gqa          causal SDPA, bf16: K/V repeated to Q heads (torch) / enable_gqa (fused) / enable_gqa
                with only the flash backend allowed (fused_flash: it runs, so flash takes GQA)
@@ -16,6 +16,9 @@ Ops, each forward + backward of what the model runs (inputs made once, outside t
                kernels/rope.py (one launch for both)
   loss         the output head and cross-entropy under bf16 autocast from fp32 h (T, H): the plain
                path / moe/loss.py's chunks of 1024, 2048, 4096 rows (those below T)
+  experts      the BF16 routed experts' SwiGLU MLP over R = T * A bf16 rows, E equal groups, bf16
+               weights: the plain ops (autograd keeps silu(gate) and a) / moe/experts.py's
+               torch_grouped_mlp (moe/swiglu_down.py: keeps h, recomputes a in backward)
 Timing: bench.common.time_ms (CUDA events, L2 flushed, warm-up, median), repeated ROUNDS times
 with the impls of an op interleaved, the median of those medians; peak_gib: everything alive
 during one step, extra_gib: that above what was allocated before it (the op's own working set
@@ -38,10 +41,10 @@ from torch import nn
 from bench.common import GIB, REPO, print_table, require_gpu, run_info, time_ms, write_results
 
 WIDTHS = {
-    "mixtral_8x7b": dict(B=1, S=4096, H=4096, Q=32, J=8, V=32000),
-    "parity_300m": dict(B=8, S=1024, H=1024, Q=16, J=8, V=32000),
+    "mixtral_8x7b": dict(B=1, S=4096, H=4096, Q=32, J=8, V=32000, E=8, F=14336, A=2),
+    "parity_300m": dict(B=8, S=1024, H=1024, Q=16, J=8, V=32000, E=8, F=1536, A=2),
 }
-OPS = ("gqa", "add_rmsnorm", "qk_norm", "rope", "loss")
+OPS = ("gqa", "add_rmsnorm", "qk_norm", "rope", "loss", "experts")
 ROUNDS = 5
 EPS = 1e-5
 
@@ -61,7 +64,7 @@ def _step(outputs: tuple[torch.Tensor, ...], grads: tuple[torch.Tensor, ...], le
     return outputs[0]
 
 
-def gqa_case(B, S, H, Q, J, V) -> dict[str, Run]:
+def gqa_case(B, S, H, Q, J, V, **_) -> dict[str, Run]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     D = H // Q
@@ -85,7 +88,7 @@ def gqa_case(B, S, H, Q, J, V) -> dict[str, Run]:
     return {"torch": attend(True), "fused": attend(False), "fused_flash": attend(False, flash_only=True)}
 
 
-def add_rmsnorm_case(B, S, H, Q, J, V) -> dict[str, Run]:
+def add_rmsnorm_case(B, S, H, Q, J, V, **_) -> dict[str, Run]:
     from kernels.reference_norm import torch_add_rms_norm
     from kernels.rmsnorm import add_rms_norm
 
@@ -99,7 +102,7 @@ def add_rmsnorm_case(B, S, H, Q, J, V) -> dict[str, Run]:
     return {"torch": norm(torch_add_rms_norm), "fused": norm(add_rms_norm)}
 
 
-def qk_norm_case(B, S, H, Q, J, V) -> dict[str, Run]:
+def qk_norm_case(B, S, H, Q, J, V, **_) -> dict[str, Run]:
     from kernels.reference_norm import torch_add_rms_norm
     from kernels.rmsnorm import rms_norm
 
@@ -111,7 +114,7 @@ def qk_norm_case(B, S, H, Q, J, V) -> dict[str, Run]:
     }
 
 
-def rope_case(B, S, H, Q, J, V) -> dict[str, Run]:
+def rope_case(B, S, H, Q, J, V, **_) -> dict[str, Run]:
     from kernels.rope import rope_qk, torch_rope_qk
     from moe.model import rope_tables
 
@@ -127,7 +130,7 @@ def rope_case(B, S, H, Q, J, V) -> dict[str, Run]:
     return {"torch": rotate(torch_rope_qk), "fused": rotate(rope_qk)}
 
 
-def loss_case(B, S, H, Q, J, V) -> dict[str, Run]:
+def loss_case(B, S, H, Q, J, V, **_) -> dict[str, Run]:
     from moe.loss import linear_cross_entropy
 
     T = B * S
@@ -148,8 +151,27 @@ def loss_case(B, S, H, Q, J, V) -> dict[str, Run]:
     return {"torch": loss(0), **{f"chunk_{c}": loss(c) for c in (1024, 2048, 4096) if c < T}}
 
 
+def experts_case(B, S, H, E, F, A, **_) -> dict[str, Run]:
+    from moe.experts import activation_fn, torch_grouped_mlp
+
+    R = B * S * A
+    x = _leaf(R, H)
+    w1, w2 = _leaf(E, 2 * F, H, scale=H**-0.5), _leaf(E, H, F, scale=F**-0.5)
+    group_end_E = torch.full((E,), R // E, device="cuda", dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    dy = torch.randn(R, H, device="cuda", dtype=torch.bfloat16)
+
+    def plain(x_MH, w1_EXH, w2_EHF, ends, activation):
+        h_MX = torch._grouped_mm(x_MH, w1_EXH.transpose(-2, -1), offs=ends)
+        return torch._grouped_mm(activation_fn(h_MX, activation), w2_EHF.transpose(-2, -1), offs=ends)
+
+    def mlp(fn) -> Run:
+        return lambda backward: _step((fn(x, w1, w2, group_end_E, "swiglu"),), (dy,), [x, w1, w2], backward)
+
+    return {"torch": mlp(plain), "fused": mlp(torch_grouped_mlp)}
+
+
 CASES = {"gqa": gqa_case, "add_rmsnorm": add_rmsnorm_case, "qk_norm": qk_norm_case, "rope": rope_case,
-         "loss": loss_case}  # fmt: skip
+         "loss": loss_case, "experts": experts_case}  # fmt: skip
 
 
 def _peak(run: Run) -> tuple[float, float]:

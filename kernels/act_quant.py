@@ -53,7 +53,7 @@ from kernels.act_math import LAUNCH_OPTIONS, act, inv_scale
 from kernels.common import FP8_DTYPE, tile_grid, tl_fp8_quantize_by, tl_fp8_scale, tl_tile_ids, triton_interpret
 from kernels.contracts import check_act_quant_args
 from kernels.dispatch import kernel_op
-from kernels.fp8_stats import check_stats_arg, tl_fp8_stats_add
+from kernels.fp8_stats import check_stats_arg, tl_fp8_stats_flush, tl_fp8_stats_tile, tl_fp8_stats_zero
 from kernels.reference_act import torch_act_quant_fwd
 
 
@@ -72,20 +72,36 @@ def _fwd_load(h_rows, row_ok, f, F, SWIGLU: tl.constexpr):
 
 
 @triton.jit
-def _fwd_store(a_rows, hq_rows, f, F, mask, a, g, u, a_inv, h_inv, stats_ptr, SWIGLU: tl.constexpr,
-               SAVE: tl.constexpr, STATS: tl.constexpr):  # fmt: skip
-    """Quantized a (and g, u) of one chunk, given the inverse row scales; STATS: their counts."""
+def _fwd_store(a_rows, hq_rows, f, F, mask, a, g, u, a_inv, h_inv, SWIGLU: tl.constexpr, SAVE: tl.constexpr):
+    """Quantized a (and g, u) of one chunk, given the inverse row scales."""
     tl.store(a_rows[:, None] + f[None, :], tl_fp8_quantize_by(a, a_inv[:, None]), mask=mask)
-    if STATS:
-        tl_fp8_stats_add(stats_ptr, a, a_inv[:, None], mask)
     if SAVE:
         tl.store(hq_rows[:, None] + f[None, :], tl_fp8_quantize_by(g, h_inv[:, None]), mask=mask)
-        if STATS:
-            tl_fp8_stats_add(stats_ptr + 4, g, h_inv[:, None], mask)
         if SWIGLU:
             tl.store(hq_rows[:, None] + F + f[None, :], tl_fp8_quantize_by(u, h_inv[:, None]), mask=mask)
-            if STATS:
-                tl_fp8_stats_add(stats_ptr + 4, u, h_inv[:, None], mask)
+
+
+@triton.jit
+def _fwd_stats(sa_amax, sa_under, sa_sat, sh_amax, sh_under, sh_sat, mask, a, g, u, a_inv, h_inv, SWIGLU: tl.constexpr,
+               SAVE: tl.constexpr):  # fmt: skip
+    """The partials of a and h (kernels/fp8_stats.py) with one chunk's added (row scales)."""
+    sa_amax, sa_under, sa_sat = tl_fp8_stats_tile(sa_amax, sa_under, sa_sat, a, a_inv[:, None], mask)
+    if SAVE:
+        sh_amax, sh_under, sh_sat = tl_fp8_stats_tile(sh_amax, sh_under, sh_sat, g, h_inv[:, None], mask)
+        if SWIGLU:
+            sh_amax, sh_under, sh_sat = tl_fp8_stats_tile(sh_amax, sh_under, sh_sat, u, h_inv[:, None], mask)
+    return sa_amax, sa_under, sa_sat, sh_amax, sh_under, sh_sat
+
+
+@triton.jit
+def _fwd_flush(stats_ptr, sa_amax, sa_under, sa_sat, sh_amax, sh_under, sh_sat, M, F, SWIGLU: tl.constexpr,
+               SAVE: tl.constexpr):  # fmt: skip
+    """A program's partials of a and h into stats rows 0 and 1, once; the first program adds the
+    launch's values, M * F of a and M * X of h."""
+    first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
+    tl_fp8_stats_flush(stats_ptr, sa_amax, sa_under, sa_sat, first, M, F)
+    if SAVE:
+        tl_fp8_stats_flush(stats_ptr + 4, sh_amax, sh_under, sh_sat, first, M, 2 * F if SWIGLU else F)
 
 
 @triton.jit
@@ -113,28 +129,36 @@ def _act_fwd_kernel(
         a_inv = inv_scale(a_scale, INTERP)[:, None]
         tl.store(a_rows[:, None] + f[None, :], tl_fp8_quantize_by(a, a_inv), mask=mask)
         if STATS:
-            tl_fp8_stats_add(stats_ptr, a, a_inv, mask)
+            sa_amax, sa_under, sa_sat = tl_fp8_stats_zero()
+            sa_amax, sa_under, sa_sat = tl_fp8_stats_tile(sa_amax, sa_under, sa_sat, a, a_inv, mask)
+            sh_amax, sh_under, sh_sat = tl_fp8_stats_zero()
         if SAVE:
             g_scale = tl_fp8_scale(tl.max(tl.abs(g), axis=1), POW2)
             tl.store(h_scale_ptr + rows * (X // BLOCK_K) + fb, g_scale, mask=row_ok)
             g_inv = inv_scale(g_scale, INTERP)[:, None]
             tl.store(hq_rows[:, None] + f[None, :], tl_fp8_quantize_by(g, g_inv), mask=mask)
             if STATS:
-                tl_fp8_stats_add(stats_ptr + 4, g, g_inv, mask)
+                sh_amax, sh_under, sh_sat = tl_fp8_stats_tile(sh_amax, sh_under, sh_sat, g, g_inv, mask)
             if SWIGLU:
                 u_scale = tl_fp8_scale(tl.max(tl.abs(u), axis=1), POW2)
                 tl.store(h_scale_ptr + rows * (X // BLOCK_K) + F // BLOCK_K + fb, u_scale, mask=row_ok)
                 u_inv = inv_scale(u_scale, INTERP)[:, None]
                 tl.store(hq_rows[:, None] + F + f[None, :], tl_fp8_quantize_by(u, u_inv), mask=mask)
                 if STATS:
-                    tl_fp8_stats_add(stats_ptr + 4, u, u_inv, mask)
+                    sh_amax, sh_under, sh_sat = tl_fp8_stats_tile(sh_amax, sh_under, sh_sat, u, u_inv, mask)
     elif ONE_CHUNK:  # the whole row in registers: one read
         g, u, mask = _fwd_load(h_rows, row_ok, cols, F, SWIGLU)
         a = act(g, u, SWIGLU, INTERP)
         a_scale = tl_fp8_scale(tl.max(tl.abs(a), axis=1), POW2)
         h_scale = tl_fp8_scale(tl.maximum(tl.max(tl.abs(g), axis=1), tl.max(tl.abs(u), axis=1)), POW2)
         a_inv, h_inv = inv_scale(a_scale, INTERP), inv_scale(h_scale, INTERP)
-        _fwd_store(a_rows, hq_rows, cols, F, mask, a, g, u, a_inv, h_inv, stats_ptr, SWIGLU, SAVE, STATS)
+        _fwd_store(a_rows, hq_rows, cols, F, mask, a, g, u, a_inv, h_inv, SWIGLU, SAVE)
+        if STATS:
+            sa_amax, sa_under, sa_sat = tl_fp8_stats_zero()
+            sh_amax, sh_under, sh_sat = tl_fp8_stats_zero()
+            sa_amax, sa_under, sa_sat, sh_amax, sh_under, sh_sat = _fwd_stats(
+                sa_amax, sa_under, sa_sat, sh_amax, sh_under, sh_sat, mask, a, g, u, a_inv, h_inv, SWIGLU, SAVE
+            )
         tl.store(a_scale_ptr + rows, a_scale, mask=row_ok)
         if SAVE:
             tl.store(h_scale_ptr + rows, h_scale, mask=row_ok)
@@ -149,16 +173,25 @@ def _act_fwd_kernel(
         h_scale = tl_fp8_scale(h_amax, POW2)
         a_inv, h_inv = inv_scale(a_scale, INTERP), inv_scale(h_scale, INTERP)
         n_chunks = tl.cdiv(F, BLOCK_F)
+        if STATS:
+            sa_amax, sa_under, sa_sat = tl_fp8_stats_zero()
+            sh_amax, sh_under, sh_sat = tl_fp8_stats_zero()
         for i in range(0, n_chunks):
             # last chunk first: the amax sweep read it last, so it is the likeliest in L2 (Mixtral
             # width, 1024-wide chunks: 0.617 -> 0.586 ms, H200)
             f0 = (n_chunks - 1 - i) * BLOCK_F
             g, u, mask = _fwd_load(h_rows, row_ok, f0 + cols, F, SWIGLU)
             a = act(g, u, SWIGLU, INTERP)
-            _fwd_store(a_rows, hq_rows, f0 + cols, F, mask, a, g, u, a_inv, h_inv, stats_ptr, SWIGLU, SAVE, STATS)
+            _fwd_store(a_rows, hq_rows, f0 + cols, F, mask, a, g, u, a_inv, h_inv, SWIGLU, SAVE)
+            if STATS:
+                sa_amax, sa_under, sa_sat, sh_amax, sh_under, sh_sat = _fwd_stats(
+                    sa_amax, sa_under, sa_sat, sh_amax, sh_under, sh_sat, mask, a, g, u, a_inv, h_inv, SWIGLU, SAVE
+                )
         tl.store(a_scale_ptr + rows, a_scale, mask=row_ok)
         if SAVE:
             tl.store(h_scale_ptr + rows, h_scale, mask=row_ok)
+    if STATS:  # once per program (kernels/fp8_stats.py)
+        _fwd_flush(stats_ptr, sa_amax, sa_under, sa_sat, sh_amax, sh_under, sh_sat, M, F, SWIGLU, SAVE)
 
 
 # 1x128: consecutive programs take consecutive 128-feature tiles of the same rows (16x128 tiles on

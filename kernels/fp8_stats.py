@@ -23,9 +23,18 @@ saturation is zero by construction: what they can show is underflow, values more
 below their row's (tile's) amax. Saturation needs a scale taken from other values: delayed
 scaling (moe/fp8/float8_linear.py) or a planted scale (`torch_fp8_stats_add` with any inv).
 
-Every kernel counts with `tl_fp8_stats_add` on the fp32 values and inverses it quantizes with;
-its references count with `torch_fp8_stats_add`, and tests compare the two exactly (integer
-counts, amax bits) under Triton's interpreter on odd shapes (tests/test_fp8_stats.py).
+How a kernel counts: one atomic per word per program at most, never one per tile. Thousands of
+programs, each adding every tile's counts to the same four words, serialize on those addresses
+(the atomics of one word run one after another in L2). So each program carries its partials in
+registers (`tl_fp8_stats_zero`, then `tl_fp8_stats_tile` on each tile it casts, with the fp32
+values and inverses it quantizes with: amax bits and two int32 counts) and adds them once, at its
+end (`tl_fp8_stats_flush`), skipping the atomics that would change nothing: a count of 0, an
+amax not above the word's current one. stats[3] needs no counting: a launch's values are its
+shape, added by its first program. Nothing depends on the order programs run in (integer adds
+and integer max), so the counts are exact and deterministic. The references count with
+`torch_fp8_stats_add`, and tests compare the two exactly (integer counts, amax bits) under
+Triton's interpreter on odd shapes, with programs that carry partials over several chunks
+(tests/test_fp8_stats.py).
 
 Shape letters (README.md): O the operands a buffer holds statistics of.
 """
@@ -67,26 +76,49 @@ def amax_of(stats_O: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def tl_fp8_stats_add(stats_ptr, x, inv, mask):
-    """Adds one tile's statistics to stats_ptr[0:4] (module docstring). x: the fp32 values the
-    kernel casts (2-D tile), inv: the inverse scales it multiplies them by (broadcast against x),
-    mask: x's real elements (the rest count for nothing). Four relaxed atomics a call."""
+def tl_fp8_stats_zero():
+    """Empty partials (amax bits, underflows, saturations), int32 scalars, for a program to carry
+    through its loops."""
+    zero = tl.zeros([], dtype=tl.int32)
+    return zero, zero, zero
+
+
+@triton.jit
+def tl_fp8_stats_tile(amax, under, sat, x, inv, mask):
+    """The partials (amax, under, sat) with one more tile's added. x: the fp32 values the kernel
+    casts (2-D tile), inv: the inverse scales it multiplies them by (broadcast against x), mask:
+    x's real elements (the rest count for nothing). amax is carried as the int32 bits of |x|'s
+    max and combined by integer max, as the atomic in `tl_fp8_stats_flush` combines programs.
+    The counts are int32: no program casts 2**31 values (int32 column offsets already bound a
+    row to fewer)."""
     ax = tl.where(mask, tl.abs(x), 0.0)
     y = ax * inv
-    amax = tl.max(tl.max(ax, axis=1), axis=0)
-    under = tl.sum(tl.sum(((ax > 0.0) & (y <= _TL_UNDERFLOW)).to(tl.int32), axis=1), axis=0)
-    sat = tl.sum(tl.sum((y > _TL_SATURATION).to(tl.int32), axis=1), axis=0)
-    n = tl.sum(tl.sum(mask.to(tl.int32), axis=1), axis=0)
-    tl.atomic_max(stats_ptr, amax.to(tl.int32, bitcast=True).to(tl.int64), sem="relaxed")
-    tl.atomic_add(stats_ptr + 1, under.to(tl.int64), sem="relaxed")
-    tl.atomic_add(stats_ptr + 2, sat.to(tl.int64), sem="relaxed")
-    tl.atomic_add(stats_ptr + 3, n.to(tl.int64), sem="relaxed")
+    t_amax = tl.max(tl.max(ax, axis=1), axis=0).to(tl.int32, bitcast=True)
+    t_under = tl.sum(tl.sum(((ax > 0.0) & (y <= _TL_UNDERFLOW)).to(tl.int32), axis=1), axis=0)
+    t_sat = tl.sum(tl.sum((y > _TL_SATURATION).to(tl.int32), axis=1), axis=0)
+    return tl.maximum(amax, t_amax), under + t_under, sat + t_sat
+
+
+@triton.jit
+def tl_fp8_stats_flush(stats_ptr, amax, under, sat, first, rows, cols):
+    """Adds one program's partials to stats_ptr[0:4], at its end: at most one relaxed atomic per
+    word, and none that would leave its word as it is. The amax word only grows while a launch
+    runs, so a partial at or below a value read from it (volatile: from L2, not a stale L1
+    line) cannot raise it; counts of 0 add nothing. stats[3] gets the launch's rows * cols
+    values (run-time or constexpr integers, multiplied in int64) from its `first` program."""
+    amax = amax.to(tl.int64)
+    seen = tl.load(stats_ptr, volatile=True)
+    tl.atomic_max(stats_ptr, amax, mask=amax > seen, sem="relaxed")
+    tl.atomic_add(stats_ptr + 1, under.to(tl.int64), mask=under != 0, sem="relaxed")
+    tl.atomic_add(stats_ptr + 2, sat.to(tl.int64), mask=sat != 0, sem="relaxed")
+    values = (rows + tl.zeros([], dtype=tl.int64)) * cols
+    tl.atomic_add(stats_ptr + 3, values, mask=first & (values != 0), sem="relaxed")
 
 
 def torch_fp8_stats_add(stats: torch.Tensor | None, x: torch.Tensor, inv: torch.Tensor) -> None:
-    """The reference of `tl_fp8_stats_add` over a whole tensor: x (any float dtype, any shape),
-    inv broadcast against it; adds into stats (4 int64 words) on the device, no host sync.
-    Nothing when stats is None."""
+    """The reference of a launch's counting (`tl_fp8_stats_tile` on every tile, then the flushes)
+    over a whole tensor: x (any float dtype, any shape), inv broadcast against it; adds into
+    stats (4 int64 words) on the device, no host sync. Nothing when stats is None."""
     if stats is None:
         return
     ax = x.float().abs()

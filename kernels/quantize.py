@@ -36,7 +36,7 @@ from kernels.common import (
 )
 from kernels.contracts import check_quantize_rows_args
 from kernels.dispatch import kernel_op
-from kernels.fp8_stats import check_stats_arg, tl_fp8_stats_add
+from kernels.fp8_stats import check_stats_arg, tl_fp8_stats_flush, tl_fp8_stats_tile, tl_fp8_stats_zero
 from kernels.reference import torch_quantize_rows
 
 # Loops here run over a few chunks, never a pipeline's worth: no software pipelining.
@@ -75,7 +75,8 @@ def _quantize_rows_kernel(
         inv = tl_fp8_inverse(scale[:, None])
         tl.store(q_rows[:, None] + cols[None, :], tl_fp8_quantize_by(x, inv), mask=mask)
         if STATS:
-            tl_fp8_stats_add(stats_ptr, x, inv, mask)
+            s_amax, s_under, s_sat = tl_fp8_stats_zero()
+            s_amax, s_under, s_sat = tl_fp8_stats_tile(s_amax, s_under, s_sat, x, inv, mask)
     else:
         amax = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k in range(0, SPAN, BLOCK_K):
@@ -84,13 +85,17 @@ def _quantize_rows_kernel(
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
         scale = tl_fp8_scale(amax, POW2)
         inv = tl_fp8_inverse(scale[:, None])
+        if STATS:
+            s_amax, s_under, s_sat = tl_fp8_stats_zero()
         for k in range(0, SPAN, BLOCK_K):
             mask = row_ok[:, None] & (k + cols[None, :] < SPAN)
             x = tl.load(x_rows[:, None] + k + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(q_rows[:, None] + k + cols[None, :], tl_fp8_quantize_by(x, inv), mask=mask)
             if STATS:
-                tl_fp8_stats_add(stats_ptr, x, inv, mask)
+                s_amax, s_under, s_sat = tl_fp8_stats_tile(s_amax, s_under, s_sat, x, inv, mask)
     tl.store(s_ptr + rows.to(tl.int64) * stride_sm + pid_s, scale, mask=row_ok)
+    if STATS:  # once per program (kernels/fp8_stats.py)
+        tl_fp8_stats_flush(stats_ptr, s_amax, s_under, s_sat, (pid_m == 0) & (pid_s == 0), M, K)
 
 
 def _rows_launch_config(K: int, block_k: int) -> tuple[int, int, int]:

@@ -55,7 +55,7 @@ from kernels.contracts import (
     padded_size,
 )
 from kernels.dispatch import kernel_op
-from kernels.fp8_stats import check_stats_arg, tl_fp8_stats_add
+from kernels.fp8_stats import check_stats_arg, tl_fp8_stats_flush, tl_fp8_stats_tile, tl_fp8_stats_zero
 from kernels.quantize import triton_quantize_rows
 from kernels.reference import torch_quantize_cols_grouped, torch_quantize_rows_and_cols_grouped
 
@@ -165,11 +165,12 @@ def _cols_quant_kernel(
     where fp32 took 254 at 128x64). Else (rowwise) the column scales come from col_amax (pass
     1), their inverses are taken before the tiles are loaded, and there is one sweep.
     ROWS (fused, rowwise only): also writes q[m, k] for the tile's rows, scaled by row_amax;
-    STATS: counts that cast into stats_ptr.
+    STATS: counts that cast into stats_ptr, once at the program's end.
     K_MAJOR: consecutive programs take consecutive column blocks of the same tokens (grid
     (n_k, n_p)), so the programs resident together read whole lines of x's rows.
     """
     tl.static_assert(not (ROWS and BLOCKWISE), "fused blockwise is two launches")
+    tl.static_assert(ROWS or not STATS, "stats count q's cast: the fused op's rows")
     pid_p, pid_k = tl_tile_ids(K_MAJOR)
     start, end, pstart, pend = _group_bounds(ge_ptr, E, M, align, E_PAD)
     lanes = tl.arange(0, E_PAD)
@@ -182,6 +183,8 @@ def _cols_quant_kernel(
     ps = _lane(pstart, g, E_PAD)
     st = _lane(start, g, E_PAD)
     size = tl.where(g < n_groups, _lane(end, g, E_PAD) - st, 0)  # past every group: no rows
+    if STATS:
+        s_amax, s_under, s_sat = tl_fp8_stats_zero()
     for c in range(N_CHUNKS):  # N_CHUNKS column blocks share the group lookup above
         kb = pid_k * N_CHUNKS + c
         if kb * BLOCK_K < K:  # the last program's extra chunks have no columns
@@ -233,9 +236,12 @@ def _cols_quant_kernel(
                         q_ptrs = q_ptr + r.to(tl.int64)[:, None] * K + cols[None, :]
                         tl.store(q_ptrs, tl_fp8_quantize_by(x, rinv), mask=in_g[:, None] & col_ok[None, :])
                         if STATS:
-                            tl_fp8_stats_add(stats_ptr, x, rinv, in_g[:, None] & col_ok[None, :])
+                            s_amax, s_under, s_sat = tl_fp8_stats_tile(s_amax, s_under, s_sat, x, rinv,
+                                                                       in_g[:, None] & col_ok[None, :])  # fmt: skip
                         x = tl.where(g < E, x, 0.0)  # the tail's rows go to q only
                     tl.store(qt_cols + pp[:, None], tl_fp8_quantize_by(x, cinv), mask=col_ok[None, :])
+    if STATS:  # once per program (kernels/fp8_stats.py)
+        tl_fp8_stats_flush(stats_ptr, s_amax, s_under, s_sat, (pid_p == 0) & (pid_k == 0), M, K)
 
 
 @triton.jit

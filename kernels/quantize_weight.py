@@ -38,7 +38,7 @@ import triton.language as tl
 from kernels.common import FP8_DTYPE, tl_fp8_inverse, tl_fp8_quantize_by, tl_fp8_scale
 from kernels.contracts import check_quantize_weight_args
 from kernels.dispatch import kernel_op
-from kernels.fp8_stats import check_stats_arg, tl_fp8_stats_add
+from kernels.fp8_stats import check_stats_arg, tl_fp8_stats_flush, tl_fp8_stats_tile, tl_fp8_stats_zero
 from kernels.reference import torch_quantize_weight
 
 # Loops here run over a few chunks or groups, never a pipeline's worth: no software pipelining.
@@ -154,6 +154,8 @@ def _weight_quant_kernel(
         if pid_n == 0:
             tl.store(st_ptr + e * K + k, cscale, mask=k_ok)
         cinv = tl_fp8_inverse(cscale[None, :])
+    if STATS:
+        s_amax, s_under, s_sat = tl_fp8_stats_zero()
     for i in range(0, BLOCK_N, SUB_N):
         n = pid_n * BLOCK_N + i + tl.arange(0, SUB_N)
         n_ok = n < N
@@ -170,12 +172,15 @@ def _weight_quant_kernel(
             w = _load(w_ptr + base + n[:, None] * K + k[None, :], mask, EVEN, ROUND_BF16)
         _store(q_ptr + base + n[:, None] * K + k[None, :], tl_fp8_quantize_by(w, rinv), mask, EVEN)
         if STATS:
-            tl_fp8_stats_add(stats_ptr, w, rinv, mask)
+            s_amax, s_under, s_sat = tl_fp8_stats_tile(s_amax, s_under, s_sat, w, rinv, mask)
         # The transposed copy is transposed in registers (tl.trans) and stored row-major. Storing
         # the untransposed tile through transposed pointers (k * N + n) left ~25% of the rowwise
         # qt's bytes wrong from fp32 input on triton 3.6 / H200 (bf16 input was right).
         qt_KN = tl.trans(tl_fp8_quantize_by(w, cinv))
         _store(qt_ptr + base + k[:, None] * N + n[None, :], qt_KN, k_ok[:, None] & n_ok[None, :], EVEN)
+    if STATS:  # once per program (kernels/fp8_stats.py)
+        first = (tl.program_id(0) == 0) & (e == 0)
+        tl_fp8_stats_flush(stats_ptr, s_amax, s_under, s_sat, first, tl.num_programs(1) * N, K)
 
 
 def triton_quantize_weight(
@@ -210,7 +215,7 @@ def triton_quantize_weight(
         return q_ENK, scale, qt_EKN, scale_t
     MODE = _MODES[mode]
     wide = w_ENK.element_size() == 4
-    BLOCK_N, BLOCK_K, SUB_N, num_warps = _weight_launch_config(mode, wide)
+    BLOCK_N, BLOCK_K, SUB_N, num_warps = _weight_launch_config(mode, wide, stats is not None)
     EVEN = N % BLOCK_N == 0 and K % BLOCK_K == 0
     grid = (triton.cdiv(N, BLOCK_N) * triton.cdiv(K, BLOCK_K), E)
     row_amax = col_amax = scale  # placeholders, unused by blockwise
@@ -249,17 +254,19 @@ _AMAX_BLOCKS = ((128, 64, 4), (64, 64, 4))
 _AMAX_MIN_PROGRAMS = {"rowwise": 16384, "tensorwise": 1024}
 
 
-def _weight_launch_config(mode: str, wide: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, SUB_N, num_warps) of the quantize pass. wide: fp32 input.
+def _weight_launch_config(mode: str, wide: bool = False, stats: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, SUB_N, num_warps) of the quantize pass. wide: fp32 input; stats: counting.
 
     Blockwise: the 128x128 scale block, held whole (SUB_N = 128) in bf16: against sweeping it
     twice in 64-row slices, the second sweep from L1/L2, 1.26-1.27x faster from fp32 masters on
     an H200 (bench/results/kernels.json, every byte and scale the same). Rowwise: 64-row slices
-    from bf16; from fp32, 32-row slices (half the registers of a 64-row fp32 slice)."""
+    from bf16; from fp32, or counting statistics, 32-row slices (half the registers of a 64-row
+    fp32 slice; the counting's registers made the 64-row bf16 slice spill, the 32-row one not,
+    ptxas for sm_90, triton 3.6). The slice height changes no byte."""
     if mode == "blockwise":
         return 128, 128, 128, 8
     if mode == "rowwise":
-        return (64, 128, 32, 4) if wide else (64, 128, 64, 4)
+        return (64, 128, 32, 4) if wide or stats else (64, 128, 64, 4)
     return 64, 128, 32, 4
 
 

@@ -16,6 +16,9 @@ says what it consumes: the BF16 experts compute on the rows (gathered from the t
 got tokens) and refuse FP8 rows; moe/fp8/grouped_mlp.py's gather inside their quantization and
 take FP8 rows as they come. Same constructor, same parameters.
 
+SwiGLU's activation and second GEMM are one autograd node (moe/swiglu_down.py) that saves h and
+recomputes a = swiglu(h) in backward; so do DenseMLP's. GELU keeps the plain ops (h and a saved).
+
 The BF16 experts cast their fp32 weights to the compute dtype themselves (autocast sees no op of
 theirs): in every forward, or once inside moe/step_casts.py `weights_cast_once` (the trainer's
 run.weight_cast=step), which hands the module its scope's copies through `_step_casts`.
@@ -32,10 +35,12 @@ from torch import nn
 from moe.config import ACTIVATIONS, EXPERT_IMPLS
 from moe.dispatch import ExpertInput, compute_dtype
 from moe.step_casts import StepCasts
+from moe.swiglu_down import swiglu_down
 
 
 def activation_fn(h_MX: torch.Tensor, activation: str) -> torch.Tensor:
-    """SwiGLU on (M, 2F) -> (M, F) with the gate first, or exact-erf GELU on (M, F)."""
+    """SwiGLU on (M, 2F) -> (M, F) with the gate first, or exact-erf GELU on (M, F), as plain
+    differentiable ops: the loop reference's, GELU's and the FP8 references' activation."""
     if activation == "swiglu":
         gate_MF, up_MF = h_MX.chunk(2, dim=-1)
         return F.silu(gate_MF) * up_MF
@@ -53,8 +58,11 @@ def torch_grouped_mlp(
 
     `_grouped_mm` wants the right operand as (E, K, N); the transposed view of our (E, N, K)
     storage is exactly the column-major layout its fast path reads, so no copy is made.
+    SwiGLU: the activation and the second GEMM through `swiglu_down` (saves h, not a).
     """
     h_MX = torch._grouped_mm(x_MH, w1_EXH.transpose(-2, -1), offs=group_end_E)
+    if activation == "swiglu":
+        return swiglu_down(h_MX, w2_EHF, group_end_E)
     a_MF = activation_fn(h_MX, activation)
     return torch._grouped_mm(a_MF, w2_EHF.transpose(-2, -1), offs=group_end_E)
 
@@ -148,7 +156,11 @@ class GroupedMLP(nn.Module):
 
 
 class DenseMLP(nn.Module):
-    """A SwiGLU (or GELU) MLP every token goes through: DeepSeek's first dense layers and shared experts."""
+    """A SwiGLU (or GELU) MLP every token goes through: DeepSeek's first dense layers and shared experts.
+
+    SwiGLU with a plain nn.Linear w2 runs the activation and w2 through `swiglu_down` (saves h, not
+    a); an FP8 w2 (Float8Linear) and GELU take the plain ops.
+    """
 
     def __init__(self, dim: int, ffn_dim: int, activation: str = "swiglu") -> None:
         super().__init__()
@@ -161,8 +173,26 @@ class DenseMLP(nn.Module):
         nn.init.normal_(self.w1.weight, std=init_std)
         nn.init.normal_(self.w2.weight, std=init_std if out_std is None else out_std)
 
+    @property
+    def recomputes_activation(self) -> bool:
+        """Whether backward recomputes a from h (trainer/memory_activations.py counts on it)."""
+        return self.activation == "swiglu" and type(self.w2) is nn.Linear
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(activation_fn(self.w1(x), self.activation))
+        h = self.w1(x)
+        if not self.recomputes_activation:
+            return self.w2(activation_fn(h, self.activation))
+        dtype = compute_dtype(h)  # what autocast would cast w2's input and weight to
+        h_MX = h.reshape(-1, h.shape[-1]).to(dtype)
+        return swiglu_down(h_MX, self._w2_weight(dtype)).view(*h.shape[:-1], self.w2.out_features)
+
+    def _w2_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """w2's weight in the compute dtype: inside moe/step_casts.py `weights_cast_once` the scope's
+        copy (the one its hooks would swap into the Linear), else a cast."""
+        w, casts = self.w2.weight, getattr(self.w2, "_step_casts", None)
+        if casts is None or w.dtype == dtype:
+            return w.to(dtype)
+        return casts.cast(self.w2, "weight", w, dtype)
 
 
 def scaled_out_std(init_std: float, n_layers: int) -> float:

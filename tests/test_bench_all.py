@@ -22,7 +22,7 @@ def _py(code: str) -> tuple[str, ...]:
 
 def test_default_table():
     assert NAMES == ["tests", "kernels", "moe_block", "train_step", "step_profile", "gemm", "linear", "all_to_all", "scaling",
-                     "memory_plan", "fp8_all_gather", "glue", "hf_experts"]
+                     "memory_plan", "fp8_all_gather", "glue", "hf_experts", "optim_step"]
     stages = {s.name: s for s in default_stages(["-k", "permute"])}
     assert stages["tests"].argv[-2:] == ("-k", "permute") and "gpu" in stages["tests"].argv
     assert {n for n, s in stages.items() if s.min_gpus == 2} == {"all_to_all", "scaling"}

@@ -29,7 +29,15 @@ from act_helpers import _act_error_bound
 from fp8_inputs import group_ends
 from kernels.act_quant import triton_act_quant_fwd
 from kernels.common import FP8_DTYPE, torch_fp8_inverse
-from kernels.fp8_stats import SATURATION_BOUND, amax_of, new_stats, tl_fp8_stats_add, torch_fp8_stats_add
+from kernels.fp8_stats import (
+    SATURATION_BOUND,
+    amax_of,
+    new_stats,
+    tl_fp8_stats_flush,
+    tl_fp8_stats_tile,
+    tl_fp8_stats_zero,
+    torch_fp8_stats_add,
+)
 from kernels.quantize import triton_quantize_rows
 from kernels.quantize_grouped import triton_quantize_rows_and_cols_grouped
 from kernels.quantize_weight import triton_quantize_weight
@@ -84,6 +92,9 @@ CASES = {
     "weight_rowwise_fp32": (lambda w, s: triton_quantize_weight(w, "rowwise", False, True, s),
                             lambda w, s: torch_quantize_weight(w, "rowwise", False, True, s), 1,
                             lambda: _wide(80, 72, 5).float().mul(1.0 + 2**-12).view(2, 40, 72)),
+    "weight_rowwise_bf16": (lambda w, s: triton_quantize_weight(w, "rowwise", True, False, s),
+                            lambda w, s: torch_quantize_weight(w, "rowwise", True, False, s), 1,
+                            lambda: _wide(144, 72, 14).view(2, 72, 72)),  # counting: 32-row slices, else 64
     "weight_blockwise": (lambda w, s: triton_quantize_weight(w, "blockwise", False, False, s),
                          lambda w, s: torch_quantize_weight(w, "blockwise", False, False, s), 1,
                          lambda: _wide(256, 128, 6).view(2, 128, 128)),
@@ -169,12 +180,17 @@ def test_counts_are_the_cast_s_zeros_and_values():
 
 @triton.jit
 def _planted_kernel(x_ptr, inv_ptr, stats_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Counts x * inv (one inv a row), BLOCK_M rows a program in BLOCK_K-wide chunks, the
+    partials carried over the chunks and flushed once."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_K)
-    mask = (rows < M)[:, None] & (cols < K)[None, :]
-    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0)
     inv = tl.load(inv_ptr + rows, mask=rows < M, other=1.0)
-    tl_fp8_stats_add(stats_ptr, x, inv[:, None], mask)
+    amax, under, sat = tl_fp8_stats_zero()
+    for k in range(0, K, BLOCK_K):
+        cols = k + tl.arange(0, BLOCK_K)
+        mask = (rows < M)[:, None] & (cols < K)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0)
+        amax, under, sat = tl_fp8_stats_tile(amax, under, sat, x, inv[:, None], mask)
+    tl_fp8_stats_flush(stats_ptr, amax, under, sat, tl.program_id(0) == 0, M, K)
 
 
 def _planted(seed=11):
@@ -186,13 +202,28 @@ def _planted(seed=11):
     return x, torch_fp8_inverse(scale)
 
 
-def test_planted_scale_saturates_in_kernel_and_reference():
+@pytest.mark.parametrize("block_m, block_k", [(8, 64), (4, 16)])  # one chunk a program; four, the last ragged
+def test_planted_scale_saturates_in_kernel_and_reference(block_m, block_k):
     x, inv = _planted()
     got, want = new_stats(1, "cpu"), new_stats(1, "cpu")
-    _planted_kernel[(triton.cdiv(19, 8),)](x, inv.view(-1).contiguous(), got, 19, 50, BLOCK_M=8, BLOCK_K=64)
+    _planted_kernel[(triton.cdiv(19, block_m),)](x, inv.view(-1).contiguous(), got, 19, 50, BLOCK_M=block_m,
+                                                 BLOCK_K=block_k)  # fmt: skip
     torch_fp8_stats_add(want, x, inv)
     assert torch.equal(got, want), (got.tolist(), want.tolist())
     assert want[0, 2] == ((x.abs() * inv) > SATURATION_BOUND).sum() > 3
+
+
+@pytest.mark.parametrize("earlier_amax", [0.5, 1e30])
+def test_flush_adds_to_a_buffer_s_earlier_counts(earlier_amax):
+    """A buffer already holding counts (an earlier call of the window): the flush adds to them
+    and raises the amax word only past its value, whether it skips its atomic max or not."""
+    x, inv = _planted()
+    earlier = torch.tensor([[torch.tensor(earlier_amax).view(torch.int32).item(), 5, 7, 11]])
+    got, want = earlier.clone(), earlier.clone()
+    _planted_kernel[(triton.cdiv(19, 4),)](x, inv.view(-1).contiguous(), got, 19, 50, BLOCK_M=4, BLOCK_K=16)
+    torch_fp8_stats_add(want, x, inv)
+    assert torch.equal(got, want), (got.tolist(), want.tolist())
+    assert amax_of(got)[0] == max(earlier_amax, x.abs().max().item()) and got[0, 3] == 11 + x.numel()
 
 
 def _model_with_experts_in(block: int) -> torch.nn.Module:

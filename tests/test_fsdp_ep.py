@@ -50,6 +50,8 @@ def _cfg(backend: str, ep: int, grad_accum: int, recipe: str = "bf16", **run):
             m.moe.aux_loss_coeff = value
         elif key == "fp8_dispatch":
             c.parallel.fp8_dispatch = value
+        elif key == "state_dtype":
+            c.optim.state_dtype = value
         else:
             setattr(c.checkpoint if key.startswith("ckpt_") else c.run, key.removeprefix("ckpt_"), value)
     return c
@@ -205,6 +207,62 @@ def test_fsdp_layouts_match_one_process_fp8():
     # Emulated rowwise FP8 experts; DDP x EP with FP8 is covered by tests/test_ep_train.py.
     with tempfile.TemporaryDirectory() as tmp:
         _spawn(_layouts, WORLD, tmp, "rowwise", [("fsdp", 1), ("fsdp", 2)])
+
+
+def _bf16_moments_sharded_step(rank, world, tmp, steps=3):
+    """Each step of the bf16-moment AdamW on FSDP x EP's DTensor shards equals, bit for bit, the
+    same optimizer on one process over the full tensors (gathered before the step: weights,
+    gradients, moments, step counters; compared after it). The trajectories themselves are not
+    compared: a gradient differing in its last fp32 bit (another summation order) can flip a
+    moment's bf16 rounding, which the bf16 rows of `_layouts` would count as a 1e-5 difference."""
+    from trainer.loop import Trainer
+    from trainer.optim_bf16 import AdamWBf16
+
+    _memoize_data()
+    trainer = Trainer(_cfg("fsdp", 2, 1, state_dtype="bfloat16"), f"{tmp}/bf16_moments", _env("fsdp", 2))
+    trainer.resume()
+    opt, step = trainer.optimizer, trainer.optimizer.step
+    assert isinstance(opt, AdamWBf16)
+    checked = []
+
+    def checked_step(*args, **kwargs):
+        groups, state = [], {}
+        for group in opt.param_groups:
+            full = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                q = _full(p)
+                q.grad = _full(p.grad)
+                full.append(q)
+                if opt.state[p]:
+                    state[q] = {k: v.clone() if k == "step" else _full(v) for k, v in opt.state[p].items()}
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": full})
+        ref = AdamWBf16(groups)
+        ref.state.update(state)
+        out = step(*args, **kwargs)
+        ref.step()
+        for group, ref_group in zip(opt.param_groups, ref.param_groups):
+            live = [p for p in group["params"] if p.grad is not None]
+            for p, q in zip(live, ref_group["params"]):
+                assert torch.equal(_full(p), q), "a sharded step differs from the full one"
+                for k in ("exp_avg", "exp_avg_sq"):
+                    assert torch.equal(_full(opt.state[p][k]), ref.state[q][k]), k
+                assert opt.state[p]["exp_avg"].dtype == torch.bfloat16
+                assert float(opt.state[p]["step"]) == float(ref.state[q]["step"])
+        checked.append(sum(len(g["params"]) for g in ref.param_groups))
+        return out
+
+    trainer.optimizer.step = checked_step
+    it = trainer.data.train(trainer.consumed_samples)
+    while trainer.step < steps:
+        trainer.train_step(it)
+    assert len(checked) == steps and min(checked) > 0, checked
+
+
+def test_bf16_moments_under_fsdp_x_ep_step_as_one_process():
+    with tempfile.TemporaryDirectory() as tmp:
+        _spawn(_bf16_moments_sharded_step, WORLD, tmp)
 
 
 def _reshard(rank, world, tmp):

@@ -30,6 +30,7 @@ DP_BACKENDS = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("bfloat16", "float32")
 WEIGHT_CASTS = ("step", "forward")
+STATE_DTYPES = ("float32", "bfloat16")  # optim.state_dtype: AdamW's moments
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -72,6 +73,10 @@ class OptimConfig:
     # AdamW's fused implementation (one kernel pass over each group); false: its foreach one. The
     # same update up to fp32 rounding; a checkpoint saved with either resumes with the other.
     fused: bool = True
+    # AdamW's two moments: float32, or bfloat16 (DeepSeek-V3's recipe; trainer/optim_bf16.py): 4
+    # bytes of state a parameter instead of 8, what a Mixtral-8x7B needs to fit one 8-GPU node.
+    # The fp32 master weights and gradients stay. optim.fused applies to float32 only.
+    state_dtype: str = "float32"  # one of STATE_DTYPES
     # The lr schedule's length in steps; 0: run.steps of the run that starts it. A resume keeps
     # the checkpoint's length (trainer/resume.py), so a longer run.steps does not re-stretch it.
     schedule_steps: int = 0
@@ -194,6 +199,8 @@ class TrainConfig:
             require(0 <= getattr(opt, name) < 1, f"optim.{name} must be in [0, 1), got {getattr(opt, name)}")
         require(math.isfinite(opt.eps) and opt.eps > 0, f"optim.eps must be finite and > 0, got {opt.eps}")
         require(opt.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables clipping), got {opt.grad_clip}")
+        require(opt.state_dtype in STATE_DTYPES,
+                f"optim.state_dtype must be one of {STATE_DTYPES}, got {opt.state_dtype!r}")  # fmt: skip
         self.parallel.validate(num_experts=self.model.moe.num_experts)
         self.fp8.validate()
         require(

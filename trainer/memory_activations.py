@@ -17,11 +17,14 @@ c is the compute dtype's size: 2 under bf16 autocast, where the residual stream 
   log-sum-exp 4TQ; its output, written (B, S, Q, D), is the storage an nn.Linear output
   projection saves as its input (counted there). qk_norm: each head norm's c-byte input
   cT(Q+J)D and rsqrt 4T(Q+J). RoPE saves nothing (its tables are buffers).
-- SwiGLU MLPs (dense, shared experts): h cTX, silu(gate) cTF; the second Linear's input is a.
+- SwiGLU MLPs (dense, shared experts): h cTX; a, the second Linear's input, is recomputed from h
+  in backward (moe/swiglu_down.py). With an FP8 second Linear (plain ops) silu(gate) cTF too, and
+  that Linear saves a; a GELU MLP saves h and a.
 - Router: its fp32 input 4TH, the scores 4TE (and the logits for the z-loss, 4TE + 4T), the top-k
   weights and ids 12TA, 4T for the renormalisation.
 - Permutation 9TA (row_of_TA, kept); unpermute the experts' output cTAH and the weights 4TA.
-- BF16 experts: the rows cRH, h cRX, silu(gate) cRF (SwiGLU), a cRF, the group ends 4Z.
+- BF16 experts: the rows cRH, h cRX, the group ends 4Z; a cRF for GELU only (SwiGLU recomputes it
+  from h in backward, moe/swiglu_down.py).
 - FP8 experts (moe/fp8/grouped_mlp.py): x's columns H x P bytes and their scales, h as R x X bytes
   (2RX with fp8.intermediate=bf16) and its scales, the group ends 8Z, the token index 8R (EP=1:
   the rows are gathered inside the quantization). Their transposed FP8 weights live on the
@@ -73,8 +76,11 @@ def _attention_bytes(attn: Attention, T: int, c: int) -> int:
 
 
 def _mlp_bytes(mlp: DenseMLP, rows: int, c: int) -> int:
-    """A DenseMLP over `rows` tokens: its Linears' inputs, h and SwiGLU's silu(gate)."""
+    """A DenseMLP over `rows` tokens: w1's input and h; through the plain ops also w2's input (a)
+    and SwiGLU's silu(gate)."""
     X = mlp.w1.out_features
+    if mlp.recomputes_activation:
+        return linear_input_bytes(mlp.w1, rows, c) + c * rows * X
     inner = c * rows * X + (c * rows * (X // 2) if mlp.activation == "swiglu" else 0)
     return _linears_bytes(mlp, rows, c) + inner
 
@@ -104,8 +110,8 @@ def _experts_bytes(experts: GroupedMLP, R: int, c: int, ep: int, intermediate: s
         h = (2 if intermediate == "bf16" else 1) * R * X
         gather = INDEX * R if ep == 1 else 0
         return H * P + xt_scales + h + h_scales + 2 * FP32 * Z + gather
-    act = c * R * F if experts.activation == "swiglu" else 0
-    return c * R * H + c * R * X + act + c * R * F + FP32 * Z
+    a = c * R * F if experts.activation == "gelu" else 0  # SwiGLU's a is recomputed in backward
+    return c * R * H + c * R * X + a + FP32 * Z
 
 
 def experts_backward_bytes(experts: GroupedMLP, R: int, c: int, ep: int = 1) -> int:

@@ -2,7 +2,8 @@
 (nothing allocated, no process group, no GPU): `plan_memory`, `format_plan` (what
 `run.dry_run=true` prints), and `refuse_if_cannot_fit` (a real run's check before it allocates).
 
-Layouts, N GPUs, W = parallel.ep, fp32 master weights and AdamW state (2 x fp32) everywhere:
+Layouts, N GPUs, W = parallel.ep, fp32 master weights and AdamW's two moments (fp32, or bf16 with
+optim.state_dtype=bfloat16) everywhere:
     one process     every parameter, its gradient and state
     ddp, ep=1       the same on every rank, plus DDP's gradient buckets (one more fp32 copy)
     ddp, ep=W       dense parameters full on every rank, E / W experts a rank (gradients reduced
@@ -169,6 +170,7 @@ def plan_memory(cfg: TrainConfig, num_gpus: int, model: MoETransformer | None = 
     lay, run = _Layout(cfg, num_gpus), cfg.run
     W, T = lay.W, run.micro_batch_size * run.seq_len
     c = 2 if run.dtype == "bfloat16" else FP32
+    state = 2 if cfg.optim.state_dtype == "bfloat16" else FP32  # bytes of each AdamW moment
     blocks, accum, ac = list(model.layers), run.grad_accum > 1, run.activation_checkpointing
 
     # The persistent state, and what the optimizer step adds to the gradients.
@@ -235,7 +237,7 @@ def plan_memory(cfg: TrainConfig, num_gpus: int, model: MoETransformer | None = 
     entries = (
         PlanEntry("parameters", FP32 * p_local, "fp32 master weights, this rank's share"),
         PlanEntry("gradients", grads_all, "fp32"),
-        PlanEntry("optimizer state", 2 * FP32 * p_local, "AdamW exp_avg + exp_avg_sq, fp32"),
+        PlanEntry("optimizer state", 2 * state * p_local, f"AdamW exp_avg + exp_avg_sq, {cfg.optim.state_dtype}"),
         PlanEntry("DDP gradient buckets", buckets, "one more fp32 copy of the gradients"),
         PlanEntry("FSDP unsharded", fsdp_bytes, "fp32 root + 2 bf16 blocks + one block's gradient"
                   + (" + fp32 gradient accumulation" if accum else "")),  # fmt: skip
@@ -248,7 +250,7 @@ def plan_memory(cfg: TrainConfig, num_gpus: int, model: MoETransformer | None = 
         PlanEntry("optimizer step temporaries", step_temp, "foreach AdamW's sqrt / EP gradient flattening"),
         PlanEntry("CUDA context + allocator reserve", CONTEXT_BYTES, "fixed"),
     )
-    total = 3 * FP32 * p_local + buckets + peak + CONTEXT_BYTES  # parameters and AdamW state: 12 bytes each
+    total = (FP32 + 2 * state) * p_local + buckets + peak + CONTEXT_BYTES  # parameters and AdamW state
     return MemoryPlan(lay.describe(), num_gpus, T, ac, entries, phases, peak_name, total)
 
 
@@ -354,8 +356,9 @@ def fitting_changes(
 ) -> list[tuple[str, float]]:
     """The single changes under which the plan fits `budget` bytes, each with its GiB:
     parallel.backend=fsdp, the smallest larger parallel.ep that fits, run.activation_checkpointing=true,
-    the largest halved micro-batch that fits, the fewest GPUs (a multiple of this count). When
-    none fits alone: all of the first four together, on as few GPUs as that needs."""
+    the largest halved micro-batch that fits, optim.state_dtype=bfloat16, the fewest GPUs (a multiple
+    of this count). When none fits alone: all of the first five together, on as few GPUs as that
+    needs."""
     model = meta_model(cfg) if model is None else model
     E = cfg.model.moe.num_experts
 
@@ -377,6 +380,8 @@ def fitting_changes(
         steps["run__activation_checkpointing"] = True
     if cfg.run.micro_batch_size > 1:
         steps["run__micro_batch_size"] = 1
+    if cfg.optim.state_dtype != "bfloat16":
+        steps["optim__state_dtype"] = "bfloat16"
     halves = [cfg.run.micro_batch_size >> k for k in range(1, cfg.run.micro_batch_size.bit_length())]
     options = {"parallel__ep": eps, "run__micro_batch_size": halves}
     for key, value in steps.items():
@@ -429,7 +434,8 @@ def refuse_if_cannot_fit(
         advice = "It would fit with: " + "; ".join(f"{what} ({g:.1f} GiB)" for what, g in fixes)
     else:
         advice = ("Nothing tried brings it under (parallel.backend=fsdp, parallel.ep, run.activation_"
-                  "checkpointing=true, a smaller run.micro_batch_size, up to 64x the GPUs)")  # fmt: skip
+                  "checkpointing=true, a smaller run.micro_batch_size, optim.state_dtype=bfloat16, up to "
+                  "64x the GPUs)")  # fmt: skip
     raise ValueError(
         f"this run cannot fit: the memory plan needs {plan.gib:.1f} GiB per GPU ({plan.layout}, "
         f"{plan.tokens} tokens a micro-batch a rank) and the device has {have}. {advice}. "

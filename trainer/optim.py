@@ -1,4 +1,5 @@
-"""AdamW over fp32 master parameters with linear warm-up and cosine decay."""
+"""AdamW over fp32 master parameters (moments in fp32, or bf16: optim.state_dtype) with linear
+warm-up and cosine decay."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 from moe.experts import GroupedMLP
+from trainer import optim_bf16
 from trainer.config import OptimConfig
 
 # The parameter groups, in this order, whatever the layout: a checkpoint's optimizer and scheduler
@@ -16,7 +18,7 @@ from trainer.config import OptimConfig
 # mix with plain tensors in one group).
 PARAM_GROUPS = ("decay", "no_decay", "experts")
 # The group keys that name AdamW's implementation rather than its hyperparameters.
-IMPLEMENTATION_KEYS = ("fused", "foreach")
+IMPLEMENTATION_KEYS = optim_bf16.IMPLEMENTATION_KEYS
 
 
 def _weight_decays(cfg: OptimConfig) -> list[float]:
@@ -35,9 +37,12 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return [{"params": by_group[name], "weight_decay": wd} for name, wd in zip(PARAM_GROUPS, _weight_decays(cfg))]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW, fused (optim.fused) or foreach, over `param_groups`. Its state loads whichever
-    implementation saved it: `_keep_implementation`."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`: fp32 moments with torch's fused (optim.fused) or foreach
+    implementation, or bf16 moments (optim.state_dtype=bfloat16, trainer/optim_bf16.py). Its state
+    loads whichever of them saved it: `_keep_implementation`, `AdamWBf16.load_state_dict`."""
+    if cfg.state_dtype == "bfloat16":
+        return optim_bf16.AdamWBf16(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     impl = {"fused": True} if cfg.fused else {"foreach": True}
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **impl)
     opt.register_load_state_dict_pre_hook(_keep_implementation)

@@ -35,6 +35,7 @@ from kernels.quantize import quantize_rows
 from kernels.quantize_grouped import quantize_cols_grouped
 from kernels.quantize_weight import QuantizedWeight
 from kernels.reference_act import torch_act_bwd
+from kernels.swiglu import swiglu_fwd
 from moe.dispatch import ExpertInput
 from moe.experts import activation_fn
 from moe.fp8.gemm import grouped_mm, grouped_mm_wgrad
@@ -84,7 +85,9 @@ class _AblationFunction(torch.autograd.Function):
             y_MH = grouped_mm(a_q, a_s, wq2.q_ENK, wq2.scale, group_end_E, recipe).to(dtype)
         else:
             h_MX = _bf16_mm(x_MH, w1_EXH.to(dtype).transpose(-2, -1), group_end_E)
-            y_MH = _bf16_mm(activation_fn(h_MX, activation), w2_EHF.to(dtype).transpose(-2, -1), group_end_E)
+            # a as the BF16 experts compute it: SwiGLU's fp32 kernel (moe/swiglu_down.py), GELU's plain op
+            a_MF = swiglu_fwd(h_MX) if activation == "swiglu" else activation_fn(h_MX, activation)
+            y_MH = _bf16_mm(a_MF, w2_EHF.to(dtype).transpose(-2, -1), group_end_E)
             if fp8_h:
                 h_q, h_s = quantize_rows(h_MX, block, pow2)  # the rule act_quant_fwd saves h by
         h_saved, h_s = (h_q, h_s) if fp8_h else (h_MX, None)

@@ -1,0 +1,73 @@
+"""The pure-torch reference of kernels/adamw.py: one AdamW step of one fp32 parameter whose two
+moments are stored in bfloat16 (DeepSeek-V3's recipe: fp32 master weights and gradients, BF16
+AdamW moments).
+
+The step, in fp32, in this order of roundings (the Triton kernel's, which has FMA contraction off):
+    p1 = p * decay                       decay = 1 - lr * weight_decay (decoupled decay)
+    m1 = m + (g - m) * (1 - beta1)       torch's lerp for a weight below 0.5
+    v1 = v * beta2 + (g * g) * (1 - beta2)
+    p  = p1 - step_size * (m1 / (sqrt(v1) * inv_bc2_sqrt + eps))
+    m, v = bf16(m1), bf16(v1)            round to nearest even, after the update used them in fp32
+with step_size = lr / (1 - beta1 ** t) and inv_bc2_sqrt = 1 / sqrt(1 - beta2 ** t) at step t, which
+the caller computes in double and passes (`AdamWScalars`). torch.optim.AdamW takes the same step up
+to where it rounds; only storing the moments in bf16 (8 significant bits) differs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+
+class AdamWScalars(NamedTuple):
+    """The per-step constants of one parameter group, from its hyperparameters and step t."""
+
+    decay: float
+    beta1: float
+    beta2: float
+    step_size: float
+    inv_bc2_sqrt: float
+    eps: float
+
+    @classmethod
+    def at(cls, step: int, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> "AdamWScalars":
+        beta1, beta2 = betas
+        return cls(1.0 - lr * weight_decay, beta1, beta2, lr / (1.0 - beta1**step),
+                   1.0 / math.sqrt(1.0 - beta2**step), eps)  # fmt: skip
+
+
+def check_adamw_args(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
+    """p fp32, g fp32 or bf16, m and v bf16, all of p's shape, contiguous, on p's device."""
+    if p.dtype != torch.float32:
+        raise ValueError(f"AdamW with bf16 moments updates fp32 master weights, got a {p.dtype} parameter")
+    if g.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"the gradient must be float32 or bfloat16, got {g.dtype}")
+    for name, t in (("exp_avg", m), ("exp_avg_sq", v)):
+        if t.dtype != torch.bfloat16:
+            raise ValueError(f"{name} must be bfloat16, got {t.dtype}")
+    for name, t in (("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
+        if t.shape != p.shape or t.device != p.device:
+            raise ValueError(f"{name} must have the parameter's shape {tuple(p.shape)} on {p.device}, "
+                             f"got {tuple(t.shape)} on {t.device}")  # fmt: skip
+    for name, t in (("param", p), ("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (the step reads every tensor as one flat range)")
+
+
+@torch.no_grad()
+def torch_adamw_step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: AdamWScalars) -> None:
+    """One step in place on p (fp32), m and v (bf16), module docstring's order of roundings."""
+    check_adamw_args(p, g, m, v)
+    g32 = g.float()
+    m1 = m.float()
+    m1 = m1 + (g32 - m1) * (1.0 - s.beta1)
+    v1 = v.float() * s.beta2 + (g32 * g32) * (1.0 - s.beta2)
+    # The square root in fp64, rounded once to fp32: correctly rounded, as the kernel's sqrt_rn and
+    # CUDA's sqrtf are, where torch's vectorized CPU sqrt is not (~1 result in 6 an ulp off).
+    denom = v1.double().sqrt().float() * s.inv_bc2_sqrt + s.eps
+    p.mul_(s.decay)
+    p.sub_(s.step_size * (m1 / denom))
+    m.copy_(m1)
+    v.copy_(v1)
