@@ -8,7 +8,8 @@
                        our Triton grouped GEMMs (kernels/grouped_gemm*.py)
   attention            flash / cuDNN / memory-efficient attention, forward and backward
   quantize_activation  our quantizing and fused-activation Triton kernels (kernels/quantize*.py,
-                       act_quant*.py, transpose_bytes.py) and torch's SiLU / GELU kernels
+                       act_quant*.py, transpose_bytes.py), the BF16 SwiGLU (kernels/swiglu.py) and
+                       torch's SiLU / GELU kernels
   permute_combine      routing and token movement: top-k, sort, scatter, index_select, gather,
                        the router's softmax, our combine kernels (kernels/combine.py)
   norm_elementwise     our RMSNorm and RoPE kernels (kernels/rmsnorm.py, rope.py), torch's
@@ -16,7 +17,7 @@
                        copies), the embedding's backward
   loss                 the cross-entropy's log-softmax and NLL
   optimizer            fused AdamW and everything through multi_tensor_apply (foreach AdamW,
-                       gradient clipping's norms and scaling)
+                       gradient clipping's norms and scaling), the bf16-moment AdamW (kernels/adamw.py)
   other                the rest: memcpy / memset, NCCL, unknown names
 By name only: a generic torch kernel counts where its name puts it whichever layer launched it
 (the embedding's index_select and sort count as permute_combine). `summarize` keeps each
@@ -51,11 +52,12 @@ OWN_KERNELS = {
     "_fwd_kernel": "norm_elementwise",  # kernels/rmsnorm.py: the residual add and RMSNorm
     "_bwd_kernel": "norm_elementwise",
     "_rope_kernel": "norm_elementwise",  # kernels/rope.py
+    "_adamw_kernel": "optimizer",  # kernels/adamw.py (optim.state_dtype=bfloat16)
     **dict.fromkeys((
         "_act_fwd_kernel", "_act_bwd_amax_kernel", "_act_bwd_quant_kernel", "_amax_to_scale_kernel",
         "_bwd_prep_kernel", "_token_map_kernel", "_quantize_rows_kernel", "_amax_pass_kernel",
         "_cols_quant_kernel", "_group_strip_kernel", "_quantize_tensor_kernel", "_weight_amax_kernel",
-        "_weight_quant_kernel", "_transpose_bytes_kernel",
+        "_weight_quant_kernel", "_transpose_bytes_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel",
     ), "quantize_activation"),  # fmt: skip
 }
 # (family, substrings of the lower-cased name), first match wins after OWN_KERNELS.

@@ -38,7 +38,7 @@ def _store(ptr, v, mask, ROUND_BF16: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(
+def _swiglu_fwd_kernel(
     h_ptr, a_ptr, M, F, stride_h,
     INTERP: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
 ):  # fmt: skip
@@ -53,7 +53,7 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_kernel(
+def _swiglu_bwd_kernel(
     h_ptr, da_ptr, dh_ptr, M, F, stride_h, stride_da,
     INTERP: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
 ):  # fmt: skip
@@ -95,8 +95,8 @@ def triton_swiglu_fwd(h_MX: torch.Tensor) -> torch.Tensor:
         return a_MF
     h_MX = _cols(h_MX)
     grid, BLOCK_M, BLOCK_F, num_warps = _launch(M, F)
-    _fwd_kernel[grid](h_MX, a_MF, M, F, h_MX.stride(0), **_flags(a_MF), BLOCK_M=BLOCK_M, BLOCK_F=BLOCK_F,
-                      num_warps=num_warps, **LAUNCH_OPTIONS)  # fmt: skip
+    _swiglu_fwd_kernel[grid](h_MX, a_MF, M, F, h_MX.stride(0), **_flags(a_MF), BLOCK_M=BLOCK_M, BLOCK_F=BLOCK_F,
+                             num_warps=num_warps, **LAUNCH_OPTIONS)  # fmt: skip
     return a_MF
 
 
@@ -113,8 +113,8 @@ def triton_swiglu_bwd(h_MX: torch.Tensor, da_MF: torch.Tensor) -> torch.Tensor:
         return dh_MX
     h_MX, da_MF = _cols(h_MX), _cols(da_MF)
     grid, BLOCK_M, BLOCK_F, num_warps = _launch(M, F)
-    _bwd_kernel[grid](h_MX, da_MF, dh_MX, M, F, h_MX.stride(0), da_MF.stride(0), **_flags(dh_MX), BLOCK_M=BLOCK_M,
-                      BLOCK_F=BLOCK_F, num_warps=num_warps, **LAUNCH_OPTIONS)  # fmt: skip
+    _swiglu_bwd_kernel[grid](h_MX, da_MF, dh_MX, M, F, h_MX.stride(0), da_MF.stride(0), **_flags(dh_MX),
+                             BLOCK_M=BLOCK_M, BLOCK_F=BLOCK_F, num_warps=num_warps, **LAUNCH_OPTIONS)  # fmt: skip
     return dh_MX
 
 

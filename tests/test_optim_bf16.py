@@ -18,6 +18,7 @@ import copy
 
 import pytest
 import torch
+from optim_helpers import take_steps, tiny_model
 
 from kernels.adamw import triton_adamw_step_
 from kernels.reference_adamw import AdamWScalars, torch_adamw_step_
@@ -73,40 +74,19 @@ def test_bad_arguments_name_what_is_wrong():
         cfg.validate()
 
 
-def _model():
-    cfg = ModelConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16,
-                      moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=24), first_k_dense=1)  # fmt: skip
-    torch.manual_seed(0)
-    return build_model(cfg)
-
-
-def _grads(model, step: int) -> None:
-    """Gradients from 1e-6 to 10 in size, some parameters' exactly zero; the same at every call."""
-    gen = torch.Generator().manual_seed(100 + step)
-    for i, p in enumerate(model.parameters()):
-        scale = 10.0 ** torch.randint(-6, 2, (), generator=gen).item()
-        p.grad = (torch.randn(p.shape, generator=gen) * scale * (i % 7 != 3)).to(p.dtype)
-
-
-def _steps(model, opt, first: int, last: int) -> None:
-    for step in range(first, last):
-        _grads(model, step)
-        opt.step()
-
-
 def _bf16_optimizer(model):
     return build_optimizer(model, OptimConfig(lr=LR, beta1=BETAS[0], beta2=BETAS[1], state_dtype="bfloat16"))
 
 
 def test_the_recipe_follows_fp64_adamw_within_the_bf16_moments_bound():
     steps = 30
-    ours = _model()
+    ours = tiny_model()
     exact = copy.deepcopy(ours).double()
     opt = _bf16_optimizer(ours)
     assert isinstance(opt, AdamWBf16)
     ref = build_optimizer(exact, OptimConfig(lr=LR, beta1=BETAS[0], beta2=BETAS[1], fused=False))  # fp64 foreach
-    _steps(ours, opt, 0, steps)
-    _steps(exact, ref, 0, steps)
+    take_steps(ours, opt, 0, steps)
+    take_steps(exact, ref, 0, steps)
     rel = 2.0**-9 / (1 - BETAS[0]) + 0.5 * 2.0**-9 / (1 - BETAS[1])
     bound = steps * LR * 6 * rel * 1.1
     worst = max(float((a.detach().double() - b.detach()).abs().max()) for a, b in zip(ours.parameters(), exact.parameters()))
@@ -126,13 +106,13 @@ def test_checkpoints_cross_between_the_state_dtypes(tmp_path, saved):
             "fused": lambda m: build_optimizer(m, OptimConfig(lr=LR, beta1=BETAS[0], beta2=BETAS[1], fused=True)),
             "foreach": lambda m: build_optimizer(m, OptimConfig(lr=LR, beta1=BETAS[0], beta2=BETAS[1], fused=False))}
     other = "fused" if saved == "bf16" else "bf16"
-    whole = _model()
+    whole = tiny_model()
     opt_whole = make[saved](whole)
-    _steps(whole, opt_whole, 0, 3)
+    take_steps(whole, opt_whole, 0, 3)
     CheckpointManager(CheckpointConfig(), tmp_path).save(3, {"model": whole, "optim": opt_whole})
     saved_state = copy.deepcopy(opt_whole.state_dict()["state"])
 
-    resumed = _model()
+    resumed = tiny_model()
     opt = make[other](resumed)
     assert CheckpointManager(CheckpointConfig(), tmp_path).load({"model": resumed, "optim": opt}) == 3
     state = opt.state_dict()["state"]
@@ -149,11 +129,11 @@ def test_checkpoints_cross_between_the_state_dtypes(tmp_path, saved):
     twin = copy.deepcopy(resumed)
     opt_twin = make[other](twin)
     opt_twin.load_state_dict(copy.deepcopy(opt.state_dict()))
-    _steps(resumed, opt, 3, 5)
-    _steps(twin, opt_twin, 3, 5)
+    take_steps(resumed, opt, 3, 5)
+    take_steps(twin, opt_twin, 3, 5)
     for a, b in zip(resumed.parameters(), twin.parameters()):
         assert torch.equal(a, b)
-    assert any(not torch.equal(a, b) for a, b in zip(resumed.parameters(), _model().parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(resumed.parameters(), tiny_model().parameters()))
 
 
 def test_the_memory_plan_counts_two_bytes_a_moment():

@@ -15,6 +15,7 @@ import copy
 
 import pytest
 import torch
+from optim_helpers import take_steps, tiny_model
 
 from moe.config import ModelConfig, MoEConfig
 from moe.model import build_model
@@ -24,27 +25,6 @@ from trainer.optim import IMPLEMENTATION_KEYS, PARAM_GROUPS, build_optimizer, pa
 
 LR = 1e-2
 EPS32 = torch.finfo(torch.float32).eps
-
-
-def _model():
-    cfg = ModelConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16,
-                      moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=24), first_k_dense=1)  # fmt: skip
-    torch.manual_seed(0)
-    return build_model(cfg)
-
-
-def _grads(model, step: int) -> None:
-    """Gradients of every magnitude from 1e-6 to 10, some exactly zero; the same at every call."""
-    gen = torch.Generator().manual_seed(100 + step)
-    for i, p in enumerate(model.parameters()):
-        scale = 10.0 ** torch.randint(-6, 2, (), generator=gen).item()
-        p.grad = torch.randn(p.shape, generator=gen) * scale * (i % 7 != 3)
-
-
-def _steps(model, opt, first: int, last: int) -> None:
-    for step in range(first, last):
-        _grads(model, step)
-        opt.step()
 
 
 def _optimizer(model, fused: bool):
@@ -61,19 +41,19 @@ def _assert_within_rounding(got, want, steps: int) -> None:
 
 
 def test_fused_is_the_default_and_every_group_is_fused():
-    model = _model()
+    model = tiny_model()
     opt = build_optimizer(model, OptimConfig())
     assert [g["fused"] for g in opt.param_groups] == [True] * len(PARAM_GROUPS)
     opt = _optimizer(model, fused=False)
     assert [(g["fused"], g["foreach"]) for g in opt.param_groups] == [(None, True)] * len(PARAM_GROUPS)
 
 
-def test_fused_and_foreach_take_the_same_steps():
-    start = _model()
+def test_fused_and_foreach_take_the_sametake_steps():
+    start = tiny_model()
     fused, foreach = copy.deepcopy(start), copy.deepcopy(start)
     opt_fused, opt_foreach = _optimizer(fused, True), _optimizer(foreach, False)
-    _steps(fused, opt_fused, 0, 6)
-    _steps(foreach, opt_foreach, 0, 6)
+    take_steps(fused, opt_fused, 0, 6)
+    take_steps(foreach, opt_foreach, 0, 6)
     assert any(not torch.equal(p, q) for p, q in zip(fused.parameters(), foreach.parameters()))
     _assert_within_rounding(fused, foreach, steps=6)
 
@@ -83,14 +63,14 @@ def test_a_checkpoint_of_one_resumes_with_the_other(tmp_path, saved_fused):
     """Through the trainer's checkpoints (DCP): 3 steps with one implementation, saved, loaded
     into a fresh model and optimizer of the other, 3 more; the loaded groups keep their own
     implementation, the state arrives exact, and the run stays within rounding of never stopping."""
-    whole = _model()
+    whole = tiny_model()
     opt_whole = _optimizer(whole, saved_fused)
-    _steps(whole, opt_whole, 0, 3)
+    take_steps(whole, opt_whole, 0, 3)
     manager = CheckpointManager(CheckpointConfig(), tmp_path)
     manager.save(3, {"model": whole, "optim": opt_whole})
     saved_state = copy.deepcopy(opt_whole.state_dict()["state"])
 
-    resumed = _model()
+    resumed = tiny_model()
     with torch.no_grad():
         for p in resumed.parameters():
             p.mul_(0.5)  # the load must replace the weights too
@@ -107,8 +87,8 @@ def test_a_checkpoint_of_one_resumes_with_the_other(tmp_path, saved_fused):
         for key, value in saved.items():
             assert torch.equal(state[pid][key].to(value.dtype), value), (pid, key)
 
-    _steps(whole, opt_whole, 3, 6)
-    _steps(resumed, opt, 3, 6)
+    take_steps(whole, opt_whole, 3, 6)
+    take_steps(resumed, opt, 3, 6)
     _assert_within_rounding(resumed, whole, steps=6)
 
 

@@ -68,6 +68,14 @@ def test_kernels_match_reference(M, F, row_pad, dtype, device):
     assert _between_roundings(dh, dh32, d_dh)
 
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,F,row_pad", [(37, 200, 24), (2048, 14336, 0)])
+def test_gpu_kernels_match_reference(M, F, row_pad, dtype):
+    """The compiled kernels (hardware exp2 and reciprocal), Mixtral's F among the shapes."""
+    test_kernels_match_reference(M, F, row_pad, dtype, torch.device("cuda"))
+
 def test_bad_arguments_name_the_field():
     with pytest.raises(ValueError, match=r"h_MX must be 2-D \(M, 2F\)"):
         torch_swiglu_fwd(torch.zeros(3, 5))
@@ -128,6 +136,13 @@ def test_grouped_node_equals_plain_ops(dtype, path, device, monkeypatch):
         assert _rel(got, want) < TOL[dtype], (name, _rel(got, want))
     for e in (e for e, n in enumerate(COUNTS) if n == 0):  # no tokens: exactly zero weight gradients
         assert not results[1][3][e].any() and not results[1][4][e].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_grouped_node_equals_plain_ops(dtype, monkeypatch):
+    """On CUDA: torch's grouped GEMMs and the compiled kernels."""
+    test_grouped_node_equals_plain_ops(dtype, "kernel", torch.device("cuda"), monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
