@@ -31,19 +31,17 @@ import torch
 
 from bench.common import GIB, REPO, copy_gbps, print_table, require_gpu, run_info, time_ms, write_results
 
-MODELS = {
-    "mixtral_2layer": ["experiment=mixtral_2layer_bench"],
-    "parity_300m": ["experiment=parity_300m", "data=mock", "data.mock_vocab_size=32000"],
-}
+MODELS = ("mixtral_2layer", "parity_300m")  # bench/train_step.py's models of those names
 IMPLS = {"fused_fp32": 28, "foreach_fp32": 28, "bf16_moments": 20}  # name -> bytes moved a parameter
 ROUNDS = 3
 
 
-def _shapes(model: str) -> list[torch.Size]:
-    from trainer.config import compose
+def shapes(model: str) -> list[torch.Size]:
+    """The trainer's parameters of `model`, from a meta-device build (nothing allocated)."""
+    from bench.train_step import compose_config
     from trainer.memory_plan import meta_model
 
-    return [p.shape for p in meta_model(compose(MODELS[model])).parameters()]
+    return [p.shape for p in meta_model(compose_config(model, "bf16", steps=1, extra=[])).parameters()]
 
 
 def _optimizer(impl: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -63,10 +61,10 @@ def _state_gib(opt: torch.optim.Optimizer) -> float:
 def bench_model(model: str, impls: list[str]) -> list[dict]:
     """Every impl's optimizer over the same parameters and gradients (each keeps its own state),
     stepped in turn: the weights drift, which changes no timing."""
-    shapes = _shapes(model)
-    n = sum(s.numel() for s in shapes)
+    param_shapes = shapes(model)
+    n = sum(s.numel() for s in param_shapes)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    params = [torch.randn(s, device="cuda", generator=gen).requires_grad_() for s in shapes]
+    params = [torch.randn(s, device="cuda", generator=gen).requires_grad_() for s in param_shapes]
     for p in params:
         p.grad = torch.randn(p.shape, device="cuda", generator=gen) * 1e-3
     opts = {impl: _optimizer(impl, params) for impl in impls}

@@ -162,3 +162,15 @@ def test_kernel_is_its_reference_bit_for_bit_on_the_gpu(grad_dtype):
         triton_adamw_step_(*got, s)
         for name, a, b in zip("pgmv", got, want):
             assert torch.equal(a, b), (name, step, int((a != b).sum()))
+
+
+def test_optimizer_benchmark_builds_its_models_and_refuses_without_a_gpu(monkeypatch, tmp_path):
+    from bench import optim_step
+
+    n = sum(s.numel() for s in optim_step.shapes("parity_300m"))
+    assert n == 310965248  # the parity model's parameters (its results files name the same count)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "optim_step.json"
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        optim_step.main(["--out", str(out)])
+    assert not out.exists()
