@@ -11,6 +11,7 @@ row failed.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -122,6 +123,26 @@ def require_gpu(what: str) -> None:
     if not torch.cuda.is_available():
         raise SystemExit(f"{what} needs a CUDA GPU (Hopper: H100/H200) and none is visible: "
                          "nothing was run or written")
+
+
+def comma_choices(flag: str, text: str, allowed) -> list[str]:
+    """The comma-separated names `text` gives for `flag`, each one of `allowed`; SystemExit naming
+    the unknown ones and the allowed names."""
+    picked = text.split(",")
+    bad = [v for v in picked if v not in allowed]
+    if bad:
+        raise SystemExit(f"{flag}: unknown {bad}; allowed: {list(allowed)}")
+    return picked
+
+
+def failed_row(head: dict, err: Exception, limit: int = 500) -> dict:
+    """The row of a measurement that raised: `head` (the row's keys) and the error, cut to `limit`
+    characters, after freeing what the failure left on the GPU, so that one failing row (an OOM
+    included) does not lose the others."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {**head, "error": f"{type(err).__name__}: {err}"[:limit]}
 
 
 def write_results(path: str | Path, payload: dict, rows_key: str = "rows") -> Path | None:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.common import GIB, REPO, print_table, require_gpu, run_info, time_ms, write_results
+from bench.common import GIB, REPO, comma_choices, print_table, require_gpu, run_info, time_ms, write_results
 
 WIDTHS = {
     "mixtral_8x7b": dict(B=1, S=4096, H=4096, Q=32, J=8, V=32000, E=8, F=14336, A=2),
@@ -219,11 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ops", default=",".join(OPS), help=f"comma list of {list(OPS)}")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "glue.json"))
     args = ap.parse_args(argv)
-    widths, ops = args.widths.split(","), args.ops.split(",")
-    for name, values, allowed in (("--widths", widths, WIDTHS), ("--ops", ops, OPS)):
-        bad = [v for v in values if v not in allowed]
-        if bad:
-            raise SystemExit(f"{name}: unknown {bad}; allowed: {list(allowed)}")
+    widths, ops = comma_choices("--widths", args.widths, WIDTHS), comma_choices("--ops", args.ops, OPS)
     require_gpu("bench.glue")
     rows = []
     for width in widths:

@@ -34,7 +34,7 @@ import traceback
 
 import torch
 
-from bench.common import GIB, REPO, print_table, require_gpu, run_info, write_results
+from bench.common import GIB, REPO, failed_row, print_table, require_gpu, run_info, write_results
 
 MODELS = {  # name -> Hydra overrides
     "mixtral_2layer": ["experiment=mixtral_2layer_bench"],
@@ -142,10 +142,7 @@ def main(argv=None) -> None:
                     row = measure(model, impl, CHECKPOINTING[check], args.steps, args.scratch, context)
                 except Exception as err:  # one failing row (an OOM included) must not lose the others
                     traceback.print_exc()
-                    row = {"model": model, "impl": impl, "checkpointing": check,
-                           "error": f"{type(err).__name__}: {err}"[:500]}  # fmt: skip
-                    gc.collect()
-                    torch.cuda.empty_cache()
+                    row = failed_row({"model": model, "impl": impl, "checkpointing": check}, err)
                 rows.append(row)
                 print({k: row.get(k) for k in COLUMNS}, flush=True)
                 write_results(args.out, {**info, "complete": False, "rows": rows})

@@ -29,7 +29,8 @@ import statistics
 
 import torch
 
-from bench.common import GIB, REPO, copy_gbps, print_table, require_gpu, run_info, time_ms, write_results
+from bench.common import (GIB, REPO, comma_choices, copy_gbps, failed_row, print_table, require_gpu, run_info, time_ms,
+                          write_results)
 
 MODELS = ("mixtral_2layer", "parity_300m")  # bench/train_step.py's models of those names
 IMPLS = {"fused_fp32": 28, "foreach_fp32": 28, "bf16_moments": 20}  # name -> bytes moved a parameter
@@ -102,20 +103,17 @@ def main(argv: list[str] | None = None) -> None:
                     help=f"comma list of {list(IMPLS)}, the first the reference of `ratio`")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "optim_step.json"))
     args = ap.parse_args(argv)
-    models, impls = args.models.split(","), args.impls.split(",")
-    for name, values, allowed in (("--models", models, MODELS), ("--impls", impls, IMPLS)):
-        bad = [v for v in values if v not in allowed]
-        if bad:
-            raise SystemExit(f"{name}: unknown {bad}; allowed: {list(allowed)}")
+    models, impls = comma_choices("--models", args.models, MODELS), comma_choices("--impls", args.impls, IMPLS)
     require_gpu("bench.optim_step")
     rows = []
     for model in models:
         try:
             rows += bench_model(model, impls)
-        except Exception as exc:  # one failing model keeps the others' rows
-            rows.append({"model": model, "error": f"{type(exc).__name__}: {exc}"})
+        except Exception as err:  # one failing model keeps the others' rows
+            rows.append(failed_row({"model": model}, err))
     write_results(args.out, {**run_info(), "copy_gbps": copy_gbps(), "rounds": ROUNDS, "rows": rows})
-    print_table(rows, ["model", "impl", "params", "ms", "gbps", "ratio", "state_gib", "held_gib", "step_extra_gib", "error"])
+    print_table(rows, ["model", "impl", "params", "ms", "gbps", "ratio", "state_gib", "held_gib", "step_extra_gib",
+                       "error"])  # fmt: skip
 
 
 if __name__ == "__main__":

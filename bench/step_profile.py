@@ -23,7 +23,6 @@ prints the table last; refuses without a CUDA GPU before writing anything. The d
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ import traceback
 import torch
 
 from bench import train_step
-from bench.common import GIB, REPO, print_table, require_gpu, run_info, write_results
+from bench.common import GIB, REPO, failed_row, print_table, require_gpu, run_info, write_results
 from bench.kernel_families import FAMILIES, gpu_events, load_trace, summarize
 
 DEFAULT_MODELS = ("mixtral_2layer", "parity_300m", "qwen3_slice")
@@ -118,10 +117,7 @@ def main(argv=None) -> None:
                 row = profile_row(model, impl, args.warmup, args.steps, args.timed, list(args.override), args.scratch)
             except Exception as err:  # one broken recipe must not lose the other rows
                 traceback.print_exc()
-                row = {**dict.fromkeys(COLUMNS), "model": model, "impl": impl,
-                       "error": f"{type(err).__name__}: {err}"[:500]}
-                gc.collect()
-                torch.cuda.empty_cache()
+                row = failed_row({**dict.fromkeys(COLUMNS), "model": model, "impl": impl}, err)
             rows.append(row)
             print({k: row.get(k) for k in COLUMNS}, flush=True)
             write_results(args.out, {**info, "complete": False, "rows": rows})

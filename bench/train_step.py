@@ -51,7 +51,7 @@ import traceback
 
 import torch
 
-from bench.common import GIB, REPO, print_table, require_gpu, run_info, write_results
+from bench.common import GIB, REPO, failed_row, print_table, require_gpu, run_info, write_results
 
 MODELS = {  # name -> Hydra overrides
     "mixtral_2layer": ["experiment=mixtral_2layer_bench"],
@@ -208,11 +208,7 @@ def main(argv=None) -> None:
                 torch.cuda.empty_cache()
             except Exception as err:  # one broken recipe must not lose the other rows
                 traceback.print_exc()
-                row = {**dict.fromkeys(COLUMNS), "model": model, "impl": impl,
-                       "error": f"{type(err).__name__}: {err}"[:500]}
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                row = failed_row({**dict.fromkeys(COLUMNS), "model": model, "impl": impl}, err)
             rows.append(row)
             print({k: row.get(k) for k in COLUMNS}, flush=True)
             add_speedups(rows)
