@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import tl_round_to_bf16_grid, triton_interpret, use_triton
+from kernels.common import tl_round_bf16_if, triton_interpret, use_triton
 from kernels.contracts import check_combine_args, check_gather_args
 from kernels.dispatch import kernel_op
 from kernels.reference_combine import torch_gather_sum, torch_unpermute_combine, torch_unpermute_combine_bwd
@@ -49,14 +49,6 @@ def _assignment(t, t_ok, a, row_ptr, w_ptr, kept_ptr, A: tl.constexpr, HAS_W: tl
 
 
 @triton.jit
-def _to_out(x, ROUND_BF16: tl.constexpr):
-    """Under Triton's interpreter its fp32 -> bf16 cast truncates: round to the grid first."""
-    if ROUND_BF16:
-        x = tl_round_to_bf16_grid(x)
-    return x
-
-
-@triton.jit
 def _combine_fwd_kernel(
     y_ptr, row_ptr, w_ptr, kept_ptr, out_ptr, T, H, stride_y,
     A: tl.constexpr, HAS_W: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -72,7 +64,7 @@ def _combine_fwd_kernel(
         y = tl.load(y_ptr + row[:, None] * stride_y + h[None, :], mask=kept[:, None] & h_ok[None, :], other=0.0)
         term = w[:, None] * y.to(tl.float32) if HAS_W else y.to(tl.float32)
         acc = acc + tl.where(kept[:, None], term, 0.0)
-    out = _to_out(acc, ROUND_BF16).to(out_ptr.dtype.element_ty)
+    out = tl_round_bf16_if(acc, ROUND_BF16).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + t.to(tl.int64)[:, None] * H + h[None, :], out, mask=t_ok[:, None] & h_ok[None, :])
 
 
@@ -99,7 +91,7 @@ def _combine_bwd_kernel(
             # Every assignment writes its row, a dropped one zeros (its row index is still valid).
             dst = tl.load(row_ptr + t * A + a, mask=t_ok, other=-1).to(tl.int64)
             dst_ok = (dst >= 0) & (dst < M)
-            dy = _to_out(tl.where(kept[:, None], w[:, None] * g, 0.0), ROUND_BF16)
+            dy = tl_round_bf16_if(tl.where(kept[:, None], w[:, None] * g, 0.0), ROUND_BF16)
             tl.store(dy_ptr + dst[:, None] * H + h[None, :], dy.to(dy_ptr.dtype.element_ty),
                      mask=dst_ok[:, None] & h_ok[None, :])  # fmt: skip
     kept_all = tl.load(kept_ptr + t[:, None] * A + slots[None, :], mask=t_ok[:, None] & (slots[None, :] < A), other=0)

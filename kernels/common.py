@@ -228,6 +228,15 @@ def tl_round_to_bf16_grid(x):
 
 
 @triton.jit
+def tl_round_bf16_if(x, ROUND_BF16: tl.constexpr):
+    """fp32 x, rounded to the bf16 grid first when ROUND_BF16 (a kernel sets it under Triton's
+    interpreter for a bf16 output: there the fp32 -> bf16 cast truncates)."""
+    if ROUND_BF16:
+        x = tl_round_to_bf16_grid(x)
+    return x
+
+
+@triton.jit
 def tl_fp8_quantize_by(x, inv):
     """clamp(x * inv, -448, 448) to float8e4nv, inv = `tl_fp8_inverse(scale)` (or any inverse
     taken once per scale): one FMUL per element, which keeps the sign of zero. No clamp on the

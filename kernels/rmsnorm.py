@@ -28,20 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import tl_round_to_bf16_grid, triton_interpret
+from kernels.common import tl_round_bf16_if, triton_interpret
 from kernels.dispatch import kernel_op
 from kernels.reference_norm import check_rms_norm_args, torch_add_rms_norm_bwd, torch_add_rms_norm_fwd
 
 MAX_H = 16384  # longest row a program holds whole; longer rows take the reference
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@triton.jit
-def _rounded(v, ROUND_BF16: tl.constexpr):
-    """Under Triton's interpreter its fp32 -> bf16 cast truncates: round to the grid first."""
-    if ROUND_BF16:
-        v = tl_round_to_bf16_grid(v)
-    return v
 
 
 @triton.jit
@@ -59,13 +51,13 @@ def _fwd_kernel(
     z = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_R:
         r = tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        z = _rounded(z + r, Z_BF16).to(z_ptr.dtype.element_ty)
+        z = tl_round_bf16_if(z + r, Z_BF16).to(z_ptr.dtype.element_ty)
         tl.store(z_ptr + rows[:, None] * H + cols[None, :], z, mask=mask)
         z = z.to(tl.float32)  # the norm sees z as stored, rounded to its dtype
     rstd = tl.math.rsqrt(tl.sum(z * z, axis=1) * inv_h + eps)
     w = tl.load(w_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
     y = (z * rstd[:, None]) * w[None, :]
-    tl.store(y_ptr + rows[:, None] * H + cols[None, :], _rounded(y, Y_BF16).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + rows[:, None] * H + cols[None, :], tl_round_bf16_if(y, Y_BF16).to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
 
 
@@ -95,10 +87,10 @@ def _bwd_kernel(
         dz = (g - xhat * c[:, None]) * rstd[:, None]
         if HAS_DZ:
             dz += tl.load(dz_ptr + rows[:, None] * stride_dz + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + rows[:, None] * H + cols[None, :], _rounded(dz, DX_BF16).to(dx_ptr.dtype.element_ty),
+        tl.store(dx_ptr + rows[:, None] * H + cols[None, :], tl_round_bf16_if(dz, DX_BF16).to(dx_ptr.dtype.element_ty),
                  mask=mask)  # fmt: skip
         if HAS_R:
-            tl.store(dr_ptr + rows[:, None] * H + cols[None, :], _rounded(dz, DR_BF16).to(dr_ptr.dtype.element_ty),
+            tl.store(dr_ptr + rows[:, None] * H + cols[None, :], tl_round_bf16_if(dz, DR_BF16).to(dr_ptr.dtype.element_ty),
                      mask=mask)  # fmt: skip
         dw += tl.sum(dy * xhat, axis=0)
     tl.store(dw_ptr + pid * H + cols, dw, mask=col_ok)

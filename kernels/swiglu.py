@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels.act_math import LAUNCH_OPTIONS, act, act_bwd
-from kernels.common import tl_round_to_bf16_grid, triton_interpret
+from kernels.common import tl_round_bf16_if, triton_interpret
 from kernels.dispatch import kernel_op
 from kernels.reference_swiglu import check_swiglu_args, torch_swiglu_bwd, torch_swiglu_fwd
 
@@ -31,17 +31,12 @@ _TILE = 4096  # values of a a program computes (a whole row block of narrow F)
 
 @triton.jit
 def _store(ptr, v, mask, ROUND_BF16: tl.constexpr):
-    """Under Triton's interpreter its fp32 -> bf16 cast truncates: round to the grid first."""
-    if ROUND_BF16:
-        v = tl_round_to_bf16_grid(v)
-    tl.store(ptr, v.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr, tl_round_bf16_if(v, ROUND_BF16).to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _swiglu_fwd_kernel(
-    h_ptr, a_ptr, M, F, stride_h,
-    INTERP: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
-):  # fmt: skip
+def _tile(h_ptr, M, F, stride_h, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
+    """This program's rows (int64), columns, mask, and its tile of gate and up as fp32."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     mask = (rows < M)[:, None] & (cols < F)[None, :]
@@ -49,6 +44,15 @@ def _swiglu_fwd_kernel(
     gate_ptr = h_ptr + rows[:, None] * stride_h + cols[None, :]
     g = tl.load(gate_ptr, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gate_ptr + F, mask=mask, other=0.0).to(tl.float32)
+    return rows, cols, mask, g, u
+
+
+@triton.jit
+def _swiglu_fwd_kernel(
+    h_ptr, a_ptr, M, F, stride_h,
+    INTERP: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
+):  # fmt: skip
+    rows, cols, mask, g, u = _tile(h_ptr, M, F, stride_h, BLOCK_M, BLOCK_F)
     _store(a_ptr + rows[:, None] * F + cols[None, :], act(g, u, True, INTERP), mask, ROUND_BF16)
 
 
@@ -57,13 +61,7 @@ def _swiglu_bwd_kernel(
     h_ptr, da_ptr, dh_ptr, M, F, stride_h, stride_da,
     INTERP: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-    mask = (rows < M)[:, None] & (cols < F)[None, :]
-    rows = rows.to(tl.int64)
-    gate_ptr = h_ptr + rows[:, None] * stride_h + cols[None, :]
-    g = tl.load(gate_ptr, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(gate_ptr + F, mask=mask, other=0.0).to(tl.float32)
+    rows, cols, mask, g, u = _tile(h_ptr, M, F, stride_h, BLOCK_M, BLOCK_F)
     da = tl.load(da_ptr + rows[:, None] * stride_da + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     dg, du, _ = act_bwd(da, g, u, True, INTERP)
     dgate_ptr = dh_ptr + rows[:, None] * (2 * F) + cols[None, :]
