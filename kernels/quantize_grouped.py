@@ -21,8 +21,8 @@ Passes (memory-bound; bytes per element of x: read 2, write 1 per output). A qua
 program owns BLOCK_P padded token positions x BLOCK_K columns with BLOCK_P dividing align, so
 its tile lies inside one group and the padding is just the rows its masked loads leave at zero.
 - block 128 (blockwise recipe): one pass over HBM. BLOCK_P = 128 is one scale tile, held in
-  registers: the column amax, then qt. (The kernel can also sweep it twice in smaller slices,
-  the second from L1/L2: slower.) Fused with the rows, it is two launches, this one and
+  registers: the column amax, then qt (sweeping it twice in slices, the second from L1/L2, is
+  slower). Fused with the rows, it is two launches, this one and
   kernels/quantize.py's 1x128 rows: x is read twice, and that was 18-21% faster than one kernel
   doing both from one 128x128 tile (H200, bench/NOTES.md).
 - block 0 (rowwise recipe): the scale of a column spans the whole group, so an amax pass (atomic
@@ -49,11 +49,7 @@ import triton
 import triton.language as tl
 
 from kernels.common import FP8_DTYPE, tile_grid, tl_fp8_inverse, tl_fp8_quantize_by, tl_fp8_scale, tl_tile_ids
-from kernels.contracts import (
-    check_quantize_cols_grouped_args,
-    check_quantize_rows_and_cols_grouped_args,
-    padded_size,
-)
+from kernels.contracts import check_quantize_cols_grouped_args, check_quantize_rows_and_cols_grouped_args, padded_size
 from kernels.dispatch import kernel_op
 from kernels.fp8_stats import check_stats_arg, tl_fp8_stats_flush, tl_fp8_stats_tile, tl_fp8_stats_zero
 from kernels.quantize import triton_quantize_rows
