@@ -158,6 +158,13 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
+    def fp8_all_gather(self) -> bool:
+        """Whether FSDP all-gathers the FP8 experts' weights as E4M3 + scales (parallel.fp8_all_gather,
+        moe/fp8/fsdp_all_gather.py): FP8 experts on the fused path (fp8.gemms=all), and no SQNR
+        probe, which compares against the BF16 expert weights an FP8 all-gather never brings."""
+        return (self.parallel.fp8_all_gather and self.fp8.experts != "bf16" and self.fp8.gemms == "all"
+                and self.logging.sqnr_interval == 0)  # fmt: skip
+
     def validate(self) -> None:
         self.model.validate()
         self.data.validate()

@@ -77,12 +77,10 @@ def build(cfg: TrainConfig, env: DistEnv, fp8: Fp8Training, comm_timer: CommTime
     dispatch_recipe = fp8.experts_recipe if cfg.parallel.fp8_dispatch else None
     apply_expert_parallel(model, env, fp8_recipe=dispatch_recipe, timer=comm_timer)
     if env.fsdp:
-        # The SQNR probe compares against the BF16 expert weights, which an FP8 all-gather never brings.
-        fp8_all_gather = cfg.parallel.fp8_all_gather and cfg.logging.sqnr_interval == 0
-        if cfg.parallel.fp8_all_gather and not fp8_all_gather and fp8.experts_recipe and env.is_main:
+        if cfg.parallel.fp8_all_gather and cfg.logging.sqnr_interval and fp8.experts_recipe and env.is_main:
             log.warning("logging.sqnr_interval=%d: FSDP gathers the experts' weights in BF16, not FP8 "
                         "(parallel.fp8_all_gather), for the probe to compare with", cfg.logging.sqnr_interval)
-        apply_fsdp(model, env, torch.bfloat16 if cfg.run.dtype == "bfloat16" else None, fp8_all_gather)
+        apply_fsdp(model, env, torch.bfloat16 if cfg.run.dtype == "bfloat16" else None, cfg.fp8_all_gather())
     refuse_if_cannot_fit(cfg, env.world_size, env.device)  # before the first byte is allocated
     materialize(model, env.device, cfg.run.seed)
     _apply_block_wrappers(model, cfg)

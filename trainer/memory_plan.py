@@ -187,7 +187,7 @@ def plan_memory(cfg: TrainConfig, num_gpus: int, model: MoETransformer | None = 
     if W > 1 and not lay.fsdp:  # reduce_gradients flattens each kind into one buffer
         step_temp = max(step_temp, FP32 * max(dense_total, experts_total // W))
     # One rank per experts' FSDP group (EP = world size): nothing to gather, the knob does not apply.
-    gather_shards = lay.N // W if lay.fsdp and _fp8_all_gather(cfg) and lay.N // W > 1 else 0
+    gather_shards = lay.N // W if lay.fsdp and cfg.fp8_all_gather() and lay.N // W > 1 else 0
     fp8 = _Fp8Copies(model, W, accum, gather_shards)
     fsdp_bytes = _fsdp_bytes(model, W, c, accum) if lay.fsdp else 0
 
@@ -287,16 +287,6 @@ class _Fp8Copies:
             self.note = "cached for the step" if accum else "dgrad's orientation of every MoE layer until backward"
         else:
             self.note = "dense layers' cache for the step" if dense else "none: BF16 experts and dense layers"
-
-
-def _fp8_all_gather(cfg: TrainConfig) -> bool:
-    """Whether FSDP all-gathers the FP8 experts' weights in E4M3 (trainer/loop.py's condition)."""
-    return (
-        cfg.fp8.experts != "bf16"
-        and getattr(cfg.fp8, "gemms", "all") == "all"
-        and getattr(cfg.parallel, "fp8_all_gather", False)
-        and getattr(cfg.logging, "sqnr_interval", 0) == 0
-    )
 
 
 def _fsdp_bytes(model: MoETransformer, ep: int, c: int, accum: bool) -> int:
