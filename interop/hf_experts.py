@@ -78,10 +78,12 @@ def check_supported(module: nn.Module) -> None:
             f"{name}.is_concatenated=False: FP8 experts need gate_up_proj as [gate; up], not interleaved")  # fmt: skip
     require(not module.is_transposed, f"{name}.is_transposed=True: FP8 experts need (E, out, in) weights")
     require(not module.has_bias, f"{name}.has_bias=True: FP8 experts have no bias")
-    require(not module.has_post_expert_norm, f"{name}.has_post_expert_norm=True: FP8 experts have no post-expert norm")
-    require(not module._is_expert_parallel,
+    # Flags newer transformers releases added (absent: the feature does not exist there, off).
+    require(not getattr(module, "has_post_expert_norm", False),
+            f"{name}.has_post_expert_norm=True: FP8 experts have no post-expert norm")  # fmt: skip
+    require(not getattr(module, "_is_expert_parallel", False),
             f"{name}._is_expert_parallel=True: FP8 experts run without transformers' expert parallelism")  # fmt: skip
-    require(type(module)._apply_gate is _default_apply_gate,
+    require(getattr(type(module), "_apply_gate", _default_apply_gate) is _default_apply_gate,
             f"{name}._apply_gate is its own: FP8 experts compute act_fn(gate) * up only")  # fmt: skip
     act = getattr(module, "act_fn", None)
     require(isinstance(act, (SiLUActivation, nn.SiLU)),
