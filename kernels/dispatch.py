@@ -18,6 +18,7 @@ A call takes one of three paths:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Generic, TypeVar
 
 import torch
@@ -45,6 +46,7 @@ class KernelOp(Generic[R]):
         mutates_args: tuple[str, ...] = (),
     ) -> None:
         self.op = torch.library.custom_op(f"fp8moe::{name}", launcher, mutates_args=mutates_args)
+        self._signature = inspect.signature(launcher)
         self.op.register_fake(fake)
         self.launcher, self.reference = launcher, reference
         self._use_kernel, self._result = use_kernel, result
@@ -54,7 +56,12 @@ class KernelOp(Generic[R]):
         if not self._use_kernel(*args, **kwargs):
             out = self.reference(*args, **kwargs)
         elif torch.compiler.is_compiling():
-            out = self.op(*args, **kwargs)
+            # Every argument, defaults filled in: torch 2.11 looks a mutated optional
+            # argument (`stats`) up among the arguments given, and raises IndexError where the
+            # caller left it to its default (pytorch/pytorch#176078).
+            every = self._signature.bind(*args, **kwargs)
+            every.apply_defaults()
+            out = self.op(*every.args, **every.kwargs)
         else:
             out = self.launcher(*args, **kwargs)
         return out if self._result is None else self._result(out)
