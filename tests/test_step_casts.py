@@ -4,7 +4,6 @@ for bit, as casting in every forward, and no copy alive after the step."""
 
 import contextlib
 import gc
-import types
 import weakref
 from collections import Counter
 
@@ -18,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from moe.dispatch import ExpertInput
 from moe.experts import GroupedMLP
 from moe.step_casts import weights_cast_once
+from trainer_helpers import cpu_trainer, tiny_train_config, token_batches
 
 ACCUM = 3
 STEPS = 3
@@ -187,39 +187,15 @@ def test_a_weight_changed_inside_the_scope_is_cast_again():
 
 
 def _cfg(weight_cast: str, ac: bool):
-    from trainer.config import TrainConfig
-
-    c = TrainConfig()
-    m = c.model
-    m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.vocab_size, m.max_seq_len = 32, 2, 4, 2, 61, 16
-    m.first_k_dense = 1  # a dense block and an MoE block
-    m.moe.num_experts, m.moe.top_k, m.moe.ffn_dim = 4, 2, 24
-    c.data.kind, c.data.mock_vocab_size, c.data.num_workers = "mock", 61, 0
-    c.run.seq_len, c.run.micro_batch_size, c.run.grad_accum, c.run.steps = 16, 2, ACCUM, STEPS
-    c.run.dtype, c.run.device, c.run.eval_interval = "bfloat16", "cpu", 0
+    c = tiny_train_config(STEPS, ACCUM)
+    c.run.dtype = "bfloat16"
     c.run.weight_cast, c.run.activation_checkpointing = weight_cast, ac
-    c.optim.warmup_steps = 1
-    c.logging.wandb = "disabled"
-    c.checkpoint.interval_minutes, c.checkpoint.at_end = 0, False
     c.validate()
     return c
 
 
-def _batches(seed: int = 3):
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        tokens = torch.randint(0, 61, (2, 17), generator=gen)
-        yield {"tokens": tokens[:, :-1], "labels": tokens[:, 1:]}
-
-
 def _train(weight_cast: str, ac: bool, run_dir, monkeypatch):
-    import trainer.loop
-    from trainer.parallel import DistEnv
-
-    # The batches come from _batches: no dataset to build.
-    no_data = types.SimpleNamespace(check_model_vocab=lambda vocab: None, valid=None)
-    monkeypatch.setattr(trainer.loop, "build_train_valid", lambda *args, **kwargs: no_data)
-    trainer = trainer.loop.Trainer(_cfg(weight_cast, ac), str(run_dir), DistEnv(0, 1, 0, torch.device("cpu")))
+    trainer = cpu_trainer(_cfg(weight_cast, ac), run_dir, monkeypatch)
     grads, step = [], trainer.optimizer.step
 
     def capture(*args, **kwargs):
@@ -230,7 +206,7 @@ def _train(weight_cast: str, ac: bool, run_dir, monkeypatch):
     order: list[str] = []  # every gradient accumulation of the run, in order
     for name, p in trainer.model.named_parameters():
         p.register_post_accumulate_grad_hook(lambda p, name=name: order.append(name))
-    it, losses, counts, copies = _batches(), [], [], []
+    it, losses, counts, copies = token_batches(3), [], [], []
     for _ in range(STEPS):
         with _Casts(trainer.model.named_parameters()) as casts:
             stats = trainer.train_step(it)

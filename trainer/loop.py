@@ -28,7 +28,8 @@ from trainer.checkpoint import CheckpointManager
 from trainer.config import TrainConfig
 from trainer.data import build_train_valid
 from trainer.optim import build_optimizer, build_scheduler, resume_scheduler, schedule_steps, set_hyperparameters
-from trainer.parallel import DistEnv, all_reduce_, apply_expert_parallel, apply_fsdp, clip_grad_norm_, reduce_gradients, wrap_ddp
+from trainer.parallel import (DistEnv, all_reduce_, apply_expert_parallel, apply_fsdp, clip_coefficient, global_grad_norm,
+                              reduce_gradients, scale_grads_, wrap_ddp)
 from trainer.resume import log_plan, plan_resume
 from trainer.memory_plan import refuse_if_cannot_fit
 from trainer.sharded_init import materialize
@@ -227,17 +228,21 @@ class Trainer:
 
         # One host synchronisation per step: the loss decides whether the step is applied, the
         # gradient norm too, and rank 0's clock whether a timed checkpoint is due (every rank must
-        # save at the same step). The norm is taken (and the gradients clipped) before the loss is
-        # known: a step with a non-finite loss is skipped and its gradients dropped either way.
+        # save at the same step). The norm is taken before the loss is known, the gradients clipped
+        # after the read; a step with a non-finite loss is skipped and its gradients dropped.
         due = float(env.is_main and self._save_timer_due())
         stats = torch.stack([lm_loss_sum / accum, aux_sum / accum, torch.full_like(lm_loss_sum, due)]).float()
         all_reduce_(stats, env)
         if env.ep > 1 and not env.fsdp:
             reduce_gradients(self.model, env)  # EP replaces DDP's all-reduce (trainer/parallel.py)
-        # max_norm=inf measures without clipping.
+        # max_norm=inf measures without clipping. The gradients are scaled only where the norm
+        # exceeds max_norm: a pass over every gradient (9 ms of a 100 ms Mixtral-width step,
+        # bench/NOTES.md) that multiplying by 1 would waste; the decision reads the same coefficient.
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        norm = clip_grad_norm_(self.model, max_norm, env)
-        lm_sum, aux_sum, due_sum, grad_norm = torch.cat([stats, norm.reshape(1).float()]).tolist()  # the one read
+        norm = global_grad_norm(self.model, env)
+        coef = clip_coefficient(norm, max_norm)
+        lm_sum, aux_sum, due_sum, grad_norm, coef_value = torch.cat(
+            [stats, norm.reshape(1).float(), coef.reshape(1).float()]).tolist()  # the one read
         lm_loss, aux_loss = lm_sum / env.world_size, aux_sum / env.world_size
         self.timed_save_due = due_sum > 0
         finite = math.isfinite(lm_loss) and math.isfinite(aux_loss)
@@ -245,6 +250,8 @@ class Trainer:
         finite = finite and math.isfinite(grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         if finite:
+            if coef_value < 1.0:
+                scale_grads_(self.model, coef)
             self.optimizer.step()
             self.fp8.after_optimizer_step(self.model)  # the next forward quantizes the new weights
             self.nonfinite_in_row = 0

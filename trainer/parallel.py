@@ -29,7 +29,7 @@ Data parallelism, parallel.backend:
   final norm, output) gather fp32, which is what the one-process run computes with. FP8 experts'
   weights gather as E4M3 + scales, each rank quantizing its own shard (parallel.fp8_all_gather,
   moe/fp8/fsdp_all_gather.py).
-Gradient norms (`clip_grad_norm_`) sum every rank's local squares once per distinct shard, so one
+Gradient norms (`global_grad_norm`) sum every rank's local squares once per distinct shard, so one
 function serves every layout.
 """
 
@@ -234,15 +234,14 @@ def _copies(t: torch.Tensor, env: DistEnv) -> int:
 
 
 @torch.no_grad()
-def clip_grad_norm_(model: nn.Module, max_norm: float, env: DistEnv) -> torch.Tensor:
-    """The global gradient norm, and the gradients scaled as torch.nn.utils.clip_grad_norm_ would,
-    at any layout once gradients are reduced: plain tensors (one process, DDP, EP's dense part)
-    and DTensor shards (EP experts, FSDP) alike. Each rank sums its local squares, each divided by
-    the number of ranks holding that same shard, and one all-reduce adds them up."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+def global_grad_norm(model: nn.Module, env: DistEnv) -> torch.Tensor:
+    """The global gradient norm at any layout once gradients are reduced: plain tensors (one
+    process, DDP, EP's dense part) and DTensor shards (EP experts, FSDP) alike. Each rank sums its
+    local squares, each divided by the number of ranks holding that same shard, and one
+    all-reduce adds them up."""
     by_copies: dict[int, list[torch.Tensor]] = {}
-    for g, t in zip(grads, local):
+    for g in _grads(model):
+        t = g.to_local() if hasattr(g, "to_local") else g
         if t.numel():
             by_copies.setdefault(_copies(g, env), []).append(t)
     sq = torch.zeros((), dtype=torch.float32, device=env.device)
@@ -250,11 +249,34 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, env: DistEnv) -> torch.Te
         norms = torch._foreach_norm(tensors)
         sq += torch.stack([n.float() for n in norms]).pow(2).sum() / copies
     all_reduce_(sq, env)
-    total = sq.sqrt()
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    return sq.sqrt()
+
+
+def clip_coefficient(total: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What torch.nn.utils.clip_grad_norm_ multiplies the gradients by: exactly 1.0 unless
+    total exceeds max_norm (never for max_norm=inf)."""
+    return (max_norm / (total + 1e-6)).clamp(max=1.0)
+
+
+@torch.no_grad()
+def scale_grads_(model: nn.Module, coef: torch.Tensor) -> None:
+    """Every gradient (each rank's local shard) multiplied by coef, in place."""
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in _grads(model)]
     if local:
         torch._foreach_mul_(local, coef)
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, env: DistEnv) -> torch.Tensor:
+    """The global gradient norm, and the gradients scaled as torch.nn.utils.clip_grad_norm_ would,
+    at any layout (`global_grad_norm`). The trainer takes the two halves apart, to skip the scaling
+    pass where the coefficient is 1 (trainer/loop.py)."""
+    total = global_grad_norm(model, env)
+    scale_grads_(model, clip_coefficient(total, max_norm))
     return total
+
+
+def _grads(model: nn.Module) -> list[torch.Tensor]:
+    return [p.grad for p in model.parameters() if p.grad is not None]
 
 
 # ---- data parallelism --------------------------------------------------------------------------
