@@ -290,6 +290,19 @@ def test_unsupported_experts_are_refused_naming_the_attribute():
         block(torch.randn(1, 4, 256))
 
 
+def test_experts_of_a_release_without_the_newer_flags_are_taken(monkeypatch):
+    """transformers 5.17's experts have no has_post_expert_norm or _is_expert_parallel attribute,
+    and a class may lack _apply_gate: the features those name do not exist there, so they are
+    off (the check raised AttributeError on 5.17)."""
+    block = _block("grouped_mm")
+    del block.experts.has_post_expert_norm, block.experts._is_expert_parallel
+    if "_apply_gate" in vars(type(block.experts)):
+        monkeypatch.delattr(type(block.experts), "_apply_gate")
+    assert use_fp8_experts(block, "rowwise") == 1
+    out = block(torch.randn(1, 4, 256))
+    assert torch.isfinite(out[0] if isinstance(out, tuple) else out).all()
+
+
 def test_benchmark_refuses_without_a_gpu_before_writing(monkeypatch, tmp_path):
     from bench import hf_experts
 
