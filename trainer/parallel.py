@@ -254,7 +254,7 @@ def global_grad_norm(model: nn.Module, env: DistEnv) -> torch.Tensor:
 
 def clip_coefficient(total: torch.Tensor, max_norm: float) -> torch.Tensor:
     """What torch.nn.utils.clip_grad_norm_ multiplies the gradients by: exactly 1.0 unless
-    total exceeds max_norm (never for max_norm=inf)."""
+    total + 1e-6 exceeds max_norm (never for max_norm=inf)."""
     return (max_norm / (total + 1e-6)).clamp(max=1.0)
 
 
