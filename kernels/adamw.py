@@ -26,14 +26,16 @@ BLOCK = 2048  # elements a program: 8 warps of 256
 
 @triton.jit
 def _adamw_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, N,
+    p_ptr, g_ptr, m_ptr, v_ptr, scale_ptr, N,
     decay, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, inv_bc2_sqrt, eps,
-    ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_SCALE: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     p = tl.load(p_ptr + offs, mask=mask, other=0.0)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        g = tl.div_rn(g, tl.load(scale_ptr))
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = m + (g - m) * one_minus_beta1
@@ -49,19 +51,21 @@ def _adamw_kernel(
     tl.store(v_ptr + offs, v.to(tl.bfloat16), mask=mask)
 
 
-def triton_adamw_step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: AdamWScalars) -> None:
-    """The kernel over p's N elements, in place on p, m and v."""
-    check_adamw_args(p, g, m, v)
+def triton_adamw_step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: AdamWScalars,
+                       grad_scale: torch.Tensor | None = None) -> None:  # fmt: skip
+    """The kernel over p's N elements, in place on p, m and v; g divided by grad_scale where given."""
+    check_adamw_args(p, g, m, v, grad_scale)
     N = p.numel()
     if N == 0:
         return
     _adamw_kernel[(triton.cdiv(N, BLOCK),)](
-        p, g, m, v, N, s.decay, s.beta1, s.beta2, 1.0 - s.beta1, 1.0 - s.beta2, s.step_size, s.inv_bc2_sqrt, s.eps,
-        ROUND_BF16=triton_interpret(), BLOCK=BLOCK, num_warps=8, enable_fp_fusion=False,
+        p, g, m, v, p if grad_scale is None else grad_scale, N, s.decay, s.beta1, s.beta2, 1.0 - s.beta1, 1.0 - s.beta2, s.step_size, s.inv_bc2_sqrt, s.eps,
+        HAS_SCALE=grad_scale is not None, ROUND_BF16=triton_interpret(), BLOCK=BLOCK, num_warps=8, enable_fp_fusion=False,
     )
 
 
-def adamw_step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: AdamWScalars) -> None:
-    """One AdamW step of p (fp32) with moments m, v (bf16), in place: the kernel on a GPU or
-    under the interpreter, else the reference (kernels/common.py `use_triton`)."""
-    (triton_adamw_step_ if use_triton(p) else torch_adamw_step_)(p, g, m, v, s)
+def adamw_step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: AdamWScalars,
+                grad_scale: torch.Tensor | None = None) -> None:  # fmt: skip
+    """One AdamW step of p (fp32) with moments m, v (bf16), in place, on g / grad_scale where given:
+    the kernel on a GPU or under the interpreter, else the reference (kernels/common.py `use_triton`)."""
+    (triton_adamw_step_ if use_triton(p) else torch_adamw_step_)(p, g, m, v, s, grad_scale)

@@ -3,6 +3,7 @@ moments are stored in bfloat16 (DeepSeek-V3's recipe: fp32 master weights and gr
 AdamW moments).
 
 The step, in fp32, in this order of roundings (the Triton kernel's, which has FMA contraction off):
+    g  = g / grad_scale                  where given: gradient clipping folded into the step
     p1 = p * decay                       decay = 1 - lr * weight_decay (decoupled decay)
     m1 = m + (g - m) * (1 - beta1)       torch's lerp for a weight below 0.5
     v1 = v * beta2 + (g * g) * (1 - beta2)
@@ -38,8 +39,14 @@ class AdamWScalars(NamedTuple):
                    1.0 / math.sqrt(1.0 - beta2**step), eps)  # fmt: skip
 
 
-def check_adamw_args(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
-    """p fp32, g fp32 or bf16, m and v bf16, all of p's shape, contiguous, on p's device."""
+def check_adamw_args(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+                     grad_scale: torch.Tensor | None = None) -> None:
+    """p fp32, g fp32 or bf16, m and v bf16, all of p's shape, contiguous, on p's device; grad_scale
+    None or one fp32 element on p's device."""
+    if grad_scale is not None and (grad_scale.numel() != 1 or grad_scale.dtype != torch.float32
+                                   or grad_scale.device != p.device):
+        raise ValueError(f"grad_scale must be one float32 element on {p.device}, got {grad_scale.dtype} of "
+                         f"shape {tuple(grad_scale.shape)} on {grad_scale.device}")
     if p.dtype != torch.float32:
         raise ValueError(f"AdamW with bf16 moments updates fp32 master weights, got a {p.dtype} parameter")
     if g.dtype not in (torch.float32, torch.bfloat16):
@@ -57,10 +64,12 @@ def check_adamw_args(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch
 
 
 @torch.no_grad()
-def torch_adamw_step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: AdamWScalars) -> None:
-    """One step in place on p (fp32), m and v (bf16), module docstring's order of roundings."""
-    check_adamw_args(p, g, m, v)
-    g32 = g.float()
+def torch_adamw_step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: AdamWScalars,
+                      grad_scale: torch.Tensor | None = None) -> None:  # fmt: skip
+    """One step in place on p (fp32), m and v (bf16), module docstring's order of roundings; the
+    gradient divided by grad_scale first where given (g itself is not written)."""
+    check_adamw_args(p, g, m, v, grad_scale)
+    g32 = g.float() if grad_scale is None else g.float() / grad_scale.reshape(())
     m1 = m.float()
     m1 = m1 + (g32 - m1) * (1.0 - s.beta1)
     v1 = v.float() * s.beta2 + (g32 * g32) * (1.0 - s.beta2)

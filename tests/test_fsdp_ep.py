@@ -240,6 +240,8 @@ def _bf16_moments_sharded_step(rank, world, tmp, steps=3):
             groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": full})
         ref = AdamWBf16(groups)
         ref.state.update(state)
+        if getattr(opt, "grad_scale", None) is not None:  # a clipped step (trainer/optim.py clipped_step)
+            ref.grad_scale = opt.grad_scale
         out = step(*args, **kwargs)
         ref.step()
         for group, ref_group in zip(opt.param_groups, ref.param_groups):

@@ -44,17 +44,28 @@ def _tensors(n: int, grad_dtype: torch.dtype, seed: int):
     return p, g, m, v
 
 
+@pytest.mark.parametrize("clip", [None, 0.37], ids=["unscaled", "grad_scale"])
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16], ids=["g_fp32", "g_bf16"])
 @pytest.mark.parametrize("n", [0, 1, 37, 2048 * 2 + 5])
-def test_kernel_is_its_reference_bit_for_bit(n, grad_dtype):
+def test_kernel_is_its_reference_bit_for_bit(n, grad_dtype, clip):
+    """Also with a gradient scale (clipping by 0.37 folded into the step: g / (1 / 0.37))."""
+    scale = None if clip is None else torch.tensor(clip).reciprocal()
     for step in (1, 2, 50):
         s = AdamWScalars.at(step, LR, BETAS, 1e-8, WD)
         want = _tensors(n, grad_dtype, seed=n + step)
         got = [t.clone() for t in want]
-        torch_adamw_step_(*want, s)
-        triton_adamw_step_(*got, s)
+        g_before = want[1].clone()
+        torch_adamw_step_(*want, s, grad_scale=scale)
+        triton_adamw_step_(*got, s, grad_scale=scale)
         for name, a, b in zip("pgmv", got, want):
             assert torch.equal(a, b), (name, step)
+        assert torch.equal(got[1], g_before)  # the gradient is read, not written
+    if clip is not None and n:  # the scale is applied: unscaled, the step differs
+        p, g, m, v = _tensors(n, grad_dtype, seed=n)
+        scaled, plain = [p.clone(), g, m.clone(), v.clone()], [p.clone(), g, m.clone(), v.clone()]
+        triton_adamw_step_(*scaled, AdamWScalars.at(2, LR, BETAS, 1e-8, WD), grad_scale=scale)
+        triton_adamw_step_(*plain, AdamWScalars.at(2, LR, BETAS, 1e-8, WD))
+        assert not torch.equal(scaled[2], plain[2])
 
 
 def test_bad_arguments_name_what_is_wrong():
@@ -68,6 +79,8 @@ def test_bad_arguments_name_what_is_wrong():
         triton_adamw_step_(p.view(2, 4).t(), g.view(2, 4).t(), m.view(2, 4).t(), v.view(2, 4).t(), s)
     with pytest.raises(ValueError, match="shape"):
         triton_adamw_step_(p, g[:4], m, v, s)
+    with pytest.raises(ValueError, match="grad_scale must be one float32 element"):
+        triton_adamw_step_(p, g, m, v, s, grad_scale=torch.ones(2))
     cfg = TrainConfig()
     cfg.optim.state_dtype = "float16"
     with pytest.raises(ValueError, match="optim.state_dtype must be one of"):
@@ -154,12 +167,12 @@ def test_the_memory_plan_counts_two_bytes_a_moment():
 def test_kernel_is_its_reference_bit_for_bit_on_the_gpu(grad_dtype):
     """The compiled kernel (no FMA contraction, IEEE sqrt and quotient) against the reference's
     CUDA ops, over 2**20 + 3 elements: equal."""
-    for step in (1, 7):
+    for step, scale in ((1, None), (7, None), (7, torch.tensor(0.37, device="cuda").reciprocal())):
         s = AdamWScalars.at(step, LR, BETAS, 1e-8, WD)
         want = [t.cuda() for t in _tensors(2**20 + 3, grad_dtype, seed=step)]
         got = [t.clone() for t in want]
-        torch_adamw_step_(*want, s)
-        triton_adamw_step_(*got, s)
+        torch_adamw_step_(*want, s, grad_scale=scale)
+        triton_adamw_step_(*got, s, grad_scale=scale)
         for name, a, b in zip("pgmv", got, want):
             assert torch.equal(a, b), (name, step, int((a != b).sum()))
 

@@ -27,9 +27,10 @@ from moe.step_casts import weights_cast_once
 from trainer.checkpoint import CheckpointManager
 from trainer.config import TrainConfig
 from trainer.data import build_train_valid
-from trainer.optim import build_optimizer, build_scheduler, resume_scheduler, schedule_steps, set_hyperparameters
+from trainer.optim import (build_optimizer, build_scheduler, clipped_step, resume_scheduler, schedule_steps,
+                           set_hyperparameters)
 from trainer.parallel import (DistEnv, all_reduce_, apply_expert_parallel, apply_fsdp, clip_coefficient, global_grad_norm,
-                              reduce_gradients, scale_grads_, wrap_ddp)
+                              reduce_gradients, wrap_ddp)
 from trainer.resume import log_plan, plan_resume
 from trainer.memory_plan import refuse_if_cannot_fit
 from trainer.sharded_init import materialize
@@ -236,8 +237,8 @@ class Trainer:
         if env.ep > 1 and not env.fsdp:
             reduce_gradients(self.model, env)  # EP replaces DDP's all-reduce (trainer/parallel.py)
         # max_norm=inf measures without clipping. The gradients are scaled only where the norm
-        # exceeds max_norm: a pass over every gradient (9 ms of a 100 ms Mixtral-width step,
-        # bench/NOTES.md) that multiplying by 1 would waste; the decision reads the same coefficient.
+        # exceeds max_norm, inside the optimizer's pass where it can (trainer/optim.py
+        # `clipped_step`); the decision reads the same coefficient.
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         norm = global_grad_norm(self.model, env)
         coef = clip_coefficient(norm, max_norm)
@@ -250,9 +251,7 @@ class Trainer:
         finite = finite and math.isfinite(grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         if finite:
-            if coef_value < 1.0:
-                scale_grads_(self.model, coef)
-            self.optimizer.step()
+            clipped_step(self.optimizer, self.model, coef if coef_value < 1.0 else None)
             self.fp8.after_optimizer_step(self.model)  # the next forward quantizes the new weights
             self.nonfinite_in_row = 0
             self._update_expert_bias()

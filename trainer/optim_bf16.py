@@ -11,7 +11,9 @@ every moment to the parameter's fp32, a transient 8 bytes a parameter that a mod
 cannot hold); into torch's they are widened to fp32. Parameters may be DTensors (FSDP2, expert
 parallelism): the moments are DTensors laid out as their parameter, and the kernel updates each
 rank's local shard. The step counter is a CPU tensor, as in torch's foreach AdamW: the bias
-corrections are host arithmetic, no device read.
+corrections are host arithmetic, no device read. Like torch's fused AdamW, `step` divides the
+gradients by the optimizer's `grad_scale` attribute where one is set (a one-element float32 tensor:
+gradient clipping folded into the step, trainer/optim.py `clipped_step`).
 """
 
 from __future__ import annotations
@@ -61,6 +63,11 @@ class AdamWBf16(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if getattr(self, "found_inf", None) is not None:
+            raise NotImplementedError("AdamWBf16 takes grad_scale but not found_inf (torch.amp.GradScaler's "
+                                      "inf check): scale losses with fp32 master weights instead")  # fmt: skip
+        grad_scale = getattr(self, "grad_scale", None)
+        scales: dict[torch.device, torch.Tensor] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -71,7 +78,10 @@ class AdamWBf16(torch.optim.Optimizer):
                 state["step"] += 1
                 s = AdamWScalars.at(int(state["step"].item()), float(group["lr"]), group["betas"], group["eps"],
                                     group["weight_decay"])  # fmt: skip
-                adamw_step_(_local(p), _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]), s)
+                local = _local(p)
+                scale = None if grad_scale is None else scales.setdefault(
+                    local.device, grad_scale.to(local.device, torch.float32, non_blocking=True))
+                adamw_step_(local, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]), s, scale)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
