@@ -27,7 +27,7 @@ How the rule is computed, so that kernels and references agree bit for bit (fp32
   normal binades (tiny amaxes scaled by 2**64 first, so that the FMA residual cannot
   underflow); 1 / s for s in [2**-62, 2**125] from any start within 4 ulp (div.full.f32 is
   within 2), after two Newton steps and the one significand (all ones) that they leave an ulp
-  low. tests/test_kernels_quantize.py repeats both checks on the GPU, and checks the whole
+  low. tests/test_kernels_scale_rule.py repeats both checks on the GPU, and checks the whole
   quantization against torch for every finite bf16 x.
   torch's tensor/tensor division is IEEE on CPU and CUDA, but `cuda_tensor / python_float`
   multiplies by a rounded reciprocal, so references divide by tensors (`torch_fp8_scale`,
