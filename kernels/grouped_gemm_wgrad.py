@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import triton_interpret
+from kernels.common import triton_interpret, use_triton
 from kernels.contracts import check_grouped_mm_wgrad_args
 from kernels.dispatch import kernel_op
 from kernels.grouped_gemm import (
@@ -57,9 +57,10 @@ def _fp8_grouped_mm_wgrad_kernel(
     stride_oe, stride_on,
     BLOCK_M: tl.constexpr, SPLIT_N: tl.constexpr, GROUP_M: tl.constexpr,
     USE_TMA: tl.constexpr, PIN: tl.constexpr, ROWWISE: tl.constexpr, PROMOTE_K: tl.constexpr,
+    ACCUMULATE: tl.constexpr = False,
 ):
     """ROWWISE: scales (N, E) and (K, E), applied in the epilogue; else (N, P/128), (K, P/128).
-    PROMOTE_K: kernels/grouped_gemm.py's `tl_fp8_dot`."""
+    PROMOTE_K: kernels/grouped_gemm.py's `tl_fp8_dot`. ACCUMULATE: out += the product (fp32 out)."""
     BLOCK_K: tl.constexpr = 128
     BLOCK_N: tl.constexpr = 128 * SPLIT_N
     n_tiles = tl.cdiv(N, BLOCK_M)
@@ -110,10 +111,15 @@ def _fp8_grouped_mm_wgrad_kernel(
     out_ptrs = (out_ptr + e.to(tl.int64) * stride_oe + rows[:, None].to(tl.int64) * stride_on
                 + cols_lo[None, :])
     row_ok = (rows < N)[:, None]
-    tl.store(out_ptrs, acc_lo.to(out_ptr.dtype.element_ty), mask=row_ok & (cols_lo < K)[None, :])
+    mask_lo = row_ok & (cols_lo < K)[None, :]
+    if ACCUMULATE:  # the gradient so far plus this product: AccumulateGrad's one fp32 add
+        acc_lo = tl.load(out_ptrs, mask=mask_lo, other=0.0) + acc_lo
+    tl.store(out_ptrs, acc_lo.to(out_ptr.dtype.element_ty), mask=mask_lo)
     if SPLIT_N == 2:
-        tl.store(out_ptrs + 128, acc_hi.to(out_ptr.dtype.element_ty),
-                 mask=row_ok & (cols_hi < K)[None, :])
+        mask_hi = row_ok & (cols_hi < K)[None, :]
+        if ACCUMULATE:
+            acc_hi = tl.load(out_ptrs + 128, mask=mask_hi, other=0.0) + acc_hi
+        tl.store(out_ptrs + 128, acc_hi.to(out_ptr.dtype.element_ty), mask=mask_hi)
 
 
 tuned_grouped_mm_wgrad = autotuned(
@@ -122,9 +128,12 @@ tuned_grouped_mm_wgrad = autotuned(
 
 
 def launch_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out, use_tma: bool, config: dict | None = None,
-                            rowwise: bool = False, promotion_interval: int = 128) -> None:  # fmt: skip
-    """Write out (E, N, K) in place, every block (zeros for experts without tokens); config: one
-    explicit autotune candidate's meta-parameters instead of the autotuner."""
+                            rowwise: bool = False, promotion_interval: int = 128,
+                            accumulate: bool = False) -> None:  # fmt: skip
+    """Write out (E, N, K) in place, every block (zeros for experts without tokens), or with
+    `accumulate` add into it; config: one explicit autotune candidate's meta-parameters instead of
+    the autotuner. An accumulating launch never autotunes (timing candidates would add the product
+    once per run): it takes the config the autotuner chose for the same shapes (`_tuned_config`)."""
     (N, P), K, E = a_q.shape, b_q.shape[0], padded_end.shape[0]
     a_q, b_q = a_q.contiguous(), b_q.contiguous()
     a_arg, b_arg = (tensor_desc(a_q), tensor_desc(b_q)) if use_tma else (a_q, b_q)
@@ -142,8 +151,32 @@ def launch_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out, use_tma
             *a_scale.stride(), *b_scale.stride(), out.stride(0), out.stride(1))  # fmt: skip
     if config is not None:
         config = {k: v for k, v in config.items() if k != "PROGRAMS_PER_SM"}
-    run_gemm(tuned_grouped_mm_wgrad, grid, args, use_tma, config, ROWWISE=rowwise,
-             PROMOTE_K=promote_k(promotion_interval))  # fmt: skip
+    meta = dict(ROWWISE=rowwise, PROMOTE_K=promote_k(promotion_interval))
+    if accumulate and config is None:
+        config = _tuned_config(a_q, a_scale, b_q, b_scale, padded_end, out, use_tma, meta)
+    run_gemm(tuned_grouped_mm_wgrad, grid, args, use_tma, config, ACCUMULATE=accumulate, **meta)
+    if config is None:
+        tuned = tuned_grouped_mm_wgrad.best_config
+        _TUNED[_tune_key(N, K, use_tma, meta)] = {**tuned.kwargs, "num_warps": tuned.num_warps,
+                                                  "num_stages": tuned.num_stages}  # fmt: skip
+
+
+# The autotuner's choice per (N, K, path, ROWWISE, PROMOTE_K) (its own key), for accumulating launches.
+_TUNED: dict[tuple, dict] = {}
+
+
+def _tune_key(N: int, K: int, use_tma: bool, meta: dict) -> tuple:
+    return N, K, use_tma, meta["ROWWISE"], meta["PROMOTE_K"]
+
+
+def _tuned_config(a_q, a_scale, b_q, b_scale, padded_end, out, use_tma: bool, meta: dict) -> dict:
+    """The autotuner's config for these shapes; where no plain launch has chosen one yet (the
+    trainer's first micro-batch of a step always has), one plain launch into a scratch output does."""
+    key = _tune_key(a_q.shape[0], b_q.shape[0], use_tma, meta)
+    if key not in _TUNED:
+        launch_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, torch.empty_like(out), use_tma,
+                                rowwise=meta["ROWWISE"], promotion_interval=meta["PROMOTE_K"] or 128)  # fmt: skip
+    return _TUNED[key]
 
 
 def _launch_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise: bool,
@@ -191,6 +224,36 @@ def triton_fp8_grouped_mm_wgrad_rowwise(
     """
     check_grouped_mm_wgrad_args(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise=True)
     return _launch_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise=True)
+
+
+def fp8_grouped_mm_wgrad_accumulate_(
+    into: torch.Tensor, a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+    padded_end: torch.Tensor, rowwise: bool, promotion_interval: int = 128,
+) -> None:  # fmt: skip
+    """into (E, N, K), fp32, += the weight gradient of `fp8_grouped_mm_wgrad` (or, rowwise, of
+    its rowwise twin) in the GEMM's epilogue: a gradient accumulated over micro-batches costs one
+    read and one write of into, where a product written and then added costs two more passes.
+    In eager mode only (a custom op may not mutate what the graph reads as a leaf's gradient);
+    where no kernel runs, into += the reference."""
+    check_grouped_mm_wgrad_args(a_q, a_scale, b_q, b_scale, padded_end, torch.float32, rowwise=rowwise)
+    promote_k(promotion_interval)
+    shape = (padded_end.shape[0], a_q.shape[0], b_q.shape[0])
+    if into.dtype != torch.float32 or tuple(into.shape) != shape or not into.is_contiguous() or \
+            into.device != a_q.device:
+        raise ValueError(f"into must be a contiguous float32 {shape} tensor on {a_q.device}, got {into.dtype} "
+                         f"{tuple(into.shape)} on {into.device} (contiguous={into.is_contiguous()})")  # fmt: skip
+    if not use_triton(a_q):
+        ref = torch_fp8_grouped_mm_wgrad_rowwise if rowwise else torch_fp8_grouped_mm_wgrad
+        into.add_(ref(a_q, a_scale, b_q, b_scale, padded_end, torch.float32))
+        return
+    if into.numel() == 0 or a_q.shape[1] == 0:
+        return  # no tokens: nothing to add
+    check_tma_aligned(a_q=a_q, b_q=b_q)
+    launch_on_path(
+        "fp8_grouped_mm_wgrad",
+        lambda tma: launch_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, into, tma, rowwise=rowwise,
+                                            promotion_interval=promotion_interval, accumulate=True),  # fmt: skip
+    )
 
 
 def _fake_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype=torch.bfloat16):

@@ -134,11 +134,12 @@ def _close(got, want, what):
     assert err <= 1e-5, f"{what}: relative error {err:.3g} > 1e-5"
 
 
-def _layouts(rank, world, tmp, recipe, layouts):
+def _layouts(rank, world, tmp, recipe, layouts, accum=1):
     """bf16: the layouts train free and must stay on the one-process trajectory. FP8: one rounding
     flip of an E4M3 weight (from an fp32 sum taken in another order) moves a trajectory by more
     than 1e-5 within a few steps, so one process computes each step from the weights the layout
-    had at that step, and the loss and gradients of the same weights are compared."""
+    had at that step, and the loss and gradients of the same weights are compared. accum: the
+    layouts' micro-batches a step (one process runs accum times as many)."""
     _memoize_data()
     refs = {}
     for backend, ep in layouts:
@@ -151,8 +152,8 @@ def _layouts(rank, world, tmp, recipe, layouts):
         # BF16 rows on the wire: FP8 dispatch quantizes wgrad1's columns from the rows' FP8 bytes,
         # not from the rows (moe/fp8/grouped_mlp.py), which one process never does.
         overrides = {"aux_loss_coeff": 0.0, "fp8_dispatch": False} if group > 1 else {}
-        ref_cfg = _cfg("ddp", 1, WORLD // group, recipe, micro_batch_size=2 * group, **overrides)
-        cfg = _cfg(backend, ep, 1, recipe, **overrides)
+        ref_cfg = _cfg("ddp", 1, accum * WORLD // group, recipe, micro_batch_size=2 * group, **overrides)
+        cfg = _cfg(backend, ep, accum, recipe, **overrides)
         follow = recipe != "bf16"
         trainer, init, losses, grads, weights = _train(cfg, _env(backend, ep), f"{tmp}/{backend}{ep}", record=follow)
         if follow or group not in refs:
@@ -207,6 +208,14 @@ def test_fsdp_layouts_match_one_process_fp8():
     # Emulated rowwise FP8 experts; DDP x EP with FP8 is covered by tests/test_ep_train.py.
     with tempfile.TemporaryDirectory() as tmp:
         _spawn(_layouts, WORLD, tmp, "rowwise", [("fsdp", 1), ("fsdp", 2)])
+
+
+def test_ddp_with_fp8_gradient_accumulation_matches_one_process():
+    """3 micro-batches a step: the second (outside DDP's sync) adds the FP8 expert gradients into
+    .grad in the wgrad GEMM, the syncing last one returns them (trainer/loop.py); the all-reduced
+    gradients are one process's, which adds in the GEMM on 11 of its 12 micro-batches."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _spawn(_layouts, WORLD, tmp, "rowwise", [("ddp", 1)], 3)
 
 
 def _bf16_moments_sharded_step(rank, world, tmp, steps=3):

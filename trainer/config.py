@@ -51,6 +51,10 @@ class RunConfig:
     # step, every micro-batch computing with those copies (the same numbers); "forward", in every
     # forward (a reference for benchmarks). trainer/loop.py `Trainer._step_casts` says how.
     weight_cast: str = "step"
+    # FP8 experts: from a step's second micro-batch on, the weight-gradient GEMMs add into the
+    # gradients in their epilogue (moe/fp8/grouped_mlp.py); false: each writes its product for
+    # autograd to add (the same sums up to the GEMM epilogue's FMA rounding).
+    fuse_grad_accumulation: bool = True
     compile: bool = False  # torch.compile each block
     activation_checkpointing: bool = False  # recompute each block in backward
     eval_interval: int = 100  # steps between validation passes (0 disables)

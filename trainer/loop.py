@@ -211,11 +211,15 @@ class Trainer:
                 batch = next(train_iter)
                 last = micro == accum - 1
                 sync = contextlib.nullcontext()
+                ddp = env.distributed and hasattr(self.wrapped, "no_sync")
                 if env.fsdp:  # reduce-scatter once, on the last micro-batch
                     self.model.set_requires_gradient_sync(last)
-                elif env.distributed and not last and hasattr(self.wrapped, "no_sync"):
+                elif ddp and not last:
                     sync = self.wrapped.no_sync()  # DDP: all-reduce gradients once, on the last micro-batch
-                with sync:
+                # FP8 expert gradients add into .grad in the GEMM, except where hooks wait on
+                # AccumulateGrad (DDP's all-reduce; FSDP keeps its own accumulation).
+                in_place = cfg.run.fuse_grad_accumulation and not env.fsdp and not (ddp and last)
+                with sync, self.fp8.micro_batch(self.model, in_place):
                     lm_loss, aux_loss, out = self._forward(batch, self.wrapped)
                     ((lm_loss + aux_loss) / accum).backward()
                 lm_loss_sum += lm_loss.detach()

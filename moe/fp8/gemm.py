@@ -5,6 +5,7 @@ of `align`), K reduction dim, N output dim, E experts.
 
     grouped_mm(a_MK, b_ENK)        out[rows of e] = a[rows of e] @ b[e]^T     (forward, dgrad)
     grouped_mm_wgrad(a_NP, b_KP)   out[e] = a[:, tokens of e] @ b[:, tokens of e]^T   (wgrad)
+    grouped_mm_wgrad_accumulate_(into_ENK, a_NP, b_KP)    into[e] += the same, in the epilogue
 
 Engines, by measurement (bench/results/gemm.json): the rowwise forward and dgrad go to CUTLASS
 through `torch._scaled_grouped_mm`; the rowwise weight gradient and every blockwise GEMM go to
@@ -27,7 +28,8 @@ import torch
 
 from kernels.common import dequantize
 from kernels.grouped_gemm import fp8_grouped_mm
-from kernels.grouped_gemm_wgrad import fp8_grouped_mm_wgrad, fp8_grouped_mm_wgrad_rowwise
+from kernels.grouped_gemm_wgrad import (fp8_grouped_mm_wgrad, fp8_grouped_mm_wgrad_accumulate_,
+                                       fp8_grouped_mm_wgrad_rowwise)
 from kernels.reference_gemm import emulated_grouped_mm
 from moe.fp8.recipe import Fp8Recipe
 
@@ -66,3 +68,10 @@ def grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end_E, recipe: Fp8Recipe
     if recipe.name == "blockwise":
         return fp8_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end_E, out_dtype, recipe.promotion_interval)
     return fp8_grouped_mm_wgrad_rowwise(a_q, a_scale, b_q, b_scale, padded_end_E, out_dtype)
+
+
+def grouped_mm_wgrad_accumulate_(into, a_q, a_scale, b_q, b_scale, padded_end_E, recipe: Fp8Recipe) -> None:
+    """into (E, N, K) fp32 += `grouped_mm_wgrad`'s product, added in the GEMM's epilogue (both
+    recipes' weight gradients run on our Triton kernels)."""
+    fp8_grouped_mm_wgrad_accumulate_(into, a_q, a_scale, b_q, b_scale, padded_end_E, rowwise=recipe.name != "blockwise",
+                                     promotion_interval=recipe.promotion_interval)  # fmt: skip

@@ -37,6 +37,14 @@ Weights, two policies (`cache_weights`), and a third way in:
 - Neither under FSDP with parallel.fp8_all_gather: the weights arrive quantized (each rank
   quantizes its own shard once per step, FSDP all-gathers the FP8 bytes: moe/fp8/fsdp_all_gather.py).
 
+Gradient accumulation (`accumulate_grads`, set by moe/fp8/training.py around a micro-batch): where
+a weight's .grad already holds the earlier micro-batches' sum (a plain contiguous fp32 tensor), its
+weight-gradient GEMM adds into it in the epilogue and backward returns None for it, so no product
+is written and then added (two passes over every expert weight gradient a micro-batch).
+AccumulateGrad then gets no gradient for that weight, so a hook that reads the one it is handed
+sees none: the trainer keeps the plain path on DDP's syncing micro-batch, whose all-reduce starts
+from AccumulateGrad.
+
 A recipe with `gemms` other than "all" (an ablation, moe/fp8/recipe.py) runs moe/fp8/ablation.py
 instead of this Function.
 
@@ -60,7 +68,7 @@ from moe.dispatch import ExpertInput, compute_dtype
 from moe.experts import GroupedMLP
 from moe.fp8.ablation import ablation_grouped_mlp
 from moe.fp8.fsdp_all_gather import gathered_fp8
-from moe.fp8.gemm import grouped_mm, grouped_mm_wgrad
+from moe.fp8.gemm import grouped_mm, grouped_mm_wgrad, grouped_mm_wgrad_accumulate_
 from moe.fp8.recipe import Fp8Recipe
 from moe.fp8.weight_cache import WeightCache
 
@@ -94,9 +102,11 @@ class _Fp8GroupedMLPFunction(torch.autograd.Function):
     None (module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, w1_EXH, w2_EHF, group_end_E, activation, recipe, wq1, wq2, x_fp8, gather, dtype, stats):
+    def forward(ctx, x, w1_EXH, w2_EHF, group_end_E, activation, recipe, wq1, wq2, x_fp8, gather, dtype, stats,
+                accumulate):  # fmt: skip
         block, align, pow2 = recipe.block, recipe.align, recipe.pow2_scales
         ctx.stats = stats
+        ctx.weights = (w1_EXH, w2_EHF) if accumulate else (None, None)
         ctx.x_dtype = x.dtype
         ctx.gather = gather is not None
         if gather is not None:
@@ -145,18 +155,37 @@ class _Fp8GroupedMLPFunction(torch.autograd.Function):
             da_MF, h_q, h_s, ctx.activation, group_end_E, align, block, pow2
         )
         del da_MF
-        dw2_EHF = grouped_mm_wgrad(dyt_q, dyt_s, at_q, at_s, padded_end_E, recipe, ctx.w_dtypes[1])
+        into1, into2 = (_grad_to_add_into(w) for w in ctx.weights)
+        ctx.weights = None
+        dw2_EHF = _wgrad(into2, dyt_q, dyt_s, at_q, at_s, padded_end_E, recipe, ctx.w_dtypes[1])
         del dyt_q, dyt_s, at_q, at_s
         dx_MH = grouped_mm(dh_q, dh_s, *ctx.wt1, group_end_E, recipe)
         ctx.wt1 = None
         del dh_q, dh_s
-        dw1_EXH = grouped_mm_wgrad(dht_q, dht_s, xt_q, xt_s, padded_end_E, recipe, ctx.w_dtypes[0])
+        dw1_EXH = _wgrad(into1, dht_q, dht_s, xt_q, xt_s, padded_end_E, recipe, ctx.w_dtypes[0])
         if ctx.gather:
             _, row_of_TA, kept_TA = gather
             dx = gather_sum(dx_MH, row_of_TA, kept_TA, ctx.x_dtype)
         else:
             dx = dx_MH
-        return dx, dw1_EXH, dw2_EHF, None, None, None, None, None, None, None, None, None
+        return dx, dw1_EXH, dw2_EHF, None, None, None, None, None, None, None, None, None, None
+
+
+def _grad_to_add_into(w: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """w.grad where backward adds w's gradient into it (module docstring): a leaf (not an FSDP or
+    EP shard's local view) whose gradient so far is a plain contiguous fp32 tensor of its shape."""
+    g = None if w is None else w.grad
+    if g is None or not w.is_leaf or type(g) is not torch.Tensor or torch.compiler.is_compiling():
+        return None
+    return g if g.dtype == torch.float32 and g.shape == w.shape and g.is_contiguous() else None
+
+
+def _wgrad(into, a_q, a_s, b_q, b_s, padded_end_E, recipe: Fp8Recipe, dtype) -> Optional[torch.Tensor]:
+    """A weight's gradient for backward to return: the product, or None once added into `into`."""
+    if into is None:
+        return grouped_mm_wgrad(a_q, a_s, b_q, b_s, padded_end_E, recipe, dtype)
+    grouped_mm_wgrad_accumulate_(into, a_q, a_s, b_q, b_s, padded_end_E, recipe)
+    return None
 
 
 def _of(stats: Optional[Fp8Stats], operand: str, n: int = 1) -> Optional[torch.Tensor]:
@@ -172,6 +201,7 @@ def fp8_grouped_mlp(
     wq1: QuantizedWeight | None = None,
     wq2: QuantizedWeight | None = None,
     stats: Optional[Fp8Stats] = None,
+    accumulate_grads: bool = False,
 ) -> torch.Tensor:
     """The FP8 experts on weights the caller owns (Fp8GroupedMLP's, or another library's expert
     parameters in the same layout): (M, H), differentiable w.r.t. inp.x, w1 and w2.
@@ -179,7 +209,8 @@ def fp8_grouped_mlp(
     Tokens are gathered inside the quantization (permute + quantize in one pass); FP8 rows from an
     FP8 dispatch go to GEMM1 as they came; BF16 rows are quantized here. wq1, wq2: FP8 copies of
     the weights the caller already has (a WeightCache, FSDP's FP8 all-gather); None quantizes them
-    for this call only. stats: an Fp8Stats to count into, or None (module docstring)."""
+    for this call only. stats: an Fp8Stats to count into, or None; accumulate_grads: add the
+    weight gradients into w1.grad and w2.grad where they exist (both: module docstring)."""
     dtype = compute_dtype(inp.x)
     if dtype != torch.bfloat16 and inp.x.is_cuda:
         raise ValueError(f"FP8 experts take bfloat16 activations on the GPU (or bf16 autocast), got {dtype}")
@@ -194,7 +225,7 @@ def fp8_grouped_mlp(
         return ablation_grouped_mlp(inp, w1_EXH, w2_EHF, wq1, wq2, activation, recipe, dtype)
     return _Fp8GroupedMLPFunction.apply(
         x.contiguous(), w1_EXH, w2_EHF, inp.group_end_E(), activation, recipe, wq1, wq2, inp.fp8, gather, dtype,
-        stats,
+        stats, accumulate_grads,
     )  # fmt: skip
 
 
@@ -204,6 +235,7 @@ class Fp8GroupedMLP(GroupedMLP):
     recipe: Fp8Recipe = Fp8Recipe("rowwise")
     cache_weights: bool = False  # see the module docstring; moe/fp8/training.py sets it per grad_accum
     stats: Optional[Fp8Stats] = None  # see the module docstring; moe/fp8/stats.py sets it
+    accumulate_grads: bool = False  # see the module docstring; moe/fp8/training.py sets it
 
     def __init__(self, *args, recipe: Fp8Recipe | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -225,7 +257,8 @@ class Fp8GroupedMLP(GroupedMLP):
             if not torch.compiler.is_compiling():
                 self.invalidate_weight_cache()  # a cache left from cache_weights=True would go stale
             wq1 = wq2 = None  # quantized for this forward only
-        return fp8_grouped_mlp(inp, self.w1, self.w2, self.activation, self.recipe, wq1, wq2, self.stats)
+        return fp8_grouped_mlp(inp, self.w1, self.w2, self.activation, self.recipe, wq1, wq2, self.stats,
+                               self.accumulate_grads)  # fmt: skip
 
     def invalidate_weight_cache(self) -> None:
         self._w1_cache.clear()
