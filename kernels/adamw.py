@@ -59,8 +59,10 @@ def triton_adamw_step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: tor
     if N == 0:
         return
     _adamw_kernel[(triton.cdiv(N, BLOCK),)](
-        p, g, m, v, p if grad_scale is None else grad_scale, N, s.decay, s.beta1, s.beta2, 1.0 - s.beta1, 1.0 - s.beta2, s.step_size, s.inv_bc2_sqrt, s.eps,
-        HAS_SCALE=grad_scale is not None, ROUND_BF16=triton_interpret(), BLOCK=BLOCK, num_warps=8, enable_fp_fusion=False,
+        p, g, m, v, p if grad_scale is None else grad_scale, N,  # p: an unread placeholder pointer
+        s.decay, s.beta1, s.beta2, 1.0 - s.beta1, 1.0 - s.beta2, s.step_size, s.inv_bc2_sqrt, s.eps,
+        HAS_SCALE=grad_scale is not None, ROUND_BF16=triton_interpret(), BLOCK=BLOCK, num_warps=8,
+        enable_fp_fusion=False,
     )
 
 

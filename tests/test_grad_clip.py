@@ -36,7 +36,8 @@ def _run(cfg, run_dir, monkeypatch):
     after the step; and the passes `scale_grads_` made."""
     passes, coefs, raw, lrs, after = [], [], [], [], []
     scale = trainer.optim.scale_grads_
-    monkeypatch.setattr(trainer.optim, "scale_grads_", lambda model, coef: passes.append(coef.item()) or scale(model, coef))
+    monkeypatch.setattr(trainer.optim, "scale_grads_",
+                        lambda model, coef: passes.append(coef.item()) or scale(model, coef))  # fmt: skip
     step = trainer.loop.clipped_step
 
     def record_step(opt, model, coef):

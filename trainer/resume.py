@@ -31,7 +31,8 @@ log = logging.getLogger("fp8moe")
 FREE = (
     "run.name", "run.output_root", "run.dry_run", "run.dry_run_gpus", "run.steps", "run.device", "run.compile",
     "run.activation_checkpointing", "run.eval_interval", "run.eval_steps", "run.max_nonfinite_steps",
-    "run.weight_cast", "run.fuse_grad_accumulation", "optim.fused",  # how a step computes: the same update up to fp32 rounding
+    # how a step computes: the same update up to fp32 rounding
+    "run.weight_cast", "run.fuse_grad_accumulation", "optim.fused",
     "run.micro_batch_size", "run.grad_accum", "run.profile.", "logging.", "checkpoint.", "parallel.",
     "data.num_workers", "data.cache_dir", "data.valid_seed",
     "model.loss_chunk_rows",  # the loss computed in chunks: the same gradients up to rounding
