@@ -133,7 +133,7 @@ def launch_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out, use_tma
     """Write out (E, N, K) in place, every block (zeros for experts without tokens), or with
     `accumulate` add into it; config: one explicit autotune candidate's meta-parameters instead of
     the autotuner. An accumulating launch never autotunes (timing candidates would add the product
-    once per run): it takes the config the autotuner chose for the same shapes (`_tuned_config`)."""
+    once per run): it takes the config the autotuner chose for the same shapes (`_TUNED`)."""
     (N, P), K, E = a_q.shape, b_q.shape[0], padded_end.shape[0]
     a_q, b_q = a_q.contiguous(), b_q.contiguous()
     a_arg, b_arg = (tensor_desc(a_q), tensor_desc(b_q)) if use_tma else (a_q, b_q)
@@ -152,31 +152,20 @@ def launch_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out, use_tma
     if config is not None:
         config = {k: v for k, v in config.items() if k != "PROGRAMS_PER_SM"}
     meta = dict(ROWWISE=rowwise, PROMOTE_K=promote_k(promotion_interval))
+    key = (N, K, use_tma, rowwise, meta["PROMOTE_K"])  # the autotuner's own key
     if accumulate and config is None:
-        config = _tuned_config(a_q, a_scale, b_q, b_scale, padded_end, out, use_tma, meta)
+        if key not in _TUNED:  # no plain launch has chosen yet (the trainer's first micro-batch does)
+            launch_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, torch.empty_like(out), use_tma,
+                                    rowwise=rowwise, promotion_interval=promotion_interval)  # fmt: skip
+        config = _TUNED[key]
     run_gemm(tuned_grouped_mm_wgrad, grid, args, use_tma, config, ACCUMULATE=accumulate, **meta)
     if config is None:
         tuned = tuned_grouped_mm_wgrad.best_config
-        _TUNED[_tune_key(N, K, use_tma, meta)] = {**tuned.kwargs, "num_warps": tuned.num_warps,
-                                                  "num_stages": tuned.num_stages}  # fmt: skip
+        _TUNED[key] = {**tuned.kwargs, "num_warps": tuned.num_warps, "num_stages": tuned.num_stages}
 
 
-# The autotuner's choice per (N, K, path, ROWWISE, PROMOTE_K) (its own key), for accumulating launches.
+# The autotuner's choice per key of launch_grouped_mm_wgrad, for accumulating launches.
 _TUNED: dict[tuple, dict] = {}
-
-
-def _tune_key(N: int, K: int, use_tma: bool, meta: dict) -> tuple:
-    return N, K, use_tma, meta["ROWWISE"], meta["PROMOTE_K"]
-
-
-def _tuned_config(a_q, a_scale, b_q, b_scale, padded_end, out, use_tma: bool, meta: dict) -> dict:
-    """The autotuner's config for these shapes; where no plain launch has chosen one yet (the
-    trainer's first micro-batch of a step always has), one plain launch into a scratch output does."""
-    key = _tune_key(a_q.shape[0], b_q.shape[0], use_tma, meta)
-    if key not in _TUNED:
-        launch_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, torch.empty_like(out), use_tma,
-                                rowwise=meta["ROWWISE"], promotion_interval=meta["PROMOTE_K"] or 128)  # fmt: skip
-    return _TUNED[key]
 
 
 def _launch_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise: bool,
