@@ -19,6 +19,7 @@ A call takes one of three paths:
 from __future__ import annotations
 
 import inspect
+import typing
 from typing import Any, Callable, Generic, TypeVar
 
 import torch
@@ -45,7 +46,7 @@ class KernelOp(Generic[R]):
         result: Callable[[Any], R] | None,
         mutates_args: tuple[str, ...] = (),
     ) -> None:
-        self.op = torch.library.custom_op(f"fp8moe::{name}", launcher, mutates_args=mutates_args)
+        self.op = torch.library.custom_op(f"fp8moe::{name}", _without_defaults(launcher), mutates_args=mutates_args)
         self._signature = inspect.signature(launcher)
         self.op.register_fake(fake)
         self.launcher, self.reference = launcher, reference
@@ -56,15 +57,32 @@ class KernelOp(Generic[R]):
         if not self._use_kernel(*args, **kwargs):
             out = self.reference(*args, **kwargs)
         elif torch.compiler.is_compiling():
-            # Every argument, defaults filled in: torch 2.11 looks a mutated optional
-            # argument (`stats`) up among the arguments given, and raises IndexError where the
-            # caller left it to its default (pytorch/pytorch#176078).
+            # Every argument, defaults filled in: the op's schema has none (`_without_defaults`).
             every = self._signature.bind(*args, **kwargs)
             every.apply_defaults()
             out = self.op(*every.args, **every.kwargs)
         else:
             out = self.launcher(*args, **kwargs)
         return out if self._result is None else self._result(out)
+
+
+def _without_defaults(launcher: Callable[..., Any]) -> Callable[..., Any]:
+    """launcher, its signature (annotations resolved) with no default values, for the op's schema.
+    The dispatcher drops trailing arguments equal to their schema defaults before it calls a
+    Python kernel, and torch 2.11's in-place bookkeeping then looks a mutated optional argument
+    (`stats`) up by its position and raises IndexError (pytorch/pytorch#176078): with no
+    defaults every argument reaches every kernel. `KernelOp.__call__` fills them in."""
+    hints = typing.get_type_hints(launcher)
+    sig = inspect.signature(launcher)
+    params = [p.replace(default=inspect.Parameter.empty, annotation=hints.get(p.name, p.annotation))
+              for p in sig.parameters.values()]  # fmt: skip
+
+    def impl(*args: Any) -> Any:
+        return launcher(*args)
+
+    impl.__signature__ = sig.replace(parameters=params, return_annotation=hints.get("return", sig.return_annotation))
+    impl.__name__, impl.__qualname__, impl.__module__ = launcher.__name__, launcher.__qualname__, launcher.__module__
+    return impl
 
 
 def kernel_op(

@@ -1,15 +1,49 @@
 """kernels/dispatch.py: which path a kernel entry point's call takes, and what the custom op is
 given while torch.compile traces."""
 
-import torch
+import importlib
+import pkgutil
 
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import kernels
+from kernels.dispatch import KernelOp
 from kernels.quantize import quantize_rows
+from kernels.quantize_weight import quantize_weight
+
+
+def _every_kernel_op() -> list[KernelOp]:
+    ops = []
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"kernels.{info.name}")
+        ops += [v for v in vars(module).values() if isinstance(v, KernelOp)]
+    return list({id(op): op for op in ops}.values())
+
+
+def test_no_op_schema_has_defaults():
+    """The dispatcher drops trailing arguments equal to their schema defaults before a Python
+    kernel sees them; torch 2.11 then fails to find a mutated optional argument (`stats`) by its
+    position (IndexError while compiling). Every op's schema is defaults-free."""
+    ops = _every_kernel_op()
+    assert len(ops) >= 15, [op.__name__ for op in ops]
+    for op in ops:
+        schema = op.op._opoverload._schema
+        assert not any(a.has_default_value() for a in schema.arguments), str(schema)
+
+
+def test_a_traced_op_reaches_its_fake_with_every_argument():
+    """quantize_weight under fake tensors, as Dynamo runs it: a parameter that requires grad
+    (the in-place bookkeeping runs) and the mutated `stats` left None."""
+    w = torch.nn.Parameter(torch.randn(2, 256, 128))
+    with FakeTensorMode() as mode:
+        q, scale, qt, scale_t = quantize_weight.op(mode.from_tensor(w), "blockwise", False, True, None)
+    assert q.shape == (2, 256, 128) and q.dtype == torch.float8_e4m3fn and qt.shape == (2, 128, 256)
 
 
 def test_traced_call_gives_the_op_every_argument_defaults_filled(monkeypatch):
-    """torch 2.11 looks a mutated optional argument up among the arguments given and raises
-    IndexError where the call left it to its default (pytorch/pytorch#176078, the compiled FP8
-    linear's quantize_rows(x, 0, pow2) without stats): the op gets all five."""
+    """The op's schema has no defaults (below): a traced call gives it all five arguments, the
+    caller's defaults filled in (the compiled FP8 linear's quantize_rows(x, 0, pow2) without stats)."""
     seen = []
     monkeypatch.setattr(quantize_rows, "_use_kernel", lambda *a, **k: True)
     monkeypatch.setattr(quantize_rows, "op", lambda *a, **k: seen.append((a, k)) or (a[0], a[0]))

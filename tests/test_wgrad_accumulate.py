@@ -116,13 +116,17 @@ def test_trainer_steps_equal_with_and_without_the_fusion(recipe, tmp_path, monke
 @pytest.mark.gpu
 @pytest.mark.parametrize("rowwise", [False, True], ids=["blockwise", "rowwise"])
 def test_accumulating_launch_on_the_gpu(rowwise):
-    """Mixtral's wgrad1 at 1024 tokens an expert, 8 experts (one empty): within one rounding of the sum."""
+    """Mixtral's wgrad1 at 1024 tokens an expert, 8 experts (one empty): the sum within one rounding
+    of each term. The rowwise epilogue scales, then adds, and the compiler may contract the two into
+    one FMA (`old + acc * s` rounded once, where the written product was rounded before its add):
+    where old and the product nearly cancel, that differs from the sum by the product's rounding."""
     sizes = [1024, 1024, 0, 1024, 2048, 1024, 1024, 1024]
     w = wgrad_inputs(2 * 1536, 1024, sizes, device="cuda", seed=2, rowwise=rowwise)
     old = torch.randn(len(sizes), 2 * 1536, 1024, device="cuda")
     into = old.clone()
     fp8_grouped_mm_wgrad_accumulate_(into, *w, rowwise=rowwise)
-    want = old + _product(w, rowwise)
+    product = _product(w, rowwise)
+    want = old + product
     assert torch.equal(into[2], old[2])
-    ulp = torch.finfo(torch.float32).eps * want.abs()
-    assert ((into - want).abs() <= ulp).all(), float(((into - want).abs() / want.abs()).max())
+    bound = torch.finfo(torch.float32).eps * (want.abs() + product.abs())
+    assert ((into - want).abs() <= bound).all(), float(((into - want).abs() - bound).max())
