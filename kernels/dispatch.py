@@ -46,7 +46,8 @@ class KernelOp(Generic[R]):
         result: Callable[[Any], R] | None,
         mutates_args: tuple[str, ...] = (),
     ) -> None:
-        self.op = torch.library.custom_op(f"fp8moe::{name}", _without_defaults(launcher), mutates_args=mutates_args)
+        impl = _without_defaults(launcher) if mutates_args else launcher
+        self.op = torch.library.custom_op(f"fp8moe::{name}", impl, mutates_args=mutates_args)
         self._signature = inspect.signature(launcher)
         self.op.register_fake(fake)
         self.launcher, self.reference = launcher, reference
@@ -57,7 +58,7 @@ class KernelOp(Generic[R]):
         if not self._use_kernel(*args, **kwargs):
             out = self.reference(*args, **kwargs)
         elif torch.compiler.is_compiling():
-            # Every argument, defaults filled in: the op's schema has none (`_without_defaults`).
+            # Every argument, defaults filled in: a mutating op's schema has none (`_without_defaults`).
             every = self._signature.bind(*args, **kwargs)
             every.apply_defaults()
             out = self.op(*every.args, **every.kwargs)
@@ -67,11 +68,12 @@ class KernelOp(Generic[R]):
 
 
 def _without_defaults(launcher: Callable[..., Any]) -> Callable[..., Any]:
-    """launcher, its signature (annotations resolved) with no default values, for the op's schema.
-    The dispatcher drops trailing arguments equal to their schema defaults before it calls a
-    Python kernel, and torch 2.11's in-place bookkeeping then looks a mutated optional argument
-    (`stats`) up by its position and raises IndexError (pytorch/pytorch#176078): with no
-    defaults every argument reaches every kernel. `KernelOp.__call__` fills them in."""
+    """launcher, its signature (annotations resolved) with no default values, for the schema of an
+    op that mutates an argument. The dispatcher drops trailing arguments equal to their schema
+    defaults before it calls a Python kernel, and torch 2.11's in-place bookkeeping then looks the
+    mutated optional argument (`stats`, last) up by its position and raises IndexError
+    (pytorch/pytorch#176078): with no defaults every argument reaches every kernel.
+    `KernelOp.__call__` fills them in; a direct call of such an op gives them all."""
     hints = typing.get_type_hints(launcher)
     sig = inspect.signature(launcher)
     params = [p.replace(default=inspect.Parameter.empty, annotation=hints.get(p.name, p.annotation))

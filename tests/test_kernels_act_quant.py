@@ -270,7 +270,7 @@ def test_custom_ops_trace_with_fake_tensors():
         t.shape for t in act_quant_bwd(da, h_q, h_scale, "swiglu", ends, 128, 128)
     ]
     with FakeTensorMode() as mode:
-        fake = [t.shape for t in act_quant_fwd.op(mode.from_tensor(h), "swiglu", 128, False, True)] + [
+        fake = [t.shape for t in act_quant_fwd.op(mode.from_tensor(h), "swiglu", 128, False, True, None)] + [
             t.shape
             for t in act_quant_bwd.op(*(mode.from_tensor(t) for t in (da, h_q, h_scale)), "swiglu",
                                           mode.from_tensor(ends), 128, 128, False)  # fmt: skip

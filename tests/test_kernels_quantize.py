@@ -284,11 +284,13 @@ def test_cpu_path_without_interpreter_is_the_reference(monkeypatch):
 def test_custom_ops_trace():
     """register_fake matches the kernels (opcheck), and torch.compile traces the public API."""
     x, ends = odd_x(20, 128), group_ends([5, 0, 15])
-    torch.library.opcheck(quantize_rows.op, (x, 128, False, None), test_utils=("test_schema", "test_faketensor"))
-    for op in (quantize_cols_grouped.op, quantize_rows_and_cols_grouped.op):
-        torch.library.opcheck(op, (x, ends, 16, 0, True, None), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(quantize_rows.op, (x, 128, False, None, None), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(quantize_cols_grouped.op, (x, ends, 16, 0, True, None),
+                          test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+    torch.library.opcheck(quantize_rows_and_cols_grouped.op, (x, ends, 16, 0, True, None, None),
+                          test_utils=("test_schema", "test_faketensor"))  # fmt: skip
     w = x.view(1, 20, 128)
-    torch.library.opcheck(quantize_weight.op, (w, "rowwise", False), test_utils=("test_faketensor",))
+    torch.library.opcheck(quantize_weight.op, (w, "rowwise", False, False, None), test_utils=("test_faketensor",))
 
     @torch.compile(backend="aot_eager", fullgraph=True)
     def fwd_input(x, ends):
