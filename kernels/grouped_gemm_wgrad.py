@@ -174,15 +174,24 @@ def _launch_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise: bo
     promote_k(promotion_interval)  # refused before anything is allocated
     E, N, K = padded_end.shape[0], a_q.shape[0], b_q.shape[0]
     out = torch.empty(E, N, K, dtype=out_dtype, device=a_q.device)
+    if not _run_wgrad(out, a_q, a_scale, b_q, b_scale, padded_end, rowwise, promotion_interval, accumulate=False):
+        out.zero_()
+    return out
+
+
+def _run_wgrad(out, a_q, a_scale, b_q, b_scale, padded_end, rowwise: bool, promotion_interval: int,
+               accumulate: bool) -> bool:  # fmt: skip
+    """Write (or add) the product into out on the faster path that takes it; False where there is
+    nothing to compute (no output or no tokens), out untouched."""
     if out.numel() == 0 or a_q.shape[1] == 0:
-        return out.zero_()
+        return False
     check_tma_aligned(a_q=a_q, b_q=b_q)
     launch_on_path(
         "fp8_grouped_mm_wgrad",
         lambda tma: launch_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out, tma, rowwise=rowwise,
-                                            promotion_interval=promotion_interval),  # fmt: skip
+                                            promotion_interval=promotion_interval, accumulate=accumulate),  # fmt: skip
     )
-    return out
+    return True
 
 
 def triton_fp8_grouped_mm_wgrad(
@@ -235,14 +244,7 @@ def fp8_grouped_mm_wgrad_accumulate_(
         ref = torch_fp8_grouped_mm_wgrad_rowwise if rowwise else torch_fp8_grouped_mm_wgrad
         into.add_(ref(a_q, a_scale, b_q, b_scale, padded_end, torch.float32))
         return
-    if into.numel() == 0 or a_q.shape[1] == 0:
-        return  # no tokens: nothing to add
-    check_tma_aligned(a_q=a_q, b_q=b_q)
-    launch_on_path(
-        "fp8_grouped_mm_wgrad",
-        lambda tma: launch_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, into, tma, rowwise=rowwise,
-                                            promotion_interval=promotion_interval, accumulate=True),  # fmt: skip
-    )
+    _run_wgrad(into, a_q, a_scale, b_q, b_scale, padded_end, rowwise, promotion_interval, accumulate=True)
 
 
 def _fake_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype=torch.bfloat16):

@@ -44,8 +44,8 @@ def test_a_traced_op_reaches_its_fake_with_every_argument():
 
 
 def test_traced_call_gives_the_op_every_argument_defaults_filled(monkeypatch):
-    """The op's schema has no defaults (below): a traced call gives it all five arguments, the
-    caller's defaults filled in (the compiled FP8 linear's quantize_rows(x, 0, pow2) without stats)."""
+    """quantize_rows mutates `stats`, so its schema has no defaults (below): a traced call gives it
+    all five arguments, the caller's filled in (the compiled FP8 linear's quantize_rows(x, 0, pow2))."""
     seen = []
     monkeypatch.setattr(quantize_rows, "_use_kernel", lambda *a, **k: True)
     monkeypatch.setattr(quantize_rows, "op", lambda *a, **k: seen.append((a, k)) or (a[0], a[0]))
