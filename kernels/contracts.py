@@ -59,13 +59,13 @@ def check_quantize_rows_and_cols_grouped_args(
     check_quantize_rows_args(x_MK, block)
 
 
-def check_quantize_weight_args(w_ENK: torch.Tensor, mode: str) -> None:
+def check_quantize_weight_args(w_ENK: torch.Tensor, scaling: str) -> None:
     if w_ENK.ndim != 3 or w_ENK.shape[1] == 0 or w_ENK.shape[2] == 0:
         raise ValueError(f"w_ENK must be 3-D (E, N, K) with N, K > 0, got shape {tuple(w_ENK.shape)}")
-    if mode not in WEIGHT_MODES:
-        raise ValueError(f"mode must be one of {WEIGHT_MODES}, got {mode!r}")
-    if mode == "blockwise" and (w_ENK.shape[1] % 128 or w_ENK.shape[2] % 128):
-        raise ValueError(f"blockwise mode needs N and K multiples of 128, got {tuple(w_ENK.shape[1:])}")
+    if scaling not in WEIGHT_MODES:
+        raise ValueError(f"scaling must be one of {WEIGHT_MODES}, got {scaling!r}")
+    if scaling == "blockwise" and (w_ENK.shape[1] % 128 or w_ENK.shape[2] % 128):
+        raise ValueError(f"blockwise scaling needs N and K multiples of 128, got {tuple(w_ENK.shape[1:])}")
 
 
 def check_quantize_tensor_args(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -> None:

@@ -28,6 +28,12 @@ from kernels.common import use_triton
 
 R = TypeVar("R")
 
+# Names that torch's functionalization of a mutating op (auto_functionalized_v2, under
+# torch.compile and export) takes as its own parameters beside the op's arguments, passed as
+# keywords: an op argument of one of these names raises "got multiple values for argument".
+FUNCTIONALIZE_RESERVED = ("mode", "ctx", "_mutable_op", "_all_bases", "_only_clone_these_bases",
+                          "_only_clone_these_tensors")
+
 
 def _first_on_triton(x: torch.Tensor, *args: Any, **kwargs: Any) -> bool:
     return use_triton(x)
@@ -46,6 +52,12 @@ class KernelOp(Generic[R]):
         result: Callable[[Any], R] | None,
         mutates_args: tuple[str, ...] = (),
     ) -> None:
+        if mutates_args:
+            taken = [p for p in inspect.signature(launcher).parameters if p in FUNCTIONALIZE_RESERVED]
+            if taken:
+                raise ValueError(f"fp8moe::{name} mutates {mutates_args} and has the argument(s) {taken}, names "
+                                 f"torch's functionalization takes for its own: rename them (reserved: "
+                                 f"{FUNCTIONALIZE_RESERVED})")
         impl = _without_defaults(launcher) if mutates_args else launcher
         self.op = torch.library.custom_op(f"fp8moe::{name}", impl, mutates_args=mutates_args)
         self._signature = inspect.signature(launcher)

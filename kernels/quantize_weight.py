@@ -1,6 +1,6 @@
 """Expert weights to FP8, both orientations the grouped GEMMs need, from one call.
 
-    quantize_weight(w_ENK, mode, pow2_scale, round_bf16, stats) -> QuantizedWeight(q_ENK, scale, qt_EKN, scale_t)
+    quantize_weight(w_ENK, scaling, pow2_scale, round_bf16, stats) -> QuantizedWeight(q_ENK, scale, qt_EKN, scale_t)
 
 q_ENK (forward operand, nn.Linear layout) is scaled along K, qt_EKN (contiguous (E, K, N), the
 operand of the transposed GEMM) along N:
@@ -196,23 +196,23 @@ def _weight_quant_kernel(
 
 
 def triton_quantize_weight(
-    w_ENK: torch.Tensor, mode: str = "rowwise", pow2_scale: bool = False, round_bf16: bool = False,
+    w_ENK: torch.Tensor, scaling: str = "rowwise", pow2_scale: bool = False, round_bf16: bool = False,
     stats: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Both FP8 orientations of w_ENK (see the module docstring). round_bf16: quantize the bf16
     rounding of an fp32 w_ENK (bitwise what quantizing w_ENK.to(torch.bfloat16) gives) without
     writing that copy. stats: q_ENK's cast statistics."""
-    check_quantize_weight_args(w_ENK, mode)
+    check_quantize_weight_args(w_ENK, scaling)
     check_stats_arg(stats, w_ENK, 1)
     round_bf16 = round_bf16 and w_ENK.dtype != torch.bfloat16
-    if w_ENK.is_cuda and w_ENK.dtype != torch.bfloat16 and mode != "rowwise" and not round_bf16:
+    if w_ENK.is_cuda and w_ENK.dtype != torch.bfloat16 and scaling != "rowwise" and not round_bf16:
         # On an H200 with triton 3.6 (tests/test_kernels_quantize.py::test_quantize_weight_gpu),
         # from fp32 tiles the transposed qt of the blockwise and tensorwise modes comes back with
         # ~25% wrong bytes (q and the scales right), whether the fp8 or the fp32 tile is
         # transposed in registers. The same fp32 tiles rounded to bf16 in registers (round_bf16,
         # the layer's path) come back bitwise right at every shape tried, as do bf16 inputs.
         raise ValueError(
-            f"quantize_weight({mode!r}) takes bfloat16 weights, or fp32 with round_bf16=True, on the GPU; "
+            f"quantize_weight({scaling!r}) takes bfloat16 weights, or fp32 with round_bf16=True, on the GPU; "
             f"got {w_ENK.dtype} with round_bf16=False"
         )
     w_ENK = w_ENK.contiguous()
@@ -220,14 +220,14 @@ def triton_quantize_weight(
     dev = w_ENK.device
     q_ENK = torch.empty((E, N, K), dtype=FP8_DTYPE, device=dev)
     qt_EKN = torch.empty((E, K, N), dtype=FP8_DTYPE, device=dev)
-    scale_shape, scale_t_shape = _scale_shapes(E, N, K, mode)
+    scale_shape, scale_t_shape = _scale_shapes(E, N, K, scaling)
     scale = torch.empty(scale_shape, dtype=torch.float32, device=dev)
     scale_t = torch.empty(scale_t_shape, dtype=torch.float32, device=dev)
     if E == 0:
         return q_ENK, scale, qt_EKN, scale_t
-    MODE = _MODES[mode]
+    MODE = _MODES[scaling]
     wide = w_ENK.element_size() == 4
-    BLOCK_N, BLOCK_K, SUB_N, num_warps = _weight_launch_config(mode, wide, stats is not None)
+    BLOCK_N, BLOCK_K, SUB_N, num_warps = _weight_launch_config(scaling, wide, stats is not None)
     EVEN = N % BLOCK_N == 0 and K % BLOCK_K == 0
     grid = (triton.cdiv(N, BLOCK_N) * triton.cdiv(K, BLOCK_K), E)
     row_amax = col_amax = scale  # placeholders, unused by blockwise
@@ -238,7 +238,7 @@ def triton_quantize_weight(
         ABN, ABK, a_warps = _AMAX_BLOCKS[wide]
         tiles_k = triton.cdiv(K, ABK)
         # Fewer, longer programs while _AMAX_MIN_PROGRAMS remain: less atomic contention.
-        min_programs = _AMAX_MIN_PROGRAMS[mode]
+        min_programs = _AMAX_MIN_PROGRAMS[scaling]
         ksteps = min(triton.next_power_of_2(max(1, triton.cdiv(N, ABN) * tiles_k * E // min_programs)), tiles_k)
         ksteps = 1 << (ksteps.bit_length() - 1)  # a power of two <= tiles_k
         _weight_amax_kernel[(triton.cdiv(N, ABN) * triton.cdiv(K, ABK * ksteps), E)](
@@ -290,10 +290,10 @@ def _scale_shapes(E: int, N: int, K: int, mode: str):
     return (E,), (E,)
 
 
-def _fake_quantize_weight(w_ENK, mode="rowwise", pow2_scale=False, round_bf16=False, stats=None):
-    check_quantize_weight_args(w_ENK, mode)
+def _fake_quantize_weight(w_ENK, scaling="rowwise", pow2_scale=False, round_bf16=False, stats=None):
+    check_quantize_weight_args(w_ENK, scaling)
     E, N, K = w_ENK.shape
-    scale_shape, scale_t_shape = _scale_shapes(E, N, K, mode)
+    scale_shape, scale_t_shape = _scale_shapes(E, N, K, scaling)
     return (
         w_ENK.new_empty((E, N, K), dtype=FP8_DTYPE),
         w_ENK.new_empty(scale_shape, dtype=torch.float32),

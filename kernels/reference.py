@@ -116,7 +116,7 @@ def torch_quantize_rows_and_cols_grouped(
 
 
 def torch_quantize_weight(
-    w_ENK: torch.Tensor, mode: str = "rowwise", pow2_scale: bool = False, round_bf16: bool = False,
+    w_ENK: torch.Tensor, scaling: str = "rowwise", pow2_scale: bool = False, round_bf16: bool = False,
     stats: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Both FP8 operands of the expert weights, for the forward and the transposed GEMMs.
@@ -128,18 +128,18 @@ def torch_quantize_weight(
     round_bf16: the values quantized are w_ENK rounded to bf16 first. stats: the statistics of
     q_ENK's cast (the forward operand; the transposed copy holds the same values).
     """
-    check_quantize_weight_args(w_ENK, mode)
+    check_quantize_weight_args(w_ENK, scaling)
     check_stats_arg(stats, w_ENK, 1)
     w = (w_ENK.to(torch.bfloat16) if round_bf16 else w_ENK).float()
     E, N, K = w.shape
-    if mode == "rowwise":
+    if scaling == "rowwise":
         scale = torch_fp8_scale(w.abs().amax(dim=2), pow2_scale)
         scale_t = torch_fp8_scale(w.abs().amax(dim=1), pow2_scale)
         q_ENK = torch_fp8_quantize(w, scale[:, :, None])
         torch_fp8_stats_add(stats, w, torch_fp8_inverse(scale[:, :, None]))
         qt_EKN = torch_fp8_quantize(w, scale_t[:, None, :]).view(torch.uint8).transpose(1, 2)
         return q_ENK, scale, qt_EKN.contiguous().view(FP8_DTYPE), scale_t
-    if mode == "blockwise":
+    if scaling == "blockwise":
         blocks = w.view(E, N // 128, 128, K // 128, 128)  # (E, Nb, 128, Kb, 128)
         scale = torch_fp8_scale(blocks.abs().amax(dim=(2, 4)), pow2_scale)
         q_ENK = torch_fp8_quantize(blocks, scale[:, :, None, :, None]).view(E, N, K)

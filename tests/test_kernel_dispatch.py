@@ -4,12 +4,16 @@ given while torch.compile traces."""
 import importlib
 import pkgutil
 
+import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import kernels
-from kernels.dispatch import KernelOp
+from kernels.act_quant import act_quant_fwd
+from kernels.dispatch import FUNCTIONALIZE_RESERVED, KernelOp, kernel_op
+from kernels.fp8_stats import new_stats
 from kernels.quantize import quantize_rows
+from kernels.quantize_grouped import quantize_rows_and_cols_grouped
 from kernels.quantize_weight import quantize_weight
 
 
@@ -32,6 +36,51 @@ def test_no_mutating_op_schema_has_defaults():
     for schema in mutating:
         assert not any(a.has_default_value() for a in schema.arguments), str(schema)
     assert any(a.has_default_value() for s in schemas if not s.is_mutable for a in s.arguments)
+
+
+def _group_ends() -> torch.Tensor:
+    return torch.tensor([0, 40, 40, 100], dtype=torch.int32)  # an empty expert, counts not multiples of 16
+
+
+# Each mutating op with a statistics buffer, at odd shapes: (entry point, arguments).
+_MUTATING_CALLS = {
+    "quantize_weight": (quantize_weight, lambda: (torch.randn(2, 256, 128), "blockwise", False, True, new_stats(1, "cpu"))),
+    "quantize_rows": (quantize_rows, lambda: (torch.randn(100, 96).bfloat16(), 0, False, None, new_stats(1, "cpu"))),
+    "act_quant_fwd": (act_quant_fwd, lambda: (torch.randn(100, 192).bfloat16(), "swiglu", 0, False, True,
+                                              new_stats(2, "cpu"))),
+    "quantize_rows_and_cols_grouped": (quantize_rows_and_cols_grouped, lambda: (
+        torch.randn(100, 96).bfloat16(), _group_ends(), 16, 0, False, None, new_stats(1, "cpu"))),
+}
+
+
+def test_every_mutating_op_has_a_traced_call():
+    mutating = {op.__name__ for op in _every_kernel_op() if op.op._opoverload._schema.is_mutable}
+    assert mutating == set(_MUTATING_CALLS)
+
+
+@pytest.mark.parametrize("name", sorted(_MUTATING_CALLS))
+def test_mutating_op_functionalizes(name):
+    """What torch.compile does to an op that writes its statistics buffer: export, then
+    functionalization (auto_functionalized_v2), on fake tensors. An op argument named like one of
+    the functionalization's own parameters (quantize_weight's `mode`, before) raised "got multiple
+    values for argument" in compiled FP8 on the GPU; here it raises on the CPU."""
+    entry, make_args = _MUTATING_CALLS[name]
+
+    class Call(torch.nn.Module):
+        def forward(self, *args):
+            return entry.op(*args)
+
+    graph = torch.export.export(Call(), make_args()).run_decompositions().graph_module.graph
+    assert any("auto_functionalized" in str(n.target) for n in graph.nodes), graph
+
+
+def test_a_mutating_op_with_a_reserved_argument_name_is_refused():
+    def launcher(x: torch.Tensor, mode: str, stats: torch.Tensor | None = None) -> torch.Tensor:
+        return x.clone()
+
+    with pytest.raises(ValueError, match=r"fp8moe::reserved_name_probe mutates .*\['mode'\]"):
+        kernel_op("reserved_name_probe", launcher, launcher, launcher, mutates_args=("stats",))
+    assert "mode" in FUNCTIONALIZE_RESERVED
 
 
 def test_a_traced_op_reaches_its_fake_with_every_argument():

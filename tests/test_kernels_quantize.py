@@ -267,10 +267,10 @@ def test_bad_arguments():
         quantize_cols_grouped(x, group_ends([4]), align=24)
     with pytest.raises(ValueError, match="group_end_E"):
         quantize_cols_grouped(x, torch.zeros(0, dtype=torch.int32))
-    with pytest.raises(ValueError, match="mode"):
-        quantize_weight(x.view(1, 4, 200), mode="colwise")
+    with pytest.raises(ValueError, match="scaling"):
+        quantize_weight(x.view(1, 4, 200), scaling="colwise")
     with pytest.raises(ValueError, match="multiples of 128"):
-        quantize_weight(x.view(1, 4, 200), mode="blockwise")
+        quantize_weight(x.view(1, 4, 200), scaling="blockwise")
 
 
 def test_cpu_path_without_interpreter_is_the_reference(monkeypatch):
