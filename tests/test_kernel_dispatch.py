@@ -44,7 +44,8 @@ def _group_ends() -> torch.Tensor:
 
 # Each mutating op with a statistics buffer, at odd shapes: (entry point, arguments).
 _MUTATING_CALLS = {
-    "quantize_weight": (quantize_weight, lambda: (torch.randn(2, 256, 128), "blockwise", False, True, new_stats(1, "cpu"))),
+    "quantize_weight": (quantize_weight, lambda: (torch.randn(2, 256, 128), "blockwise", False, True,
+                                                  new_stats(1, "cpu"))),
     "quantize_rows": (quantize_rows, lambda: (torch.randn(100, 96).bfloat16(), 0, False, None, new_stats(1, "cpu"))),
     "act_quant_fwd": (act_quant_fwd, lambda: (torch.randn(100, 192).bfloat16(), "swiglu", 0, False, True,
                                               new_stats(2, "cpu"))),
