@@ -257,6 +257,21 @@ def test_weights_quantized_once_per_optimizer_step(monkeypatch):
     assert len(calls) == 4  # the step changed the weights: quantized again
 
 
+def test_traced_weight_quantization_takes_no_gradient(monkeypatch):
+    """While torch.compile traces, the cache quantizes in every forward, from the weight detached:
+    the quantizer is a custom op with no autograd formula, which a grad-requiring input made
+    AOT autograd try to differentiate (a compile failure under gradient accumulation on the GPU)."""
+    mod, x, counts_E, dy = _setup("blockwise", "swiglu", [130, 0, 7])
+    mod.cache_weights = True
+    seen = []
+    real = fp8_mlp.quantize_weight
+    monkeypatch.setattr(fp8_mlp, "quantize_weight", lambda w, *a, **k: seen.append(w.requires_grad) or real(w, *a, **k))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    mod(ExpertInput(x.detach(), counts_E)).backward(dy)
+    assert seen == [False, False]
+    assert mod.w1.grad is not None and mod.w1.grad.abs().sum() > 0
+
+
 def test_converter_swaps_in_place_and_back():
     cfg = ModelConfig(vocab_size=64, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
                       moe=MoEConfig(num_experts=4, top_k=2, ffn_dim=128))

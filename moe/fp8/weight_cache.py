@@ -29,8 +29,10 @@ class WeightCache(Generic[Q]):
         """The copies of w for recipe; kwargs go to `quantize` when it runs (they are no part of the
         key: an FP8 statistics buffer, say, which counts only the quantizations that happen)."""
         if torch.compiler.is_compiling():
-            # The version counter is not traceable; a compiled graph fuses the cast anyway.
-            return self._quantize(w, recipe, **kwargs)
+            # The version counter is not traceable; a compiled graph fuses the cast anyway. Detached
+            # as below: the copies carry no gradient (w's comes through the GEMMs' own backward), and
+            # a quantizer op with no autograd formula on a tensor that requires grad fails to compile.
+            return self._quantize(w.detach(), recipe, **kwargs)
         key = (w.data_ptr(), w._version, w.dtype, w.device, recipe)
         if self._key != key:
             with torch.no_grad():
