@@ -192,6 +192,13 @@ def _validated(overrides):
         (["logging.wandb_id=a/b"], r"logging\.wandb_id must be at most 64 letters, digits, '-' or '_'.*'a/b'"),
         (["run.name=''"], r"run\.name must not be empty"),
         (["data.seed=-1"], r"data\.seed=-1: must be in \[0, 2\*\*32\)"),
+        (["run.compile=true", "run.compile_mode=max-autotune"],
+         r"run\.compile_mode must be one of \('default', 'reduce-overhead'\), got 'max-autotune'"),
+        (["run.compile_mode=reduce-overhead"], r"run\.compile_mode=reduce-overhead applies to compiled blocks"),
+        (["run.compile=true", "run.compile_mode=reduce-overhead", "parallel.ep=2"],
+         r"reduce-overhead needs parallel\.ep=1 and parallel\.backend=ddp, got parallel\.ep=2, parallel\.backend=ddp"),
+        (["run.compile=true", "run.compile_mode=reduce-overhead", "parallel.backend=fsdp"],
+         r"reduce-overhead needs parallel\.ep=1 .*parallel\.backend=fsdp"),
     ],
 )
 def test_bad_config_values_name_the_field(overrides, message):

@@ -38,8 +38,9 @@ def token_batches(seed: int):
         yield {"tokens": tokens[:, :-1], "labels": tokens[:, 1:]}
 
 
-def cpu_trainer(cfg: TrainConfig, run_dir, monkeypatch) -> "trainer.loop.Trainer":
-    """One process's Trainer with no dataset built: the test feeds it token_batches."""
+def cpu_trainer(cfg: TrainConfig, run_dir, monkeypatch, device: str = "cpu") -> "trainer.loop.Trainer":
+    """One process's Trainer (on the CPU unless `device` says) with no dataset built: the test
+    feeds it token_batches."""
     no_data = types.SimpleNamespace(check_model_vocab=lambda vocab: None, valid=None)
     monkeypatch.setattr(trainer.loop, "build_train_valid", lambda *args, **kwargs: no_data)
-    return trainer.loop.Trainer(cfg, str(run_dir), DistEnv(0, 1, 0, torch.device("cpu")))
+    return trainer.loop.Trainer(cfg, str(run_dir), DistEnv(0, 1, 0, torch.device(device)))

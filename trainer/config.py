@@ -30,6 +30,7 @@ DP_BACKENDS = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("bfloat16", "float32")
 WEIGHT_CASTS = ("step", "forward")
+COMPILE_MODES = ("default", "reduce-overhead")  # run.compile_mode: torch.compile's mode
 STATE_DTYPES = ("float32", "bfloat16")  # optim.state_dtype: AdamW's moments
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -56,6 +57,10 @@ class RunConfig:
     # autograd to add (the same sums up to the GEMM epilogue's FMA rounding).
     fuse_grad_accumulation: bool = True
     compile: bool = False  # torch.compile each block
+    # With run.compile: one of COMPILE_MODES. "reduce-overhead" also records each block's forward
+    # and backward as CUDA graphs and replays them, one launch a graph instead of one a kernel, for
+    # models too small to keep the GPU busy between launches (trainer/loop.py says what it needs).
+    compile_mode: str = "default"
     activation_checkpointing: bool = False  # recompute each block in backward
     eval_interval: int = 100  # steps between validation passes (0 disables)
     eval_steps: int = 10  # micro-batches per validation pass
@@ -185,6 +190,10 @@ class TrainConfig:
         require(run.dtype in DTYPES, f"run.dtype must be one of {DTYPES}, got {run.dtype!r}")
         require(run.weight_cast in WEIGHT_CASTS,
                 f"run.weight_cast must be one of {WEIGHT_CASTS}, got {run.weight_cast!r}")  # fmt: skip
+        require(run.compile_mode in COMPILE_MODES,
+                f"run.compile_mode must be one of {COMPILE_MODES}, got {run.compile_mode!r}")  # fmt: skip
+        require(run.compile or run.compile_mode == "default",
+                f"run.compile_mode={run.compile_mode} applies to compiled blocks: set run.compile=true")  # fmt: skip
         require(run.dry_run_gpus >= 0,
                 f"run.dry_run_gpus must be >= 0 (0: the launch's world size), got {run.dry_run_gpus}")  # fmt: skip
         require(run.max_nonfinite_steps >= 1,
@@ -239,6 +248,11 @@ class TrainConfig:
             "parallel.fp8_dispatch=true sends the experts FP8 rows: set parallel.fp8_dispatch=false "
             "(or fp8.gemms=all)",
         )
+        # CUDA graphs replay fixed launches: EP's all-to-all sizes its buffers from counts read on the
+        # host, and FSDP gathers and frees weights from hooks around each block.
+        require(run.compile_mode != "reduce-overhead" or (par.ep == 1 and par.backend == "ddp"),
+                f"run.compile_mode=reduce-overhead needs parallel.ep=1 and parallel.backend=ddp, got "
+                f"parallel.ep={par.ep}, parallel.backend={par.backend} (use run.compile_mode=default)")  # fmt: skip
         require(opt.schedule_steps >= 0,
                 f"optim.schedule_steps must be >= 0 (0: run.steps), got {opt.schedule_steps}")
         length = f"optim.schedule_steps={opt.schedule_steps}" if opt.schedule_steps else f"run.steps={run.steps}"

@@ -59,7 +59,14 @@ def _apply_block_wrappers(model: MoETransformer, cfg: TrainConfig) -> None:
             inner = block.forward
             block.forward = lambda *a, _f=inner: checkpoint(_f, *a, use_reentrant=False)
         if cfg.run.compile:
-            block.compile()
+            block.compile(mode=cfg.run.compile_mode)
+
+
+def _keep_grads(model: torch.nn.Module) -> None:
+    """Zero gradients allocated up front: backward adds into them in place (see Trainer.train_step)."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 def build(cfg: TrainConfig, env: DistEnv, fp8: Fp8Training, comm_timer: CommTimer | None = None) -> MoETransformer:
@@ -113,6 +120,9 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(self.model, run.seq_len)
         self.wrapped = wrap_ddp(self.model, env)
         self.optimizer = build_optimizer(self.wrapped, cfg.optim)
+        self.graphs = run.compile and run.compile_mode == "reduce-overhead"
+        if self.graphs:
+            _keep_grads(self.model)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, schedule_steps(cfg.optim, run.steps))
         self.autocast_dtype = torch.bfloat16 if run.dtype == "bfloat16" else None
         self.step = 0
@@ -192,6 +202,10 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _forward(self, batch: dict, model) -> tuple[torch.Tensor, torch.Tensor, object]:
+        if self.cfg.run.compile_mode == "reduce-overhead":
+            # Each forward starts a new round of CUDA graph replays, which may overwrite the last
+            # round's outputs: every value the step keeps from them is reduced outside the blocks.
+            torch.compiler.cudagraph_mark_step_begin()
         tokens = batch["tokens"].to(self.env.device, non_blocking=True)
         labels = batch["labels"].to(self.env.device, non_blocking=True)
         with self._autocast():
@@ -277,7 +291,10 @@ class Trainer:
                     f"(run.max_nonfinite_steps={cfg.run.max_nonfinite_steps}) at step {self.step + 1}: "
                     f"stopping. The last complete checkpoint is in {self.ckpt.dir}"
                 )
-        self.optimizer.zero_grad(set_to_none=True)
+        # Replayed CUDA graphs own their outputs, and AccumulateGrad would keep a graph's first
+        # gradient as .grad, to be overwritten by the next micro-batch's replay: the gradients
+        # stay allocated (`_keep_grads`) and are zeroed in place, so every replay is added into them.
+        self.optimizer.zero_grad(set_to_none=not self.graphs)
         self.scheduler.step()
         self.step += 1
         result = {"loss": lm_loss, "aux_loss": aux_loss, "grad_norm": grad_norm, "lr": lr, "counts_YE": counts_YE,

@@ -30,7 +30,8 @@ log = logging.getLogger("fp8moe")
 # prefix, any other prefix exactly).
 FREE = (
     "run.name", "run.output_root", "run.dry_run", "run.dry_run_gpus", "run.steps", "run.device", "run.compile",
-    "run.activation_checkpointing", "run.eval_interval", "run.eval_steps", "run.max_nonfinite_steps",
+    "run.compile_mode", "run.activation_checkpointing", "run.eval_interval", "run.eval_steps",
+    "run.max_nonfinite_steps",
     # how a step computes: the same update up to fp32 rounding
     "run.weight_cast", "run.fuse_grad_accumulation", "optim.fused",
     "run.micro_batch_size", "run.grad_accum", "run.profile.", "logging.", "checkpoint.", "parallel.",
