@@ -107,15 +107,13 @@ def test_paired_difference_interval_spread_and_floor(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-def test_growing_gap_is_flagged_and_a_flat_one_is_not(tmp_path):
+def test_one_pair_growing_gap_is_flagged_and_a_flat_one_is_not(tmp_path):
+    """One seed: the AR(1)-corrected regression of the pair's gap curve."""
     slope = 2e-5  # per step: 2% per 1000 steps
     noise = dict(zip(HALF, SYMMETRIC))
-    for seed in (1, 2):
-        make_run(tmp_path / "runs", "bf16", seed, base=5.0 + seed / 10)
-        make_run(tmp_path / "runs", "blockwise", seed, base=5.0 + seed / 10,
-                 gap=lambda s: 0.001 + slope * s + 1e-4 * noise.get(s, 0))
-        make_run(tmp_path / "runs", "rowwise", seed, base=5.0 + seed / 10,
-                 gap=lambda s: 0.001 + 1e-4 * noise.get(s, 0))
+    make_run(tmp_path / "runs", "bf16", 1)
+    make_run(tmp_path / "runs", "blockwise", 1, gap=lambda s: 0.001 + slope * s + 1e-4 * noise.get(s, 0))
+    make_run(tmp_path / "runs", "rowwise", 1, gap=lambda s: 0.001 + 1e-4 * noise.get(s, 0))
     parity_report.report([tmp_path / "runs"], out=tmp_path / "out", wandb="off")
     growing, flat = summary(tmp_path / "out", "synth-blockwise"), summary(tmp_path / "out", "synth-rowwise")
     # residuals = the pattern * 1e-4: SSR = 8e-8 over 10 points, Sxx = 8250; its lag-1 correlation is
@@ -125,10 +123,42 @@ def test_growing_gap_is_flagged_and_a_flat_one_is_not(tmp_path):
     assert growing["gap_slope_stderr"] == pytest.approx(stderr, rel=1e-6)
     assert growing["gap_slope_points"] == 10 and growing["gap_slope_autocorr"] == pytest.approx(-6 / 8)
     assert growing["gap_slope_significant"] is True and growing["passes"] is False
+    assert growing["gap_slope_pairs"] is None
     assert flat["gap_slope_last_half"] == pytest.approx(0.0, abs=1e-12)
     assert flat["gap_slope_significant"] is False
     assert flat["train_loss_rel_diff_paired"] == pytest.approx(0.001, rel=1e-3)  # the last 10%: steps 190, 200
     assert "(significant)" in (tmp_path / "out" / "parity.md").read_text().splitlines()[2]
+
+
+def test_several_pairs_test_the_slope_across_pairs(tmp_path):
+    """Two pairs or more: each pair's slope is one sample. A trend every pair shares is flagged;
+    pairs whose gaps drift apart, each along a clean line, are not, although the mean curve alone
+    (a clean line too) would be."""
+    slope = 2e-5
+    noise = dict(zip(HALF, SYMMETRIC))
+    drifts = {1: 3e-5, 2: -1e-5, 3: 1e-5}  # mean 1e-5, std 2e-5
+    for seed in (1, 2, 3):
+        make_run(tmp_path / "runs", "bf16", seed, base=5.0 + seed / 10)
+        make_run(tmp_path / "runs", "blockwise", seed, base=5.0 + seed / 10,
+                 gap=lambda s, k=seed: (1 + (k - 2) / 20) * slope * s + 1e-4 * noise.get(s, 0))
+        make_run(tmp_path / "runs", "rowwise", seed, base=5.0 + seed / 10,
+                 gap=lambda s, k=seed: drifts[k] * (s - 150) + 1e-4 * noise.get(s, 0))
+    parity_report.report([tmp_path / "runs"], out=tmp_path / "out", wandb="off")
+    shared, drifting = summary(tmp_path / "out", "synth-blockwise"), summary(tmp_path / "out", "synth-rowwise")
+    # the gap is relative to a loss that falls with the step, so the pairs' slopes are exact only
+    # up to that: ~1e-3 of the slope
+    assert shared["gap_slope_pairs"] == pytest.approx([1000 * slope * f for f in (0.95, 1.0, 1.05)], rel=1e-3)
+    assert shared["gap_slope_last_half"] == pytest.approx(1000 * slope, rel=1e-3)
+    # std of the three slopes = 0.05 * slope, over sqrt(3); |mean| / stderr = 20 sqrt(3) > t(0.975, 2) = 4.30
+    assert shared["gap_slope_stderr"] == pytest.approx(1000 * 0.05 * slope / math.sqrt(3), rel=1e-2)
+    assert shared["gap_slope_significant"] is True and shared["passes"] is False
+    assert drifting["gap_slope_pairs"] == pytest.approx([1000 * v for v in drifts.values()], rel=1e-3)
+    assert drifting["gap_slope_last_half"] == pytest.approx(1000 * 1e-5, rel=1e-3)
+    # |mean| / stderr = 1e-5 / (2e-5 / sqrt(3)) = 0.87 < 4.30
+    assert drifting["gap_slope_stderr"] == pytest.approx(1000 * 2e-5 / math.sqrt(3), rel=1e-2)
+    assert drifting["gap_slope_significant"] is False
+    mean_curve = [sum(drifts.values()) / 3 * (s - 150) + 1e-4 * noise.get(s, 0) for s in HALF]
+    assert parity_stats.slope_test(HALF, mean_curve).significant is True
 
 
 def test_slope_error_widens_with_autocorrelated_residuals():

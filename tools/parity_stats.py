@@ -9,11 +9,17 @@ Definitions (the README's "Loss parity" section documents the same):
 - the *smoothed training loss* of a run is the mean of its logged losses over the last 10% of steps
   (logged steps > S - ceil(S / 10), S the last step);
 - the *gap* at a logged step is the mean over the pairs of the paired relative difference of the
-  training loss there; the slope test regresses it on the step over the last half of the run
-  (logged steps > S / 2) by least squares. Neighbouring gaps are correlated (the models change
-  slowly), so the slope's standard error is widened by the residuals' lag-1 autocorrelation r > 0,
-  by sqrt((1 + r) / (1 - r)), with n (1 - r) / (1 + r) points left for the t quantile (an AR(1)
-  correction); the slope is significant when |slope| / stderr > t(0.975, that count - 2);
+  training loss there; its *slope* is the least-squares slope over the last half of the run
+  (logged steps > S / 2), which is also the mean of the pairs' own slopes. The slope test treats
+  the seed as the unit of replication: with two pairs or more, each pair's slope is one sample,
+  and the slope is significant when |mean| > t(0.975, pairs - 1) * std / sqrt(pairs). (Within a
+  pair the gap wanders over hundreds of steps: on prose the pairs' slopes spread by +-0.5% per
+  1000 steps, ten times what the mean curve's own residuals suggest, so a test on the mean curve
+  alone flags trends that another set of seeds reverses.) With one pair, the regression of its
+  curve: the residuals' lag-1 autocorrelation r > 0 widens the standard error by
+  sqrt((1 + r) / (1 - r)) and leaves n (1 - r) / (1 + r) points for the t quantile (an AR(1)
+  correction), significant when |slope| / stderr > t(0.975, that count - 2); optimistic, since
+  one pair cannot show how much the trend itself varies between seeds;
 - *within the floor*: |val_loss_rel_diff| <= min(0.25%, bf16_seed_spread); with one seed (no
   spread) the bound is 0.25%;
 - the *verdict* compares the 95% interval of the paired difference with that bound: "parity" when
@@ -86,10 +92,11 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, Optional[list[float]]]:
 @dataclass(frozen=True)
 class SlopeTest:
     slope: Optional[float]  # per step
-    stderr: Optional[float]  # per step, AR(1)-widened
-    autocorr: Optional[float]  # lag-1 autocorrelation of the residuals
+    stderr: Optional[float]  # per step: across pairs, or AR(1)-widened for one curve
+    autocorr: Optional[float]  # lag-1 autocorrelation of the (mean) curve's residuals
     points: int
     significant: Optional[bool]
+    pair_slopes: Optional[list[float]] = None  # per step, one a pair (the test across pairs)
 
 
 def slope_test(xs: Sequence[float], ys: Sequence[float]) -> SlopeTest:
@@ -115,6 +122,20 @@ def slope_test(xs: Sequence[float], ys: Sequence[float]) -> SlopeTest:
     dof = n / widen - 2
     significant = dof >= 1 and abs(slope) > t975(dof) * stderr
     return SlopeTest(slope, stderr, r1, n, significant)
+
+
+def gap_slope_test(steps: Sequence[int], base_runs: Sequence[Run], fp8_runs: Sequence[Run]) -> SlopeTest:
+    """The slope test of the module docstring over `steps`: across the pairs' slopes with two pairs
+    or more, the AR(1)-corrected regression of the one pair's gap curve otherwise."""
+    gaps = [[(f.losses[s] - b.losses[s]) / b.losses[s] for s in steps] for b, f in zip(base_runs, fp8_runs)]
+    curve = slope_test(steps, [statistics.fmean(g) for g in zip(*gaps)])
+    if len(gaps) < 2 or curve.slope is None:
+        return curve
+    slopes = [slope_test(steps, g).slope for g in gaps]
+    mean, std = statistics.fmean(slopes), statistics.stdev(slopes)
+    stderr = std / math.sqrt(len(slopes))
+    significant = abs(mean) > t975(len(slopes) - 1) * stderr if stderr > 0 else mean != 0
+    return SlopeTest(mean, stderr, curve.autocorr, curve.points, significant, slopes)
 
 
 def smoothed_loss(losses: dict[int, float]) -> float:
@@ -197,8 +218,7 @@ def summarize(corpus: str, recipe: str, base_runs: Sequence[Run], fp8_runs: Sequ
     tf = [smoothed_loss(r.losses) for r in fp8_runs]
     train_paired, train_ci = mean_ci95([(f - b) / b for b, f in zip(tb, tf)])
     gaps = gap_by_step(base_runs, fp8_runs)
-    half = [s for s in gaps if s > last / 2]
-    slope = slope_test(half, [gaps[s][0] for s in half])
+    slope = gap_slope_test([s for s in gaps if s > last / 2], base_runs, fp8_runs)
     val = _val_section(base_runs, fp8_runs, tokens_per_step)
     speed_b = _mean_or_none([median_speed(r) for r in base_runs])
     speed_f = _mean_or_none([median_speed(r) for r in fp8_runs])
@@ -230,6 +250,7 @@ def summarize(corpus: str, recipe: str, base_runs: Sequence[Run], fp8_runs: Sequ
         "gap_slope_significant": slope.significant,
         "gap_slope_autocorr": slope.autocorr,
         "gap_slope_points": slope.points,
+        "gap_slope_pairs": None if slope.pair_slopes is None else [1000 * v for v in slope.pair_slopes],
         "tokens_per_s": {BASELINE: speed_b, "fp8": speed_f},
         "speed_ratio": speed_f / speed_b if speed_b and speed_f else None,
     }
