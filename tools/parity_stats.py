@@ -217,8 +217,8 @@ def summarize(corpus: str, recipe: str, base_runs: Sequence[Run], fp8_runs: Sequ
     tb = [smoothed_loss(r.losses) for r in base_runs]
     tf = [smoothed_loss(r.losses) for r in fp8_runs]
     train_paired, train_ci = mean_ci95([(f - b) / b for b, f in zip(tb, tf)])
-    gaps = gap_by_step(base_runs, fp8_runs)
-    slope = gap_slope_test([s for s in gaps if s > last / 2], base_runs, fp8_runs)
+    steps = sorted(base_runs[0].losses)
+    slope = gap_slope_test([s for s in steps if s > last / 2], base_runs, fp8_runs)
     val = _val_section(base_runs, fp8_runs, tokens_per_step)
     speed_b = _mean_or_none([median_speed(r) for r in base_runs])
     speed_f = _mean_or_none([median_speed(r) for r in fp8_runs])
@@ -230,7 +230,7 @@ def summarize(corpus: str, recipe: str, base_runs: Sequence[Run], fp8_runs: Sequ
         "steps": last,
         "tokens": last * tokens_per_step,
         "tokens_per_step": tokens_per_step,
-        "logged_steps": len(gaps),
+        "logged_steps": len(steps),
         "seed_keys": ["run.seed", "data.seed"],
         "seeds": [list(r.seeds) for r in base_runs],
         "runs": {BASELINE: [str(r.path) for r in base_runs], "fp8": [str(r.path) for r in fp8_runs]},

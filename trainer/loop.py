@@ -202,7 +202,7 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _forward(self, batch: dict, model) -> tuple[torch.Tensor, torch.Tensor, object]:
-        if self.cfg.run.compile_mode == "reduce-overhead":
+        if self.graphs:
             # Each forward starts a new round of CUDA graph replays, which may overwrite the last
             # round's outputs: every value the step keeps from them is reduced outside the blocks.
             torch.compiler.cudagraph_mark_step_begin()
