@@ -117,8 +117,11 @@ def measure(fn, flops: int) -> tuple[float | None, float | None, float | None, s
 
 
 def config_str(cfg) -> str:
-    kw = {k: v for k, v in cfg.kwargs.items() if k != "GROUP_M"}
-    return "x".join(str(v) for v in kw.values()) + f" w{cfg.num_warps} s{cfg.num_stages}"
+    """BLOCK_M x SPLIT_N, p<programs per SM> where persistent, tma-store, warps, stages."""
+    kw = cfg.kwargs
+    persistent = f" p{kw['PROGRAMS_PER_SM']}" if kw.get("PROGRAMS_PER_SM") else ""
+    store = " tma-store" if kw.get("STORE_TMA") else ""
+    return f"{kw['BLOCK_M']}x{kw['SPLIT_N']}{persistent}{store} w{cfg.num_warps} s{cfg.num_stages}"
 
 
 def run_case(shape: str, gemm: str, paths: list[str], sweep: bool) -> list[dict]:

@@ -79,9 +79,9 @@ log = logging.getLogger(__name__)
 # Triton waits on each fresh fp8 wgmma at once (`warp_group_dot_wait {pendings = 0}`) and puts a
 # CTA-wide bar.sync before each wgmma, so inside one CTA the promotion FMAs never overlap the
 # tensor cores (automatic warp specialization is Blackwell-only); two CTAs on one SM do overlap.
-# Candidates: 128x256 with 8 warps (fewest L2 bytes per flop; 245-248 registers, no spills),
-# 128x128 with 8 warps (188-198 registers), and 64x128 with 4 warps, two CTAs per SM (96 KB
-# shared memory, ~170 registers x 128 threads each).
+# Candidates: 128x256 with 8 warps (fewest L2 bytes per flop; 245-248 registers, no spills) at
+# 3 or 4 stages, and 64x128 with 4 warps, two CTAs per SM (96 KB shared memory, ~170 registers x
+# 128 threads each), which wins where experts are narrow (bench/NOTES.md, the GEMM sweep).
 
 
 def gemm_config(block_m, split_n, warps, stages, programs_per_sm=None, group_m=8) -> triton.Config:
@@ -95,8 +95,7 @@ def gemm_config(block_m, split_n, warps, stages, programs_per_sm=None, group_m=8
 def _mm_configs(interpret: bool) -> list[triton.Config]:
     if interpret:  # one config: the interpreter cannot time anything
         return [gemm_config(64, 1, 4, 1, programs_per_sm=1, group_m=2)]
-    return [gemm_config(128, 2, 8, 3, 1), gemm_config(128, 2, 8, 4, 1), gemm_config(128, 1, 8, 4, 1),
-            gemm_config(64, 1, 4, 4, 2)]  # fmt: skip
+    return [gemm_config(128, 2, 8, 3, 1), gemm_config(128, 2, 8, 4, 1), gemm_config(64, 1, 4, 4, 2)]
 
 
 def _set_block_shapes(nargs):
@@ -104,6 +103,8 @@ def _set_block_shapes(nargs):
     if nargs["USE_TMA"]:
         nargs["a"].block_shape = [nargs["BLOCK_M"], GEMM_SCALE_BLOCK]
         nargs["b"].block_shape = [GEMM_SCALE_BLOCK, GEMM_SCALE_BLOCK]  # one 128-row half at a time
+    if nargs.get("out_desc") is not None:  # the wgrad's (E, N, K) output, 64-column subtiles
+        nargs["out_desc"].block_shape = [1, nargs["BLOCK_M"], 64]
 
 
 def autotuned(kernel, configs: list[triton.Config], key: list[str]):
@@ -260,6 +261,14 @@ def tensor_desc(t: torch.Tensor):
     return TensorDescriptor.from_tensor(t, [GEMM_SCALE_BLOCK, GEMM_SCALE_BLOCK])
 
 
+def out_tensor_desc(out: torch.Tensor):
+    """A TMA descriptor over a 3-d output, or None where TMA cannot address it (a start or a row
+    stride that is not 16-byte aligned): the kernel then stores through pointers."""
+    if TensorDescriptor is None or out.data_ptr() % 16 or any(s * out.element_size() % 16 for s in out.stride()[:-1]):
+        return None
+    return TensorDescriptor.from_tensor(out, [1, 64, 64])  # placeholder, as tensor_desc
+
+
 def launch_on_path(name: str, launch: Callable[[bool], None]) -> None:
     """Run launch(use_tma) on the path chosen at this kernel's first launch."""
     forced = os.environ.get("FP8MOE_GEMM_PATH")
@@ -299,7 +308,7 @@ def run_gemm(kernel, grid, args, use_tma: bool, config: dict | None, **meta) -> 
         return
     config = dict(config)
     warps, stages = config.pop("num_warps", 8), config.pop("num_stages", 3)
-    nargs = dict(a=args[0], b=args[2], USE_TMA=use_tma, **config)
+    nargs = dict(zip(kernel.fn.arg_names, args), USE_TMA=use_tma, **config)
     _set_block_shapes(nargs)
     kernel.fn[grid](*args, USE_TMA=use_tma, num_warps=warps, num_stages=stages, **config, **meta)
 

@@ -6,9 +6,15 @@ both share: kernels/grouped_gemm.py.
 Shape letters (README.md): N, K the output's dims (rows of a and b), E experts, P padded rows
 (the reduction dim here: each expert's tokens start at a multiple of 128); Pb = P // 128.
 
-Schedule: the tile set E x cdiv(N, BM) x cdiv(K, 128 SPLIT_N) is static, one program per tile
-(the block scheduler balances experts of different token counts); only the expert's token range
-is read on device. An expert without tokens runs no K step and writes its zero block.
+Schedule: the tile set E x cdiv(N, BM) x cdiv(K, 128 SPLIT_N) is static; only the expert's
+token range is read on device. An expert without tokens runs no K step and writes its zero block.
+PROGRAMS_PER_SM = 0: one program per tile (the block scheduler balances experts of different token
+counts); > 0: a persistent grid of that many programs per SM walks the tiles with stride #programs.
+With few tokens an expert (a short K loop) a tile's fixed costs, the first loads and the fp32
+epilogue, are a large part of it: a persistent program or a second CTA on the SM hides them.
+STORE_TMA (TMA path): the epilogue stages each 64-column subtile in shared memory and stores it by
+TMA (the copy engine writes, and clips rows and columns past the output's edge), so the next tile's
+K loop starts while the last tile's bytes drain.
 
 Rowwise weight gradients keep the per-128 promotion (acc += dot: one FADD per element; triton
 leaves fp8 dots with an imprecise-accumulation limit unfused with the add) and scale once, in the
@@ -31,6 +37,8 @@ from kernels.grouped_gemm import (
     check_tma_aligned,
     gemm_config,
     launch_on_path,
+    num_sms,
+    out_tensor_desc,
     promote_k,
     run_gemm,
     tensor_desc,
@@ -45,27 +53,79 @@ from kernels.reference_gemm import torch_fp8_grouped_mm_wgrad, torch_fp8_grouped
 def _wgrad_configs(interpret: bool) -> list[triton.Config]:
     if interpret:  # one config: the interpreter cannot time anything
         return [gemm_config(64, 1, 4, 1, group_m=2)]
-    return [gemm_config(128, 2, 8, 3), gemm_config(128, 1, 8, 4), gemm_config(64, 1, 4, 4)]
+    # 128x256, one CTA an SM, for long token ranges; for short ones (a few 128-token steps a tile)
+    # two persistent CTAs an SM with TMA stores, one's loads and epilogue under the other's wgmma
+    # (bench/NOTES.md, the GEMM sweep)
+    return [gemm_config(128, 2, 8, 3), wgrad_config(64, 2, 4, 2, 2), wgrad_config(64, 1, 4, 4, 2)]
+
+
+def wgrad_config(block_m, split_n, warps, stages, programs_per_sm) -> triton.Config:
+    """A persistent candidate with the TMA-store epilogue (module docstring)."""
+    cfg = gemm_config(block_m, split_n, warps, stages, programs_per_sm)
+    cfg.kwargs["STORE_TMA"] = True
+    return cfg
+
+
+@triton.jit
+def _store_out(acc, out_ptr, out_desc, e, n0, c0, N, K, stride_oe, stride_on,
+               BLOCK_M: tl.constexpr, ACCUMULATE: tl.constexpr, STORE_TMA: tl.constexpr):
+    """Write (or with ACCUMULATE add into) out[e, n0:n0+BM, c0:c0+128] what lies inside (N, K)."""
+    if STORE_TMA:  # two (BM, 64) subtiles through shared memory: 32 KB of staging, not 64
+        left, right = acc.reshape(BLOCK_M, 2, 64).permute(0, 2, 1).split()
+        if ACCUMULATE:  # the gradient so far plus this product: AccumulateGrad's one fp32 add
+            left += out_desc.load([e, n0, c0]).reshape(BLOCK_M, 64)
+            right += out_desc.load([e, n0, c0 + 64]).reshape(BLOCK_M, 64)
+        out_desc.store([e, n0, c0], left.to(out_ptr.dtype.element_ty).reshape(1, BLOCK_M, 64))
+        out_desc.store([e, n0, c0 + 64], right.to(out_ptr.dtype.element_ty).reshape(1, BLOCK_M, 64))
+    else:
+        rows = n0 + tl.arange(0, BLOCK_M)
+        cols = c0 + tl.arange(0, 128)
+        ptrs = out_ptr + e.to(tl.int64) * stride_oe + rows[:, None].to(tl.int64) * stride_on + cols[None, :]
+        mask = (rows < N)[:, None] & (cols < K)[None, :]
+        if ACCUMULATE:
+            acc = tl.load(ptrs, mask=mask, other=0.0) + acc
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _fp8_grouped_mm_wgrad_kernel(
-    a, a_scale_ptr, b, b_scale_ptr, out_ptr, padded_end_ptr,
-    N, K, P,
+    a, a_scale_ptr, b, b_scale_ptr, out_ptr, out_desc, padded_end_ptr,
+    N, K, P, E,
     stride_an, stride_bk,
     stride_san, stride_sap, stride_sbk, stride_sbp,
     stride_oe, stride_on,
     BLOCK_M: tl.constexpr, SPLIT_N: tl.constexpr, GROUP_M: tl.constexpr,
     USE_TMA: tl.constexpr, PIN: tl.constexpr, ROWWISE: tl.constexpr, PROMOTE_K: tl.constexpr,
-    ACCUMULATE: tl.constexpr = False,
+    ACCUMULATE: tl.constexpr = False, PROGRAMS_PER_SM: tl.constexpr = 0, STORE_TMA: tl.constexpr = False,
 ):
     """ROWWISE: scales (N, E) and (K, E), applied in the epilogue; else (N, P/128), (K, P/128).
-    PROMOTE_K: kernels/grouped_gemm.py's `tl_fp8_dot`. ACCUMULATE: out += the product (fp32 out)."""
+    PROMOTE_K: kernels/grouped_gemm.py's `tl_fp8_dot`. ACCUMULATE: out += the product (fp32 out).
+    PROGRAMS_PER_SM: 0, one program per tile, else persistent (the launcher's grid); STORE_TMA takes
+    effect where out_desc is given."""
+    if PROGRAMS_PER_SM == 0:  # no loop: a loop around the tile costs the rowwise 128x256 spills
+        _wgrad_tile(tl.program_id(0), a, a_scale_ptr, b, b_scale_ptr, out_ptr, out_desc, padded_end_ptr, N, K, P,
+                    stride_an, stride_bk, stride_san, stride_sap, stride_sbk, stride_sbp, stride_oe, stride_on,
+                    BLOCK_M, SPLIT_N, GROUP_M, USE_TMA, PIN, ROWWISE, PROMOTE_K, ACCUMULATE, STORE_TMA)  # fmt: skip
+    else:
+        tiles = E * tl.cdiv(N, BLOCK_M) * tl.cdiv(K, 128 * SPLIT_N)
+        for pid in tl.range(tl.program_id(0), tiles, tl.num_programs(0)):
+            _wgrad_tile(pid, a, a_scale_ptr, b, b_scale_ptr, out_ptr, out_desc, padded_end_ptr, N, K, P,
+                        stride_an, stride_bk, stride_san, stride_sap, stride_sbk, stride_sbp, stride_oe, stride_on,
+                        BLOCK_M, SPLIT_N, GROUP_M, USE_TMA, PIN, ROWWISE, PROMOTE_K, ACCUMULATE, STORE_TMA)  # fmt: skip
+
+
+@triton.jit
+def _wgrad_tile(
+    pid, a, a_scale_ptr, b, b_scale_ptr, out_ptr, out_desc, padded_end_ptr, N, K, P,
+    stride_an, stride_bk, stride_san, stride_sap, stride_sbk, stride_sbp, stride_oe, stride_on,
+    BLOCK_M: tl.constexpr, SPLIT_N: tl.constexpr, GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, PIN: tl.constexpr,
+    ROWWISE: tl.constexpr, PROMOTE_K: tl.constexpr, ACCUMULATE: tl.constexpr, STORE_TMA: tl.constexpr,
+):
+    """Output tile pid (expert-major, then GROUP_M-swizzled) of the kernel above."""
     BLOCK_K: tl.constexpr = 128
     BLOCK_N: tl.constexpr = 128 * SPLIT_N
     n_tiles = tl.cdiv(N, BLOCK_M)
     k_tiles = tl.cdiv(K, BLOCK_N)
-    pid = tl.program_id(0)
     e = pid // (n_tiles * k_tiles)
     nt, kt = tl_swizzle(pid % (n_tiles * k_tiles), n_tiles, k_tiles, GROUP_M)
     # token range of expert e in 128-token steps (ends are multiples of 128 by contract; stepping
@@ -107,19 +167,11 @@ def _fp8_grouped_mm_wgrad_kernel(
         acc_lo *= sa_e * tl.load(sb_lo_ptrs + e * stride_sbp, mask=cols_lo < K, other=0.0)[None, :]
         if SPLIT_N == 2:
             acc_hi *= sa_e * tl.load(sb_hi_ptrs + e * stride_sbp, mask=cols_hi < K, other=0.0)[None, :]
-
-    out_ptrs = (out_ptr + e.to(tl.int64) * stride_oe + rows[:, None].to(tl.int64) * stride_on
-                + cols_lo[None, :])
-    row_ok = (rows < N)[:, None]
-    mask_lo = row_ok & (cols_lo < K)[None, :]
-    if ACCUMULATE:  # the gradient so far plus this product: AccumulateGrad's one fp32 add
-        acc_lo = tl.load(out_ptrs, mask=mask_lo, other=0.0) + acc_lo
-    tl.store(out_ptrs, acc_lo.to(out_ptr.dtype.element_ty), mask=mask_lo)
+    _store_out(acc_lo, out_ptr, out_desc, e, n0, k0, N, K, stride_oe, stride_on, BLOCK_M, ACCUMULATE,
+               STORE_TMA and out_desc is not None)  # fmt: skip
     if SPLIT_N == 2:
-        mask_hi = row_ok & (cols_hi < K)[None, :]
-        if ACCUMULATE:
-            acc_hi = tl.load(out_ptrs + 128, mask=mask_hi, other=0.0) + acc_hi
-        tl.store(out_ptrs + 128, acc_hi.to(out_ptr.dtype.element_ty), mask=mask_hi)
+        _store_out(acc_hi, out_ptr, out_desc, e, n0, k0 + 128, N, K, stride_oe, stride_on, BLOCK_M,
+                   ACCUMULATE, STORE_TMA and out_desc is not None)  # fmt: skip
 
 
 tuned_grouped_mm_wgrad = autotuned(
@@ -137,20 +189,22 @@ def launch_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out, use_tma
     (N, P), K, E = a_q.shape, b_q.shape[0], padded_end.shape[0]
     a_q, b_q = a_q.contiguous(), b_q.contiguous()
     a_arg, b_arg = (tensor_desc(a_q), tensor_desc(b_q)) if use_tma else (a_q, b_q)
+    out_desc = out_tensor_desc(out) if use_tma else None
     # Blockwise: b's scales index the tile's columns in every K step; with stride 1 along K their
     # addresses are immediates off one register; a runtime stride keeps 64 pointer registers live
     # per 128 columns, and 128x256 tiles then spill ~500 bytes (ptxas -v). A (Pb, K) copy is
     # 2 MB at most. (Rowwise reads them once, in the epilogue.)
     if not rowwise and b_scale.stride(0) != 1 and K > 1:
         b_scale = b_scale.t().contiguous().t()
+    sms = num_sms(a_q.device)
 
     def grid(meta):
-        return (E * triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(K, 128 * meta["SPLIT_N"]),)
+        tiles = E * triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(K, 128 * meta["SPLIT_N"])
+        persistent = meta.get("PROGRAMS_PER_SM", 0)
+        return (min(tiles, sms * persistent) if persistent else tiles,)
 
-    args = (a_arg, a_scale, b_arg, b_scale, out, padded_end, N, K, P, P, P,
+    args = (a_arg, a_scale, b_arg, b_scale, out, out_desc, padded_end, N, K, P, E, P, P,
             *a_scale.stride(), *b_scale.stride(), out.stride(0), out.stride(1))  # fmt: skip
-    if config is not None:
-        config = {k: v for k, v in config.items() if k != "PROGRAMS_PER_SM"}
     meta = dict(ROWWISE=rowwise, PROMOTE_K=promote_k(promotion_interval))
     key = (N, K, use_tma, rowwise, meta["PROMOTE_K"])  # the autotuner's own key
     if accumulate and config is None:

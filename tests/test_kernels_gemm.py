@@ -153,6 +153,38 @@ def test_wgrad_rowwise_public_op_fp32_and_non_128_features():
     assert rel_l2(out, ref) < 1e-5
 
 
+# persistent (4 programs in the interpreter: several tiles each), stores by TMA
+PERSISTENT_TMA_STORE = dict(BLOCK_M=32, SPLIT_N=2, GROUP_M=3, num_warps=4, PROGRAMS_PER_SM=1, STORE_TMA=True)
+
+
+@pytest.mark.parametrize("rowwise", [False, True], ids=["blockwise", "rowwise"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("use_tma", PATHS, ids=["tma", "pointer"])
+def test_wgrad_persistent_tma_store_clips_its_edges_and_accumulates(use_tma, out_dtype, rowwise):
+    """N = 200 and K = 144, neither a multiple of the 32x256 tile: the edge tiles' TMA stores are
+    clipped to the output (a guard band after it stays untouched); an accumulating launch adds
+    the product to what out held."""
+    N, K, padded = 200, 144, [256, 0, 128, 0]
+    a_q, a_s, b_q, b_s, padded_end = wgrad_inputs(N, K, padded, seed=8, rowwise=rowwise)
+    ref_fn = torch_fp8_grouped_mm_wgrad_rowwise if rowwise else torch_fp8_grouped_mm_wgrad
+    ref = ref_fn(a_q, a_s, b_q, b_s, padded_end, torch.float32)
+    size = len(padded) * N * K
+    storage = torch.full((size + 4096,), float("nan"), dtype=out_dtype)
+    out = storage[:size].view(len(padded), N, K)
+    launch_grouped_mm_wgrad(a_q, a_s, b_q, b_s, padded_end, out, use_tma, PERSISTENT_TMA_STORE, rowwise=rowwise)
+    assert storage[size:].isnan().all(), "a store went past the output"
+    assert torch.equal(out[1], torch.zeros(N, K, dtype=out_dtype)) and torch.equal(out[3], out[1])
+    tol = 1e-5 if out_dtype == torch.float32 else 4e-3
+    assert rel_l2(out, ref) < tol
+    if out_dtype == torch.float32:
+        before = torch.randn(len(padded), N, K, generator=torch.Generator().manual_seed(1))
+        out.copy_(before)
+        launch_grouped_mm_wgrad(a_q, a_s, b_q, b_s, padded_end, out, use_tma, PERSISTENT_TMA_STORE,
+                                rowwise=rowwise, accumulate=True)  # fmt: skip
+        assert storage[size:].isnan().all()
+        assert rel_l2(out, before + ref) < 1e-5
+
+
 def test_wgrad_public_op_bf16():
     a_q, a_s, b_q, b_s, padded_end = wgrad_inputs(WN, WK, [128, 0, 256], seed=3)
     out = fp8_grouped_mm_wgrad.op(a_q, a_s, b_q, b_s, padded_end)
@@ -362,3 +394,41 @@ def test_gpu_both_paths_mid_shape(use_tma, exact_fp32_matmul):
     out = torch.full((16, 1536, 2048), math.nan, device="cuda")
     launch_grouped_mm_wgrad(*w, out, use_tma)
     assert rel_l2(out, torch_fp8_grouped_mm_wgrad(*w, torch.float32)) < 1e-3
+
+
+def config_meta(cfg) -> dict:
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rowwise", [False, True], ids=["blockwise", "rowwise"])
+def test_gpu_every_wgrad_config(rowwise, exact_fp32_matmul):
+    """The autotuner picks a candidate by time alone, so each one (persistent or not, TMA stores or
+    not) is checked here, written and accumulated, at N = 1200 and K = 2000: edge tiles on both
+    sides, two empty experts."""
+    from kernels.grouped_gemm_wgrad import tuned_grouped_mm_wgrad
+
+    sizes = uneven_sizes(8192, 16, multiple=128)
+    w = wgrad_inputs(1200, 2000, sizes, "cuda", rowwise=rowwise)
+    ref = (torch_fp8_grouped_mm_wgrad_rowwise if rowwise else torch_fp8_grouped_mm_wgrad)(*w, torch.float32)
+    before = torch.randn_like(ref)
+    for cfg in tuned_grouped_mm_wgrad.configs:
+        out = torch.full_like(ref, math.nan)
+        launch_grouped_mm_wgrad(*w, out, True, config_meta(cfg), rowwise=rowwise)
+        assert rel_l2(out, ref) < 1e-3, cfg
+        assert all(not out[e].any() for e, n in enumerate(sizes) if n == 0), cfg
+        out.copy_(before)
+        launch_grouped_mm_wgrad(*w, out, True, config_meta(cfg), rowwise=rowwise, accumulate=True)
+        assert rel_l2(out, before + ref) < 1e-3, cfg
+
+
+@pytest.mark.gpu
+def test_gpu_every_grouped_mm_config(exact_fp32_matmul):
+    """Each forward candidate, with 192 rows past the last group (zeros) and two empty experts."""
+    a_q, a_s, b_q, b_s, ge = grouped_inputs(8192, 2048, 1536, uneven_sizes(8000, 16), "cuda")
+    ref = torch_fp8_grouped_mm(a_q, a_s, b_q, b_s, ge, torch.float32)
+    for cfg in gg.tuned_grouped_mm.configs:
+        out = torch.full((8192, 1536), math.nan, device="cuda")
+        launch_grouped_mm(a_q, a_s, b_q, b_s, ge, out, True, config_meta(cfg))
+        assert not out[8000:].any() and rel_l2(out, ref) < 1e-3, cfg
+
