@@ -21,7 +21,9 @@ recomputes a = swiglu(h) in backward; so do DenseMLP's. GELU keeps the plain ops
 
 The BF16 experts cast their fp32 weights to the compute dtype themselves (autocast sees no op of
 theirs): in every forward, or once inside moe/step_casts.py `weights_cast_once` (the trainer's
-run.weight_cast=step), which hands the module its scope's copies through `_step_casts`.
+run.weight_cast=step), which hands the module its scope's copies through `_step_casts`. The cast's
+backward brings the bf16 weight gradient to fp32 in one pass, or under gradient accumulation adds it
+into .grad (moe/grad_accumulation.py), as the FP8 experts' weight-gradient GEMMs do.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch import nn
 
 from moe.config import ACTIVATIONS, EXPERT_IMPLS
 from moe.dispatch import ExpertInput, compute_dtype
-from moe.step_casts import StepCasts
+from moe.step_casts import CastWeight, StepCasts
 from moe.swiglu_down import swiglu_down
 
 
@@ -93,6 +95,7 @@ class GroupedMLP(nn.Module):
     """E independent MLPs (SwiGLU or GELU) over rows grouped by expert."""
 
     _step_casts: StepCasts | None = None  # inside moe/step_casts.py `weights_cast_once`
+    accumulate_grads: bool = False  # moe/grad_accumulation.py: add weight gradients into .grad
 
     def __init__(
         self,
@@ -138,11 +141,15 @@ class GroupedMLP(nn.Module):
         return torch_grouped_mlp(x_MH, w1_EXH, w2_EHF, inp.group_end_E(), self.activation)
 
     def _weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """w1 or w2 in the compute dtype: the scope's copy inside weights_cast_once, else a cast."""
+        """w1 or w2 in the compute dtype: the scope's copy inside weights_cast_once, else a cast;
+        either way backward brings the gradient back to fp32 in one pass, or adds it into .grad
+        (`accumulate_grads`; moe/step_casts.py `CastWeight`). A compiled graph casts by itself."""
         w = getattr(self, name)
-        if self._step_casts is None:
+        if w.dtype == dtype or torch.compiler.is_compiling():
             return w.to(dtype)
-        return self._step_casts.cast(self, name, w, dtype)  # a plain cast when compiling
+        if self._step_casts is not None:
+            return self._step_casts.cast(self, name, w, dtype, self.accumulate_grads)
+        return CastWeight.apply(w, w.detach().to(dtype), self.accumulate_grads)
 
     def flops_per_row(self) -> int:
         """Forward FLOPs of one routed row (two GEMMs); x3 for forward + backward."""

@@ -11,7 +11,7 @@ Inside the scope every nn.Linear under autocast and every module that casts its 
 (moe/experts.py GroupedMLP: it declares `_step_casts` and reads it in its forward) computes with
 one copy of each fp32 weight, made by its first forward (a checkpointed block's recompute, on
 any thread, reuses it too); on exit the copies are let go. Gradients are the same bits as a cast
-in every forward: each forward makes its own autograd node around the shared copy (`_CachedCast`),
+in every forward: each forward makes its own autograd node around the shared copy (`CastWeight`),
 whose backward casts the gradient back to fp32, as the cast's own backward does.
 
 Why not one autocast region around the step, whose cache keeps casts of fp32 leaf parameters for
@@ -37,21 +37,31 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from kernels.grad_cast import add_grad_, grad_to_fp32
 from moe.fp8.weight_cache import WeightCache
+from moe.grad_accumulation import grad_to_add_into
 
 
-class _CachedCast(torch.autograd.Function):
-    """`w.to(dtype)` whose value was made earlier: forward returns the copy `w_cast` (made without
-    a graph), backward casts the gradient back to w's dtype, as the cast's own backward does."""
+class CastWeight(torch.autograd.Function):
+    """`w.to(dtype)` whose value `w_cast` was made without a graph (earlier, or just now): forward
+    returns w_cast; backward brings the gradient to w's dtype in one pass (kernels/grad_cast.py),
+    or with `add_in_place`, where moe/grad_accumulation.py allows, adds it into w.grad and returns
+    none for w."""
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, w_cast: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, w: torch.Tensor, w_cast: torch.Tensor, add_in_place: bool = False) -> torch.Tensor:
         ctx.w_dtype = w.dtype
+        ctx.w = w if add_in_place else None
         return w_cast
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad.to(ctx.w_dtype), None
+        into = grad_to_add_into(ctx.w)
+        ctx.w = None
+        if into is not None:
+            add_grad_(into, grad)
+            return None, None, None
+        return (grad_to_fp32(grad) if ctx.w_dtype == torch.float32 else grad.to(ctx.w_dtype)), None, None
 
 
 def _cast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -65,12 +75,13 @@ class StepCasts:
     def __init__(self) -> None:
         self._caches: dict[tuple[int, str], WeightCache] = {}
 
-    def cast(self, module: nn.Module, name: str, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """w in `dtype`, differentiable: the scope's copy, made on first use."""
+    def cast(self, module: nn.Module, name: str, w: torch.Tensor, dtype: torch.dtype,
+             add_in_place: bool = False) -> torch.Tensor:  # fmt: skip
+        """w in `dtype`, differentiable: the scope's copy, made on first use (`CastWeight`)."""
         if w.dtype == dtype or torch.compiler.is_compiling():
             return w.to(dtype)
         cache = self._caches.setdefault((id(module), name), WeightCache(_cast))
-        return _CachedCast.apply(w, cache.get(w, dtype))
+        return CastWeight.apply(w, cache.get(w, dtype), add_in_place)
 
 
 def _swap_in(module: nn.Linear, args) -> None:

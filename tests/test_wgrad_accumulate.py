@@ -1,6 +1,7 @@
 """Gradient accumulation inside the FP8 weight-gradient GEMM (kernels/grouped_gemm_wgrad.py
-`fp8_grouped_mm_wgrad_accumulate_`, moe/fp8/grouped_mlp.py `accumulate_grads`, the trainer's
-run.fuse_grad_accumulation).
+`fp8_grouped_mm_wgrad_accumulate_`, moe/fp8/grouped_mlp.py) and inside the BF16 experts' weight
+cast (moe/step_casts.py `CastWeight`, kernels/grad_cast.py `add_grad_`): moe/grad_accumulation.py
+`accumulate_grads`, the trainer's run.fuse_grad_accumulation.
 
 The kernel adds its product into `into` as AccumulateGrad would add the product it writes: old +
 new in fp32. Under the interpreter (no FMA contraction) that is the same bits; on the GPU the
@@ -9,18 +10,22 @@ bound is one fp32 rounding of the sum. The module and the trainer give the same 
 the fusion as without, bit for bit on the CPU, with the fusion having run.
 """
 
+import contextlib
+
 import pytest
 import torch
 from test_kernels_gemm import PADDED, WK, WN, wgrad_inputs
 from trainer_helpers import cpu_trainer, tiny_train_config, token_batches
 
 import moe.fp8.grouped_mlp as grouped_mlp
+import moe.step_casts as step_casts
 from kernels.grouped_gemm_wgrad import (
     fp8_grouped_mm_wgrad_accumulate_,
     triton_fp8_grouped_mm_wgrad,
     triton_fp8_grouped_mm_wgrad_rowwise,
 )
 from moe.dispatch import ExpertInput
+from moe.experts import GroupedMLP
 from moe.fp8.grouped_mlp import Fp8GroupedMLP
 from moe.fp8.recipe import Fp8Recipe
 
@@ -56,10 +61,11 @@ def test_accumulating_launch_refuses_what_it_cannot_add_into():
 
 
 def _experts_and_input(recipe: str, seed: int):
-    """Fp8GroupedMLP(E=4, H=128, F=96, or 128 for blockwise's 128x128 weight blocks) and 3
-    micro-batches of routed rows, each with an expert left empty."""
+    """Fp8GroupedMLP (GroupedMLP for bf16) (E=4, H=128, F=96, or 128 for blockwise's 128x128 weight
+    blocks) and 3 micro-batches of routed bf16 rows, each with an expert left empty."""
     torch.manual_seed(seed)
-    m = Fp8GroupedMLP(128, 128 if recipe == "blockwise" else 96, 4, recipe=Fp8Recipe(recipe))
+    ffn = 128 if recipe == "blockwise" else 96
+    m = GroupedMLP(128, ffn, 4) if recipe == "bf16" else Fp8GroupedMLP(128, ffn, 4, recipe=Fp8Recipe(recipe))
     m.reset_parameters(0.05)
     batches = []
     for sizes in ([5, 0, 17, 40], [0, 0, 3, 30], [29, 1, 0, 17]):
@@ -88,13 +94,34 @@ def test_module_accumulates_in_place_with_the_same_gradients(recipe, monkeypatch
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("weight_cast", ["forward", "step"])
+def test_bf16_experts_add_in_place_with_the_same_gradients(weight_cast, monkeypatch):
+    """The BF16 experts' cast backward adds the bf16 gradient into .grad (kernels/grad_cast.py)
+    from the second micro-batch on, with a cast in every forward or the step's one copy."""
+    grads, added = {}, []
+    add = step_casts.add_grad_
+    monkeypatch.setattr(step_casts, "add_grad_", lambda into, g: added.append(into) or add(into, g))
+    for fused in (False, True):
+        m, batches = _experts_and_input("bf16", seed=5)
+        m.accumulate_grads = fused
+        with step_casts.weights_cast_once(m) if weight_cast == "step" else contextlib.nullcontext():
+            for inp in batches:
+                m(inp).float().square().mean().backward()
+        grads[fused] = (m.w1.grad, m.w2.grad)
+    assert len(added) == 4 and all(t.data_ptr() in {g.data_ptr() for g in grads[True]} for t in added)
+    for want, got in zip(grads[False], grads[True]):
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("recipe", ["bf16", *RECIPES])
 def test_trainer_steps_equal_with_and_without_the_fusion(recipe, tmp_path, monkeypatch):
     """2 steps of 3 micro-batches: the same losses, gradient norms and weights, bit for bit."""
     calls = []
     add = grouped_mlp.grouped_mm_wgrad_accumulate_
     monkeypatch.setattr(grouped_mlp, "grouped_mm_wgrad_accumulate_",
                         lambda *args: calls.append(1) or add(*args))  # fmt: skip
+    add_bf16 = step_casts.add_grad_
+    monkeypatch.setattr(step_casts, "add_grad_", lambda *args: calls.append(1) or add_bf16(*args))
     runs = {}
     for fused in (False, True):
         cfg = tiny_train_config(2, grad_accum=3)
@@ -106,7 +133,7 @@ def test_trainer_steps_equal_with_and_without_the_fusion(recipe, tmp_path, monke
         it = token_batches(7)
         stats = [t.train_step(it) for _ in range(2)]
         runs[fused] = ([(s["loss"], s["grad_norm"]) for s in stats], [p.detach().clone() for p in t.model.parameters()])
-        assert not any(m.accumulate_grads for m in t.model.modules() if isinstance(m, Fp8GroupedMLP))
+        assert not any(m.accumulate_grads for m in t.model.modules() if isinstance(m, GroupedMLP))
     assert len(calls) == 2 * 2 * 2  # per step: 2 later micro-batches x w1 and w2, one MoE layer
     assert runs[True][0] == runs[False][0]
     for got, want in zip(runs[True][1], runs[False][1]):

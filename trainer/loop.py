@@ -22,6 +22,7 @@ from moe.comm_timer import CommTimer
 from moe.counting import count_params, training_flops_per_token
 from moe.fp8.sqnr_probe import probe as sqnr_probe
 from moe.fp8.training import Fp8Training
+from moe.grad_accumulation import adding_grads_in_place
 from moe.model import MoETransformer
 from moe.step_casts import weights_cast_once
 from trainer.checkpoint import CheckpointManager
@@ -230,10 +231,10 @@ class Trainer:
                     self.model.set_requires_gradient_sync(last)
                 elif ddp and not last:
                     sync = self.wrapped.no_sync()  # DDP: all-reduce gradients once, on the last micro-batch
-                # FP8 expert gradients add into .grad in the GEMM, except where hooks wait on
+                # Expert gradients add into .grad where they are made, except where hooks wait on
                 # AccumulateGrad (DDP's all-reduce; FSDP keeps its own accumulation).
                 in_place = cfg.run.fuse_grad_accumulation and not env.fsdp and not (ddp and last)
-                with sync, self.fp8.micro_batch(self.model, in_place):
+                with sync, adding_grads_in_place(self.model, in_place):
                     lm_loss, aux_loss, out = self._forward(batch, self.wrapped)
                     ((lm_loss + aux_loss) / accum).backward()
                 lm_loss_sum += lm_loss.detach()

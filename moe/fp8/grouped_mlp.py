@@ -37,13 +37,9 @@ Weights, two policies (`cache_weights`), and a third way in:
 - Neither under FSDP with parallel.fp8_all_gather: the weights arrive quantized (each rank
   quantizes its own shard once per step, FSDP all-gathers the FP8 bytes: moe/fp8/fsdp_all_gather.py).
 
-Gradient accumulation (`accumulate_grads`, set by moe/fp8/training.py around a micro-batch): where
-a weight's .grad already holds the earlier micro-batches' sum (a plain contiguous fp32 tensor), its
-weight-gradient GEMM adds into it in the epilogue and backward returns None for it, so no product
-is written and then added (two passes over every expert weight gradient a micro-batch).
-AccumulateGrad then gets no gradient for that weight, so a hook that reads the one it is handed
-sees none: the trainer keeps the plain path on DDP's syncing micro-batch, whose all-reduce starts
-from AccumulateGrad.
+Gradient accumulation (`accumulate_grads`, moe/grad_accumulation.py): where a weight's .grad
+already holds the earlier micro-batches' sum, its weight-gradient GEMM adds into it in the epilogue
+and backward returns None for it, so no product is written and then added.
 
 A recipe with `gemms` other than "all" (an ablation, moe/fp8/recipe.py) runs moe/fp8/ablation.py
 instead of this Function.
@@ -71,6 +67,7 @@ from moe.fp8.fsdp_all_gather import gathered_fp8
 from moe.fp8.gemm import grouped_mm, grouped_mm_wgrad, grouped_mm_wgrad_accumulate_
 from moe.fp8.recipe import Fp8Recipe
 from moe.fp8.weight_cache import WeightCache
+from moe.grad_accumulation import grad_to_add_into
 
 if TYPE_CHECKING:
     from moe.fp8.stats import Fp8Stats
@@ -155,7 +152,7 @@ class _Fp8GroupedMLPFunction(torch.autograd.Function):
             da_MF, h_q, h_s, ctx.activation, group_end_E, align, block, pow2
         )
         del da_MF
-        into1, into2 = (_grad_to_add_into(w) for w in ctx.weights)
+        into1, into2 = (grad_to_add_into(w) for w in ctx.weights)
         ctx.weights = None
         dw2_EHF = _wgrad(into2, dyt_q, dyt_s, at_q, at_s, padded_end_E, recipe, ctx.w_dtypes[1])
         del dyt_q, dyt_s, at_q, at_s
@@ -169,15 +166,6 @@ class _Fp8GroupedMLPFunction(torch.autograd.Function):
         else:
             dx = dx_MH
         return dx, dw1_EXH, dw2_EHF, None, None, None, None, None, None, None, None, None, None
-
-
-def _grad_to_add_into(w: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """w.grad where backward adds w's gradient into it (module docstring): a leaf (not an FSDP or
-    EP shard's local view) whose gradient so far is a plain contiguous fp32 tensor of its shape."""
-    g = None if w is None else w.grad
-    if g is None or not w.is_leaf or type(g) is not torch.Tensor or torch.compiler.is_compiling():
-        return None
-    return g if g.dtype == torch.float32 and g.shape == w.shape and g.is_contiguous() else None
 
 
 def _wgrad(into, a_q, a_s, b_q, b_s, padded_end_E, recipe: Fp8Recipe, dtype) -> Optional[torch.Tensor]:
@@ -235,7 +223,6 @@ class Fp8GroupedMLP(GroupedMLP):
     recipe: Fp8Recipe = Fp8Recipe("rowwise")
     cache_weights: bool = False  # see the module docstring; moe/fp8/training.py sets it per grad_accum
     stats: Optional[Fp8Stats] = None  # see the module docstring; moe/fp8/stats.py sets it
-    accumulate_grads: bool = False  # see the module docstring; moe/fp8/training.py sets it
 
     def __init__(self, *args, recipe: Fp8Recipe | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -7,9 +7,7 @@ model code never branches on FP8, and the trainer never on a recipe.
     fp8 = Fp8Training(cfg.fp8, grad_accum=run.grad_accum, stats_interval=logging.fp8_stats_interval)
     fp8.convert(model)              # on the built model, before parallelism: the swaps below
     fp8.before_step(model, step)    # every stats_interval-th step: the experts count FP8 statistics
-    for each micro-batch:
-        with fp8.micro_batch(model, add_grads_in_place):   # gradient accumulation in the wgrad GEMMs
-            ... its forward and backward ...
+    for each micro-batch: its forward and backward
     fp8.after_backward(model)       # delayed scaling: the step's amaxes reduced, next scales set;
                                     # FSDP's FP8 all-gather inputs dropped; statistics stop
     fp8.stats.read(...)             # at log time: per-layer metrics, warnings (moe/fp8/stats.py)
@@ -21,8 +19,7 @@ model code never branches on FP8, and the trainer never on a recipe.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch.distributed as dist
 from torch import nn
@@ -73,21 +70,6 @@ class Fp8Training:
         """Before the first forward of `step` (counted from 1): on every stats_interval-th step the
         FP8 experts count their operands' statistics until `after_backward`."""
         self.stats.attach(model, step)
-
-    @contextlib.contextmanager
-    def micro_batch(self, model: nn.Module, add_grads_in_place: bool) -> Iterator[None]:
-        """Around one micro-batch's forward and backward. add_grads_in_place: the FP8 experts' weight
-        gradient GEMMs add into the .grad that earlier micro-batches left (moe/fp8/grouped_mlp.py
-        `accumulate_grads`), and AccumulateGrad gets no gradient for those weights; pass False where
-        a hook works from it (DDP's syncing micro-batch starts its all-reduce there)."""
-        experts = [m for m in model.modules() if isinstance(m, Fp8GroupedMLP)]
-        for m in experts:
-            m.accumulate_grads = add_grads_in_place
-        try:
-            yield
-        finally:
-            for m in experts:
-                m.accumulate_grads = False
 
     def after_backward(self, model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> None:
         """After the step's last backward, before the next forward (and before the loss check: a
