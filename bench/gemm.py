@@ -1,7 +1,7 @@
 """FP8 blockwise grouped GEMMs against bf16 and FP8-rowwise grouped GEMMs (Hopper GPU).
 
     python -m bench.gemm [--shapes mixtral_8x7b,...] [--gemms fwd1,fwd2,wgrad1,wgrad2]
-                         [--paths tma,pointer] [--sweep] [--out PATH]
+                         [--paths tma,pointer] [--sweep] [--rows M] [--out PATH]
 
 For the four experts-block shapes of bench/common.py (SHAPES), times in one run and on the same
 operands (README.md's shape letters; X = 2F for SwiGLU, F for GELU):
@@ -17,7 +17,8 @@ operands (README.md's shape letters; X = 2F for SwiGLU, F for GELU):
   ours_rowwise      fp8_grouped_mm_wgrad_rowwise, per-group scales in the epilogue
   rowwise_fp32      torch._scaled_grouped_mm (bf16 out only) then `.to(torch.float32)`: the
                     rowwise weight gradient before ours replaced it
-Groups are uniform (M / E rows, multiples of 128). Timing: bench.common.time_ms (CUDA events,
+Groups are uniform (M / E rows, multiples of 128); --rows replaces every shape's M (a training
+step's routed rows: Mixtral-width bench.train_step routes 8192, 1024 an expert). Timing: bench.common.time_ms (CUDA events,
 warm-up, L2 flushed, median) after a first call that autotunes. extra_gib: peak memory above
 what was allocated before the call (output and workspace). --sweep also times every config of
 our kernels' autotune lists, for tuning. Writes bench/results/gemm.json and prints a table last.
@@ -124,8 +125,9 @@ def config_str(cfg) -> str:
     return f"{kw['BLOCK_M']}x{kw['SPLIT_N']}{persistent}{store} w{cfg.num_warps} s{cfg.num_stages}"
 
 
-def run_case(shape: str, gemm: str, paths: list[str], sweep: bool) -> list[dict]:
+def run_case(shape: str, gemm: str, paths: list[str], sweep: bool, rows: int | None = None) -> list[dict]:
     M, N, K, E = problem(shape, gemm)
+    M = rows or M
     flops = 2 * M * N * K
     cases = make_cases(gemm, M, N, K, E)
     row = dict(shape=shape, gemm=gemm, M=M, N=N, K=K, E=E)
@@ -174,6 +176,7 @@ def main(argv=None) -> None:
     parser.add_argument("--gemms", default=",".join(GEMMS))
     parser.add_argument("--paths", default="tma", help="tma,pointer: memory paths to time")
     parser.add_argument("--sweep", action="store_true", help="time every autotune config too")
+    parser.add_argument("--rows", type=int, default=None, help="routed rows M for every shape (a multiple of 128 E)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "gemm.json"))
     args = parser.parse_args(argv)
     chosen = {"shapes": args.shapes.split(","), "gemms": args.gemms.split(","),
@@ -183,12 +186,15 @@ def main(argv=None) -> None:
         if bad:
             parser.error(f"--{name}: unknown {bad}; allowed: {list(allowed)}")
     shapes, gemms, paths = chosen["shapes"], chosen["gemms"], chosen["paths"]
+    uneven = [s for s in shapes if args.rows is not None and (args.rows <= 0 or args.rows % (128 * SHAPES[s][3]))]
+    if uneven:
+        parser.error(f"--rows {args.rows}: must be a positive multiple of 128 x the experts of {uneven}")
     require_gpu("bench.gemm")
 
     rows = []
     for shape in shapes:
         for gemm in gemms:
-            rows += run_case(shape, gemm, paths, args.sweep)
+            rows += run_case(shape, gemm, paths, args.sweep, args.rows)
     path = write_json(args.out, {**run_info(), "rows": rows})
     print(f"\nwrote {path}\n")
     print_table(rows, ["shape", "gemm", "N", "K", "path", "config", "ours_ms", "ours_tflops",

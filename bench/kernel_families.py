@@ -12,9 +12,9 @@
                        torch's SiLU / GELU kernels
   permute_combine      routing and token movement: top-k, sort, scatter, index_select, gather,
                        the router's softmax, our combine kernels (kernels/combine.py)
-  norm_elementwise     our RMSNorm and RoPE kernels (kernels/rmsnorm.py, rope.py), torch's
-                       elementwise and reduction kernels (norms, RoPE, residual adds, casts,
-                       copies), the embedding's backward
+  norm_elementwise     our RMSNorm, RoPE and gradient-cast kernels (kernels/rmsnorm.py, rope.py,
+                       grad_cast.py), torch's elementwise and reduction kernels (norms, RoPE,
+                       residual adds, casts, copies), the embedding's backward
   loss                 the cross-entropy's log-softmax and NLL
   optimizer            fused AdamW and everything through multi_tensor_apply (foreach AdamW,
                        gradient clipping's norms and scaling), the bf16-moment AdamW (kernels/adamw.py)
@@ -52,6 +52,7 @@ OWN_KERNELS = {
     "_fwd_kernel": "norm_elementwise",  # kernels/rmsnorm.py: the residual add and RMSNorm
     "_bwd_kernel": "norm_elementwise",
     "_rope_kernel": "norm_elementwise",  # kernels/rope.py
+    "_grad_to_fp32_kernel": "norm_elementwise",  # kernels/grad_cast.py: BF16 weight gradients to fp32
     "_adamw_kernel": "optimizer",  # kernels/adamw.py (optim.state_dtype=bfloat16)
     **dict.fromkeys((
         "_act_fwd_kernel", "_act_bwd_amax_kernel", "_act_bwd_quant_kernel", "_amax_to_scale_kernel",
