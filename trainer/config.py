@@ -52,9 +52,10 @@ class RunConfig:
     # step, every micro-batch computing with those copies (the same numbers); "forward", in every
     # forward (a reference for benchmarks). trainer/loop.py `Trainer._step_casts` says how.
     weight_cast: str = "step"
-    # FP8 experts: from a step's second micro-batch on, the weight-gradient GEMMs add into the
-    # gradients in their epilogue (moe/fp8/grouped_mlp.py); false: each writes its product for
-    # autograd to add (the same sums up to the GEMM epilogue's FMA rounding).
+    # From a step's second micro-batch on, the experts add their weight gradients into .grad where
+    # they are made: FP8 in the weight-gradient GEMMs' epilogue, BF16 in the weight cast's backward
+    # (moe/grad_accumulation.py); false: each writes its product for autograd to add (the same sums,
+    # up to the FP8 GEMM epilogue's FMA rounding).
     fuse_grad_accumulation: bool = True
     compile: bool = False  # torch.compile each block
     # With run.compile: one of COMPILE_MODES. "reduce-overhead" also records each block's forward
