@@ -11,10 +11,12 @@ token range is read on device. An expert without tokens runs no K step and write
 PROGRAMS_PER_SM = 0: one program per tile (the block scheduler balances experts of different token
 counts); > 0: a persistent grid of that many programs per SM walks the tiles with stride #programs.
 With few tokens an expert (a short K loop) a tile's fixed costs, the first loads and the fp32
-epilogue, are a large part of it: a persistent program or a second CTA on the SM hides them.
-STORE_TMA (TMA path): the epilogue stages each 64-column subtile in shared memory and stores it by
-TMA (the copy engine writes, and clips rows and columns past the output's edge), so the next tile's
-K loop starts while the last tile's bytes drain.
+epilogue, are a large part of it; a second CTA on the SM hides them in part. FLATTEN (persistent):
+a program runs all its tiles' K steps as one loop, the epilogue under a condition on its last step,
+so the software pipeline loads the next tile's first steps while this one finishes; a tile of an
+expert without tokens takes one step whose product it drops. STORE_TMA (TMA path): the epilogue
+stages each 64-column subtile in shared memory and stores it by TMA (the copy engine writes, and
+clips rows and columns past the output's edge) instead of from registers.
 
 Rowwise weight gradients keep the per-128 promotion (acc += dot: one FADD per element; triton
 leaves fp8 dots with an imprecise-accumulation limit unfused with the add) and scale once, in the
