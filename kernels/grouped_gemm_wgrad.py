@@ -58,8 +58,7 @@ def _wgrad_configs(interpret: bool) -> list[triton.Config]:
     # 128x256, one CTA an SM, for long token ranges; for short ones (a few 128-token steps a tile)
     # two persistent CTAs an SM with TMA stores, one's loads and epilogue under the other's wgmma
     # (bench/NOTES.md, the GEMM sweep)
-    return [gemm_config(128, 2, 8, 3), wgrad_config(64, 2, 4, 2, 2), wgrad_config(64, 1, 4, 4, 2),
-            wgrad_config(128, 2, 8, 3, 1, flatten=True), wgrad_config(64, 2, 4, 2, 2, flatten=True)]
+    return [gemm_config(128, 2, 8, 3), wgrad_config(64, 2, 4, 2, 2), wgrad_config(64, 1, 4, 4, 2)]
 
 
 def wgrad_config(block_m, split_n, warps, stages, programs_per_sm, flatten=False) -> triton.Config:
@@ -261,6 +260,11 @@ def _wgrad_flat(
             acc_lo = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
             acc_hi = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
 
+
+# Candidates checked in the interpreter and compiled for sm_90a (ptxas: registers, spills) but not
+# yet timed on a GPU, so not the autotuner's: `python -m bench.gemm --sweep` times them beside its
+# list and tests/test_kernels_gemm.py checks them on a GPU; one that wins moves into the list.
+UNTIMED_WGRAD_CONFIGS = [wgrad_config(128, 2, 8, 3, 1, flatten=True), wgrad_config(64, 2, 4, 2, 2, flatten=True)]
 
 tuned_grouped_mm_wgrad = autotuned(
     _fp8_grouped_mm_wgrad_kernel, _wgrad_configs(triton_interpret()), ["N", "K", "USE_TMA", "ROWWISE", "PROMOTE_K"]

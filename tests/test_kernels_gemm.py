@@ -408,15 +408,15 @@ def config_meta(cfg) -> dict:
 @pytest.mark.parametrize("rowwise", [False, True], ids=["blockwise", "rowwise"])
 def test_gpu_every_wgrad_config(rowwise, exact_fp32_matmul):
     """The autotuner picks a candidate by time alone, so each one (persistent or not, TMA stores or
-    not) is checked here, written and accumulated, at N = 1200 and K = 2000: edge tiles on both
+    not, and the untimed ones a sweep may promote) is checked here, written and accumulated, at N = 1200 and K = 2000: edge tiles on both
     sides, two empty experts."""
-    from kernels.grouped_gemm_wgrad import tuned_grouped_mm_wgrad
+    from kernels.grouped_gemm_wgrad import UNTIMED_WGRAD_CONFIGS, tuned_grouped_mm_wgrad
 
     sizes = uneven_sizes(8192, 16, multiple=128)
     w = wgrad_inputs(1200, 2000, sizes, "cuda", rowwise=rowwise)
     ref = (torch_fp8_grouped_mm_wgrad_rowwise if rowwise else torch_fp8_grouped_mm_wgrad)(*w, torch.float32)
     before = torch.randn_like(ref)
-    for cfg in tuned_grouped_mm_wgrad.configs:
+    for cfg in tuned_grouped_mm_wgrad.configs + UNTIMED_WGRAD_CONFIGS:
         out = torch.full_like(ref, math.nan)
         launch_grouped_mm_wgrad(*w, out, True, config_meta(cfg), rowwise=rowwise)
         assert rel_l2(out, ref) < 1e-3, cfg
