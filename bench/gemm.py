@@ -18,10 +18,11 @@ operands (README.md's shape letters; X = 2F for SwiGLU, F for GELU):
   rowwise_fp32      torch._scaled_grouped_mm (bf16 out only) then `.to(torch.float32)`: the
                     rowwise weight gradient before ours replaced it
 Groups are uniform (M / E rows, multiples of 128); --rows replaces every shape's M (a training
-step's routed rows: Mixtral-width bench.train_step routes 8192, 1024 an expert). Timing: bench.common.time_ms (CUDA events,
-warm-up, L2 flushed, median) after a first call that autotunes. extra_gib: peak memory above
-what was allocated before the call (output and workspace). --sweep also times every config of
-our kernels' autotune lists and the weight gradient's untimed candidates, for tuning. Writes bench/results/gemm.json and prints a table last.
+step's routed rows: Mixtral-width bench.train_step routes 8192, 1024 an expert). Timing:
+bench.common.time_ms (CUDA events, warm-up, L2 flushed, median) after a first call that
+autotunes. extra_gib: peak memory above what was allocated before the call (output and
+workspace). --sweep also times every config of our kernels' autotune lists and the weight
+gradient's untimed candidates, for tuning. Writes bench/results/gemm.json and prints a table last.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ def profile_row(model: str, impl: str, warmup: int, steps: int, timed: int, extr
             **summary,
             "peak_gib": torch.cuda.max_memory_allocated() / GIB,
             "tokens_per_step": trainer.global_batch * cfg.run.seq_len,
-            "trace": trace_path,
+            "trace": os.path.basename(trace_path),  # in --scratch
         }
 
 

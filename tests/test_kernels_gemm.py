@@ -408,8 +408,8 @@ def config_meta(cfg) -> dict:
 @pytest.mark.parametrize("rowwise", [False, True], ids=["blockwise", "rowwise"])
 def test_gpu_every_wgrad_config(rowwise, exact_fp32_matmul):
     """The autotuner picks a candidate by time alone, so each one (persistent or not, TMA stores or
-    not, and the untimed ones a sweep may promote) is checked here, written and accumulated, at N = 1200 and K = 2000: edge tiles on both
-    sides, two empty experts."""
+    not, and the untimed ones a sweep may promote) is checked here, written and accumulated, at
+    N = 1200 and K = 2000: edge tiles on both sides, two empty experts."""
     from kernels.grouped_gemm_wgrad import UNTIMED_WGRAD_CONFIGS, tuned_grouped_mm_wgrad
 
     sizes = uneven_sizes(8192, 16, multiple=128)
