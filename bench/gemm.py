@@ -21,8 +21,8 @@ Groups are uniform (M / E rows, multiples of 128); --rows replaces every shape's
 step's routed rows: Mixtral-width bench.train_step routes 8192, 1024 an expert). Timing:
 bench.common.time_ms (CUDA events, warm-up, L2 flushed, median) after a first call that
 autotunes. extra_gib: peak memory above what was allocated before the call (output and
-workspace). --sweep also times every config of our kernels' autotune lists and the weight
-gradient's untimed candidates, for tuning. Writes bench/results/gemm.json and prints a table last.
+workspace). --sweep also times every config of our kernels' autotune lists, for tuning.
+Writes bench/results/gemm.json and prints a table last.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from bench.common import SHAPES, GIB, REPO, print_table, require_gpu, run_info, 
 from kernels.common import FP8_DTYPE
 from kernels.grouped_gemm import fp8_grouped_mm, launch_grouped_mm, tuned_grouped_mm
 from kernels.grouped_gemm_wgrad import (
-    UNTIMED_WGRAD_CONFIGS,
     fp8_grouped_mm_wgrad,
     fp8_grouped_mm_wgrad_rowwise,
     launch_grouped_mm_wgrad,
@@ -105,7 +104,7 @@ def make_cases(gemm: str, M: int, N: int, K: int, E: int) -> dict:
             a_q, ra.view(E, N).t(), b_q, rb.view(E, K).t(), offs, torch.float32),
         rowwise_fp32=lambda: cutlass().to(torch.float32),
         config=lambda cfg, tma: launch_grouped_mm_wgrad(a_q, a_s, b_q, b_s, offs, out, tma, cfg),
-        configs=tuned_grouped_mm_wgrad.configs + UNTIMED_WGRAD_CONFIGS,
+        configs=tuned_grouped_mm_wgrad.configs,
     )
 
 
@@ -120,12 +119,11 @@ def measure(fn, flops: int) -> tuple[float | None, float | None, float | None, s
 
 
 def config_str(cfg) -> str:
-    """BLOCK_M x SPLIT_N, p<programs per SM> where persistent, flat, tma-store, warps, stages."""
+    """BLOCK_M x SPLIT_N, p<programs per SM> where persistent, tma-store, warps, stages."""
     kw = cfg.kwargs
     persistent = f" p{kw['PROGRAMS_PER_SM']}" if kw.get("PROGRAMS_PER_SM") else ""
-    flat = " flat" if kw.get("FLATTEN") else ""
     store = " tma-store" if kw.get("STORE_TMA") else ""
-    return f"{kw['BLOCK_M']}x{kw['SPLIT_N']}{persistent}{flat}{store} w{cfg.num_warps} s{cfg.num_stages}"
+    return f"{kw['BLOCK_M']}x{kw['SPLIT_N']}{persistent}{store} w{cfg.num_warps} s{cfg.num_stages}"
 
 
 def run_case(shape: str, gemm: str, paths: list[str], sweep: bool, rows: int | None = None) -> list[dict]:

@@ -11,12 +11,10 @@ token range is read on device. An expert without tokens runs no K step and write
 PROGRAMS_PER_SM = 0: one program per tile (the block scheduler balances experts of different token
 counts); > 0: a persistent grid of that many programs per SM walks the tiles with stride #programs.
 With few tokens an expert (a short K loop) a tile's fixed costs, the first loads and the fp32
-epilogue, are a large part of it; a second CTA on the SM hides them in part. FLATTEN (persistent):
-a program runs all its tiles' K steps as one loop, the epilogue under a condition on its last step,
-so the software pipeline loads the next tile's first steps while this one finishes; a tile of an
-expert without tokens takes one step whose product it drops. STORE_TMA (TMA path): the epilogue
-stages each 64-column subtile in shared memory and stores it by TMA (the copy engine writes, and
-clips rows and columns past the output's edge) instead of from registers.
+epilogue, are a large part of it: a persistent program or a second CTA on the SM hides them.
+STORE_TMA (TMA path): the epilogue stages each 64-column subtile in shared memory and stores it by
+TMA (the copy engine writes, and clips rows and columns past the output's edge), so the next tile's
+K loop starts while the last tile's bytes drain.
 
 Rowwise weight gradients keep the per-128 promotion (acc += dot: one FADD per element; triton
 leaves fp8 dots with an imprecise-accumulation limit unfused with the add) and scale once, in the
@@ -61,12 +59,10 @@ def _wgrad_configs(interpret: bool) -> list[triton.Config]:
     return [gemm_config(128, 2, 8, 3), wgrad_config(64, 2, 4, 2, 2), wgrad_config(64, 1, 4, 4, 2)]
 
 
-def wgrad_config(block_m, split_n, warps, stages, programs_per_sm, flatten=False) -> triton.Config:
+def wgrad_config(block_m, split_n, warps, stages, programs_per_sm) -> triton.Config:
     """A persistent candidate with the TMA-store epilogue (module docstring)."""
     cfg = gemm_config(block_m, split_n, warps, stages, programs_per_sm)
     cfg.kwargs["STORE_TMA"] = True
-    if flatten:
-        cfg.kwargs["FLATTEN"] = True
     return cfg
 
 
@@ -99,97 +95,23 @@ def _fp8_grouped_mm_wgrad_kernel(
     stride_san, stride_sap, stride_sbk, stride_sbp,
     stride_oe, stride_on,
     BLOCK_M: tl.constexpr, SPLIT_N: tl.constexpr, GROUP_M: tl.constexpr,
-    USE_TMA: tl.constexpr, PIN: tl.constexpr, ROWWISE: tl.constexpr, PROMOTE_K: tl.constexpr, E_PAD: tl.constexpr,
+    USE_TMA: tl.constexpr, PIN: tl.constexpr, ROWWISE: tl.constexpr, PROMOTE_K: tl.constexpr,
     ACCUMULATE: tl.constexpr = False, PROGRAMS_PER_SM: tl.constexpr = 0, STORE_TMA: tl.constexpr = False,
-    FLATTEN: tl.constexpr = False,
 ):
     """ROWWISE: scales (N, E) and (K, E), applied in the epilogue; else (N, P/128), (K, P/128).
     PROMOTE_K: kernels/grouped_gemm.py's `tl_fp8_dot`. ACCUMULATE: out += the product (fp32 out).
-    PROGRAMS_PER_SM: 0, one program per tile, else persistent (the launcher's grid); FLATTEN: the
-    persistent tiles' K steps as one loop (module docstring); STORE_TMA takes effect where out_desc
-    is given."""
-    tiles = E * tl.cdiv(N, BLOCK_M) * tl.cdiv(K, 128 * SPLIT_N)
+    PROGRAMS_PER_SM: 0, one program per tile, else persistent (the launcher's grid); STORE_TMA takes
+    effect where out_desc is given."""
     if PROGRAMS_PER_SM == 0:  # no loop: a loop around the tile costs the rowwise 128x256 spills
         _wgrad_tile(tl.program_id(0), a, a_scale_ptr, b, b_scale_ptr, out_ptr, out_desc, padded_end_ptr, N, K, P,
                     stride_an, stride_bk, stride_san, stride_sap, stride_sbk, stride_sbp, stride_oe, stride_on,
                     BLOCK_M, SPLIT_N, GROUP_M, USE_TMA, PIN, ROWWISE, PROMOTE_K, ACCUMULATE, STORE_TMA)  # fmt: skip
-    elif FLATTEN:
-        _wgrad_flat(tiles, a, a_scale_ptr, b, b_scale_ptr, out_ptr, out_desc, padded_end_ptr, N, K, P, E,
-                    stride_an, stride_bk, stride_san, stride_sap, stride_sbk, stride_sbp, stride_oe, stride_on,
-                    BLOCK_M, SPLIT_N, GROUP_M, USE_TMA, PIN, ROWWISE, PROMOTE_K, ACCUMULATE, STORE_TMA,
-                    E_PAD)  # fmt: skip
     else:
+        tiles = E * tl.cdiv(N, BLOCK_M) * tl.cdiv(K, 128 * SPLIT_N)
         for pid in tl.range(tl.program_id(0), tiles, tl.num_programs(0)):
             _wgrad_tile(pid, a, a_scale_ptr, b, b_scale_ptr, out_ptr, out_desc, padded_end_ptr, N, K, P,
                         stride_an, stride_bk, stride_san, stride_sap, stride_sbk, stride_sbp, stride_oe, stride_on,
                         BLOCK_M, SPLIT_N, GROUP_M, USE_TMA, PIN, ROWWISE, PROMOTE_K, ACCUMULATE, STORE_TMA)  # fmt: skip
-
-
-@triton.jit
-def _tile_at(pid, padded_end_ptr, N, K, P, BLOCK_M: tl.constexpr, SPLIT_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Output tile pid (expert-major, then GROUP_M-swizzled): its expert, first row n0 and column
-    k0, and the expert's token range [step_lo, step_hi) in 128-token steps (ends are multiples of
-    128 by contract; stepping by index keeps offsets provably 128-aligned, which the pointer path
-    needs to vectorize)."""
-    n_tiles = tl.cdiv(N, BLOCK_M)
-    k_tiles = tl.cdiv(K, 128 * SPLIT_N)
-    e = pid // (n_tiles * k_tiles)
-    nt, kt = tl_swizzle(pid % (n_tiles * k_tiles), n_tiles, k_tiles, GROUP_M)
-    step_hi = tl.minimum(tl.load(padded_end_ptr + e), P) // 128
-    step_lo = tl.minimum(tl.load(padded_end_ptr + e - 1, mask=e > 0, other=0) // 128, step_hi)
-    return e, nt * BLOCK_M, kt * 128 * SPLIT_N, step_lo, step_hi
-
-
-@triton.jit
-def _k_step(acc_lo, acc_hi, ps, a, a_scale_ptr, b, b_scale_ptr, n0, k0, N, K, stride_an, stride_bk,
-            stride_san, stride_sap, stride_sbk, stride_sbp, BLOCK_M: tl.constexpr, SPLIT_N: tl.constexpr,
-            USE_TMA: tl.constexpr, PIN: tl.constexpr, ROWWISE: tl.constexpr, PROMOTE_K: tl.constexpr):  # fmt: skip
-    """The tile's accumulators after 128-token step ps."""
-    rows = n0 + tl.arange(0, BLOCK_M)
-    cols_lo = k0 + tl.arange(0, 128)
-    cols_hi = cols_lo + 128
-    a_t = tl_load_tile(a, n0, ps * 128, N, stride_an, BLOCK_M, 128, USE_TMA)
-    b_lo = tl_load_tile(b, k0, ps * 128, K, stride_bk, 128, 128, USE_TMA)
-    if ROWWISE:
-        acc_lo += tl_fp8_dot(a_t, b_lo.T, PROMOTE_K)
-    else:
-        # each 128-token step is one scale tile of both operands: promote by the outer
-        # product, (d * sa) * sb in place (a materialized sa x sb tile: 64 more registers)
-        sa = tl.load(a_scale_ptr + rows.to(tl.int64) * stride_san + ps * stride_sap, mask=rows < N, other=0.0)
-        sb_lo = tl.load(b_scale_ptr + cols_lo.to(tl.int64) * stride_sbk + ps * stride_sbp, mask=cols_lo < K,
-                        other=0.0)  # fmt: skip
-        acc_lo += (tl_fp8_dot(a_t, b_lo.T, PROMOTE_K) * sa[:, None]) * sb_lo[None, :]
-    if SPLIT_N == 2:
-        acc_lo = tl_pin(acc_lo, PIN)
-        b_hi = tl_load_tile(b, k0 + 128, ps * 128, K, stride_bk, 128, 128, USE_TMA)
-        if ROWWISE:
-            acc_hi += tl_fp8_dot(a_t, b_hi.T, PROMOTE_K)
-        else:
-            sb_hi = tl.load(b_scale_ptr + cols_hi.to(tl.int64) * stride_sbk + ps * stride_sbp, mask=cols_hi < K,
-                            other=0.0)  # fmt: skip
-            acc_hi += (tl_fp8_dot(a_t, b_hi.T, PROMOTE_K) * sa[:, None]) * sb_hi[None, :]
-    return acc_lo, acc_hi
-
-
-@triton.jit
-def _epilogue(acc_lo, acc_hi, e, n0, k0, a_scale_ptr, b_scale_ptr, out_ptr, out_desc, N, K,
-              stride_san, stride_sap, stride_sbk, stride_sbp, stride_oe, stride_on,
-              BLOCK_M: tl.constexpr, SPLIT_N: tl.constexpr, ROWWISE: tl.constexpr, ACCUMULATE: tl.constexpr,
-              STORE_TMA: tl.constexpr):  # fmt: skip
-    """Scale (rowwise: this expert's column e of (N, E) and (K, E)) and store the tile."""
-    if ROWWISE:
-        rows = n0 + tl.arange(0, BLOCK_M)
-        cols_lo = k0 + tl.arange(0, 128)
-        sb_lo_ptrs = b_scale_ptr + cols_lo.to(tl.int64) * stride_sbk + e * stride_sbp
-        sa_e = tl.load(a_scale_ptr + rows.to(tl.int64) * stride_san + e * stride_sap, mask=rows < N, other=0.0)
-        acc_lo *= sa_e[:, None] * tl.load(sb_lo_ptrs, mask=cols_lo < K, other=0.0)[None, :]
-        if SPLIT_N == 2:
-            cols_hi = cols_lo + 128
-            acc_hi *= sa_e[:, None] * tl.load(sb_lo_ptrs + 128 * stride_sbk, mask=cols_hi < K, other=0.0)[None, :]
-    _store_out(acc_lo, out_ptr, out_desc, e, n0, k0, N, K, stride_oe, stride_on, BLOCK_M, ACCUMULATE, STORE_TMA)
-    if SPLIT_N == 2:
-        _store_out(acc_hi, out_ptr, out_desc, e, n0, k0 + 128, N, K, stride_oe, stride_on, BLOCK_M, ACCUMULATE,
-                   STORE_TMA)  # fmt: skip
 
 
 @triton.jit
@@ -199,72 +121,58 @@ def _wgrad_tile(
     BLOCK_M: tl.constexpr, SPLIT_N: tl.constexpr, GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, PIN: tl.constexpr,
     ROWWISE: tl.constexpr, PROMOTE_K: tl.constexpr, ACCUMULATE: tl.constexpr, STORE_TMA: tl.constexpr,
 ):
-    """Output tile pid, its K loop then its epilogue."""
-    e, n0, k0, step_lo, step_hi = _tile_at(pid, padded_end_ptr, N, K, P, BLOCK_M, SPLIT_N, GROUP_M)
+    """Output tile pid (expert-major, then GROUP_M-swizzled) of the kernel above."""
+    BLOCK_K: tl.constexpr = 128
+    BLOCK_N: tl.constexpr = 128 * SPLIT_N
+    n_tiles = tl.cdiv(N, BLOCK_M)
+    k_tiles = tl.cdiv(K, BLOCK_N)
+    e = pid // (n_tiles * k_tiles)
+    nt, kt = tl_swizzle(pid % (n_tiles * k_tiles), n_tiles, k_tiles, GROUP_M)
+    # token range of expert e in 128-token steps (ends are multiples of 128 by contract; stepping
+    # by index keeps offsets provably 128-aligned, which the pointer path needs to vectorize)
+    step_hi = tl.minimum(tl.load(padded_end_ptr + e), P) // BLOCK_K
+    step_lo = tl.minimum(tl.load(padded_end_ptr + e - 1, mask=e > 0, other=0) // BLOCK_K, step_hi)
+
+    n0 = nt * BLOCK_M
+    k0 = kt * BLOCK_N
+    rows = n0 + tl.arange(0, BLOCK_M)
+    cols_lo = k0 + tl.arange(0, 128)
+    cols_hi = cols_lo + 128
+    sa_ptrs = a_scale_ptr + rows.to(tl.int64) * stride_san
+    sb_lo_ptrs = b_scale_ptr + cols_lo.to(tl.int64) * stride_sbk
+    sb_hi_ptrs = b_scale_ptr + cols_hi.to(tl.int64) * stride_sbk
     acc_lo = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
     acc_hi = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
     for ps in range(step_lo, step_hi):  # an expert with no tokens: zero steps, zero block
-        acc_lo, acc_hi = _k_step(acc_lo, acc_hi, ps, a, a_scale_ptr, b, b_scale_ptr, n0, k0, N, K, stride_an,
-                                 stride_bk, stride_san, stride_sap, stride_sbk, stride_sbp, BLOCK_M, SPLIT_N,
-                                 USE_TMA, PIN, ROWWISE, PROMOTE_K)  # fmt: skip
-    _epilogue(acc_lo, acc_hi, e, n0, k0, a_scale_ptr, b_scale_ptr, out_ptr, out_desc, N, K, stride_san, stride_sap,
-              stride_sbk, stride_sbp, stride_oe, stride_on, BLOCK_M, SPLIT_N, ROWWISE, ACCUMULATE,
-              STORE_TMA and out_desc is not None)  # fmt: skip
+        a_t = tl_load_tile(a, n0, ps * BLOCK_K, N, stride_an, BLOCK_M, BLOCK_K, USE_TMA)
+        b_lo = tl_load_tile(b, k0, ps * BLOCK_K, K, stride_bk, 128, BLOCK_K, USE_TMA)
+        if ROWWISE:
+            acc_lo += tl_fp8_dot(a_t, b_lo.T, PROMOTE_K)
+        else:
+            # each 128-token step is one scale tile of both operands: promote by the outer
+            # product, (d * sa) * sb in place (a materialized sa x sb tile: 64 more registers)
+            sa = tl.load(sa_ptrs + ps * stride_sap, mask=rows < N, other=0.0)
+            sb_lo = tl.load(sb_lo_ptrs + ps * stride_sbp, mask=cols_lo < K, other=0.0)
+            acc_lo += (tl_fp8_dot(a_t, b_lo.T, PROMOTE_K) * sa[:, None]) * sb_lo[None, :]
+        if SPLIT_N == 2:
+            acc_lo = tl_pin(acc_lo, PIN)
+            b_hi = tl_load_tile(b, k0 + 128, ps * BLOCK_K, K, stride_bk, 128, BLOCK_K, USE_TMA)
+            if ROWWISE:
+                acc_hi += tl_fp8_dot(a_t, b_hi.T, PROMOTE_K)
+            else:
+                sb_hi = tl.load(sb_hi_ptrs + ps * stride_sbp, mask=cols_hi < K, other=0.0)
+                acc_hi += (tl_fp8_dot(a_t, b_hi.T, PROMOTE_K) * sa[:, None]) * sb_hi[None, :]
+    if ROWWISE:  # this expert's scales: column e of (N, E) and (K, E)
+        sa_e = tl.load(sa_ptrs + e * stride_sap, mask=rows < N, other=0.0)[:, None]
+        acc_lo *= sa_e * tl.load(sb_lo_ptrs + e * stride_sbp, mask=cols_lo < K, other=0.0)[None, :]
+        if SPLIT_N == 2:
+            acc_hi *= sa_e * tl.load(sb_hi_ptrs + e * stride_sbp, mask=cols_hi < K, other=0.0)[None, :]
+    _store_out(acc_lo, out_ptr, out_desc, e, n0, k0, N, K, stride_oe, stride_on, BLOCK_M, ACCUMULATE,
+               STORE_TMA and out_desc is not None)  # fmt: skip
+    if SPLIT_N == 2:
+        _store_out(acc_hi, out_ptr, out_desc, e, n0, k0 + 128, N, K, stride_oe, stride_on, BLOCK_M,
+                   ACCUMULATE, STORE_TMA and out_desc is not None)  # fmt: skip
 
-
-@triton.jit
-def _wgrad_flat(
-    tiles, a, a_scale_ptr, b, b_scale_ptr, out_ptr, out_desc, padded_end_ptr, N, K, P, E,
-    stride_an, stride_bk, stride_san, stride_sap, stride_sbk, stride_sbp, stride_oe, stride_on,
-    BLOCK_M: tl.constexpr, SPLIT_N: tl.constexpr, GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, PIN: tl.constexpr,
-    ROWWISE: tl.constexpr, PROMOTE_K: tl.constexpr, ACCUMULATE: tl.constexpr, STORE_TMA: tl.constexpr,
-    E_PAD: tl.constexpr,
-):
-    """This program's tiles (pid0, pid0 + #programs, ...) as one loop over all their K steps, so the
-    software pipeline loads the next tile's first steps while this tile's last ones and its
-    epilogue run. A tile of an expert without tokens takes one step whose product it drops."""
-    pid0 = tl.program_id(0)
-    programs = tl.num_programs(0)
-    # steps this program runs: per expert, its tiles here x max(its 128-token steps, 1)
-    g = tl.arange(0, E_PAD)
-    ends = tl.minimum(tl.load(padded_end_ptr + g, mask=g < E, other=0), P) // 128
-    starts = tl.minimum(tl.load(padded_end_ptr + g - 1, mask=(g >= 1) & (g < E), other=0) // 128, ends)
-    per_expert = tiles // E
-    below_hi = tl.maximum((g + 1) * per_expert - pid0 + programs - 1, 0) // programs  # tiles < (g+1) T here
-    below_lo = tl.maximum(g * per_expert - pid0 + programs - 1, 0) // programs
-    steps_total = tl.sum(tl.where(g < E, (below_hi - below_lo) * tl.maximum(ends - starts, 1), 0))
-
-    pid = pid0 - programs
-    ks = -1  # so the first step starts the first tile
-    n_steps = 0
-    e, n0, k0, step_lo, step_hi = 0, 0, 0, 0, 0
-    acc_lo = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
-    acc_hi = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
-    for _ in range(0, steps_total):
-        ks = tl.where(ks == n_steps - 1, 0, ks + 1)
-        if ks == 0:  # the next tile
-            pid += programs
-            e, n0, k0, step_lo, step_hi = _tile_at(pid, padded_end_ptr, N, K, P, BLOCK_M, SPLIT_N, GROUP_M)
-            n_steps = tl.maximum(step_hi - step_lo, 1)
-        ps = tl.minimum(step_lo + ks, P // 128 - 1)  # in bounds for the dropped step of an empty expert
-        acc_lo, acc_hi = _k_step(acc_lo, acc_hi, ps, a, a_scale_ptr, b, b_scale_ptr, n0, k0, N, K, stride_an,
-                                 stride_bk, stride_san, stride_sap, stride_sbk, stride_sbp, BLOCK_M, SPLIT_N,
-                                 USE_TMA, PIN, ROWWISE, PROMOTE_K)  # fmt: skip
-        if ks == n_steps - 1:
-            if step_hi == step_lo:
-                acc_lo = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
-                acc_hi = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
-            _epilogue(acc_lo, acc_hi, e, n0, k0, a_scale_ptr, b_scale_ptr, out_ptr, out_desc, N, K, stride_san,
-                      stride_sap, stride_sbk, stride_sbp, stride_oe, stride_on, BLOCK_M, SPLIT_N, ROWWISE,
-                      ACCUMULATE, STORE_TMA and out_desc is not None)  # fmt: skip
-            acc_lo = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
-            acc_hi = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
-
-
-# Candidates checked in the interpreter and compiled for sm_90a (ptxas: registers, spills) but not
-# yet timed on a GPU, so not the autotuner's: `python -m bench.gemm --sweep` times them beside its
-# list and tests/test_kernels_gemm.py checks them on a GPU; one that wins moves into the list.
-UNTIMED_WGRAD_CONFIGS = [wgrad_config(128, 2, 8, 3, 1, flatten=True), wgrad_config(64, 2, 4, 2, 2, flatten=True)]
 
 tuned_grouped_mm_wgrad = autotuned(
     _fp8_grouped_mm_wgrad_kernel, _wgrad_configs(triton_interpret()), ["N", "K", "USE_TMA", "ROWWISE", "PROMOTE_K"]
@@ -297,7 +205,7 @@ def launch_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out, use_tma
 
     args = (a_arg, a_scale, b_arg, b_scale, out, out_desc, padded_end, N, K, P, E, P, P,
             *a_scale.stride(), *b_scale.stride(), out.stride(0), out.stride(1))  # fmt: skip
-    meta = dict(ROWWISE=rowwise, PROMOTE_K=promote_k(promotion_interval), E_PAD=triton.next_power_of_2(E))
+    meta = dict(ROWWISE=rowwise, PROMOTE_K=promote_k(promotion_interval))
     key = (N, K, use_tma, rowwise, meta["PROMOTE_K"])  # the autotuner's own key
     if accumulate and config is None:
         if key not in _TUNED:  # no plain launch has chosen yet (the trainer's first micro-batch does)

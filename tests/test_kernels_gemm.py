@@ -153,20 +153,17 @@ def test_wgrad_rowwise_public_op_fp32_and_non_128_features():
     assert rel_l2(out, ref) < 1e-5
 
 
-# persistent (4 programs in the interpreter: several tiles each), stores by TMA; K steps flattened
+# persistent (4 programs in the interpreter: several tiles each), stores by TMA
 PERSISTENT_TMA_STORE = dict(BLOCK_M=32, SPLIT_N=2, GROUP_M=3, num_warps=4, PROGRAMS_PER_SM=1, STORE_TMA=True)
-PERSISTENT_CONFIGS = [PERSISTENT_TMA_STORE, dict(PERSISTENT_TMA_STORE, FLATTEN=True)]
 
 
-@pytest.mark.parametrize("config", PERSISTENT_CONFIGS, ids=["tiles", "flat"])
 @pytest.mark.parametrize("rowwise", [False, True], ids=["blockwise", "rowwise"])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("use_tma", PATHS, ids=["tma", "pointer"])
-def test_wgrad_persistent_tma_store_clips_its_edges_and_accumulates(use_tma, out_dtype, rowwise, config):
+def test_wgrad_persistent_tma_store_clips_its_edges_and_accumulates(use_tma, out_dtype, rowwise):
     """N = 200 and K = 144, neither a multiple of the 32x256 tile: the edge tiles' TMA stores are
     clipped to the output (a guard band after it stays untouched); an accumulating launch adds
-    the product to what out held. Empty experts first, in the middle and last (a flattened program
-    takes one dropped step for each of their tiles)."""
+    the product to what out held. Empty experts first, in the middle and last."""
     N, K, padded = 200, 144, [0, 256, 0, 128, 384, 0]
     a_q, a_s, b_q, b_s, padded_end = wgrad_inputs(N, K, padded, seed=8, rowwise=rowwise)
     ref_fn = torch_fp8_grouped_mm_wgrad_rowwise if rowwise else torch_fp8_grouped_mm_wgrad
@@ -174,7 +171,7 @@ def test_wgrad_persistent_tma_store_clips_its_edges_and_accumulates(use_tma, out
     size = len(padded) * N * K
     storage = torch.full((size + 4096,), float("nan"), dtype=out_dtype)
     out = storage[:size].view(len(padded), N, K)
-    launch_grouped_mm_wgrad(a_q, a_s, b_q, b_s, padded_end, out, use_tma, config, rowwise=rowwise)
+    launch_grouped_mm_wgrad(a_q, a_s, b_q, b_s, padded_end, out, use_tma, PERSISTENT_TMA_STORE, rowwise=rowwise)
     assert storage[size:].isnan().all(), "a store went past the output"
     for e in (0, 2, 5):
         assert torch.equal(out[e], torch.zeros(N, K, dtype=out_dtype)), f"expert {e} has no tokens"
@@ -183,8 +180,8 @@ def test_wgrad_persistent_tma_store_clips_its_edges_and_accumulates(use_tma, out
     if out_dtype == torch.float32:
         before = torch.randn(len(padded), N, K, generator=torch.Generator().manual_seed(1))
         out.copy_(before)
-        launch_grouped_mm_wgrad(a_q, a_s, b_q, b_s, padded_end, out, use_tma, config, rowwise=rowwise,
-                                accumulate=True)
+        launch_grouped_mm_wgrad(a_q, a_s, b_q, b_s, padded_end, out, use_tma, PERSISTENT_TMA_STORE,
+                                rowwise=rowwise, accumulate=True)  # fmt: skip
         assert storage[size:].isnan().all()
         assert rel_l2(out, before + ref) < 1e-5
 
@@ -408,15 +405,15 @@ def config_meta(cfg) -> dict:
 @pytest.mark.parametrize("rowwise", [False, True], ids=["blockwise", "rowwise"])
 def test_gpu_every_wgrad_config(rowwise, exact_fp32_matmul):
     """The autotuner picks a candidate by time alone, so each one (persistent or not, TMA stores or
-    not, and the untimed ones a sweep may promote) is checked here, written and accumulated, at
-    N = 1200 and K = 2000: edge tiles on both sides, two empty experts."""
-    from kernels.grouped_gemm_wgrad import UNTIMED_WGRAD_CONFIGS, tuned_grouped_mm_wgrad
+    not) is checked here, written and accumulated, at N = 1200 and K = 2000: edge tiles on both
+    sides, two empty experts."""
+    from kernels.grouped_gemm_wgrad import tuned_grouped_mm_wgrad
 
     sizes = uneven_sizes(8192, 16, multiple=128)
     w = wgrad_inputs(1200, 2000, sizes, "cuda", rowwise=rowwise)
     ref = (torch_fp8_grouped_mm_wgrad_rowwise if rowwise else torch_fp8_grouped_mm_wgrad)(*w, torch.float32)
     before = torch.randn_like(ref)
-    for cfg in tuned_grouped_mm_wgrad.configs + UNTIMED_WGRAD_CONFIGS:
+    for cfg in tuned_grouped_mm_wgrad.configs:
         out = torch.full_like(ref, math.nan)
         launch_grouped_mm_wgrad(*w, out, True, config_meta(cfg), rowwise=rowwise)
         assert rel_l2(out, ref) < 1e-3, cfg
