@@ -20,9 +20,11 @@ tokens (data=mock) so no corpus is needed:
                   sequences a step (what one 80 GB GPU holds: the file says why)
 Impls (IMPLS: each one's Hydra overrides): bf16 | rowwise | blockwise are fp8.experts (the dense
 layers stay BF16 in all three) on the default config, whose BF16 is the reference of every
-ratio (speedup_vs_bf16); bf16_forward_cast is the BF16 of before run.weight_cast and optim.fused
-(weights cast in every forward, foreach AdamW), a second reference (speedup_vs_bf16_forward_cast).
-The 16 default rows take ~6-8 min on one H100 or H200 (per row: building the model and
+ratio (speedup_vs_bf16); rowwise_all is fp8=rowwise_all (the dense layers' GEMMs in FP8 too,
+configs/fp8/rowwise_all.yaml); bf16_forward_cast is the BF16 of before run.weight_cast and
+optim.fused (weights cast in every forward, foreach AdamW), a second reference
+(speedup_vs_bf16_forward_cast).
+The 20 default rows take ~8-10 min on one H100 or H200 (per row: building the model and
 optimizer, FP8 autotuning, 13 steps of 0.05-0.8 s).
 
 Timing: `--warmup` steps untimed, then `--steps` steps with a CUDA event between consecutive steps
@@ -67,6 +69,7 @@ IMPLS = {  # name -> Hydra overrides; "bf16" is the reference of every speedup
     "bf16": ["fp8=bf16"],
     "rowwise": ["fp8=rowwise"],
     "blockwise": ["fp8=blockwise"],
+    "rowwise_all": ["fp8=rowwise_all"],
     "bf16_forward_cast": ["fp8=bf16", "run.weight_cast=forward", "optim.fused=false"],
 }
 REFERENCES = ("bf16", "bf16_forward_cast")  # each row's tokens/s over theirs: speedup_vs_<name>

@@ -61,7 +61,13 @@ def test_mixtral_2layer_row():
 def test_every_impl_row_composes(model):
     cfgs = {impl: train_step.compose_config(model, impl, steps=13, extra=[]) for impl in train_step.IMPLS}
     assert {i: c.fp8.experts for i, c in cfgs.items()} == {
-        "bf16": "bf16", "rowwise": "rowwise", "blockwise": "blockwise", "bf16_forward_cast": "bf16"}
+        "bf16": "bf16", "rowwise": "rowwise", "blockwise": "blockwise", "rowwise_all": "rowwise",
+        "bf16_forward_cast": "bf16"}
+    # rowwise_all differs from rowwise in the dense layers' recipe alone
+    everywhere = cfgs["rowwise_all"]
+    assert (cfgs["rowwise"].fp8.dense, everywhere.fp8.dense) == ("bf16", "rowwise")
+    everywhere.fp8.dense = "bf16"
+    assert everywhere == cfgs["rowwise"]
     # The reference is the default BF16 step; the old one differs in exactly the two knobs.
     ref, old = cfgs["bf16"], cfgs["bf16_forward_cast"]
     assert (ref.run.weight_cast, ref.optim.fused) == ("step", True)
