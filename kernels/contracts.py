@@ -68,6 +68,21 @@ def check_quantize_weight_args(w_ENK: torch.Tensor, scaling: str) -> None:
         raise ValueError(f"blockwise scaling needs N and K multiples of 128, got {tuple(w_ENK.shape[1:])}")
 
 
+def check_amax_arg(amax: torch.Tensor | None, w_ENK: torch.Tensor, scaling: str, round_bf16: bool) -> None:
+    """amax: None, or for rowwise the amaxes of w_ENK's bf16 rounding (round_bf16, or a bf16 w_ENK)
+    as fp32 bits, int32 (E * N + E * K,): rows then columns (kernels/adamw.py writes them)."""
+    if amax is None:
+        return
+    E, N, K = w_ENK.shape
+    if scaling != "rowwise" or not (round_bf16 or w_ENK.dtype == torch.bfloat16):
+        raise ValueError(f"a given amax is the rowwise amax of the weight's bf16 rounding: it takes scaling "
+                         f"'rowwise' and round_bf16 (or a bf16 weight), got {scaling!r}, round_bf16={round_bf16}, "
+                         f"{w_ENK.dtype}")  # fmt: skip
+    if amax.dtype != torch.int32 or amax.shape != (E * N + E * K,) or amax.device != w_ENK.device:
+        raise ValueError(f"amax must be int32 of shape ({E * N + E * K},) on {w_ENK.device} (E * N row amaxes, "
+                         f"then E * K column amaxes), got {amax.dtype} {tuple(amax.shape)} on {amax.device}")
+
+
 def check_quantize_tensor_args(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -> None:
     if fp8_dtype not in TENSOR_FP8_DTYPES:
         raise ValueError(f"fp8_dtype must be torch.float8_e4m3fn or torch.float8_e5m2, got {fp8_dtype}")

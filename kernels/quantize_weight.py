@@ -39,7 +39,7 @@ import triton.language as tl
 
 from kernels.common import (FP8_DTYPE, tl_fp8_inverse, tl_fp8_quantize_by, tl_fp8_scale, tl_round_bf16_if,
                             triton_interpret)
-from kernels.contracts import check_quantize_weight_args
+from kernels.contracts import check_amax_arg, check_quantize_weight_args
 from kernels.dispatch import kernel_op
 from kernels.fp8_stats import check_stats_arg, tl_fp8_stats_flush, tl_fp8_stats_tile, tl_fp8_stats_zero
 from kernels.reference import torch_quantize_weight
@@ -200,13 +200,15 @@ def _weight_quant_kernel(
 
 def triton_quantize_weight(
     w_ENK: torch.Tensor, scaling: str = "rowwise", pow2_scale: bool = False, round_bf16: bool = False,
-    stats: torch.Tensor | None = None,
+    stats: torch.Tensor | None = None, amax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Both FP8 orientations of w_ENK (see the module docstring). round_bf16: quantize the bf16
     rounding of an fp32 w_ENK (bitwise what quantizing w_ENK.to(torch.bfloat16) gives) without
-    writing that copy. stats: q_ENK's cast statistics."""
+    writing that copy. stats: q_ENK's cast statistics. amax (rowwise): the amaxes the amax pass
+    would take, given (kernels/contracts.py `check_amax_arg`), so that pass does not run."""
     check_quantize_weight_args(w_ENK, scaling)
     check_stats_arg(stats, w_ENK, 1)
+    check_amax_arg(amax, w_ENK, scaling, round_bf16)
     round_bf16 = round_bf16 and w_ENK.dtype != torch.bfloat16
     if w_ENK.is_cuda and w_ENK.dtype != torch.bfloat16 and scaling != "rowwise" and not round_bf16:
         # On an H200 with triton 3.6 (tests/test_kernels_quantize.py::test_quantize_weight_gpu),
@@ -234,7 +236,9 @@ def triton_quantize_weight(
     EVEN = N % BLOCK_N == 0 and K % BLOCK_K == 0
     grid = (triton.cdiv(N, BLOCK_N) * triton.cdiv(K, BLOCK_K), E)
     row_amax = col_amax = scale  # placeholders, unused by blockwise
-    if MODE != 1:
+    if amax is not None:
+        row_amax, col_amax = amax[: E * N], amax[E * N :]
+    elif MODE != 1:
         n_row = E * N if MODE == 0 else E
         amax = torch.zeros((n_row + (E * K if MODE == 0 else 0),), dtype=torch.int32, device=dev)
         row_amax, col_amax = amax[:n_row], amax[n_row:]
@@ -293,7 +297,7 @@ def _scale_shapes(E: int, N: int, K: int, mode: str):
     return (E,), (E,)
 
 
-def _fake_quantize_weight(w_ENK, scaling="rowwise", pow2_scale=False, round_bf16=False, stats=None):
+def _fake_quantize_weight(w_ENK, scaling="rowwise", pow2_scale=False, round_bf16=False, stats=None, amax=None):
     check_quantize_weight_args(w_ENK, scaling)
     E, N, K = w_ENK.shape
     scale_shape, scale_t_shape = _scale_shapes(E, N, K, scaling)

@@ -19,6 +19,7 @@ import torch
 from kernels.common import FP8_DTYPE, FP32_MIN_NORMAL, torch_fp8_inverse, torch_fp8_quantize, torch_fp8_scale
 from kernels.fp8_stats import check_stats_arg, torch_fp8_stats_add
 from kernels.contracts import (
+    check_amax_arg,
     check_quantize_cols_grouped_args,
     check_quantize_rows_and_cols_grouped_args,
     check_quantize_rows_args,
@@ -117,7 +118,7 @@ def torch_quantize_rows_and_cols_grouped(
 
 def torch_quantize_weight(
     w_ENK: torch.Tensor, scaling: str = "rowwise", pow2_scale: bool = False, round_bf16: bool = False,
-    stats: torch.Tensor | None = None,
+    stats: torch.Tensor | None = None, amax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Both FP8 operands of the expert weights, for the forward and the transposed GEMMs.
 
@@ -126,15 +127,19 @@ def torch_quantize_weight(
     multiples of 128): scale (E, Nb, Kb) and scale_t its transpose (E, Kb, Nb), qt_EKN is
     exactly q_ENK transposed; tensorwise: scale and scale_t (E,), qt_EKN = q_ENK^T.
     round_bf16: the values quantized are w_ENK rounded to bf16 first. stats: the statistics of
-    q_ENK's cast (the forward operand; the transposed copy holds the same values).
+    q_ENK's cast (the forward operand; the transposed copy holds the same values). amax (rowwise):
+    the row and column amaxes given, as fp32 bits (kernels/contracts.py `check_amax_arg`).
     """
     check_quantize_weight_args(w_ENK, scaling)
     check_stats_arg(stats, w_ENK, 1)
+    check_amax_arg(amax, w_ENK, scaling, round_bf16)
     w = (w_ENK.to(torch.bfloat16) if round_bf16 else w_ENK).float()
     E, N, K = w.shape
     if scaling == "rowwise":
-        scale = torch_fp8_scale(w.abs().amax(dim=2), pow2_scale)
-        scale_t = torch_fp8_scale(w.abs().amax(dim=1), pow2_scale)
+        rows, cols = (w.abs().amax(dim=2), w.abs().amax(dim=1)) if amax is None else (
+            amax[: E * N].view(torch.float32).view(E, N), amax[E * N :].view(torch.float32).view(E, K))
+        scale = torch_fp8_scale(rows, pow2_scale)
+        scale_t = torch_fp8_scale(cols, pow2_scale)
         q_ENK = torch_fp8_quantize(w, scale[:, :, None])
         torch_fp8_stats_add(stats, w, torch_fp8_inverse(scale[:, :, None]))
         qt_EKN = torch_fp8_quantize(w, scale_t[:, None, :]).view(torch.uint8).transpose(1, 2)

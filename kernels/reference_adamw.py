@@ -40,9 +40,17 @@ class AdamWScalars(NamedTuple):
 
 
 def check_adamw_args(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
-                     grad_scale: torch.Tensor | None = None) -> None:
-    """p fp32, g fp32 or bf16, m and v bf16, all of p's shape, contiguous, on p's device; grad_scale
-    None or one fp32 element on p's device."""
+                     grad_scale: torch.Tensor | None = None, amax: torch.Tensor | None = None) -> None:
+    """p fp32, g fp32 or bf16, m and v both bf16 or both fp32, all of p's shape, contiguous, on p's
+    device; grad_scale None or one fp32 element on p's device; amax None, or for p (E, N, K) int32
+    of E * N + E * K elements on p's device."""
+    if amax is not None:
+        want = p.numel() // p.shape[-1] + p.numel() // p.shape[-2] if p.dim() == 3 and p.numel() else None
+        if p.dim() != 3 or amax.dtype != torch.int32 or amax.numel() != want or amax.device != p.device:
+            count = "E * N + E * K" if want is None else f"E * N + E * K = {want}"
+            raise ValueError(f"amax is for an (E, N, K) parameter: int32, {count} elements on {p.device}; "
+                             f"got {amax.dtype}, {amax.numel()} elements on {amax.device} for a parameter of "
+                             f"shape {tuple(p.shape)}")  # fmt: skip
     if grad_scale is not None and (grad_scale.numel() != 1 or grad_scale.dtype != torch.float32
                                    or grad_scale.device != p.device):
         raise ValueError(f"grad_scale must be one float32 element on {p.device}, got {grad_scale.dtype} of "
@@ -52,8 +60,10 @@ def check_adamw_args(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch
     if g.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"the gradient must be float32 or bfloat16, got {g.dtype}")
     for name, t in (("exp_avg", m), ("exp_avg_sq", v)):
-        if t.dtype != torch.bfloat16:
-            raise ValueError(f"{name} must be bfloat16, got {t.dtype}")
+        if t.dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"{name} must be bfloat16 or float32, got {t.dtype}")
+    if m.dtype != v.dtype:
+        raise ValueError(f"exp_avg and exp_avg_sq must share a dtype, got {m.dtype} and {v.dtype}")
     for name, t in (("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
         if t.shape != p.shape or t.device != p.device:
             raise ValueError(f"{name} must have the parameter's shape {tuple(p.shape)} on {p.device}, "
@@ -65,10 +75,11 @@ def check_adamw_args(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch
 
 @torch.no_grad()
 def torch_adamw_step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: AdamWScalars,
-                      grad_scale: torch.Tensor | None = None) -> None:  # fmt: skip
-    """One step in place on p (fp32), m and v (bf16), module docstring's order of roundings; the
-    gradient divided by grad_scale first where given (g itself is not written)."""
-    check_adamw_args(p, g, m, v, grad_scale)
+                      grad_scale: torch.Tensor | None = None, amax: torch.Tensor | None = None) -> None:  # fmt: skip
+    """One step in place on p (fp32), m and v (bf16 or fp32), module docstring's order of roundings;
+    the gradient divided by grad_scale first where given (g itself is not written); amax: the new
+    p's rowwise amaxes (kernels/adamw.py `adamw_step_`)."""
+    check_adamw_args(p, g, m, v, grad_scale, amax)
     g32 = g.float() if grad_scale is None else g.float() / grad_scale.reshape(())
     m1 = m.float()
     m1 = m1 + (g32 - m1) * (1.0 - s.beta1)
@@ -80,3 +91,6 @@ def torch_adamw_step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torc
     p.sub_(s.step_size * (m1 / denom))
     m.copy_(m1)
     v.copy_(v1)
+    if amax is not None:
+        a = p.to(torch.bfloat16).float().abs()
+        amax.copy_(torch.cat([a.amax(dim=2).flatten(), a.amax(dim=1).flatten()]).view(torch.int32))

@@ -33,26 +33,28 @@ from trainer.optim_bf16 import AdamWBf16
 LR, BETAS, WD = 1e-2, (0.9, 0.95), 0.1
 
 
-def _tensors(n: int, grad_dtype: torch.dtype, seed: int):
+def _tensors(n: int, grad_dtype: torch.dtype, seed: int, moments: torch.dtype = torch.bfloat16):
     """p, g, m, v with magnitudes over many binades, zero gradients and moments among them."""
     gen = torch.Generator().manual_seed(seed)
     mag = lambda: torch.exp(torch.randn(n, generator=gen) * 4.0)  # noqa: E731
     p = torch.randn(n, generator=gen) * mag()
     g = (torch.randn(n, generator=gen) * mag() * (torch.rand(n, generator=gen) > 0.1)).to(grad_dtype)
-    m = (torch.randn(n, generator=gen) * mag() * (torch.rand(n, generator=gen) > 0.1)).bfloat16()
-    v = (torch.rand(n, generator=gen) * mag() ** 2).bfloat16()
+    m = (torch.randn(n, generator=gen) * mag() * (torch.rand(n, generator=gen) > 0.1)).to(moments)
+    v = (torch.rand(n, generator=gen) * mag() ** 2).to(moments)
     return p, g, m, v
 
 
+@pytest.mark.parametrize("moments", [torch.bfloat16, torch.float32], ids=["m_bf16", "m_fp32"])
 @pytest.mark.parametrize("clip", [None, 0.37], ids=["unscaled", "grad_scale"])
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16], ids=["g_fp32", "g_bf16"])
 @pytest.mark.parametrize("n", [0, 1, 37, 2048 * 2 + 5])
-def test_kernel_is_its_reference_bit_for_bit(n, grad_dtype, clip):
-    """Also with a gradient scale (clipping by 0.37 folded into the step: g / (1 / 0.37))."""
+def test_kernel_is_its_reference_bit_for_bit(n, grad_dtype, clip, moments):
+    """Also with a gradient scale (clipping by 0.37 folded into the step: g / (1 / 0.37)), and with
+    fp32 moments (the same step, stored unrounded)."""
     scale = None if clip is None else torch.tensor(clip).reciprocal()
     for step in (1, 2, 50):
         s = AdamWScalars.at(step, LR, BETAS, 1e-8, WD)
-        want = _tensors(n, grad_dtype, seed=n + step)
+        want = _tensors(n, grad_dtype, seed=n + step, moments=moments)
         got = [t.clone() for t in want]
         g_before = want[1].clone()
         torch_adamw_step_(*want, s, grad_scale=scale)
@@ -73,7 +75,9 @@ def test_bad_arguments_name_what_is_wrong():
     s = AdamWScalars.at(1, LR, BETAS, 1e-8, WD)
     with pytest.raises(ValueError, match="fp32 master weights"):
         triton_adamw_step_(p.bfloat16(), g, m, v, s)
-    with pytest.raises(ValueError, match="exp_avg_sq must be bfloat16"):
+    with pytest.raises(ValueError, match="exp_avg_sq must be bfloat16 or float32"):
+        triton_adamw_step_(p, g, m, v.half(), s)
+    with pytest.raises(ValueError, match="must share a dtype"):
         triton_adamw_step_(p, g, m, v.float(), s)
     with pytest.raises(ValueError, match="contiguous"):
         triton_adamw_step_(p.view(2, 4).t(), g.view(2, 4).t(), m.view(2, 4).t(), v.view(2, 4).t(), s)

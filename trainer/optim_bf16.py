@@ -13,7 +13,9 @@ parallelism): the moments are DTensors laid out as their parameter, and the kern
 rank's local shard. The step counter is a CPU tensor, as in torch's foreach AdamW: the bias
 corrections are host arithmetic, no device read. Like torch's fused AdamW, `step` divides the
 gradients by the optimizer's `grad_scale` attribute where one is set (a one-element float32 tensor:
-gradient clipping folded into the step, trainer/optim.py `clipped_step`).
+gradient clipping folded into the step, trainer/optim.py `clipped_step`). Expert weights the rowwise
+FP8 recipe quantizes next (moe/fp8/step_amax.py marks them) are updated by the kernel that also
+takes their row and column amaxes, so the quantizer skips its own amax pass over the fp32 master.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from kernels.adamw import adamw_step_
 from kernels.reference_adamw import AdamWScalars
+from moe.fp8 import step_amax
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 IMPLEMENTATION_KEYS = ("fused", "foreach")  # torch.optim.AdamW's, in the groups of its state
@@ -36,10 +39,12 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 class AdamWBf16(torch.optim.Optimizer):
     """torch.optim.AdamW's update (decoupled weight decay, bias-corrected moments, no amsgrad)
-    with bf16 moments, one kernel launch a parameter (kernels/adamw.py)."""
+    with bf16 moments (or `state_dtype` fp32), one kernel launch a parameter (kernels/adamw.py),
+    which also takes the amaxes of the expert weights marked by moe/fp8/step_amax.py."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:  # fmt: skip
+                 eps: float = 1e-8, weight_decay: float = 1e-2,
+                 state_dtype: torch.dtype = torch.bfloat16) -> None:  # fmt: skip
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"AdamW needs lr, eps, weight_decay >= 0 and betas in [0, 1), got lr={lr}, "
                              f"betas={betas}, eps={eps}, weight_decay={weight_decay}")  # fmt: skip
@@ -48,13 +53,16 @@ class AdamWBf16(torch.optim.Optimizer):
         defaults = dict(torch.optim.AdamW([torch.zeros(1)]).defaults)
         defaults.update(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
+        if state_dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"state_dtype must be torch.bfloat16 or torch.float32, got {state_dtype}")
+        self.state_dtype = state_dtype
 
     def _state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
             for name in MOMENTS:
-                state[name] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.preserve_format)
+                state[name] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.preserve_format)
         return state
 
     @torch.no_grad()
@@ -81,7 +89,11 @@ class AdamWBf16(torch.optim.Optimizer):
                 local = _local(p)
                 scale = None if grad_scale is None else scales.setdefault(
                     local.device, grad_scale.to(local.device, torch.float32, non_blocking=True))
-                adamw_step_(local, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]), s, scale)
+                amax = step_amax.amax_buffer(p)
+                adamw_step_(local, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]), s, scale,
+                            amax)  # fmt: skip
+                if amax is not None:
+                    step_amax.record(p)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -104,4 +116,4 @@ class AdamWBf16(torch.optim.Optimizer):
             if "step" in state:  # a fused AdamW's counter lives on the device
                 state["step"] = state["step"].detach().to("cpu", torch.float32)
             for name, value in moments[key].items():
-                state[name] = value.to(device=p.device, dtype=torch.bfloat16)
+                state[name] = value.to(device=p.device, dtype=self.state_dtype)

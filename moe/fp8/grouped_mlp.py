@@ -36,6 +36,7 @@ Weights, two policies (`cache_weights`), and a third way in:
   optimizer step and reused by every micro-batch until the weights change (WeightCache).
 - Neither under FSDP with parallel.fp8_all_gather: the weights arrive quantized (each rank
   quantizes its own shard once per step, FSDP all-gathers the FP8 bytes: moe/fp8/fsdp_all_gather.py).
+Rowwise, the first two take the amaxes the optimizer step took where it did (moe/fp8/step_amax.py).
 
 Gradient accumulation (`accumulate_grads`, moe/grad_accumulation.py): where a weight's .grad
 already holds the earlier micro-batches' sum, its weight-gradient GEMM adds into it in the epilogue
@@ -66,6 +67,7 @@ from moe.fp8.ablation import ablation_grouped_mlp
 from moe.fp8.fsdp_all_gather import gathered_fp8
 from moe.fp8.gemm import grouped_mm, grouped_mm_wgrad, grouped_mm_wgrad_accumulate_
 from moe.fp8.recipe import Fp8Recipe
+from moe.fp8.step_amax import fresh_amax
 from moe.fp8.weight_cache import WeightCache
 from moe.grad_accumulation import grad_to_add_into
 
@@ -74,7 +76,7 @@ if TYPE_CHECKING:
 
 
 def quantize_expert_weight(
-    w_ENK: torch.Tensor, recipe: Fp8Recipe, stats: Optional[torch.Tensor] = None
+    w_ENK: torch.Tensor, recipe: Fp8Recipe, stats: Optional[torch.Tensor] = None, amax: Optional[torch.Tensor] = None
 ) -> QuantizedWeight:
     """Both FP8 orientations of an expert weight, quantized from its bf16 rounding for every recipe.
 
@@ -82,8 +84,9 @@ def quantize_expert_weight(
     same bytes as quantizing the bf16 copy that autocast would make, on every device (the CPU
     reference included), without writing that copy (rowwise 3.62 ms against 4.32 for the copy
     and the bf16 quantizer at Mixtral-8x7B width: bench/NOTES.md). stats: the forward copy's
-    cast statistics (kernels/fp8_stats.py)."""
-    return quantize_weight(w_ENK, recipe.name, recipe.pow2_scales, round_bf16=True, stats=stats)
+    cast statistics (kernels/fp8_stats.py). amax: rowwise, the amaxes the optimizer step took
+    (moe/fp8/step_amax.py), so the quantizer's own amax pass does not run."""
+    return quantize_weight(w_ENK, recipe.name, recipe.pow2_scales, round_bf16=True, stats=stats, amax=amax)
 
 
 def unit_scales(h_MX: torch.Tensor, block: int) -> torch.Tensor:
@@ -238,12 +241,17 @@ class Fp8GroupedMLP(GroupedMLP):
         if wq1 is not None and wq2 is not None:
             pass  # FSDP all-gathered them as FP8, quantized per shard (moe/fp8/fsdp_all_gather.py)
         elif self.cache_weights:
-            wq1 = self._w1_cache.get(self.w1, self.recipe, stats=_of(self.stats, "w1"))
-            wq2 = self._w2_cache.get(self.w2, self.recipe, stats=_of(self.stats, "w2"))
+            wq1 = self._w1_cache.get(self.w1, self.recipe, stats=_of(self.stats, "w1"), amax=fresh_amax(self.w1))
+            wq2 = self._w2_cache.get(self.w2, self.recipe, stats=_of(self.stats, "w2"), amax=fresh_amax(self.w2))
         else:
             if not torch.compiler.is_compiling():
                 self.invalidate_weight_cache()  # a cache left from cache_weights=True would go stale
-            wq1 = wq2 = None  # quantized for this forward only
+            wq1 = wq2 = None  # quantized for this forward only, here or in fp8_grouped_mlp
+            amax1, amax2 = fresh_amax(self.w1), fresh_amax(self.w2)
+            if amax1 is not None and amax2 is not None:
+                with torch.no_grad():
+                    wq1 = quantize_expert_weight(self.w1.detach(), self.recipe, _of(self.stats, "w1"), amax1)
+                    wq2 = quantize_expert_weight(self.w2.detach(), self.recipe, _of(self.stats, "w2"), amax2)
         return fp8_grouped_mlp(inp, self.w1, self.w2, self.activation, self.recipe, wq1, wq2, self.stats,
                                self.accumulate_grads)  # fmt: skip
 

@@ -31,6 +31,7 @@ from moe.fp8.grouped_mlp import Fp8GroupedMLP
 from moe.fp8.linear_convert import convert_to_float8_training, sync_float8_amax_and_scale_history
 from moe.fp8.recipe import FP8Config, Float8LinearRecipe, Fp8Recipe
 from moe.fp8.stats import Fp8StatsCollector
+from moe.fp8.step_amax import want_step_amax
 
 
 class Fp8Training:
@@ -59,9 +60,15 @@ class Fp8Training:
     def convert(self, model: nn.Module) -> nn.Module:
         """Swap the experts (GroupedMLP -> Fp8GroupedMLP) and the dense projections (nn.Linear ->
         Float8Linear) the config asks for, in place: the same Parameter objects, so do it before
-        the optimizer and parallelism wrap the model."""
+        the optimizer and parallelism wrap the model. Rowwise expert weights are marked for the
+        optimizer to take their amaxes (moe/fp8/step_amax.py)."""
         if self.experts_recipe is not None:
             convert_experts_to_fp8(model, self.experts_recipe, cache_weights=self.cache_weights)
+            if self.experts_recipe.name == "rowwise":  # the optimizer takes their amaxes
+                for module in model.modules():
+                    if isinstance(module, Fp8GroupedMLP):
+                        want_step_amax(module.w1)
+                        want_step_amax(module.w2)
         if self.dense_recipe is not None:
             convert_to_float8_training(model, self.dense_recipe)
         return model
