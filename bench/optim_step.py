@@ -1,8 +1,10 @@
 """One AdamW step over a model's parameters on one GPU: torch's fused AdamW with fp32 moments (the
-trainer's default and the baseline) against the bf16-moment AdamW (optim.state_dtype=bfloat16,
-trainer/optim_bf16.py, kernels/adamw.py).
+trainer's default and the baseline) against our kernel's (trainer/optim_bf16.py, kernels/adamw.py)
+with bf16 moments (optim.state_dtype=bfloat16) or fp32 ones (ours_fp32: a candidate for the
+default).
 
-    python -m bench.optim_step [--models mixtral_2layer,parity_300m] [--out PATH]
+    python -m bench.optim_step [--models mixtral_2layer,parity_300m] [--impls fused_fp32,bf16_moments]
+                               [--out PATH]
 
 Models (their parameters' shapes, from a meta-device build of the trainer's own model):
   mixtral_2layer  configs/experiment/mixtral_2layer_bench.yaml (Mixtral-8x7B width, 2 layers)
@@ -10,6 +12,7 @@ Models (their parameters' shapes, from a meta-device build of the trainer's own 
 Impls, over fp32 parameters and fp32 gradients (random, made once):
   fused_fp32      torch.optim.AdamW(fused=True): 28 bytes moved a parameter, 8 bytes of state
   foreach_fp32    torch.optim.AdamW(foreach=True), the trainer's optim.fused=false
+  ours_fp32       AdamWBf16(state_dtype=torch.float32): 28 bytes moved a parameter, 8 of state
   bf16_moments    AdamWBf16: 20 bytes moved a parameter, 4 bytes of state
 Timing: bench.common.time_ms (CUDA events, L2 flushed, warm-up, median) of optimizer.step(), the
 impls (each its own optimizer and state over one set of parameters and gradients) interleaved
@@ -33,7 +36,8 @@ from bench.common import (GIB, REPO, comma_choices, copy_gbps, failed_row, print
                           write_results)
 
 MODELS = ("mixtral_2layer", "parity_300m")  # bench/train_step.py's models of those names
-IMPLS = {"fused_fp32": 28, "foreach_fp32": 28, "bf16_moments": 20}  # name -> bytes moved a parameter
+# name -> bytes moved a parameter
+IMPLS = {"fused_fp32": 28, "foreach_fp32": 28, "ours_fp32": 28, "bf16_moments": 20}
 ROUNDS = 3
 
 
@@ -49,8 +53,8 @@ def _optimizer(impl: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     from trainer.optim_bf16 import AdamWBf16
 
     kw = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    if impl == "bf16_moments":
-        return AdamWBf16(params, **kw)
+    if impl in ("ours_fp32", "bf16_moments"):
+        return AdamWBf16(params, **kw, state_dtype=torch.float32 if impl == "ours_fp32" else torch.bfloat16)
     return torch.optim.AdamW(params, **kw, **({"fused": True} if impl == "fused_fp32" else {"foreach": True}))
 
 
@@ -99,6 +103,8 @@ def bench_model(model: str, impls: list[str]) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
+    # At Mixtral width two impls at a time fit 80 GB (each holds its own state beside the shared
+    # parameters and gradients): --impls fused_fp32,ours_fp32 for the fp32 candidate.
     ap.add_argument("--impls", default="fused_fp32,bf16_moments",
                     help=f"comma list of {list(IMPLS)}, the first the reference of `ratio`")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "optim_step.json"))
