@@ -36,9 +36,13 @@ _CAST_TRUNCATES = tl.constexpr(triton_interpret())
 
 
 @triton.jit
-def _update(p, g, m, v, scale_ptr, decay, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, inv_bc2_sqrt,
-            eps, HAS_SCALE: tl.constexpr, ROUND_BF16: tl.constexpr):  # fmt: skip
-    """The step on fp32 values (module docstring); m, v come back on the bf16 grid with ROUND_BF16."""
+def _step_at(p_ptr, g_ptr, m_ptr, v_ptr, scale_ptr, offs, mask, decay, beta1, beta2, one_minus_beta1, one_minus_beta2,
+             step_size, inv_bc2_sqrt, eps, HAS_SCALE: tl.constexpr, ROUND_BF16: tl.constexpr):  # fmt: skip
+    """The step (module docstring) of the elements at offs, in place; returns the new p (fp32)."""
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALE:
         g = tl.div_rn(g, tl.load(scale_ptr))
     m = m + (g - m) * one_minus_beta1
@@ -46,7 +50,10 @@ def _update(p, g, m, v, scale_ptr, decay, beta1, beta2, one_minus_beta1, one_min
     denom = tl.sqrt_rn(v) * inv_bc2_sqrt + eps
     p = p * decay
     p = p - step_size * tl.div_rn(m, denom)
-    return p, tl_round_bf16_if(m, ROUND_BF16), tl_round_bf16_if(v, ROUND_BF16)
+    tl.store(p_ptr + offs, p, mask=mask)
+    tl.store(m_ptr + offs, tl_round_bf16_if(m, ROUND_BF16).to(m_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptr + offs, tl_round_bf16_if(v, ROUND_BF16).to(v_ptr.dtype.element_ty), mask=mask)
+    return p
 
 
 @triton.jit
@@ -56,16 +63,8 @@ def _adamw_kernel(
     HAS_SCALE: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    p, m, v = _update(
-        tl.load(p_ptr + offs, mask=mask, other=0.0), tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32),
-        tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32),
-        tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32), scale_ptr, decay, beta1, beta2, one_minus_beta1,
-        one_minus_beta2, step_size, inv_bc2_sqrt, eps, HAS_SCALE, ROUND_BF16,
-    )  # fmt: skip
-    tl.store(p_ptr + offs, p, mask=mask)
-    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
+    _step_at(p_ptr, g_ptr, m_ptr, v_ptr, scale_ptr, offs, offs < N, decay, beta1, beta2, one_minus_beta1,
+             one_minus_beta2, step_size, inv_bc2_sqrt, eps, HAS_SCALE, ROUND_BF16)  # fmt: skip
 
 
 @triton.jit
@@ -80,16 +79,9 @@ def _adamw_amax_kernel(
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (r < R)[:, None] & (k < K)[None, :]
-    offs = r.to(tl.int64)[:, None] * K + k[None, :]
-    p, m, v = _update(
-        tl.load(p_ptr + offs, mask=mask, other=0.0), tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32),
-        tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32),
-        tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32), scale_ptr, decay, beta1, beta2, one_minus_beta1,
-        one_minus_beta2, step_size, inv_bc2_sqrt, eps, HAS_SCALE, ROUND_BF16,
-    )  # fmt: skip
-    tl.store(p_ptr + offs, p, mask=mask)
-    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
+    p = _step_at(p_ptr, g_ptr, m_ptr, v_ptr, scale_ptr, r.to(tl.int64)[:, None] * K + k[None, :], mask, decay,
+                 beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, inv_bc2_sqrt, eps, HAS_SCALE,
+                 ROUND_BF16)  # fmt: skip
     # |bf16(p)| as kernels/quantize_weight.py's amax pass reads an fp32 master with round_bf16
     a = tl.where(mask, tl.abs(tl_round_bf16_if(p, _CAST_TRUNCATES).to(tl.bfloat16).to(tl.float32)), 0.0)
     tl.atomic_max(amax_ptr + r, tl.max(a, axis=1).to(tl.int32, bitcast=True), mask=r < R, sem="relaxed")
