@@ -54,6 +54,7 @@ OWN_KERNELS = {
     "_rope_kernel": "norm_elementwise",  # kernels/rope.py
     "_grad_to_fp32_kernel": "norm_elementwise",  # kernels/grad_cast.py: BF16 weight gradients to fp32
     "_adamw_kernel": "optimizer",  # kernels/adamw.py (optim.state_dtype=bfloat16)
+    "_adamw_amax_kernel": "optimizer",  # the same, taking rowwise FP8 weights' amaxes (moe/fp8/step_amax.py)
     **dict.fromkeys((
         "_act_fwd_kernel", "_act_bwd_amax_kernel", "_act_bwd_quant_kernel", "_amax_to_scale_kernel",
         "_bwd_prep_kernel", "_token_map_kernel", "_quantize_rows_kernel", "_amax_pass_kernel",

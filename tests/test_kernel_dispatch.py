@@ -45,7 +45,7 @@ def _group_ends() -> torch.Tensor:
 # Each mutating op with a statistics buffer, at odd shapes: (entry point, arguments).
 _MUTATING_CALLS = {
     "quantize_weight": (quantize_weight, lambda: (torch.randn(2, 256, 128), "blockwise", False, True,
-                                                  new_stats(1, "cpu"))),
+                                                  new_stats(1, "cpu"), None)),
     "quantize_rows": (quantize_rows, lambda: (torch.randn(100, 96).bfloat16(), 0, False, None, new_stats(1, "cpu"))),
     "act_quant_fwd": (act_quant_fwd, lambda: (torch.randn(100, 192).bfloat16(), "swiglu", 0, False, True,
                                               new_stats(2, "cpu"))),
@@ -89,7 +89,7 @@ def test_a_traced_op_reaches_its_fake_with_every_argument():
     (the in-place bookkeeping runs) and the mutated `stats` left None."""
     w = torch.nn.Parameter(torch.randn(2, 256, 128))
     with FakeTensorMode() as mode:
-        q, scale, qt, scale_t = quantize_weight.op(mode.from_tensor(w), "blockwise", False, True, None)
+        q, scale, qt, scale_t = quantize_weight.op(mode.from_tensor(w), "blockwise", False, True, None, None)
     assert q.shape == (2, 256, 128) and q.dtype == torch.float8_e4m3fn and qt.shape == (2, 128, 256)
 
 

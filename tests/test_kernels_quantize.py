@@ -290,7 +290,10 @@ def test_custom_ops_trace():
     torch.library.opcheck(quantize_rows_and_cols_grouped.op, (x, ends, 16, 0, True, None, None),
                           test_utils=("test_schema", "test_faketensor"))  # fmt: skip
     w = x.view(1, 20, 128)
-    torch.library.opcheck(quantize_weight.op, (w, "rowwise", False, False, None), test_utils=("test_faketensor",))
+    torch.library.opcheck(quantize_weight.op, (w, "rowwise", False, False, None, None), test_utils=("test_faketensor",))
+    amax = w.abs().to(torch.bfloat16).float()  # given amaxes (kernels/adamw.py writes them so)
+    amax = torch.cat([amax.amax(dim=2).flatten(), amax.amax(dim=1).flatten()]).view(torch.int32)
+    torch.library.opcheck(quantize_weight.op, (w, "rowwise", False, True, None, amax), test_utils=("test_faketensor",))
 
     @torch.compile(backend="aot_eager", fullgraph=True)
     def fwd_input(x, ends):
