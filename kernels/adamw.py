@@ -15,7 +15,8 @@ amax (an expert weight (E, N, K) that the rowwise FP8 recipe quantizes next): th
 by atomic max: the amax pass kernels/quantize_weight.py would otherwise run over the fp32 master
 (4 bytes an element read again) is done while the value is in registers.
 
-Shape letters (README.md): N a parameter's elements, flattened; for amax, p is (E, N, K).
+Shape letters (README.md): the flat kernel's N is a parameter's element count; the amax kernel's
+p is (E, N, K), R = E * N rows of K.
 """
 
 from __future__ import annotations
