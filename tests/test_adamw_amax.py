@@ -10,10 +10,20 @@ against the quantizer taking its own, byte for byte: the two ways to a step's FP
 
 import pytest
 import torch
+from fp8_inputs import assert_same
+from optim_helpers import take_steps, tiny_model
 
+import moe.fp8.grouped_mlp as grouped_mlp
 from kernels.adamw import triton_adamw_step_
 from kernels.quantize_weight import quantize_weight
 from kernels.reference_adamw import AdamWScalars, torch_adamw_step_
+from moe.fp8.grouped_mlp import Fp8GroupedMLP, quantize_expert_weight
+from moe.fp8.recipe import FP8Config
+from moe.fp8.step_amax import fresh_amax
+from moe.fp8.training import Fp8Training
+from trainer.config import OptimConfig
+from trainer.optim import param_groups
+from trainer.optim_bf16 import AdamWBf16
 
 LR, BETAS, WD = 1e-2, (0.9, 0.95), 0.1
 SHAPES = [(3, 24, 40), (2, 7, 130), (2, 32, 2048 + 5), (4, 48, 96)]
@@ -69,11 +79,8 @@ def test_quantizer_given_the_steps_amax_writes_the_same_bytes(shape, pow2):
     p, g, m, v = _expert_tensors(shape, torch.float32, seed=3)
     amax = _amax_buffer(shape)
     triton_adamw_step_(p, g, m, v, AdamWScalars.at(3, LR, BETAS, 1e-8, WD), None, amax)
-    given = quantize_weight(p, "rowwise", pow2, round_bf16=True, amax=amax)
-    own = quantize_weight(p, "rowwise", pow2, round_bf16=True)
-    for a, b in zip(given, own):
-        assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a,
-                           b.view(torch.uint8) if b.element_size() == 1 else b)  # fmt: skip
+    assert_same(quantize_weight(p, "rowwise", pow2, round_bf16=True, amax=amax),
+                quantize_weight(p, "rowwise", pow2, round_bf16=True))
 
 
 def test_bad_amax_arguments_name_what_is_wrong():
@@ -110,36 +117,18 @@ def test_gpu_amax_step_at_expert_width():
     for a, b, c in zip(got, want, plain):
         assert torch.equal(a, b) and torch.equal(a, c)
     assert torch.equal(got_amax, want_amax)
-    given = quantize_weight(got[0], "rowwise", False, round_bf16=True, amax=got_amax)
-    own = quantize_weight(got[0], "rowwise", False, round_bf16=True)
-    for a, b in zip(given, own):
-        assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a,
-                           b.view(torch.uint8) if b.element_size() == 1 else b)  # fmt: skip
+    assert_same(quantize_weight(got[0], "rowwise", False, round_bf16=True, amax=got_amax),
+                quantize_weight(got[0], "rowwise", False, round_bf16=True))
 
 
 def _rowwise_model(recipe: str = "rowwise"):
-    from optim_helpers import tiny_model
-
-    from moe.fp8.recipe import FP8Config
-    from moe.fp8.training import Fp8Training
-
     model = tiny_model()
     Fp8Training(FP8Config(experts=recipe)).convert(model)
-    from moe.fp8.grouped_mlp import Fp8GroupedMLP
-
     return model, next(m for m in model.modules() if isinstance(m, Fp8GroupedMLP))
 
 
 @pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float32], ids=["m_bf16", "m_fp32"])
 def test_the_optimizer_hands_the_quantizer_its_amaxes_while_nothing_else_wrote_the_weight(state_dtype):
-    from optim_helpers import take_steps
-
-    from moe.fp8.grouped_mlp import quantize_expert_weight
-    from moe.fp8.step_amax import fresh_amax
-    from trainer.optim import param_groups
-    from trainer.config import OptimConfig
-    from trainer.optim_bf16 import AdamWBf16
-
     model, mlp = _rowwise_model()
     opt = AdamWBf16(param_groups(model, OptimConfig()), lr=LR, betas=BETAS, state_dtype=state_dtype)
     assert fresh_amax(mlp.w1) is None  # no step has taken them yet
@@ -148,10 +137,8 @@ def test_the_optimizer_hands_the_quantizer_its_amaxes_while_nothing_else_wrote_t
         amax = fresh_amax(w)
         a = w.detach().to(torch.bfloat16).float().abs()
         assert torch.equal(amax.view(torch.float32), torch.cat([a.amax(dim=2).flatten(), a.amax(dim=1).flatten()]))
-        given = quantize_expert_weight(w.detach(), mlp.recipe, amax=amax)
-        own = quantize_expert_weight(w.detach(), mlp.recipe)
-        assert all(torch.equal(x.view(torch.uint8) if x.element_size() == 1 else x,
-                               y.view(torch.uint8) if y.element_size() == 1 else y) for x, y in zip(given, own))
+        assert_same(quantize_expert_weight(w.detach(), mlp.recipe, amax=amax),
+                    quantize_expert_weight(w.detach(), mlp.recipe))
     with torch.no_grad():
         mlp.w1.mul_(2.0)  # any write after the step: its amaxes no longer hold
     assert fresh_amax(mlp.w1) is None and fresh_amax(mlp.w2) is not None
@@ -162,14 +149,6 @@ def test_the_optimizer_hands_the_quantizer_its_amaxes_while_nothing_else_wrote_t
 
 
 def test_only_rowwise_expert_weights_are_marked_and_the_forward_takes_the_amaxes(monkeypatch):
-    from optim_helpers import take_steps
-
-    import moe.fp8.grouped_mlp as grouped_mlp
-    from moe.fp8.step_amax import fresh_amax
-    from trainer.optim import param_groups
-    from trainer.config import OptimConfig
-    from trainer.optim_bf16 import AdamWBf16
-
     model, mlp = _rowwise_model("blockwise")
     take_steps(model, AdamWBf16(param_groups(model, OptimConfig()), lr=LR), 0, 1)
     assert fresh_amax(mlp.w1) is None and fresh_amax(mlp.w2) is None

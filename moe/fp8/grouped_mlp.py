@@ -246,12 +246,9 @@ class Fp8GroupedMLP(GroupedMLP):
         else:
             if not torch.compiler.is_compiling():
                 self.invalidate_weight_cache()  # a cache left from cache_weights=True would go stale
-            wq1 = wq2 = None  # quantized for this forward only, here or in fp8_grouped_mlp
-            amax1, amax2 = fresh_amax(self.w1), fresh_amax(self.w2)
-            if amax1 is not None and amax2 is not None:
-                with torch.no_grad():
-                    wq1 = quantize_expert_weight(self.w1.detach(), self.recipe, _of(self.stats, "w1"), amax1)
-                    wq2 = quantize_expert_weight(self.w2.detach(), self.recipe, _of(self.stats, "w2"), amax2)
+            with torch.no_grad():  # quantized for this forward only
+                wq1 = quantize_expert_weight(self.w1.detach(), self.recipe, _of(self.stats, "w1"), fresh_amax(self.w1))
+                wq2 = quantize_expert_weight(self.w2.detach(), self.recipe, _of(self.stats, "w2"), fresh_amax(self.w2))
         return fp8_grouped_mlp(inp, self.w1, self.w2, self.activation, self.recipe, wq1, wq2, self.stats,
                                self.accumulate_grads)  # fmt: skip
 
