@@ -1,9 +1,8 @@
 """One AdamW step over a model's parameters on one GPU: torch's fused AdamW with fp32 moments (the
-trainer's default and the baseline) against our kernel's (trainer/optim_bf16.py, kernels/adamw.py)
-with bf16 moments (optim.state_dtype=bfloat16) or fp32 ones (ours_fp32: a candidate for the
-default).
+baseline) against our kernel's (trainer/fused_adamw.py, kernels/adamw.py) with fp32 moments
+(ours_fp32: the trainer's default) or bf16 ones (optim.state_dtype=bfloat16).
 
-    python -m bench.optim_step [--models mixtral_2layer,parity_300m] [--impls fused_fp32,bf16_moments]
+    python -m bench.optim_step [--models mixtral_2layer,parity_300m] [--impls fused_fp32,ours_fp32]
                                [--out PATH]
 
 Models (their parameters' shapes, from a meta-device build of the trainer's own model):
@@ -12,8 +11,8 @@ Models (their parameters' shapes, from a meta-device build of the trainer's own 
 Impls, over fp32 parameters and fp32 gradients (random, made once):
   fused_fp32      torch.optim.AdamW(fused=True): 28 bytes moved a parameter, 8 bytes of state
   foreach_fp32    torch.optim.AdamW(foreach=True), the trainer's optim.fused=false
-  ours_fp32       AdamWBf16(state_dtype=torch.float32): 28 bytes moved a parameter, 8 of state
-  bf16_moments    AdamWBf16: 20 bytes moved a parameter, 4 bytes of state
+  ours_fp32       FusedAdamW(state_dtype=torch.float32): 28 bytes moved a parameter, 8 of state
+  bf16_moments    FusedAdamW: 20 bytes moved a parameter, 4 bytes of state
 Timing: bench.common.time_ms (CUDA events, L2 flushed, warm-up, median) of optimizer.step(), the
 impls (each its own optimizer and state over one set of parameters and gradients) interleaved
 over ROUNDS rounds, the median of those medians. gbps: the bytes each impl must move (above) over
@@ -50,11 +49,11 @@ def shapes(model: str) -> list[torch.Size]:
 
 
 def _optimizer(impl: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-    from trainer.optim_bf16 import AdamWBf16
+    from trainer.fused_adamw import FusedAdamW
 
     kw = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     if impl in ("ours_fp32", "bf16_moments"):
-        return AdamWBf16(params, **kw, state_dtype=torch.float32 if impl == "ours_fp32" else torch.bfloat16)
+        return FusedAdamW(params, **kw, state_dtype=torch.float32 if impl == "ours_fp32" else torch.bfloat16)
     return torch.optim.AdamW(params, **kw, **({"fused": True} if impl == "fused_fp32" else {"foreach": True}))
 
 
@@ -104,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
     # At Mixtral width two impls at a time fit 80 GB (each holds its own state beside the shared
-    # parameters and gradients): --impls fused_fp32,ours_fp32 for the fp32 candidate.
-    ap.add_argument("--impls", default="fused_fp32,bf16_moments",
+    # parameters and gradients): --impls fused_fp32,bf16_moments for the bf16 moments.
+    ap.add_argument("--impls", default="fused_fp32,ours_fp32",
                     help=f"comma list of {list(IMPLS)}, the first the reference of `ratio`")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "optim_step.json"))
     args = ap.parse_args(argv)

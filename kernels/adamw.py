@@ -2,7 +2,7 @@
 
 Per element the kernel reads p (4 bytes), g (4, or 2 for a bf16 gradient), m and v (2 each in bf16,
 4 in fp32) and writes p, m and v: 20 bytes with bf16 moments (optim.state_dtype=bfloat16,
-trainer/optim_bf16.py: 4 bytes of state a parameter instead of 8), 28 with fp32 ones, as torch's
+trainer/fused_adamw.py: 4 bytes of state a parameter instead of 8), 28 with fp32 ones, as torch's
 fused AdamW moves.
 
 The math and its order of roundings are kernels/reference_adamw.py's. FMA contraction is off and

@@ -23,7 +23,7 @@ from moe.fp8.step_amax import fresh_amax
 from moe.fp8.training import Fp8Training
 from trainer.config import OptimConfig
 from trainer.optim import param_groups
-from trainer.optim_bf16 import AdamWBf16
+from trainer.fused_adamw import FusedAdamW
 
 LR, BETAS, WD = 1e-2, (0.9, 0.95), 0.1
 SHAPES = [(3, 24, 40), (2, 7, 130), (2, 32, 2048 + 5), (4, 48, 96)]
@@ -130,7 +130,7 @@ def _rowwise_model(recipe: str = "rowwise"):
 @pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float32], ids=["m_bf16", "m_fp32"])
 def test_the_optimizer_hands_the_quantizer_its_amaxes_while_nothing_else_wrote_the_weight(state_dtype):
     model, mlp = _rowwise_model()
-    opt = AdamWBf16(param_groups(model, OptimConfig()), lr=LR, betas=BETAS, state_dtype=state_dtype)
+    opt = FusedAdamW(param_groups(model, OptimConfig()), lr=LR, betas=BETAS, state_dtype=state_dtype)
     assert fresh_amax(mlp.w1) is None  # no step has taken them yet
     take_steps(model, opt, 0, 2)
     for w in (mlp.w1, mlp.w2):
@@ -150,10 +150,10 @@ def test_the_optimizer_hands_the_quantizer_its_amaxes_while_nothing_else_wrote_t
 
 def test_only_rowwise_expert_weights_are_marked_and_the_forward_takes_the_amaxes(monkeypatch):
     model, mlp = _rowwise_model("blockwise")
-    take_steps(model, AdamWBf16(param_groups(model, OptimConfig()), lr=LR), 0, 1)
+    take_steps(model, FusedAdamW(param_groups(model, OptimConfig()), lr=LR), 0, 1)
     assert fresh_amax(mlp.w1) is None and fresh_amax(mlp.w2) is None
     model, mlp = _rowwise_model()
-    take_steps(model, AdamWBf16(param_groups(model, OptimConfig()), lr=LR), 0, 1)
+    take_steps(model, FusedAdamW(param_groups(model, OptimConfig()), lr=LR), 0, 1)
     seen = []
     quantize = grouped_mlp.quantize_weight
     monkeypatch.setattr(grouped_mlp, "quantize_weight",

@@ -225,13 +225,13 @@ def _bf16_moments_sharded_step(rank, world, tmp, steps=3):
     compared: a gradient differing in its last fp32 bit (another summation order) can flip a
     moment's bf16 rounding, which the bf16 rows of `_layouts` would count as a 1e-5 difference."""
     from trainer.loop import Trainer
-    from trainer.optim_bf16 import AdamWBf16
+    from trainer.fused_adamw import FusedAdamW
 
     _memoize_data()
     trainer = Trainer(_cfg("fsdp", 2, 1, state_dtype="bfloat16"), f"{tmp}/bf16_moments", _env("fsdp", 2))
     trainer.resume()
     opt, step = trainer.optimizer, trainer.optimizer.step
-    assert isinstance(opt, AdamWBf16)
+    assert isinstance(opt, FusedAdamW)
     checked = []
 
     def checked_step(*args, **kwargs):
@@ -247,7 +247,7 @@ def _bf16_moments_sharded_step(rank, world, tmp, steps=3):
                 if opt.state[p]:
                     state[q] = {k: v.clone() if k == "step" else _full(v) for k, v in opt.state[p].items()}
             groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": full})
-        ref = AdamWBf16(groups)
+        ref = FusedAdamW(groups)
         ref.state.update(state)
         if getattr(opt, "grad_scale", None) is not None:  # a clipped step (trainer/optim.py clipped_step)
             ref.grad_scale = opt.grad_scale

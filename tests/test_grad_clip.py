@@ -1,7 +1,7 @@
 """Gradient clipping in the trainer (trainer/loop.py, trainer/parallel.py, trainer/optim.py): the
 norm logged and the coefficient are torch's clip_grad_norm_'s; the optimizer steps on the clipped
 gradients; and no pass of its own scales them where the optimizer takes a gradient scale (torch's
-fused AdamW, AdamWBf16), or where the norm stays under optim.grad_clip."""
+fused AdamW, FusedAdamW), or where the norm stays under optim.grad_clip."""
 
 import copy
 import math

@@ -1,4 +1,4 @@
-"""optim.state_dtype=bfloat16: AdamW with bf16 moments (trainer/optim_bf16.py, kernels/adamw.py).
+"""optim.state_dtype=bfloat16: AdamW with bf16 moments (trainer/fused_adamw.py, kernels/adamw.py).
 
 Twice, as every FP8 path is tested: the kernel against its torch reference, bit for bit (the same
 fp32 operations in the same order, IEEE square root and quotient, no FMA contraction: there is
@@ -10,8 +10,8 @@ AdamW in fp64 within the bound that storing the moments in bf16 allows:
     size, below 6 (Adam's bound for beta1**2 < beta2), times lr; over `steps` steps the weights
     differ by at most steps * lr * 6 * (rel_m + rel_v / 2) * 1.1 (the 1.1 for second-order
     terms and the fp32 weight's own roundings, below 1e-6 of the bound here).
-Plus checkpoints: a state saved by either optimizer (this one, torch's fused or foreach AdamW)
-loads into the other through the trainer's DCP checkpoints.
+Plus checkpoints: a state saved by any optimizer (this one with bf16 or fp32 moments, torch's fused
+or foreach AdamW) loads into the other through the trainer's DCP checkpoints.
 """
 
 import copy
@@ -27,8 +27,8 @@ from moe.model import build_model
 from trainer.checkpoint import CheckpointConfig, CheckpointManager
 from trainer.config import OptimConfig, TrainConfig
 from trainer.memory_plan import plan_memory
-from trainer.optim import build_optimizer
-from trainer.optim_bf16 import AdamWBf16
+from trainer.optim import build_optimizer, param_groups
+from trainer.fused_adamw import FusedAdamW
 
 LR, BETAS, WD = 1e-2, (0.9, 0.95), 0.1
 
@@ -100,7 +100,7 @@ def test_the_recipe_follows_fp64_adamw_within_the_bf16_moments_bound():
     ours = tiny_model()
     exact = copy.deepcopy(ours).double()
     opt = _bf16_optimizer(ours)
-    assert isinstance(opt, AdamWBf16)
+    assert isinstance(opt, FusedAdamW)
     ref = build_optimizer(exact, OptimConfig(lr=LR, beta1=BETAS[0], beta2=BETAS[1], fused=False))  # fp64 foreach
     take_steps(ours, opt, 0, steps)
     take_steps(exact, ref, 0, steps)
@@ -114,14 +114,15 @@ def test_the_recipe_follows_fp64_adamw_within_the_bf16_moments_bound():
         assert state["step"].device.type == "cpu" and float(state["step"]) == steps
 
 
-@pytest.mark.parametrize("saved", ["bf16", "fused", "foreach"])
+@pytest.mark.parametrize("saved", ["bf16", "fused", "foreach", "torch_fused"])
 def test_checkpoints_cross_between_the_state_dtypes(tmp_path, saved):
     """Through the trainer's checkpoints: 3 steps, saved, loaded into a fresh model with the other
     optimizer, 3 more. Into the bf16 one: the moments arrive rounded to bf16 and the steps go on
     as they would from those moments; out of it: fp32 widening, exact."""
     make = {"bf16": _bf16_optimizer,
             "fused": lambda m: build_optimizer(m, OptimConfig(lr=LR, beta1=BETAS[0], beta2=BETAS[1], fused=True)),
-            "foreach": lambda m: build_optimizer(m, OptimConfig(lr=LR, beta1=BETAS[0], beta2=BETAS[1], fused=False))}
+            "foreach": lambda m: build_optimizer(m, OptimConfig(lr=LR, beta1=BETAS[0], beta2=BETAS[1], fused=False)),
+            "torch_fused": lambda m: torch.optim.AdamW(param_groups(m, OptimConfig()), lr=LR, betas=BETAS, fused=True)}
     other = "fused" if saved == "bf16" else "bf16"
     whole = tiny_model()
     opt_whole = make[saved](whole)

@@ -80,12 +80,14 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm (0 disables)
-    # AdamW's fused implementation (one kernel pass over each group); false: its foreach one. The
-    # same update up to fp32 rounding; a checkpoint saved with either resumes with the other.
+    # Our fused AdamW (trainer/fused_adamw.py: one kernel pass a parameter, which also takes the
+    # rowwise FP8 experts' weight amaxes); false: torch's foreach AdamW. The same update up to fp32
+    # rounding; a checkpoint saved with either (or torch's fused AdamW) resumes with the other.
     fused: bool = True
-    # AdamW's two moments: float32, or bfloat16 (DeepSeek-V3's recipe; trainer/optim_bf16.py): 4
-    # bytes of state a parameter instead of 8, what a Mixtral-8x7B needs to fit one 8-GPU node.
-    # The fp32 master weights and gradients stay. optim.fused applies to float32 only.
+    # AdamW's two moments: float32, or bfloat16 (DeepSeek-V3's recipe): 4 bytes of state a
+    # parameter instead of 8, what a Mixtral-8x7B needs to fit one 8-GPU node. The fp32 master
+    # weights and gradients stay. bfloat16 moments always take the fused AdamW (optim.fused=false
+    # applies to float32 only).
     state_dtype: str = "float32"  # one of STATE_DTYPES
     # The lr schedule's length in steps; 0: run.steps of the run that starts it. A resume keeps
     # the checkpoint's length (trainer/resume.py), so a longer run.steps does not re-stretch it.

@@ -181,9 +181,9 @@ def plan_memory(cfg: TrainConfig, num_gpus: int, model: MoETransformer | None = 
     expert_ids = {id(p) for m in _experts(model) for p in m.parameters()}
     dense = [p for p in model.parameters() if id(p) not in expert_ids]
     groups = (_numel(p for p in dense if p.dim() >= 2), _numel(p for p in dense if p.dim() < 2))
-    # Foreach AdamW's sqrt of exp_avg_sq over its largest group; fused AdamW (optim.fused) updates in place.
-    step_temp = 0 if cfg.optim.fused else FP32 * max(lay.local(groups[0]), lay.local(groups[1]),
-                                                      lay.local(0, experts_total))  # fmt: skip
+    # Foreach AdamW's sqrt of exp_avg_sq over its largest group; the fused AdamW updates in place.
+    foreach = not cfg.optim.fused and cfg.optim.state_dtype == "float32"  # trainer/optim.py build_optimizer
+    step_temp = FP32 * max(lay.local(groups[0]), lay.local(groups[1]), lay.local(0, experts_total)) if foreach else 0
     if W > 1 and not lay.fsdp:  # reduce_gradients flattens each kind into one buffer
         step_temp = max(step_temp, FP32 * max(dense_total, experts_total // W))
     # One rank per experts' FSDP group (EP = world size): nothing to gather, the knob does not apply.

@@ -1,5 +1,5 @@
 """AdamW over fp32 master parameters (moments in fp32, or bf16: optim.state_dtype) with linear
-warm-up and cosine decay."""
+warm-up and cosine decay: our fused kernel (optim.fused, the default) or torch's foreach AdamW."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from moe.experts import GroupedMLP
-from trainer import optim_bf16
+from trainer import fused_adamw
 from trainer.config import OptimConfig
 from trainer.parallel import scale_grads_
 
@@ -19,7 +19,7 @@ from trainer.parallel import scale_grads_
 # mix with plain tensors in one group).
 PARAM_GROUPS = ("decay", "no_decay", "experts")
 # The group keys that name AdamW's implementation rather than its hyperparameters.
-IMPLEMENTATION_KEYS = optim_bf16.IMPLEMENTATION_KEYS
+IMPLEMENTATION_KEYS = fused_adamw.IMPLEMENTATION_KEYS
 
 
 def _weight_decays(cfg: OptimConfig) -> list[float]:
@@ -39,21 +39,22 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over `param_groups`: fp32 moments with torch's fused (optim.fused) or foreach
-    implementation, or bf16 moments (optim.state_dtype=bfloat16, trainer/optim_bf16.py). Its state
-    loads whichever of them saved it: `_keep_implementation`, `AdamWBf16.load_state_dict`."""
-    if cfg.state_dtype == "bfloat16":
-        return optim_bf16.AdamWBf16(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    impl = {"fused": True} if cfg.fused else {"foreach": True}
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **impl)
+    """AdamW over `param_groups`: our fused kernel with optim.state_dtype moments
+    (trainer/fused_adamw.py), or with optim.fused=false torch's foreach AdamW (fp32 moments only:
+    there is no foreach path for bf16 ones, which always take ours). Its state loads whichever of
+    them, or torch's fused AdamW, saved it: `_keep_implementation`, `FusedAdamW.load_state_dict`."""
+    groups, hyper = param_groups(model, cfg), dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.fused or cfg.state_dtype == "bfloat16":
+        return fused_adamw.FusedAdamW(groups, **hyper, state_dtype=getattr(torch, cfg.state_dtype))
+    opt = torch.optim.AdamW(groups, **hyper, foreach=True)
     opt.register_load_state_dict_pre_hook(_keep_implementation)
     return opt
 
 
 def takes_grad_scale(opt: torch.optim.Optimizer) -> bool:
-    """Whether opt.step divides the gradients by `opt.grad_scale` itself: torch's fused AdamW (the
-    attribute torch.amp.GradScaler sets) and AdamWBf16 do; torch's foreach AdamW does not."""
-    return isinstance(opt, optim_bf16.AdamWBf16) or all(group.get("fused") for group in opt.param_groups)
+    """Whether opt.step divides the gradients by `opt.grad_scale` itself: FusedAdamW and torch's
+    fused AdamW (the attribute torch.amp.GradScaler sets) do; torch's foreach AdamW does not."""
+    return isinstance(opt, fused_adamw.FusedAdamW) or all(group.get("fused") for group in opt.param_groups)
 
 
 def clipped_step(opt: torch.optim.Optimizer, model: nn.Module, coef: torch.Tensor | None) -> None:

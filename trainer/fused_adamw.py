@@ -1,21 +1,24 @@
-"""AdamW over fp32 master weights with its two moments in bfloat16 (optim.state_dtype=bfloat16):
-DeepSeek-V3 trains so ("the BF16 data format instead of FP32 to track the first and second moments
-in the AdamW optimizer, without incurring observable performance degradation"), and it is what lets
-a model the size of Mixtral-8x7B fit one 8-GPU node: the state takes 4 bytes a parameter instead of
-8 (trainer/memory_plan.py).
+"""AdamW over fp32 master weights in one kernel pass a parameter (kernels/adamw.py), its two moments
+in fp32 (optim.state_dtype=float32, the default: torch's fused AdamW moves the same 28 bytes an
+element) or in bfloat16 (optim.state_dtype=bfloat16). DeepSeek-V3 trains so ("the BF16 data format
+instead of FP32 to track the first and second moments in the AdamW optimizer, without incurring
+observable performance degradation"), and it is what lets a model the size of Mixtral-8x7B fit one
+8-GPU node: the state takes 4 bytes a parameter instead of 8 (trainer/memory_plan.py).
 
 The same hyperparameters, groups, step counter and state keys as torch.optim.AdamW (`step`,
 `exp_avg`, `exp_avg_sq`), so a checkpoint of either loads into the other: into this one the moments
-are rounded to bf16 one parameter at a time (`load_state_dict`: torch's own load would first cast
-every moment to the parameter's fp32, a transient 8 bytes a parameter that a model sized to fit
-cannot hold); into torch's they are widened to fp32. Parameters may be DTensors (FSDP2, expert
-parallelism): the moments are DTensors laid out as their parameter, and the kernel updates each
-rank's local shard. The step counter is a CPU tensor, as in torch's foreach AdamW: the bias
-corrections are host arithmetic, no device read. Like torch's fused AdamW, `step` divides the
-gradients by the optimizer's `grad_scale` attribute where one is set (a one-element float32 tensor:
-gradient clipping folded into the step, trainer/optim.py `clipped_step`). Expert weights the rowwise
-FP8 recipe quantizes next (moe/fp8/step_amax.py marks them) are updated by the kernel that also
-takes their row and column amaxes, so the quantizer skips its own amax pass over the fp32 master.
+are cast to its state dtype one parameter at a time (`load_state_dict`: torch's own load would
+first cast every moment to the parameter's fp32, a transient 8 bytes a parameter that a model sized
+to fit cannot hold); into torch's they are widened to fp32. Parameters may be DTensors (FSDP2,
+expert parallelism): the moments are DTensors laid out as their parameter, and the kernel updates
+each rank's local shard, so one group may mix DTensors and plain tensors. The step counter is a CPU
+tensor, as in torch's foreach AdamW: the bias corrections are host arithmetic, no device read. Like
+torch's fused AdamW, `step` divides the gradients by the optimizer's `grad_scale` attribute where
+one is set (a one-element float32 tensor: gradient clipping folded into the step, trainer/optim.py
+`clipped_step`). Expert weights the rowwise FP8 recipe quantizes next (moe/fp8/step_amax.py marks
+them) are updated by the kernel that also takes their row and column amaxes, so the quantizer skips
+its own amax pass over the fp32 master. Why ours and not torch's fused AdamW: that amax, and it is
+faster at the same bytes (bench/NOTES.md, bench.optim_step).
 """
 
 from __future__ import annotations
@@ -37,9 +40,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-class AdamWBf16(torch.optim.Optimizer):
+class FusedAdamW(torch.optim.Optimizer):
     """torch.optim.AdamW's update (decoupled weight decay, bias-corrected moments, no amsgrad)
-    with bf16 moments (or `state_dtype` fp32), one kernel launch a parameter (kernels/adamw.py),
+    with `state_dtype` moments (bf16 or fp32), one kernel launch a parameter (kernels/adamw.py),
     which also takes the amaxes of the expert weights marked by moe/fp8/step_amax.py."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -72,7 +75,7 @@ class AdamWBf16(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if getattr(self, "found_inf", None) is not None:
-            raise NotImplementedError("AdamWBf16 takes grad_scale but not found_inf (torch.amp.GradScaler's "
+            raise NotImplementedError("FusedAdamW takes grad_scale but not found_inf (torch.amp.GradScaler's "
                                       "inf check): scale losses with fp32 master weights instead")  # fmt: skip
         grad_scale = getattr(self, "grad_scale", None)
         scales: dict[torch.device, torch.Tensor] = {}
@@ -81,7 +84,7 @@ class AdamWBf16(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
-                    raise RuntimeError("AdamW with bf16 moments does not take sparse gradients")
+                    raise RuntimeError("FusedAdamW does not take sparse gradients")
                 state = self._state(p)
                 state["step"] += 1
                 s = AdamWScalars.at(int(state["step"].item()), float(group["lr"]), group["betas"], group["eps"],
@@ -97,8 +100,8 @@ class AdamWBf16(torch.optim.Optimizer):
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's load for the groups and step counters; the moments set aside first and rounded
-        to bf16 here, one parameter at a time, on the parameter's device (module docstring)."""
+        """torch's load for the groups and step counters; the moments set aside first and cast to
+        the state dtype here, one parameter at a time, on the parameter's device (module docstring)."""
         moments, kept = {}, {}
         for key, entry in state_dict["state"].items():
             moments[key] = {name: entry[name] for name in MOMENTS if name in entry}
