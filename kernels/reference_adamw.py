@@ -56,7 +56,7 @@ def check_adamw_args(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch
         raise ValueError(f"grad_scale must be one float32 element on {p.device}, got {grad_scale.dtype} of "
                          f"shape {tuple(grad_scale.shape)} on {grad_scale.device}")
     if p.dtype != torch.float32:
-        raise ValueError(f"AdamW with bf16 moments updates fp32 master weights, got a {p.dtype} parameter")
+        raise ValueError(f"FusedAdamW updates fp32 master weights, got a {p.dtype} parameter")
     if g.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"the gradient must be float32 or bfloat16, got {g.dtype}")
     for name, t in (("exp_avg", m), ("exp_avg_sq", v)):
