@@ -81,16 +81,22 @@ def torch_adamw_step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torc
     p's rowwise amaxes (kernels/adamw.py `adamw_step_`)."""
     check_adamw_args(p, g, m, v, grad_scale, amax)
     g32 = g.float() if grad_scale is None else g.float() / grad_scale.reshape(())
-    m1 = m.float()
-    m1 = m1 + (g32 - m1) * (1.0 - s.beta1)
-    v1 = v.float() * s.beta2 + (g32 * g32) * (1.0 - s.beta2)
+    # fp32 moments are updated in their own storage; bf16 ones in fp32 copies, stored once at the
+    # end. In-place or not, each fp32 operation below rounds once, in this order:
+    #   m1 = m + (g - m) * (1 - beta1);  v1 = v * beta2 + (g * g) * (1 - beta2)
+    #   p  = p * decay - step_size * (m1 / (sqrt(v1) * inv_bc2_sqrt + eps))
+    m1, v1 = (m, v) if m.dtype == torch.float32 else (m.float(), v.float())
+    t = g32 - m1
+    m1.add_(t.mul_(1.0 - s.beta1))
+    v1.mul_(s.beta2).add_(torch.mul(g32, g32, out=t).mul_(1.0 - s.beta2))
     # The square root in fp64, rounded once to fp32: correctly rounded, as the kernel's sqrt_rn and
     # CUDA's sqrtf are, where torch's vectorized CPU sqrt is not (~1 result in 6 an ulp off).
-    denom = v1.double().sqrt().float() * s.inv_bc2_sqrt + s.eps
+    denom = v1.double().sqrt().float().mul_(s.inv_bc2_sqrt).add_(s.eps)
     p.mul_(s.decay)
-    p.sub_(s.step_size * (m1 / denom))
-    m.copy_(m1)
-    v.copy_(v1)
+    p.sub_(torch.div(m1, denom, out=denom).mul_(s.step_size))
+    if m1 is not m:
+        m.copy_(m1)
+        v.copy_(v1)
     if amax is not None:
         a = p.to(torch.bfloat16).float().abs()
         amax.copy_(torch.cat([a.amax(dim=2).flatten(), a.amax(dim=1).flatten()]).view(torch.int32))
