@@ -25,15 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import tl_round_bf16_if, triton_interpret, use_triton
+from kernels.common import CAST_TRUNCATES, tl_round_bf16_if, triton_interpret, use_triton
 from kernels.reference_adamw import AdamWScalars, check_adamw_args, torch_adamw_step_
 
 BLOCK = 2048  # elements a program: 8 warps of 256
 # Rows of an amax program's tile (at most; a power of two dividing N): column atomics are
 # E * K * N / AMAX_BLOCK_R, row atomics E * N * K / (BLOCK / AMAX_BLOCK_R).
 AMAX_BLOCK_R = 16
-# The interpreter's fp32 -> bf16 cast truncates: the amax's bf16 rounding goes to the grid first there.
-_CAST_TRUNCATES = tl.constexpr(triton_interpret())
 
 
 @triton.jit
@@ -84,7 +82,7 @@ def _adamw_amax_kernel(
                  beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, inv_bc2_sqrt, eps, HAS_SCALE,
                  ROUND_BF16)  # fmt: skip
     # |bf16(p)| as kernels/quantize_weight.py's amax pass reads an fp32 master with round_bf16
-    a = tl.where(mask, tl.abs(tl_round_bf16_if(p, _CAST_TRUNCATES).to(tl.bfloat16).to(tl.float32)), 0.0)
+    a = tl.where(mask, tl.abs(tl_round_bf16_if(p, CAST_TRUNCATES).to(tl.bfloat16).to(tl.float32)), 0.0)
     tl.atomic_max(amax_ptr + r, tl.max(a, axis=1).to(tl.int32, bitcast=True), mask=r < R, sem="relaxed")
     e = (tl.program_id(0) * BLOCK_R) // N
     tl.atomic_max(amax_ptr + R + e * K + k, tl.max(a, axis=0).to(tl.int32, bitcast=True), mask=k < K,

@@ -227,6 +227,11 @@ def tl_round_to_bf16_grid(x):
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
 
 
+# Under Triton's interpreter the fp32 -> bf16 cast truncates: a kernel whose own bf16 rounding must
+# be the GPU's (round to nearest even) rounds to the grid first there (`tl_round_bf16_if`).
+CAST_TRUNCATES = tl.constexpr(triton_interpret())
+
+
 @triton.jit
 def tl_round_bf16_if(x, ROUND_BF16: tl.constexpr):
     """fp32 x, rounded to the bf16 grid first when ROUND_BF16 (a kernel sets it under Triton's

@@ -37,8 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import (FP8_DTYPE, tl_fp8_inverse, tl_fp8_quantize_by, tl_fp8_scale, tl_round_bf16_if,
-                            triton_interpret)
+from kernels.common import CAST_TRUNCATES, FP8_DTYPE, tl_fp8_inverse, tl_fp8_quantize_by, tl_fp8_scale, tl_round_bf16_if
 from kernels.contracts import check_amax_arg, check_quantize_weight_args
 from kernels.dispatch import kernel_op
 from kernels.fp8_stats import check_stats_arg, tl_fp8_stats_flush, tl_fp8_stats_tile, tl_fp8_stats_zero
@@ -49,8 +48,6 @@ _NUM_STAGES = 1
 
 _MODES = {"rowwise": 0, "blockwise": 1, "tensorwise": 2}
 _STATS_SUB_N = tl.constexpr(32)  # rows a blockwise program counts statistics over at a time
-# The interpreter's fp32 -> bf16 cast truncates: there ROUND_BF16 rounds to the bf16 grid first.
-_CAST_TRUNCATES = tl.constexpr(triton_interpret())
 
 
 class QuantizedWeight(NamedTuple):
@@ -78,7 +75,7 @@ def _load(ptrs, mask, EVEN: tl.constexpr, ROUND_BF16: tl.constexpr, FP32: tl.con
     else:
         w = tl.load(ptrs, mask=mask, other=0.0)
     if ROUND_BF16:
-        w = tl_round_bf16_if(w, _CAST_TRUNCATES).to(tl.bfloat16)
+        w = tl_round_bf16_if(w, CAST_TRUNCATES).to(tl.bfloat16)
     return w.to(tl.float32) if FP32 else w
 
 

@@ -146,6 +146,13 @@ class LoggingConfig:
     fp8_underflow_warn: float = 0.1  # share of an operand's values, nonzero, cast to zero
 
 
+def foreach_adamw(opt: OptimConfig) -> bool:
+    """Whether the optimizer is torch's foreach AdamW: optim.fused=false with fp32 moments (bf16
+    moments always take the fused AdamW). trainer/optim.py builds it; trainer/memory_plan.py counts
+    its temporaries."""
+    return not opt.fused and opt.state_dtype == "float32"
+
+
 def check_fp8_stats(lg: LoggingConfig, compile_blocks: bool) -> None:
     """The logging.fp8_* fields; the statistics are counted in eager mode only (their buffers are
     set on the modules between steps, which a compiled graph does not see)."""

@@ -90,11 +90,11 @@ class FusedAdamW(torch.optim.Optimizer):
                 s = AdamWScalars.at(int(state["step"].item()), float(group["lr"]), group["betas"], group["eps"],
                                     group["weight_decay"])  # fmt: skip
                 local = _local(p)
-                scale = None if grad_scale is None else scales.setdefault(
-                    local.device, grad_scale.to(local.device, torch.float32, non_blocking=True))
+                if grad_scale is not None and local.device not in scales:  # one copy a device
+                    scales[local.device] = grad_scale.to(local.device, torch.float32, non_blocking=True)
                 amax = step_amax.amax_buffer(p)
-                adamw_step_(local, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]), s, scale,
-                            amax)  # fmt: skip
+                adamw_step_(local, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]), s,
+                            scales.get(local.device), amax)  # fmt: skip
                 if amax is not None:
                     step_amax.record(p)
         return loss

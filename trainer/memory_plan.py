@@ -50,7 +50,7 @@ from moe.fp8.float8_linear import Float8Linear
 from moe.fp8.grouped_mlp import Fp8GroupedMLP
 from moe.fp8.training import Fp8Training
 from moe.model import MoETransformer
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, foreach_adamw
 from trainer.memory_activations import (
     FP32,
     block_activation_bytes,
@@ -182,8 +182,9 @@ def plan_memory(cfg: TrainConfig, num_gpus: int, model: MoETransformer | None = 
     dense = [p for p in model.parameters() if id(p) not in expert_ids]
     groups = (_numel(p for p in dense if p.dim() >= 2), _numel(p for p in dense if p.dim() < 2))
     # Foreach AdamW's sqrt of exp_avg_sq over its largest group; the fused AdamW updates in place.
-    foreach = not cfg.optim.fused and cfg.optim.state_dtype == "float32"  # trainer/optim.py build_optimizer
-    step_temp = FP32 * max(lay.local(groups[0]), lay.local(groups[1]), lay.local(0, experts_total)) if foreach else 0
+    step_temp = 0
+    if foreach_adamw(cfg.optim):
+        step_temp = FP32 * max(lay.local(groups[0]), lay.local(groups[1]), lay.local(0, experts_total))
     if W > 1 and not lay.fsdp:  # reduce_gradients flattens each kind into one buffer
         step_temp = max(step_temp, FP32 * max(dense_total, experts_total // W))
     # One rank per experts' FSDP group (EP = world size): nothing to gather, the knob does not apply.

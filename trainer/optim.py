@@ -10,7 +10,7 @@ from torch import nn
 
 from moe.experts import GroupedMLP
 from trainer import fused_adamw
-from trainer.config import OptimConfig
+from trainer.config import OptimConfig, foreach_adamw
 from trainer.parallel import scale_grads_
 
 # The parameter groups, in this order, whatever the layout: a checkpoint's optimizer and scheduler
@@ -44,7 +44,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     there is no foreach path for bf16 ones, which always take ours). Its state loads whichever of
     them, or torch's fused AdamW, saved it: `_keep_implementation`, `FusedAdamW.load_state_dict`."""
     groups, hyper = param_groups(model, cfg), dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    if cfg.fused or cfg.state_dtype == "bfloat16":
+    if not foreach_adamw(cfg):
         return fused_adamw.FusedAdamW(groups, **hyper, state_dtype=getattr(torch, cfg.state_dtype))
     opt = torch.optim.AdamW(groups, **hyper, foreach=True)
     opt.register_load_state_dict_pre_hook(_keep_implementation)
