@@ -90,36 +90,82 @@ def _store_out(acc, out_ptr, out_desc, e, n0, c0, N, K, stride_oe, stride_on,
 @triton.jit
 def _fp8_grouped_mm_wgrad_kernel(
     a, a_scale_ptr, b, b_scale_ptr, out_ptr, out_desc, padded_end_ptr,
-    N, K, P, E,
+    N, K, P, E, S,
     stride_an, stride_bk,
-    stride_san, stride_sap, stride_sbk, stride_sbp,
+    stride_san, stride_sap, stride_sbk, stride_sbp, stride_sas, stride_sbs, stride_pes,
     stride_oe, stride_on,
     BLOCK_M: tl.constexpr, SPLIT_N: tl.constexpr, GROUP_M: tl.constexpr,
     USE_TMA: tl.constexpr, PIN: tl.constexpr, ROWWISE: tl.constexpr, PROMOTE_K: tl.constexpr,
     ACCUMULATE: tl.constexpr = False, PROGRAMS_PER_SM: tl.constexpr = 0, STORE_TMA: tl.constexpr = False,
+    SEGMENTED: tl.constexpr = False,
 ):
     """ROWWISE: scales (N, E) and (K, E), applied in the epilogue; else (N, P/128), (K, P/128).
     PROMOTE_K: kernels/grouped_gemm.py's `tl_fp8_dot`. ACCUMULATE: out += the product (fp32 out).
     PROGRAMS_PER_SM: 0, one program per tile, else persistent (the launcher's grid); STORE_TMA takes
-    effect where out_desc is given."""
+    effect where out_desc is given. SEGMENTED: S segments (`_segments_tile`), a and b their
+    (S N, P) and (S K, P) stacks, scales and padded ends one slice a segment (strides stride_s*,
+    stride_pes)."""
     if PROGRAMS_PER_SM == 0:  # no loop: a loop around the tile costs the rowwise 128x256 spills
-        _wgrad_tile(tl.program_id(0), a, a_scale_ptr, b, b_scale_ptr, out_ptr, out_desc, padded_end_ptr, N, K, P,
-                    stride_an, stride_bk, stride_san, stride_sap, stride_sbk, stride_sbp, stride_oe, stride_on,
-                    BLOCK_M, SPLIT_N, GROUP_M, USE_TMA, PIN, ROWWISE, PROMOTE_K, ACCUMULATE, STORE_TMA)  # fmt: skip
+        _wgrad_tile(tl.program_id(0), a, a_scale_ptr, b, b_scale_ptr, out_ptr, out_desc, padded_end_ptr, N, K, P, S,
+                    stride_an, stride_bk, stride_san, stride_sap, stride_sbk, stride_sbp, stride_sas, stride_sbs,
+                    stride_pes, stride_oe, stride_on, BLOCK_M, SPLIT_N, GROUP_M, USE_TMA, PIN, ROWWISE, PROMOTE_K,
+                    ACCUMULATE, STORE_TMA, SEGMENTED)  # fmt: skip
     else:
         tiles = E * tl.cdiv(N, BLOCK_M) * tl.cdiv(K, 128 * SPLIT_N)
         for pid in tl.range(tl.program_id(0), tiles, tl.num_programs(0)):
-            _wgrad_tile(pid, a, a_scale_ptr, b, b_scale_ptr, out_ptr, out_desc, padded_end_ptr, N, K, P,
-                        stride_an, stride_bk, stride_san, stride_sap, stride_sbk, stride_sbp, stride_oe, stride_on,
-                        BLOCK_M, SPLIT_N, GROUP_M, USE_TMA, PIN, ROWWISE, PROMOTE_K, ACCUMULATE, STORE_TMA)  # fmt: skip
+            _wgrad_tile(pid, a, a_scale_ptr, b, b_scale_ptr, out_ptr, out_desc, padded_end_ptr, N, K, P, S,
+                        stride_an, stride_bk, stride_san, stride_sap, stride_sbk, stride_sbp, stride_sas, stride_sbs,
+                        stride_pes, stride_oe, stride_on, BLOCK_M, SPLIT_N, GROUP_M, USE_TMA, PIN, ROWWISE,
+                        PROMOTE_K, ACCUMULATE, STORE_TMA, SEGMENTED)  # fmt: skip
+
+
+@triton.jit
+def _token_steps(padded_end_ptr, e, P, BLOCK_K: tl.constexpr):
+    """Expert e's token range in 128-token steps (ends are multiples of 128 by contract; stepping
+    by index keeps offsets provably 128-aligned, which the pointer path needs to vectorize)."""
+    step_hi = tl.minimum(tl.load(padded_end_ptr + e), P) // BLOCK_K
+    step_lo = tl.minimum(tl.load(padded_end_ptr + e - 1, mask=e > 0, other=0) // BLOCK_K, step_hi)
+    return step_lo, step_hi
+
+
+@triton.jit
+def _k_steps(acc_lo, acc_hi, a, b, a_row0, a_end, b_row0, b_end, step_lo, step_hi, sa_ptrs, sb_lo_ptrs, sb_hi_ptrs,
+             a_ok, lo_ok, hi_ok, stride_an, stride_bk, stride_sap, stride_sbp, BLOCK_M: tl.constexpr,
+             SPLIT_N: tl.constexpr, USE_TMA: tl.constexpr, PIN: tl.constexpr, ROWWISE: tl.constexpr,
+             PROMOTE_K: tl.constexpr):  # fmt: skip
+    """The K loop over token steps [step_lo, step_hi): a's rows from a_row0 (those >= a_end read
+    as 0 on the pointer path), b's from b_row0; blockwise, each step promoted by its scales."""
+    BLOCK_K: tl.constexpr = 128
+    for ps in range(step_lo, step_hi):  # an expert with no tokens: zero steps, zero block
+        a_t = tl_load_tile(a, a_row0, ps * BLOCK_K, a_end, stride_an, BLOCK_M, BLOCK_K, USE_TMA)
+        b_lo = tl_load_tile(b, b_row0, ps * BLOCK_K, b_end, stride_bk, 128, BLOCK_K, USE_TMA)
+        if ROWWISE:
+            acc_lo += tl_fp8_dot(a_t, b_lo.T, PROMOTE_K)
+        else:
+            # each 128-token step is one scale tile of both operands: promote by the outer
+            # product, (d * sa) * sb in place (a materialized sa x sb tile: 64 more registers)
+            sa = tl.load(sa_ptrs + ps * stride_sap, mask=a_ok, other=0.0)
+            sb_lo = tl.load(sb_lo_ptrs + ps * stride_sbp, mask=lo_ok, other=0.0)
+            acc_lo += (tl_fp8_dot(a_t, b_lo.T, PROMOTE_K) * sa[:, None]) * sb_lo[None, :]
+        if SPLIT_N == 2:
+            acc_lo = tl_pin(acc_lo, PIN)
+            b_hi = tl_load_tile(b, b_row0 + 128, ps * BLOCK_K, b_end, stride_bk, 128, BLOCK_K, USE_TMA)
+            if ROWWISE:
+                acc_hi += tl_fp8_dot(a_t, b_hi.T, PROMOTE_K)
+            else:
+                sb_hi = tl.load(sb_hi_ptrs + ps * stride_sbp, mask=hi_ok, other=0.0)
+                acc_hi += (tl_fp8_dot(a_t, b_hi.T, PROMOTE_K) * sa[:, None]) * sb_hi[None, :]
+    return acc_lo, acc_hi
 
 
 @triton.jit
 def _wgrad_tile(
-    pid, a, a_scale_ptr, b, b_scale_ptr, out_ptr, out_desc, padded_end_ptr, N, K, P,
-    stride_an, stride_bk, stride_san, stride_sap, stride_sbk, stride_sbp, stride_oe, stride_on,
+    pid, a, a_scale_ptr, b, b_scale_ptr, out_ptr, out_desc, padded_end_ptr, N, K, P, S,
+    stride_an, stride_bk, stride_san, stride_sap, stride_sbk, stride_sbp, stride_sas, stride_sbs, stride_pes,
+    stride_oe, stride_on,
     BLOCK_M: tl.constexpr, SPLIT_N: tl.constexpr, GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, PIN: tl.constexpr,
     ROWWISE: tl.constexpr, PROMOTE_K: tl.constexpr, ACCUMULATE: tl.constexpr, STORE_TMA: tl.constexpr,
+    SEGMENTED: tl.constexpr,
 ):
     """Output tile pid (expert-major, then GROUP_M-swizzled) of the kernel above."""
     BLOCK_K: tl.constexpr = 128
@@ -128,45 +174,33 @@ def _wgrad_tile(
     k_tiles = tl.cdiv(K, BLOCK_N)
     e = pid // (n_tiles * k_tiles)
     nt, kt = tl_swizzle(pid % (n_tiles * k_tiles), n_tiles, k_tiles, GROUP_M)
-    # token range of expert e in 128-token steps (ends are multiples of 128 by contract; stepping
-    # by index keeps offsets provably 128-aligned, which the pointer path needs to vectorize)
-    step_hi = tl.minimum(tl.load(padded_end_ptr + e), P) // BLOCK_K
-    step_lo = tl.minimum(tl.load(padded_end_ptr + e - 1, mask=e > 0, other=0) // BLOCK_K, step_hi)
 
     n0 = nt * BLOCK_M
     k0 = kt * BLOCK_N
     rows = n0 + tl.arange(0, BLOCK_M)
     cols_lo = k0 + tl.arange(0, 128)
     cols_hi = cols_lo + 128
+    a_ok, lo_ok, hi_ok = rows < N, cols_lo < K, cols_hi < K
     sa_ptrs = a_scale_ptr + rows.to(tl.int64) * stride_san
     sb_lo_ptrs = b_scale_ptr + cols_lo.to(tl.int64) * stride_sbk
     sb_hi_ptrs = b_scale_ptr + cols_hi.to(tl.int64) * stride_sbk
     acc_lo = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
     acc_hi = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
-    for ps in range(step_lo, step_hi):  # an expert with no tokens: zero steps, zero block
-        a_t = tl_load_tile(a, n0, ps * BLOCK_K, N, stride_an, BLOCK_M, BLOCK_K, USE_TMA)
-        b_lo = tl_load_tile(b, k0, ps * BLOCK_K, K, stride_bk, 128, BLOCK_K, USE_TMA)
-        if ROWWISE:
-            acc_lo += tl_fp8_dot(a_t, b_lo.T, PROMOTE_K)
-        else:
-            # each 128-token step is one scale tile of both operands: promote by the outer
-            # product, (d * sa) * sb in place (a materialized sa x sb tile: 64 more registers)
-            sa = tl.load(sa_ptrs + ps * stride_sap, mask=rows < N, other=0.0)
-            sb_lo = tl.load(sb_lo_ptrs + ps * stride_sbp, mask=cols_lo < K, other=0.0)
-            acc_lo += (tl_fp8_dot(a_t, b_lo.T, PROMOTE_K) * sa[:, None]) * sb_lo[None, :]
-        if SPLIT_N == 2:
-            acc_lo = tl_pin(acc_lo, PIN)
-            b_hi = tl_load_tile(b, k0 + 128, ps * BLOCK_K, K, stride_bk, 128, BLOCK_K, USE_TMA)
-            if ROWWISE:
-                acc_hi += tl_fp8_dot(a_t, b_hi.T, PROMOTE_K)
-            else:
-                sb_hi = tl.load(sb_hi_ptrs + ps * stride_sbp, mask=cols_hi < K, other=0.0)
-                acc_hi += (tl_fp8_dot(a_t, b_hi.T, PROMOTE_K) * sa[:, None]) * sb_hi[None, :]
-    if ROWWISE:  # this expert's scales: column e of (N, E) and (K, E)
-        sa_e = tl.load(sa_ptrs + e * stride_sap, mask=rows < N, other=0.0)[:, None]
-        acc_lo *= sa_e * tl.load(sb_lo_ptrs + e * stride_sbp, mask=cols_lo < K, other=0.0)[None, :]
-        if SPLIT_N == 2:
-            acc_hi *= sa_e * tl.load(sb_hi_ptrs + e * stride_sbp, mask=cols_hi < K, other=0.0)[None, :]
+    if SEGMENTED:
+        acc_lo, acc_hi = _segments_tile(acc_lo, acc_hi, a, b, e, n0, k0, N, K, P, S, padded_end_ptr, sa_ptrs,
+                                        sb_lo_ptrs, sb_hi_ptrs, a_ok, lo_ok, hi_ok, stride_an, stride_bk, stride_sap,
+                                        stride_sbp, stride_sas, stride_sbs, stride_pes, BLOCK_M, SPLIT_N, USE_TMA,
+                                        PIN, ROWWISE, PROMOTE_K)  # fmt: skip
+    else:
+        step_lo, step_hi = _token_steps(padded_end_ptr, e, P, BLOCK_K)
+        acc_lo, acc_hi = _k_steps(acc_lo, acc_hi, a, b, n0, N, k0, K, step_lo, step_hi, sa_ptrs, sb_lo_ptrs,
+                                  sb_hi_ptrs, a_ok, lo_ok, hi_ok, stride_an, stride_bk, stride_sap, stride_sbp,
+                                  BLOCK_M, SPLIT_N, USE_TMA, PIN, ROWWISE, PROMOTE_K)  # fmt: skip
+        if ROWWISE:  # this expert's scales: column e of (N, E) and (K, E)
+            sa_e = tl.load(sa_ptrs + e * stride_sap, mask=a_ok, other=0.0)[:, None]
+            acc_lo *= sa_e * tl.load(sb_lo_ptrs + e * stride_sbp, mask=lo_ok, other=0.0)[None, :]
+            if SPLIT_N == 2:
+                acc_hi *= sa_e * tl.load(sb_hi_ptrs + e * stride_sbp, mask=hi_ok, other=0.0)[None, :]
     _store_out(acc_lo, out_ptr, out_desc, e, n0, k0, N, K, stride_oe, stride_on, BLOCK_M, ACCUMULATE,
                STORE_TMA and out_desc is not None)  # fmt: skip
     if SPLIT_N == 2:
@@ -174,8 +208,49 @@ def _wgrad_tile(
                    ACCUMULATE, STORE_TMA and out_desc is not None)  # fmt: skip
 
 
+@triton.jit
+def _segments_tile(acc_lo, acc_hi, a, b, e, n0, k0, N, K, P, S, padded_end_ptr, sa_ptrs, sb_lo_ptrs, sb_hi_ptrs,
+                   a_ok, lo_ok, hi_ok, stride_an, stride_bk, stride_sap, stride_sbp, stride_sas, stride_sbs,
+                   stride_pes, BLOCK_M: tl.constexpr, SPLIT_N: tl.constexpr, USE_TMA: tl.constexpr,
+                   PIN: tl.constexpr, ROWWISE: tl.constexpr, PROMOTE_K: tl.constexpr):  # fmt: skip
+    """One output tile summed over S segments (micro-batches): segment s reads rows s N + n of a,
+    s K + k of b, its own padded ends and scales. Rowwise scales differ by segment but not along
+    a segment's tokens: the accumulator is kept in the units of the last segment with tokens,
+    rescaled by old / new scale when the next one starts, and scaled once at the end. The ratios
+    are exact for power-of-two scales (else two roundings a segment), and they cannot overflow
+    the accumulator unless a row's scale falls by more than 2**90 between two micro-batches."""
+    BLOCK_K: tl.constexpr = 128
+    prev_a = tl.full((BLOCK_M,), 1.0, tl.float32)  # acc is zero until a segment has tokens
+    prev_lo = tl.full((128,), 1.0, tl.float32)
+    prev_hi = tl.full((128,), 1.0, tl.float32)
+    for s in range(S):
+        step_lo, step_hi = _token_steps(padded_end_ptr + s * stride_pes, e, P, BLOCK_K)
+        sa_s, sb_lo_s, sb_hi_s = sa_ptrs + s * stride_sas, sb_lo_ptrs + s * stride_sbs, sb_hi_ptrs + s * stride_sbs
+        if step_hi > step_lo:
+            if ROWWISE:  # scales are >= 2**-126 (kernels/common.py `tl_fp8_scale`): no zero divides
+                sa = tl.load(sa_s + e * stride_sap, mask=a_ok, other=1.0)
+                sb_lo = tl.load(sb_lo_s + e * stride_sbp, mask=lo_ok, other=1.0)
+                ratio_a = tl.math.div_rn(prev_a, sa)[:, None]
+                acc_lo *= ratio_a * tl.math.div_rn(prev_lo, sb_lo)[None, :]
+                prev_a, prev_lo = sa, sb_lo
+                if SPLIT_N == 2:
+                    sb_hi = tl.load(sb_hi_s + e * stride_sbp, mask=hi_ok, other=1.0)
+                    acc_hi *= ratio_a * tl.math.div_rn(prev_hi, sb_hi)[None, :]
+                    prev_hi = sb_hi
+            acc_lo, acc_hi = _k_steps(acc_lo, acc_hi, a, b, s * N + n0, (s + 1) * N, s * K + k0, (s + 1) * K, step_lo,
+                                      step_hi, sa_s, sb_lo_s, sb_hi_s, a_ok, lo_ok, hi_ok, stride_an, stride_bk,
+                                      stride_sap, stride_sbp, BLOCK_M, SPLIT_N, USE_TMA, PIN, ROWWISE,
+                                      PROMOTE_K)  # fmt: skip
+    if ROWWISE:
+        acc_lo *= prev_a[:, None] * prev_lo[None, :]
+        if SPLIT_N == 2:
+            acc_hi *= prev_a[:, None] * prev_hi[None, :]
+    return acc_lo, acc_hi
+
+
 tuned_grouped_mm_wgrad = autotuned(
-    _fp8_grouped_mm_wgrad_kernel, _wgrad_configs(triton_interpret()), ["N", "K", "USE_TMA", "ROWWISE", "PROMOTE_K"]
+    _fp8_grouped_mm_wgrad_kernel, _wgrad_configs(triton_interpret()),
+    ["N", "K", "USE_TMA", "ROWWISE", "PROMOTE_K", "SEGMENTED"],
 )
 
 
@@ -185,17 +260,22 @@ def launch_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out, use_tma
     """Write out (E, N, K) in place, every block (zeros for experts without tokens), or with
     `accumulate` add into it; config: one explicit autotune candidate's meta-parameters instead of
     the autotuner. An accumulating launch never autotunes (timing candidates would add the product
-    once per run): it takes the config the autotuner chose for the same shapes (`_TUNED`)."""
-    (N, P), K, E = a_q.shape, b_q.shape[0], padded_end.shape[0]
+    once per run): it takes the config the autotuner chose for the same shapes (`_TUNED`).
+    Segmented (`fp8_grouped_mm_wgrad_segments`): a_q (S, N, P), b_q (S, K, P), scales and
+    padded_end with a leading S, out the sum over the S segments."""
+    segmented = a_q.dim() == 3
     a_q, b_q = a_q.contiguous(), b_q.contiguous()
-    a_arg, b_arg = (tensor_desc(a_q), tensor_desc(b_q)) if use_tma else (a_q, b_q)
+    S, N, P = a_q.shape if segmented else (1, *a_q.shape)
+    K, E = b_q.shape[-2], padded_end.shape[-1]
+    a_2d, b_2d = a_q.reshape(S * N, P), b_q.reshape(S * K, P)  # segment s: rows s N + n, s K + k
+    a_arg, b_arg = (tensor_desc(a_2d), tensor_desc(b_2d)) if use_tma else (a_2d, b_2d)
     out_desc = out_tensor_desc(out) if use_tma else None
     # Blockwise: b's scales index the tile's columns in every K step; with stride 1 along K their
     # addresses are immediates off one register; a runtime stride keeps 64 pointer registers live
     # per 128 columns, and 128x256 tiles then spill ~500 bytes (ptxas -v). A (Pb, K) copy is
     # 2 MB at most. (Rowwise reads them once, in the epilogue.)
-    if not rowwise and b_scale.stride(0) != 1 and K > 1:
-        b_scale = b_scale.t().contiguous().t()
+    if not rowwise and b_scale.stride(-2) != 1 and K > 1:
+        b_scale = b_scale.transpose(-1, -2).contiguous().transpose(-1, -2)
     sms = num_sms(a_q.device)
 
     def grid(meta):
@@ -203,10 +283,11 @@ def launch_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out, use_tma
         persistent = meta.get("PROGRAMS_PER_SM", 0)
         return (min(tiles, sms * persistent) if persistent else tiles,)
 
-    args = (a_arg, a_scale, b_arg, b_scale, out, out_desc, padded_end, N, K, P, E, P, P,
-            *a_scale.stride(), *b_scale.stride(), out.stride(0), out.stride(1))  # fmt: skip
-    meta = dict(ROWWISE=rowwise, PROMOTE_K=promote_k(promotion_interval))
-    key = (N, K, use_tma, rowwise, meta["PROMOTE_K"])  # the autotuner's own key
+    seg_strides = (a_scale.stride(0), b_scale.stride(0), padded_end.stride(0)) if segmented else (0, 0, 0)
+    args = (a_arg, a_scale, b_arg, b_scale, out, out_desc, padded_end, N, K, P, E, S, P, P,
+            *a_scale.stride()[-2:], *b_scale.stride()[-2:], *seg_strides, out.stride(0), out.stride(1))  # fmt: skip
+    meta = dict(ROWWISE=rowwise, PROMOTE_K=promote_k(promotion_interval), SEGMENTED=segmented)
+    key = (N, K, use_tma, rowwise, meta["PROMOTE_K"], segmented)  # the autotuner's own key
     if accumulate and config is None:
         if key not in _TUNED:  # no plain launch has chosen yet (the trainer's first micro-batch does)
             launch_grouped_mm_wgrad(a_q, a_scale, b_q, b_scale, padded_end, torch.empty_like(out), use_tma,

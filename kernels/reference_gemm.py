@@ -91,3 +91,16 @@ def torch_fp8_grouped_mm_wgrad_rowwise(
     group_of_P = group_of_P.clamp_max(padded_end.shape[0] - 1)  # padding past every group: zero bytes
     a, b = dequantize(a_q, a_scale[:, group_of_P]), dequantize(b_q, b_scale[:, group_of_P])
     return emulated_grouped_mm_wgrad(a, b, padded_end).to(out_dtype)
+
+
+def torch_fp8_grouped_mm_wgrad_segments(
+    a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor, padded_end: torch.Tensor,
+    rowwise: bool,
+) -> torch.Tensor:  # fmt: skip
+    """fp32 (E, N, K): the sum over S segments of each segment's weight gradient (the rowwise or
+    blockwise reference above on a_q[s], a_scale[s], b_q[s], b_scale[s], padded_end[s])."""
+    ref = torch_fp8_grouped_mm_wgrad_rowwise if rowwise else torch_fp8_grouped_mm_wgrad
+    out = ref(a_q[0], a_scale[0], b_q[0], b_scale[0], padded_end[0], torch.float32)
+    for s in range(1, a_q.shape[0]):
+        out += ref(a_q[s], a_scale[s], b_q[s], b_scale[s], padded_end[s], torch.float32)
+    return out

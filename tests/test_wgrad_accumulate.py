@@ -126,6 +126,7 @@ def test_trainer_steps_equal_with_and_without_the_fusion(recipe, tmp_path, monke
     for fused in (False, True):
         cfg = tiny_train_config(2, grad_accum=3)
         cfg.fp8.experts, cfg.run.fuse_grad_accumulation = recipe, fused
+        cfg.run.defer_expert_wgrad = False  # the per-micro-batch path (deferral: tests/test_deferred_wgrad.py)
         if recipe == "blockwise":  # 128x128 weight blocks
             cfg.model.dim = cfg.model.moe.ffn_dim = 128
         cfg.validate()

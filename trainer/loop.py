@@ -22,6 +22,7 @@ from moe.comm_timer import CommTimer
 from moe.counting import count_params, training_flops_per_token
 from moe.fp8.sqnr_probe import probe as sqnr_probe
 from moe.fp8.training import Fp8Training
+from moe.fp8.deferred_wgrad import deferring_expert_wgrad
 from moe.grad_accumulation import adding_grads_in_place
 from moe.model import MoETransformer
 from moe.step_casts import weights_cast_once
@@ -221,10 +222,12 @@ class Trainer:
         counts_YE = None
         layer_aux: dict[str, torch.Tensor] = {}  # per kind, (Y,): each MoE layer's balancing loss
         self.fp8.before_step(self.model, self.step + 1)  # logging.fp8_stats_interval's steps count
-        with self._step_casts():
+        defer = cfg.run.defer_expert_wgrad and not env.fsdp and not cfg.run.compile
+        with self._step_casts(), deferring_expert_wgrad(self.model, accum, defer) as mark_last:
             for micro in range(accum):
                 batch = next(train_iter)
                 last = micro == accum - 1
+                mark_last(last)
                 sync = contextlib.nullcontext()
                 ddp = env.distributed and hasattr(self.wrapped, "no_sync")
                 if env.fsdp:  # reduce-scatter once, on the last micro-batch

@@ -126,6 +126,19 @@ def experts_backward_bytes(experts: GroupedMLP, R: int, c: int, ep: int = 1) -> 
     return c * R * H + R * H + H * P + c * R * F + R * X + X * P + F * P
 
 
+def deferred_wgrad_bytes(experts: GroupedMLP, R: int, micro_batches: int) -> int:
+    """What a step's micro-batches stash for the FP8 experts' deferred weight gradients
+    (moe/fp8/deferred_wgrad.py): per micro-batch the columns dyt, at, dht and xt ((2H + F + X) P
+    bytes), their scales and the padded ends; 0 for the BF16 experts."""
+    if not isinstance(experts, Fp8GroupedMLP):
+        return 0
+    H, F, Z, X = experts.dim, experts.ffn_dim, experts.num_experts, experts.w1.shape[1]
+    block = experts.recipe.block
+    P = padded_size(R, Z, experts.recipe.align)
+    rows = 2 * H + F + X
+    return micro_batches * (rows * P + FP32 * rows * (P // block if block else Z) + 2 * FP32 * Z)
+
+
 def block_activation_bytes(block: Block, T: int, c: int, ep: int = 1, intermediate: str = "fp8") -> int:
     """Bytes block `block` saves for backward over T tokens (not its weight copies)."""
     H = block.attn_norm.weight.numel()

@@ -28,7 +28,8 @@ Peak = parameters + optimizer state (+ buckets) + CONTEXT_BYTES + the larger of 
                       backward, where block b's activations are traded for its gradients (all
                       gradients with grad_accum > 1);
                       with grad_accum > 1 and run.weight_cast=step every BF16 weight copy is kept
-                      for the whole step
+                      for the whole step; with run.defer_expert_wgrad the FP8 experts' stashed
+                      operands, their gradients counted only from their last backward
     optimizer step    every gradient + foreach AdamW's temporary (optim.fused=false: sqrt of
                       exp_avg_sq, 4 bytes a parameter of its largest group; fused AdamW has none)
                       or EP's flattened gradient reduction
@@ -56,6 +57,7 @@ from trainer.memory_activations import (
     block_activation_bytes,
     block_input_bytes,
     cross_entropy_bytes,
+    deferred_wgrad_bytes,
     experts_backward_bytes,
     head_activation_bytes,
     head_weight_copy_bytes,
@@ -213,8 +215,21 @@ def plan_memory(cfg: TrainConfig, num_gpus: int, model: MoETransformer | None = 
     recast = [0 if step_casts else w for w in wcopy]  # a recompute's casts (step casts: the kept copies)
     kept = block_input_bytes(model, T)
 
-    def held(b: int) -> int:  # gradients made by the time block b's backward ends
-        return 0 if accum else sum(grads[b:])
+    # run.defer_expert_wgrad: the FP8 experts' operands stashed over the step's micro-batches, their
+    # fp32 gradients made only in the last backward (moe/fp8/deferred_wgrad.py).
+    defer = accum and run.defer_expert_wgrad and not lay.fsdp and W == 1 and not run.compile
+    stash = [deferred_wgrad_bytes(b.ffn.experts, routed_rows(b.ffn, T), run.grad_accum) if defer and b.is_moe else 0
+             for b in blocks]  # fmt: skip
+    late_grads = [FP32 * _expert_params(b) if s else 0 for b, s in zip(blocks, stash)]
+    # The last forward drops the step's FP8 expert copies (moe/fp8/grouped_mlp.py): in the last
+    # backward, at block b, only dgrad's orientation of the blocks before it is left.
+    cache = [_fp8_expert_bytes(b.ffn.experts, W) if s else (0, 0, 0) for b, s in zip(blocks, stash)]
+
+    def held(b: int) -> int:  # gradients made by the time block b's backward ends (less what is gone)
+        if not accum:
+            return sum(grads[b:])
+        dropped = sum(2 * n + sc + st - (n + st if j < b else 0) for j, (n, sc, st) in enumerate(cache))
+        return max(0, sum(late_grads[b:]) - dropped)
 
     # Forward/backward: the largest of backward's start and each block's backward.
     if not ac:
@@ -227,7 +242,8 @@ def plan_memory(cfg: TrainConfig, num_gpus: int, model: MoETransformer | None = 
         points += [(b + 1) * kept + act[b] + recast[b] + fp8.recompute + head_grads + held(b) + trans[b]
                    for b in range(L)]  # fmt: skip
     points.append(0 if accum else grads_all)  # backward's end
-    fixed = fp8.forward_backward + fsdp_bytes + (grads_all if accum else 0) + kept_copies
+    grads_kept = grads_all - sum(late_grads) if accum else 0
+    fixed = fp8.forward_backward + fsdp_bytes + grads_kept + kept_copies + sum(stash)
     phases = (("forward/backward", fixed + max(points)), ("optimizer step", grads_all + step_temp + fp8.step))
     peak_name, peak = max(phases, key=lambda p: p[1])
 
@@ -248,6 +264,7 @@ def plan_memory(cfg: TrainConfig, num_gpus: int, model: MoETransformer | None = 
         PlanEntry("activations, no checkpointing", sum(act) + head_act, "" if ac else "used"),
         PlanEntry("activations, checkpointing", len(blocks) * kept + head_act + max(act), "used" if ac else ""),
         PlanEntry("cross-entropy backward", ce_bwd, ce_note),
+        PlanEntry("deferred expert wgrad operands", sum(stash), "FP8, every micro-batch's, until the last backward"),
         PlanEntry("optimizer step temporaries", step_temp, "foreach AdamW's sqrt / EP gradient flattening"),
         PlanEntry("CUDA context + allocator reserve", CONTEXT_BYTES, "fixed"),
     )

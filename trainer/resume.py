@@ -33,7 +33,7 @@ FREE = (
     "run.compile_mode", "run.activation_checkpointing", "run.eval_interval", "run.eval_steps",
     "run.max_nonfinite_steps",
     # how a step computes: the same update up to fp32 rounding
-    "run.weight_cast", "run.fuse_grad_accumulation", "optim.fused",
+    "run.weight_cast", "run.fuse_grad_accumulation", "run.defer_expert_wgrad", "optim.fused",
     "run.micro_batch_size", "run.grad_accum", "run.profile.", "logging.", "checkpoint.", "parallel.",
     "data.num_workers", "data.cache_dir", "data.valid_seed",
     "model.loss_chunk_rows",  # the loss computed in chunks: the same gradients up to rounding

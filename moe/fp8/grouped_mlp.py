@@ -33,14 +33,18 @@ Weights, two policies (`cache_weights`), and a third way in:
   orientations in one pass, and nothing outlives the step: a cache alive through backward would
   lift the block's peak memory above BF16's (bench/NOTES.md).
 - True (gradient accumulation: moe/fp8/training.py sets it when run.grad_accum > 1): quantized once per
-  optimizer step and reused by every micro-batch until the weights change (WeightCache).
+  optimizer step and reused by every micro-batch until the weights change (WeightCache); dropped
+  after the step's last forward where the trainer defers the weight gradients (`wgrad_stash`).
 - Neither under FSDP with parallel.fp8_all_gather: the weights arrive quantized (each rank
   quantizes its own shard once per step, FSDP all-gathers the FP8 bytes: moe/fp8/fsdp_all_gather.py).
 Rowwise, the first two take the amaxes the optimizer step took where it did (moe/fp8/step_amax.py).
 
 Gradient accumulation (`accumulate_grads`, moe/grad_accumulation.py): where a weight's .grad
 already holds the earlier micro-batches' sum, its weight-gradient GEMM adds into it in the epilogue
-and backward returns None for it, so no product is written and then added.
+and backward returns None for it, so no product is written and then added. Deferred
+(`wgrad_stash`, moe/fp8/deferred_wgrad.py, run.defer_expert_wgrad): backward keeps the weight
+gradients' FP8 operands and returns None until the step's last micro-batch, whose backward makes
+each weight's gradient once over every micro-batch's tokens.
 
 A recipe with `gemms` other than "all" (an ablation, moe/fp8/recipe.py) runs moe/fp8/ablation.py
 instead of this Function.
@@ -64,6 +68,7 @@ from kernels.quantize_weight import QuantizedWeight, quantize_weight
 from moe.dispatch import ExpertInput, compute_dtype
 from moe.experts import GroupedMLP
 from moe.fp8.ablation import ablation_grouped_mlp
+from moe.fp8.deferred_wgrad import WgradStash, deferrable
 from moe.fp8.fsdp_all_gather import gathered_fp8
 from moe.fp8.gemm import grouped_mm, grouped_mm_wgrad, grouped_mm_wgrad_accumulate_
 from moe.fp8.recipe import Fp8Recipe
@@ -103,10 +108,11 @@ class _Fp8GroupedMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1_EXH, w2_EHF, group_end_E, activation, recipe, wq1, wq2, x_fp8, gather, dtype, stats,
-                accumulate):  # fmt: skip
+                accumulate, stash):  # fmt: skip
         block, align, pow2 = recipe.block, recipe.align, recipe.pow2_scales
         ctx.stats = stats
         ctx.weights = (w1_EXH, w2_EHF) if accumulate else (None, None)
+        ctx.stash = stash if stash is not None and deferrable(w1_EXH) and deferrable(w2_EHF) else None
         ctx.x_dtype = x.dtype
         ctx.gather = gather is not None
         if gather is not None:
@@ -157,25 +163,30 @@ class _Fp8GroupedMLPFunction(torch.autograd.Function):
         del da_MF
         into1, into2 = (grad_to_add_into(w) for w in ctx.weights)
         ctx.weights = None
-        dw2_EHF = _wgrad(into2, dyt_q, dyt_s, at_q, at_s, padded_end_E, recipe, ctx.w_dtypes[1])
+        dw2_EHF = _wgrad(into2, (dyt_q, dyt_s, at_q, at_s, padded_end_E), recipe, ctx.w_dtypes[1], ctx.stash, "w2")
         del dyt_q, dyt_s, at_q, at_s
         dx_MH = grouped_mm(dh_q, dh_s, *ctx.wt1, group_end_E, recipe)
         ctx.wt1 = None
         del dh_q, dh_s
-        dw1_EXH = _wgrad(into1, dht_q, dht_s, xt_q, xt_s, padded_end_E, recipe, ctx.w_dtypes[0])
+        dw1_EXH = _wgrad(into1, (dht_q, dht_s, xt_q, xt_s, padded_end_E), recipe, ctx.w_dtypes[0], ctx.stash, "w1")
+        ctx.stash = None
         if ctx.gather:
             _, row_of_TA, kept_TA = gather
             dx = gather_sum(dx_MH, row_of_TA, kept_TA, ctx.x_dtype)
         else:
             dx = dx_MH
-        return dx, dw1_EXH, dw2_EHF, None, None, None, None, None, None, None, None, None, None
+        return dx, dw1_EXH, dw2_EHF, None, None, None, None, None, None, None, None, None, None, None
 
 
-def _wgrad(into, a_q, a_s, b_q, b_s, padded_end_E, recipe: Fp8Recipe, dtype) -> Optional[torch.Tensor]:
-    """A weight's gradient for backward to return: the product, or None once added into `into`."""
+def _wgrad(into, operands, recipe: Fp8Recipe, dtype, stash: Optional[WgradStash], name: str) -> Optional[torch.Tensor]:
+    """A weight's gradient for backward to return: the product, or None once added into `into`,
+    or with a stash None until the step's last micro-batch (moe/fp8/deferred_wgrad.py)."""
+    if stash is not None:
+        grad = stash.take(name, operands, recipe.name != "blockwise", recipe.promotion_interval, into)
+        return None if grad is None else grad.to(dtype)
     if into is None:
-        return grouped_mm_wgrad(a_q, a_s, b_q, b_s, padded_end_E, recipe, dtype)
-    grouped_mm_wgrad_accumulate_(into, a_q, a_s, b_q, b_s, padded_end_E, recipe)
+        return grouped_mm_wgrad(*operands, recipe, dtype)
+    grouped_mm_wgrad_accumulate_(into, *operands, recipe)
     return None
 
 
@@ -193,6 +204,7 @@ def fp8_grouped_mlp(
     wq2: QuantizedWeight | None = None,
     stats: Optional[Fp8Stats] = None,
     accumulate_grads: bool = False,
+    stash: Optional[WgradStash] = None,
 ) -> torch.Tensor:
     """The FP8 experts on weights the caller owns (Fp8GroupedMLP's, or another library's expert
     parameters in the same layout): (M, H), differentiable w.r.t. inp.x, w1 and w2.
@@ -201,7 +213,8 @@ def fp8_grouped_mlp(
     FP8 dispatch go to GEMM1 as they came; BF16 rows are quantized here. wq1, wq2: FP8 copies of
     the weights the caller already has (a WeightCache, FSDP's FP8 all-gather); None quantizes them
     for this call only. stats: an Fp8Stats to count into, or None; accumulate_grads: add the
-    weight gradients into w1.grad and w2.grad where they exist (both: module docstring)."""
+    weight gradients into w1.grad and w2.grad where they exist; stash: defer them to the step's
+    last micro-batch (all three: module docstring)."""
     dtype = compute_dtype(inp.x)
     if dtype != torch.bfloat16 and inp.x.is_cuda:
         raise ValueError(f"FP8 experts take bfloat16 activations on the GPU (or bf16 autocast), got {dtype}")
@@ -216,7 +229,7 @@ def fp8_grouped_mlp(
         return ablation_grouped_mlp(inp, w1_EXH, w2_EHF, wq1, wq2, activation, recipe, dtype)
     return _Fp8GroupedMLPFunction.apply(
         x.contiguous(), w1_EXH, w2_EHF, inp.group_end_E(), activation, recipe, wq1, wq2, inp.fp8, gather, dtype,
-        stats, accumulate_grads,
+        stats, accumulate_grads, stash,
     )  # fmt: skip
 
 
@@ -226,6 +239,7 @@ class Fp8GroupedMLP(GroupedMLP):
     recipe: Fp8Recipe = Fp8Recipe("rowwise")
     cache_weights: bool = False  # see the module docstring; moe/fp8/training.py sets it per grad_accum
     stats: Optional[Fp8Stats] = None  # see the module docstring; moe/fp8/stats.py sets it
+    wgrad_stash: Optional[WgradStash] = None  # see the module docstring; the trainer sets it
 
     def __init__(self, *args, recipe: Fp8Recipe | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -243,14 +257,20 @@ class Fp8GroupedMLP(GroupedMLP):
         elif self.cache_weights:
             wq1 = self._w1_cache.get(self.w1, self.recipe, stats=_of(self.stats, "w1"), amax=fresh_amax(self.w1))
             wq2 = self._w2_cache.get(self.w2, self.recipe, stats=_of(self.stats, "w2"), amax=fresh_amax(self.w2))
+            if self.wgrad_stash is not None and self.wgrad_stash.last:
+                # The step's last forward: nothing reads the copies after this call and its backward,
+                # which holds dgrad's orientation itself. Dropped now, they are not held through the
+                # last backward, where the deferred weight gradients are made.
+                self.invalidate_weight_cache()
         else:
             if not torch.compiler.is_compiling():
                 self.invalidate_weight_cache()  # a cache left from cache_weights=True would go stale
             with torch.no_grad():  # quantized for this forward only
                 wq1 = quantize_expert_weight(self.w1.detach(), self.recipe, _of(self.stats, "w1"), fresh_amax(self.w1))
                 wq2 = quantize_expert_weight(self.w2.detach(), self.recipe, _of(self.stats, "w2"), fresh_amax(self.w2))
+        stash = None if torch.compiler.is_compiling() else self.wgrad_stash
         return fp8_grouped_mlp(inp, self.w1, self.w2, self.activation, self.recipe, wq1, wq2, self.stats,
-                               self.accumulate_grads)  # fmt: skip
+                               self.accumulate_grads, stash)  # fmt: skip
 
     def invalidate_weight_cache(self) -> None:
         self._w1_cache.clear()
