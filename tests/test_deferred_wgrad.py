@@ -5,11 +5,12 @@ The deferred GEMM sums each micro-batch's segment with that segment's scales, li
 micro-batch GEMMs whose products autograd adds; rowwise it rescales its accumulator at segment
 boundaries (two fp32 roundings a segment for scales that are not powers of two) and the fp32 sums
 run in another order, so gradients agree to fp32 rounding (relative 1e-5), not bit for bit.
-CPU (Triton's interpreter): the module over three micro-batches of the same shape (one GEMM over
-all three) and of different shapes (the stash makes the earlier ones' gradient when the shape
-changes), experts empty in some micro-batches; the trainer over two steps of three micro-batches;
-a step whose last backward does not reach the experts is an error, not lost gradients.
-Multi-process: tests/test_train_app.py runs DDP with deferred gradients against one process.
+CPU: the module over three micro-batches of the same shape (one GEMM over all three; rowwise
+through the kernels in Triton's interpreter) and of different shapes (the stash makes the earlier
+ones' gradient when the shape changes), experts empty in some micro-batches; the trainer over two
+steps of three micro-batches; a step whose last backward does not reach the experts is an error,
+not lost gradients; DDP over 4 gloo ranks (the all-reduce on the micro-batch whose backward makes
+the deferred gradients) against one process over the same tokens.
 """
 
 import pytest
@@ -62,8 +63,14 @@ def _grads(recipe: str, sizes, defer: bool) -> tuple[torch.Tensor, torch.Tensor]
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_module_defers_with_the_same_gradients(recipe, sizes, monkeypatch):
     """Same shapes: one segmented GEMM a weight over all three micro-batches, at the last. Shapes
-    that change (P 640, 768, 640): each micro-batch's gradient made when the next one's differs."""
+    that change (P 640, 768, 640): each micro-batch's gradient made when the next one's differs.
+    Rowwise at the same shapes through the kernels (the interpreter), the rest through their
+    references (the stash's logic is the same on both; the kernels' own tests are
+    tests/test_wgrad_segments.py)."""
     import moe.fp8.deferred_wgrad as deferred
+
+    if recipe != "rowwise" or sizes is not SAME_SHAPE:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
 
     calls = []
     real = deferred.fp8_grouped_mm_wgrad_segments
@@ -75,7 +82,8 @@ def test_module_defers_with_the_same_gradients(recipe, sizes, monkeypatch):
         assert g.dtype == torch.float32 and rel_l2(g, w) < 1e-5
 
 
-def test_a_step_whose_last_backward_misses_the_experts_is_an_error():
+def test_a_step_whose_last_backward_misses_the_experts_is_an_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the references: only the stash's bookkeeping is tested
     m = _experts("rowwise")
     with pytest.raises(RuntimeError, match="stashed for .*Fp8GroupedMLP.w2"):
         with deferring_expert_wgrad(m, 2, True) as mark_last:
@@ -88,7 +96,9 @@ def test_a_step_whose_last_backward_misses_the_experts_is_an_error():
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_trainer_steps_match_with_and_without_deferral(recipe, tmp_path, monkeypatch):
-    """2 steps of 3 micro-batches: losses, gradient norms and weights within fp32 rounding."""
+    """2 steps of 3 micro-batches: losses, gradient norms and weights within fp32 rounding (the
+    kernels' references: the interpreter would take minutes, and the module test above runs it)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     runs = {}
     for defer in (False, True):
         cfg = tiny_train_config(2, grad_accum=3)

@@ -61,9 +61,8 @@ class RunConfig:
     # (FP8 bytes) and make their weight gradients once, in the step's last backward, over every
     # micro-batch's tokens (moe/fp8/deferred_wgrad.py): one fp32 write of those gradients a step
     # instead of a read and a write a micro-batch. Eager mode, not under FSDP or for EP's shards;
-    # false: per micro-batch (the same sums up to fp32 rounding). Off by default until its step
-    # time and peak memory are measured (bench/NOTES.md).
-    defer_expert_wgrad: bool = False
+    # false: per micro-batch (the same sums up to fp32 rounding).
+    defer_expert_wgrad: bool = True
     compile: bool = False  # torch.compile each block
     # With run.compile: one of COMPILE_MODES. "reduce-overhead" also records each block's forward
     # and backward as CUDA graphs and replays them, one launch a graph instead of one a kernel, for
