@@ -53,9 +53,9 @@ class RunConfig:
     # forward (a reference for benchmarks). trainer/loop.py `Trainer._step_casts` says how.
     weight_cast: str = "step"
     # From a step's second micro-batch on, the experts add their weight gradients into .grad where
-    # they are made: FP8 in the weight-gradient GEMMs' epilogue, BF16 in the weight cast's backward
-    # (moe/grad_accumulation.py); false: each writes its product for autograd to add (the same sums,
-    # up to the FP8 GEMM epilogue's FMA rounding).
+    # they are made: FP8 in the weight-gradient GEMMs' epilogue (where run.defer_expert_wgrad does
+    # not apply), BF16 in the weight cast's backward (moe/grad_accumulation.py); false: each writes
+    # its product for autograd to add (the same sums, up to the FP8 GEMM epilogue's FMA rounding).
     fuse_grad_accumulation: bool = True
     # With run.grad_accum > 1, the FP8 experts keep each micro-batch's weight-gradient operands
     # (FP8 bytes) and make their weight gradients once, in the step's last backward, over every
