@@ -215,8 +215,7 @@ def plan_memory(cfg: TrainConfig, num_gpus: int, model: MoETransformer | None = 
     recast = [0 if step_casts else w for w in wcopy]  # a recompute's casts (step casts: the kept copies)
     kept = block_input_bytes(model, T)
 
-    # run.defer_expert_wgrad: the FP8 experts' operands stashed over the step's micro-batches, their
-    # fp32 gradients made only in the last backward (moe/fp8/deferred_wgrad.py).
+    # run.defer_expert_wgrad: FP8 expert operands stashed, their gradients made in the last backward (deferred_wgrad.py)
     defer = accum and run.defer_expert_wgrad and not lay.fsdp and W == 1 and not run.compile
     stash = [deferred_wgrad_bytes(b.ffn.experts, routed_rows(b.ffn, T), run.grad_accum) if defer and b.is_moe else 0
              for b in blocks]  # fmt: skip
