@@ -309,16 +309,16 @@ def _launch_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype, rowwise: bo
     promote_k(promotion_interval)  # refused before anything is allocated
     E, N, K = padded_end.shape[0], a_q.shape[0], b_q.shape[0]
     out = torch.empty(E, N, K, dtype=out_dtype, device=a_q.device)
-    if not _run_wgrad(out, a_q, a_scale, b_q, b_scale, padded_end, rowwise, promotion_interval, accumulate=False):
+    if not run_wgrad(out, a_q, a_scale, b_q, b_scale, padded_end, rowwise, promotion_interval, accumulate=False):
         out.zero_()
     return out
 
 
-def _run_wgrad(out, a_q, a_scale, b_q, b_scale, padded_end, rowwise: bool, promotion_interval: int,
-               accumulate: bool) -> bool:  # fmt: skip
+def run_wgrad(out, a_q, a_scale, b_q, b_scale, padded_end, rowwise: bool, promotion_interval: int,
+              accumulate: bool) -> bool:  # fmt: skip
     """Write (or add) the product into out on the faster path that takes it; False where there is
-    nothing to compute (no output or no tokens), out untouched."""
-    if out.numel() == 0 or a_q.shape[1] == 0:
+    nothing to compute (no output or no tokens), out untouched. a_q (N, P) or segmented (S, N, P)."""
+    if out.numel() == 0 or a_q.shape[-1] == 0:
         return False
     check_tma_aligned(a_q=a_q, b_q=b_q)
     launch_on_path(
@@ -370,16 +370,19 @@ def fp8_grouped_mm_wgrad_accumulate_(
     where no kernel runs, into += the reference."""
     check_grouped_mm_wgrad_args(a_q, a_scale, b_q, b_scale, padded_end, torch.float32, rowwise=rowwise)
     promote_k(promotion_interval)
-    shape = (padded_end.shape[0], a_q.shape[0], b_q.shape[0])
-    if into.dtype != torch.float32 or tuple(into.shape) != shape or not into.is_contiguous() or \
-            into.device != a_q.device:
-        raise ValueError(f"into must be a contiguous float32 {shape} tensor on {a_q.device}, got {into.dtype} "
-                         f"{tuple(into.shape)} on {into.device} (contiguous={into.is_contiguous()})")  # fmt: skip
+    check_wgrad_into(into, (padded_end.shape[0], a_q.shape[0], b_q.shape[0]), a_q.device)
     if not use_triton(a_q):
         ref = torch_fp8_grouped_mm_wgrad_rowwise if rowwise else torch_fp8_grouped_mm_wgrad
         into.add_(ref(a_q, a_scale, b_q, b_scale, padded_end, torch.float32))
         return
-    _run_wgrad(into, a_q, a_scale, b_q, b_scale, padded_end, rowwise, promotion_interval, accumulate=True)
+    run_wgrad(into, a_q, a_scale, b_q, b_scale, padded_end, rowwise, promotion_interval, accumulate=True)
+
+
+def check_wgrad_into(into: torch.Tensor, shape: tuple[int, int, int], device: torch.device) -> None:
+    """A weight gradient to add into: a contiguous fp32 (E, N, K) tensor on the operands' device."""
+    if into.dtype != torch.float32 or tuple(into.shape) != shape or not into.is_contiguous() or into.device != device:
+        raise ValueError(f"into must be a contiguous float32 {shape} tensor on {device}, got {into.dtype} "
+                         f"{tuple(into.shape)} on {into.device} (contiguous={into.is_contiguous()})")  # fmt: skip
 
 
 def _fake_wgrad(a_q, a_scale, b_q, b_scale, padded_end, out_dtype=torch.bfloat16):

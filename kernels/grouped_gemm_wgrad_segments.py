@@ -20,8 +20,8 @@ import torch
 
 from kernels.common import use_triton
 from kernels.contracts import check_grouped_mm_wgrad_args
-from kernels.grouped_gemm import check_tma_aligned, launch_on_path, promote_k
-from kernels.grouped_gemm_wgrad import launch_grouped_mm_wgrad
+from kernels.grouped_gemm import promote_k
+from kernels.grouped_gemm_wgrad import check_wgrad_into, run_wgrad
 from kernels.reference_gemm import torch_fp8_grouped_mm_wgrad_segments
 
 
@@ -51,21 +51,13 @@ def fp8_grouped_mm_wgrad_segments(
     check_wgrad_segments_args(a_q_SNP, a_scale, b_q_SKP, b_scale, padded_end_SE, rowwise)
     promote_k(promotion_interval)
     shape = (padded_end_SE.shape[1], a_q_SNP.shape[1], b_q_SKP.shape[1])
-    if into is not None and (into.dtype != torch.float32 or tuple(into.shape) != shape or not into.is_contiguous()
-                             or into.device != a_q_SNP.device):  # fmt: skip
-        raise ValueError(f"into must be a contiguous float32 {shape} tensor on {a_q_SNP.device}, got {into.dtype} "
-                         f"{tuple(into.shape)} on {into.device} (contiguous={into.is_contiguous()})")  # fmt: skip
+    if into is not None:
+        check_wgrad_into(into, shape, a_q_SNP.device)
     if not use_triton(a_q_SNP):
         ref = torch_fp8_grouped_mm_wgrad_segments(a_q_SNP, a_scale, b_q_SKP, b_scale, padded_end_SE, rowwise)
         return ref if into is None else into.add_(ref)
     out = torch.empty(shape, dtype=torch.float32, device=a_q_SNP.device) if into is None else into
-    if out.numel() == 0 or a_q_SNP.shape[2] == 0:
-        return out.zero_() if into is None else into
-    check_tma_aligned(a_q=a_q_SNP, b_q=b_q_SKP)
-    launch_on_path(
-        "fp8_grouped_mm_wgrad",
-        lambda tma: launch_grouped_mm_wgrad(a_q_SNP, a_scale, b_q_SKP, b_scale, padded_end_SE, out, tma,
-                                            rowwise=rowwise, promotion_interval=promotion_interval,
-                                            accumulate=into is not None),  # fmt: skip
-    )
+    if not run_wgrad(out, a_q_SNP, a_scale, b_q_SKP, b_scale, padded_end_SE, rowwise, promotion_interval,
+                     accumulate=into is not None) and into is None:  # fmt: skip
+        out.zero_()  # nothing to compute: no tokens in any segment
     return out

@@ -16,7 +16,7 @@ the deferred gradients) against one process over the same tokens.
 import pytest
 import torch
 from test_kernels_gemm import rel_l2
-from trainer_helpers import cpu_trainer, tiny_train_config, token_batches
+from trainer_helpers import cpu_trainer, steps_and_weights, tiny_train_config, token_batches
 
 from moe.dispatch import ExpertInput
 from moe.fp8.deferred_wgrad import WgradStash, deferring_expert_wgrad
@@ -107,9 +107,7 @@ def test_trainer_steps_match_with_and_without_deferral(recipe, tmp_path, monkeyp
             cfg.model.dim = cfg.model.moe.ffn_dim = 128
         cfg.validate()
         t = cpu_trainer(cfg, tmp_path / str(defer), monkeypatch)
-        it = token_batches(7)
-        stats = [t.train_step(it) for _ in range(2)]
-        runs[defer] = ([(s["loss"], s["grad_norm"]) for s in stats], [p.detach().clone() for p in t.model.parameters()])
+        runs[defer] = steps_and_weights(t, 2, token_batches(7))
         assert all(getattr(m, "wgrad_stash", None) is None for m in t.model.modules())
     for (loss, norm), (loss_d, norm_d) in zip(*(runs[d][0] for d in (False, True))):
         assert loss_d == pytest.approx(loss, rel=1e-6) and norm_d == pytest.approx(norm, rel=1e-5)
@@ -133,9 +131,8 @@ def _run(cfg, run_dir, env, batches) -> tuple[list, list[torch.Tensor]]:
 
     trainer.loop.build_train_valid = lambda *a, **k: types.SimpleNamespace(check_model_vocab=lambda v: None,
                                                                            valid=None)  # fmt: skip
-    t = trainer.loop.Trainer(cfg, str(run_dir), env)
-    stats = [t.train_step(iter(step)) for step in batches]
-    return [(s["loss"], s["grad_norm"]) for s in stats], [p.detach().clone() for p in t.model.parameters()]
+    flat = iter([micro for step in batches for micro in step])  # each step takes its accum micro-batches in order
+    return steps_and_weights(trainer.loop.Trainer(cfg, str(run_dir), env), len(batches), flat)
 
 
 def _ddp_rank(rank, world, run_dir):

@@ -15,7 +15,7 @@ import contextlib
 import pytest
 import torch
 from test_kernels_gemm import PADDED, WK, WN, wgrad_inputs
-from trainer_helpers import cpu_trainer, tiny_train_config, token_batches
+from trainer_helpers import cpu_trainer, steps_and_weights, tiny_train_config, token_batches
 
 import moe.fp8.grouped_mlp as grouped_mlp
 import moe.step_casts as step_casts
@@ -131,9 +131,7 @@ def test_trainer_steps_equal_with_and_without_the_fusion(recipe, tmp_path, monke
             cfg.model.dim = cfg.model.moe.ffn_dim = 128
         cfg.validate()
         t = cpu_trainer(cfg, tmp_path / str(fused), monkeypatch)
-        it = token_batches(7)
-        stats = [t.train_step(it) for _ in range(2)]
-        runs[fused] = ([(s["loss"], s["grad_norm"]) for s in stats], [p.detach().clone() for p in t.model.parameters()])
+        runs[fused] = steps_and_weights(t, 2, token_batches(7))
         assert not any(m.accumulate_grads for m in t.model.modules() if isinstance(m, GroupedMLP))
     assert len(calls) == 2 * 2 * 2  # per step: 2 later micro-batches x w1 and w2, one MoE layer
     assert runs[True][0] == runs[False][0]

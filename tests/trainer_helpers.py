@@ -44,3 +44,10 @@ def cpu_trainer(cfg: TrainConfig, run_dir, monkeypatch, device: str = "cpu") -> 
     no_data = types.SimpleNamespace(check_model_vocab=lambda vocab: None, valid=None)
     monkeypatch.setattr(trainer.loop, "build_train_valid", lambda *args, **kwargs: no_data)
     return trainer.loop.Trainer(cfg, str(run_dir), DistEnv(0, 1, 0, torch.device(device)))
+
+
+def steps_and_weights(t: "trainer.loop.Trainer", steps: int, batches) -> tuple[list, list[torch.Tensor]]:
+    """Run `steps` train steps on the micro-batch iterator `batches`: each step's (loss,
+    grad_norm), then a copy of every parameter."""
+    stats = [t.train_step(batches) for _ in range(steps)]
+    return [(s["loss"], s["grad_norm"]) for s in stats], [p.detach().clone() for p in t.model.parameters()]
