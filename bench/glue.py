@@ -6,6 +6,7 @@ Widths (B sequences of S tokens, T = B * S; H hidden, Q query / J key-value head
 V vocabulary; E experts of FFN size F, A routed to a token):
   mixtral_8x7b   B 1, S 4096, H 4096, Q 32, J 8, V 32000, E 8, F 14336, A 2
   parity_300m    B 8, S 1024, H 1024, Q 16, J 8, V 32000, E 8, F 1536, A 2
+  qwen3_30b_a3b  B 1, S 4096, H 2048, Q 32, J 4, V 151936, E 128, F 768, A 8
 Ops, each forward + backward of what the model runs (inputs made once, outside the timing):
   gqa          causal SDPA, bf16: K/V repeated to Q heads (torch) / enable_gqa (fused) / enable_gqa
                with only the flash backend allowed (fused_flash: it runs, so flash takes GQA)
@@ -16,6 +17,9 @@ Ops, each forward + backward of what the model runs (inputs made once, outside t
                kernels/rope.py (one launch for both)
   loss         the output head and cross-entropy under bf16 autocast from fp32 h (T, H): the plain
                path / moe/loss.py's chunks of 1024, 2048, 4096 rows (those below T)
+  cross_entropy  one chunk of min(T, 4096) rows of bf16 logits: each row's loss, and with backward
+               the gradient written over the logits: kernels/reference_loss.py (torch) /
+               kernels/cross_entropy.py (fused), each on its own copy of the logits
   experts      the BF16 routed experts' SwiGLU MLP over R = T * A bf16 rows, E equal groups, bf16
                weights: the plain ops (autograd keeps silu(gate) and a) / moe/experts.py's
                torch_grouped_mlp (moe/swiglu_down.py: keeps h, recomputes a in backward)
@@ -43,8 +47,9 @@ from bench.common import GIB, REPO, comma_choices, print_table, require_gpu, run
 WIDTHS = {
     "mixtral_8x7b": dict(B=1, S=4096, H=4096, Q=32, J=8, V=32000, E=8, F=14336, A=2),
     "parity_300m": dict(B=8, S=1024, H=1024, Q=16, J=8, V=32000, E=8, F=1536, A=2),
+    "qwen3_30b_a3b": dict(B=1, S=4096, H=2048, Q=32, J=4, V=151936, E=128, F=768, A=8),
 }
-OPS = ("gqa", "add_rmsnorm", "qk_norm", "rope", "loss", "experts")
+OPS = ("gqa", "add_rmsnorm", "qk_norm", "rope", "loss", "cross_entropy", "experts")
 ROUNDS = 5
 EPS = 1e-5
 
@@ -151,6 +156,23 @@ def loss_case(B, S, H, Q, J, V, **_) -> dict[str, Run]:
     return {"torch": loss(0), **{f"chunk_{c}": loss(c) for c in (1024, 2048, 4096) if c < T}}
 
 
+def cross_entropy_case(B, S, V, **_) -> dict[str, Run]:
+    from kernels.cross_entropy import cross_entropy_grad_
+    from kernels.reference_loss import torch_cross_entropy_grad_
+
+    T = min(B * S, 4096)
+    labels = torch.randint(0, V, (T,), device="cuda")
+    labels[: T // 16] = -100
+    scale = torch.where(labels >= 0, 1.0 / T, 0.0)
+    x_TV = torch.randn(T, V, device="cuda").mul_(4).bfloat16()
+
+    def chunk(fn) -> Run:
+        x = x_TV.clone()  # the first (forward-only) call of each sees the same logits
+        return lambda backward: fn(x, labels, scale, backward).sum()
+
+    return {"torch": chunk(torch_cross_entropy_grad_), "fused": chunk(cross_entropy_grad_)}
+
+
 def experts_case(B, S, H, E, F, A, **_) -> dict[str, Run]:
     from moe.experts import activation_fn, torch_grouped_mlp
 
@@ -171,7 +193,7 @@ def experts_case(B, S, H, E, F, A, **_) -> dict[str, Run]:
 
 
 CASES = {"gqa": gqa_case, "add_rmsnorm": add_rmsnorm_case, "qk_norm": qk_norm_case, "rope": rope_case,
-         "loss": loss_case, "experts": experts_case}  # fmt: skip
+         "loss": loss_case, "cross_entropy": cross_entropy_case, "experts": experts_case}  # fmt: skip
 
 
 def _peak(run: Run) -> tuple[float, float]:

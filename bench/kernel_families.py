@@ -53,6 +53,7 @@ OWN_KERNELS = {
     "_bwd_kernel": "norm_elementwise",
     "_rope_kernel": "norm_elementwise",  # kernels/rope.py
     "_grad_to_fp32_kernel": "norm_elementwise",  # kernels/grad_cast.py: BF16 weight gradients to fp32
+    "_cross_entropy_kernel": "loss",  # kernels/cross_entropy.py: a chunk's loss and gradient
     "_adamw_kernel": "optimizer",  # kernels/adamw.py (trainer/fused_adamw.py, the default AdamW)
     "_adamw_amax_kernel": "optimizer",  # the same, taking rowwise FP8 weights' amaxes (moe/fp8/step_amax.py)
     **dict.fromkeys((

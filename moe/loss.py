@@ -9,18 +9,20 @@ Shape letters (README.md): T tokens (rows), H hidden, V vocabulary.
 
 chunk_rows = 0, or no fewer than T, is that expression as written: autograd keeps the bf16
 logits' input, the fp32 log-probabilities (4TV bytes), and backward makes two more fp32 T x V
-tensors. 0 < chunk_rows < T (`ChunkedLinearCrossEntropy`) takes the rows chunk by chunk: the chunk's logits
-(the same GEMM), their fp32 log-softmax and its NLL sum (the same two functions F.cross_entropy
-calls), then at once the gradient of the mean w.r.t. the chunk's logits, (softmax - onehot) / n
-on labelled rows and 0 on ignored ones, from which the chunk's dh = g @ W and its share of
+tensors. 0 < chunk_rows < T (`ChunkedLinearCrossEntropy`) takes the rows chunk by chunk: the
+chunk's logits (the same GEMM), then one kernel (kernels/cross_entropy.py: on a CPU its torch
+reference, the log_softmax and nll_loss F.cross_entropy calls) gives each row's loss and
+overwrites the logits with the gradient of the mean w.r.t. them, (softmax - onehot) / n on
+labelled rows and 0 on ignored ones, from which the chunk's dh = g @ W and its share of
 dW = g^T h (in the compute dtype, summed over chunks in fp32) follow; the chunk's logits are freed
 before the next. What autograd keeps is dh (T x H) and dW (V x H); backward only scales them by
-the loss's gradient. At most one chunk's logits are alive: 2 fp32 chunk_rows x V tensors.
+the loss's gradient. At most one chunk's logits are alive: one chunk_rows x V tensor in the
+compute dtype (the CPU reference adds two fp32 ones).
 Summing each chunk's dW costs ~12 bytes a weight (the bf16 product written and read, the fp32 sum
 read and written), which against the chunk's three GEMMs is ~500 / chunk_rows of their time on an H100:
 chunks of a few thousand rows keep it near 10%; one chunk would only move dW's making into
 forward, so T <= chunk_rows takes the plain path.
-The idea is the "fused linear cross-entropy" of Liger-Kernel and others; this is plain torch.
+The idea is the "fused linear cross-entropy" of Liger-Kernel and others.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.cross_entropy import cross_entropy_grad_
+from kernels.reference_loss import IGNORE_INDEX  # labels left out of the loss and its mean
 from moe.config import require
-
-IGNORE_INDEX = -100  # labels with this value are left out of the loss and its mean
 
 
 def linear_cross_entropy(h_TH: torch.Tensor, head: nn.Module, labels_T: torch.Tensor, chunk_rows: int) -> torch.Tensor:
@@ -77,15 +79,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             for start in range(0, T, chunk_rows):
                 rows = slice(start, min(start + chunk_rows, T))
                 h_c = h_TH[rows].to(dtype)
-                logp = F.log_softmax((h_c @ w_c.t()).float(), dim=-1)
-                loss_sum += F.nll_loss(logp, labels_T[rows], ignore_index=IGNORE_INDEX, reduction="sum")
+                grad = h_c @ w_c.t()  # the chunk's logits, then (one kernel) their gradient in place
+                loss_sum += cross_entropy_grad_(grad, labels_T[rows], scale_T[rows], need_dh or need_dw).sum()
                 if not (need_dh or need_dw):
                     continue
-                # softmax * scale, minus scale at the label: log_softmax's and nll_loss's backwards
-                grad = logp.exp_().mul_(scale_T[rows, None])
-                grad.scatter_add_(1, labels_T[rows].clamp_min(0)[:, None], -scale_T[rows, None])
-                grad = grad.to(dtype)
-                del logp
                 if need_dh:
                     dh_TH[rows] = grad @ w_c
                 if need_dw:

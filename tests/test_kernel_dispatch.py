@@ -10,6 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import kernels
 from kernels.act_quant import act_quant_fwd
+from kernels.cross_entropy import cross_entropy_grad_
 from kernels.dispatch import FUNCTIONALIZE_RESERVED, KernelOp, kernel_op
 from kernels.fp8_stats import new_stats
 from kernels.quantize import quantize_rows
@@ -42,8 +43,11 @@ def _group_ends() -> torch.Tensor:
     return torch.tensor([0, 40, 40, 100], dtype=torch.int32)  # an empty expert, counts not multiples of 16
 
 
-# Each mutating op with a statistics buffer, at odd shapes: (entry point, arguments).
+# Each mutating op (a statistics buffer; the logits the loss kernel overwrites), at odd shapes:
+# (entry point, arguments).
 _MUTATING_CALLS = {
+    "cross_entropy_grad_": (cross_entropy_grad_, lambda: (
+        torch.randn(5, 300).bfloat16(), torch.tensor([3, -100, 299, 0, 7]), torch.full((5,), 0.25), True, 4096)),
     "quantize_weight": (quantize_weight, lambda: (torch.randn(2, 256, 128), "blockwise", False, True,
                                                   new_stats(1, "cpu"), None)),
     "quantize_rows": (quantize_rows, lambda: (torch.randn(100, 96).bfloat16(), 0, False, None, new_stats(1, "cpu"))),

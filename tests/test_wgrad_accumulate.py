@@ -77,6 +77,11 @@ def _experts_and_input(recipe: str, seed: int):
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_module_accumulates_in_place_with_the_same_gradients(recipe, monkeypatch):
+    """Blockwise runs the interpreted kernels end to end; rowwise their references (the rowwise
+    epilogue's bytes: test_accumulating_launch_adds_the_written_product), which keeps what this
+    tests, the Function's choice of what to add into, at a third of the CPU time."""
+    if recipe == "rowwise":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
     grads = {}
     added = []
     add = grouped_mlp.grouped_mm_wgrad_accumulate_
@@ -115,7 +120,10 @@ def test_bf16_experts_add_in_place_with_the_same_gradients(weight_cast, monkeypa
 
 @pytest.mark.parametrize("recipe", ["bf16", *RECIPES])
 def test_trainer_steps_equal_with_and_without_the_fusion(recipe, tmp_path, monkeypatch):
-    """2 steps of 3 micro-batches: the same losses, gradient norms and weights, bit for bit."""
+    """2 steps of 3 micro-batches: the same losses, gradient norms and weights, bit for bit. The
+    kernels' references run (the interpreted kernels' epilogues: the module test above); what is
+    tested here is which micro-batches add in place, through the trainer."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     calls = []
     add = grouped_mlp.grouped_mm_wgrad_accumulate_
     monkeypatch.setattr(grouped_mlp, "grouped_mm_wgrad_accumulate_",

@@ -174,14 +174,13 @@ def _chunked_loss(model: MoETransformer, T: int) -> bool:
 def cross_entropy_bytes(model: MoETransformer, T: int, c: int) -> tuple[int, int, str]:
     """(forward, backward, what) beyond the saved head: the working set of the loss. Plain: the
     logits and their fp32 copy, then backward's two fp32 T x V tensors. Chunked: the weight's
-    cast, and the larger of a chunk's two fp32 rows x V tensors (its fp32 logits, then their
-    log-probabilities) and its gradient's cast with the chunk's dW (compute dtype); backward
-    scales dh and dW into new tensors."""
+    cast, a chunk's logits (compute dtype; kernels/cross_entropy.py writes their gradient over
+    them) and the chunk's dW product beside them; backward scales dh and dW into new tensors."""
     H, V, rows = model.cfg.dim, model.cfg.vocab_size, model.cfg.loss_chunk_rows
     cast = c if c != FP32 else 0
     if not _chunked_loss(model, T):
         return (c + cast) * T * V, 2 * FP32 * T * V, "two fp32 T x V tensors"
-    fwd = max(2 * FP32 * rows * V, c * rows * V + c * V * H) + cast * V * H
+    fwd = c * rows * V + c * V * H + cast * V * H
     return fwd, FP32 * (T + V) * H, "one chunk's logits; dh and dW scaled"
 
 
