@@ -16,7 +16,7 @@ tokens (data=mock) so no corpus is needed:
                   active: dim 1024, 6 layers, 8 experts of ffn 1536, top-2), sequence 1024, its
                   batch of 8 sequences (8,192 tokens a step)
   qwen3_slice     configs/experiment/qwen3_slice_bench.yaml: Qwen3-30B-A3B width (dim 2048, 128
-                  experts of ffn 768, top-8, vocabulary 151,936), 4 layers, sequence 4096, 9
+                  experts of ffn 768, top-8, vocabulary 151,936), 4 layers, sequence 4096, 10
                   sequences a step (what one 80 GB GPU holds: the file says why)
 Impls (IMPLS: each one's Hydra overrides): bf16 | rowwise | blockwise are fp8.experts (the dense
 layers stay BF16 in all three) on the default config, whose BF16 is the reference of every

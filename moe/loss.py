@@ -14,14 +14,14 @@ chunk's logits (the same GEMM), then one kernel (kernels/cross_entropy.py: on a 
 reference, the log_softmax and nll_loss F.cross_entropy calls) gives each row's loss and
 overwrites the logits with the gradient of the mean w.r.t. them, (softmax - onehot) / n on
 labelled rows and 0 on ignored ones, from which the chunk's dh = g @ W and its share of
-dW = g^T h (in the compute dtype, summed over chunks in fp32) follow; the chunk's logits are freed
+dW = g^T h (summed over chunks in fp32, `_add_dw`) follow; the chunk's logits are freed
 before the next. What autograd keeps is dh (T x H) and dW (V x H); backward only scales them by
 the loss's gradient. At most one chunk's logits are alive: one chunk_rows x V tensor in the
 compute dtype (the CPU reference adds two fp32 ones).
-Summing each chunk's dW costs ~12 bytes a weight (the bf16 product written and read, the fp32 sum
-read and written), which against the chunk's three GEMMs is ~500 / chunk_rows of their time on an H100:
-chunks of a few thousand rows keep it near 10%; one chunk would only move dW's making into
-forward, so T <= chunk_rows takes the plain path.
+Summing each chunk's dW costs 8 bytes a weight on a GPU (the fp32 sum read and written in the
+GEMM's epilogue), a few hundred / chunk_rows of the chunk's three GEMMs' time on an H100: chunks of
+a few thousand rows keep it near 10%; one chunk would only move dW's making into forward, so
+T <= chunk_rows takes the plain path.
 The idea is the "fused linear cross-entropy" of Liger-Kernel and others.
 """
 
@@ -57,6 +57,21 @@ def _compute_dtype(h_TH: torch.Tensor, w_VH: torch.Tensor) -> torch.dtype:
     return torch.promote_types(h_TH.dtype, w_VH.dtype)
 
 
+def _add_dw(dw_VH: torch.Tensor | None, g_TV: torch.Tensor, h_TH: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """dw_VH + g_TV^T h_TH in acc (dw_VH None: the first chunk's product alone). On a GPU with
+    16-bit operands and an fp32 sum the GEMM writes the first chunk's product in fp32 and adds each
+    later one into dw_VH in its epilogue (aten's mm / addmm with out_dtype): no 16-bit product and
+    no separate add, 8 bytes a weight a chunk where those moved 12 (the add ran on torch's slow
+    mixed-dtype path). The CPU build has no out_dtype GEMM: the product, then the add."""
+    g_VT = g_TV.t()
+    if g_TV.is_cuda and g_TV.dtype in (torch.bfloat16, torch.float16) and acc == torch.float32:
+        if dw_VH is None:
+            return torch.mm(g_VT, h_TH, out_dtype=acc)
+        return torch.addmm(dw_VH, g_VT, h_TH, out_dtype=acc, out=dw_VH)
+    dw_c = g_VT @ h_TH
+    return dw_c.to(acc) if dw_VH is None else dw_VH.add_(dw_c)
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """loss = mean cross-entropy of (h_TH @ w_VH.T) against labels_T over labelled rows, chunk_rows
     rows at a time, gradients made in forward unless make_grads is False. Usage:
@@ -86,11 +101,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if need_dh:
                     dh_TH[rows] = grad @ w_c
                 if need_dw:
-                    dw_c = grad.t() @ h_c
-                    if dw_VH is None:
-                        dw_VH = dw_c.to(torch.promote_types(w_VH.dtype, torch.float32))
-                    else:
-                        dw_VH += dw_c
+                    dw_VH = _add_dw(dw_VH, grad, h_c, torch.promote_types(w_VH.dtype, torch.float32))
         if need_dw:
             dw_VH = dw_VH.to(w_VH.dtype) if dw_VH is not None else torch.zeros_like(w_VH)
         ctx.save_for_backward(dh_TH, dw_VH)

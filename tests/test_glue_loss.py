@@ -98,8 +98,8 @@ def test_chunked_matches_plain(autocast, chunk_rows):
 @pytest.mark.gpu
 @pytest.mark.parametrize("autocast", [False, True])
 def test_chunked_matches_plain_on_gpu(autocast):
-    """The GPU's chunked path (the kernel) at a vocabulary of several kernel blocks and 5 chunks,
-    the last one short."""
+    """The GPU's chunked path: the kernel, and dW summed in the GEMMs' epilogues (moe/loss.py
+    `_add_dw`), at a vocabulary of several kernel blocks and 5 chunks, the last one short."""
     h, head, labels = _problem(T=300, H=64, V=9000)
     h, head, labels = h.cuda(), head.cuda(), labels.cuda()
     plain = _run(h, head, labels, 0, autocast)
