@@ -175,7 +175,9 @@ def cross_entropy_bytes(model: MoETransformer, T: int, c: int) -> tuple[int, int
     """(forward, backward, what) beyond the saved head: the working set of the loss. Plain: the
     logits and their fp32 copy, then backward's two fp32 T x V tensors. Chunked: the weight's
     cast, a chunk's logits (compute dtype; kernels/cross_entropy.py writes their gradient over
-    them) and the chunk's dW product beside them; backward scales dh and dW into new tensors."""
+    them) and the chunk's dW product beside them (on a GPU with 16-bit logits the GEMM adds it
+    into the fp32 sum instead, moe/loss.py `_add_dw`: there this term over-counts by c V H);
+    backward scales dh and dW into new tensors."""
     H, V, rows = model.cfg.dim, model.cfg.vocab_size, model.cfg.loss_chunk_rows
     cast = c if c != FP32 else 0
     if not _chunked_loss(model, T):
